@@ -1,0 +1,93 @@
+"""The one place that wires the application: routes, dependencies, error handling, OpenAPI and the lifespan."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from typing import Any, cast
+
+from litestar import Litestar
+from litestar._openapi.schema_generation.plugins import StructSchemaPlugin
+from litestar.datastructures import State
+from litestar.di import Provide
+from litestar.openapi import OpenAPIConfig
+from litestar.openapi.spec import Components, Schema, SecurityScheme
+from litestar.typing import FieldDefinition
+
+from service import health
+from service.credits import endpoints as credits
+from service.errors import EXCEPTION_HANDLERS
+from service.process import running
+from service.runtime import Runtime
+from service.settings import Settings
+from service.tasks import endpoints as tasks
+from service.tasks.schemas import request_body_components
+from service.tenants import endpoints as admin
+from service.tenants.auth import provide_caller
+
+API_VERSION = "1.0.0"
+
+
+class StrictStructSchemaPlugin(StructSchemaPlugin):
+    """Structs that refuse unknown fields say so in their schema (`additionalProperties: false`)."""
+
+    def to_openapi_schema(self, field_definition: FieldDefinition, schema_creator: Any) -> Schema:
+        schema = super().to_openapi_schema(field_definition, schema_creator)
+        if (
+            getattr(field_definition.type_, "__struct_config__", None)
+            and field_definition.type_.__struct_config__.forbid_unknown_fields
+        ):
+            schema.additional_properties = False
+        return schema
+
+
+def provide_runtime(state: State) -> Runtime:
+    return cast(Runtime, state.runtime)
+
+
+def openapi_config() -> OpenAPIConfig:
+    bearer = "Authorization: Bearer <key>"
+    return OpenAPIConfig(
+        title="Image generation service",
+        version=API_VERSION,
+        description="Multi-tenant image generation with a credits ledger. Submit tasks, poll them, download images.",
+        path="/schema",
+        components=Components(
+            security_schemes={
+                "tenantKey": SecurityScheme(type="http", scheme="bearer", description=f"A tenant API key: {bearer}"),
+                "adminKey": SecurityScheme(type="http", scheme="bearer", description=f"ADMIN_API_KEY: {bearer}"),
+            },
+        ),
+        use_handler_docstrings=False,
+    )
+
+
+def create_app(settings: Settings | None = None) -> Litestar:
+    settings = settings or Settings.from_env()
+
+    @asynccontextmanager
+    async def lifespan(app: Litestar) -> AsyncIterator[None]:
+        async with running(settings, workers=settings.run_workers) as runtime:
+            app.state.runtime = runtime
+            yield
+
+    app = Litestar(
+        route_handlers=[tasks.router, credits.router, admin.router, health.health, health.ready],
+        dependencies={"runtime": Provide(provide_runtime, sync_to_thread=False), "caller": Provide(provide_caller)},
+        exception_handlers=EXCEPTION_HANDLERS,  # type: ignore[arg-type]
+        openapi_config=openapi_config(),
+        plugins=[StrictStructSchemaPlugin()],
+        lifespan=[lifespan],
+        logging_config=None,
+        request_max_body_size=settings.max_request_body_bytes,
+        multipart_form_part_limit=settings.max_reference_images + 16,
+    )
+    _document_request_bodies(app)
+    return app
+
+
+def _document_request_bodies(app: Litestar) -> None:
+    """Add the generate route's two body schemas, which no handler signature declares, to the document's components."""
+    components = app.openapi_schema.components
+    schemas = {**(components.schemas or {}), **cast(dict[str, Schema], request_body_components())}
+    components.schemas = dict(sorted(schemas.items()))

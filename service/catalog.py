@@ -1,0 +1,49 @@
+"""Image models on offer and their prices: what `GET /api/models` shows and what a submission costs."""
+
+from __future__ import annotations
+
+import msgspec
+
+from service.images.sizes import RATIOS, supported_sizes
+from service.settings import QUALITIES, Settings
+
+
+class ModelInfo(msgspec.Struct):
+    """An image model, the sizes it accepts and its price in credits per image by quality."""
+
+    id: str
+    default: bool
+    sizes: list[str]
+    qualities: list[str]
+    price_per_image: dict[str, int]
+    max_n: int
+
+
+class ModelList(msgspec.Struct):
+    data: list[ModelInfo]
+
+
+def price_per_image(settings: Settings, quality: str) -> int:
+    return settings.prices[quality]
+
+
+def task_cost(settings: Settings, quality: str, n: int) -> int:
+    return price_per_image(settings, quality) * n
+
+
+def model_list(settings: Settings) -> ModelList:
+    # Ratios are accepted by every protocol and normalized, so they are listed alongside the upstream's own sizes.
+    sizes = list(dict.fromkeys([*supported_sizes(settings.upstream_api), *RATIOS]))
+    return ModelList(
+        data=[
+            ModelInfo(
+                id=model,
+                default=model == settings.image_model,
+                sizes=sizes,
+                qualities=list(QUALITIES),
+                price_per_image=dict(settings.prices),
+                max_n=settings.max_images_per_task,
+            )
+            for model in settings.image_models
+        ]
+    )

@@ -1,0 +1,184 @@
+"""The `imagegen` command: run the API and workers, migrate, manage tenants and credits, export the OpenAPI spec."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import logging
+import signal
+import sys
+from pathlib import Path
+
+import msgspec
+import uvicorn
+
+from service.app import create_app
+from service.credits.schemas import entry_view
+from service.db.engine import Database
+from service.db.migrations import upgrade
+from service.errors import ServiceError
+from service.process import running
+from service.settings import Settings, SettingsError
+from service.tenants.service import create_tenant as create
+from service.tenants.service import grant_credits as grant
+from service.upstream.offline import run_offline_upstream
+
+DEFAULT_SPEC = Path("openapi/openapi.json")
+
+
+def _settings() -> Settings:
+    try:
+        return Settings.from_env()
+    except SettingsError as exc:
+        print(f"imagegen: configuration error: {exc}", file=sys.stderr)
+        raise SystemExit(2) from None
+
+
+def _configure_logging(settings: Settings) -> None:
+    logging.basicConfig(level=settings.log_level, format="%(asctime)s %(levelname)s %(name)s %(message)s")
+
+
+def _migrate(settings: Settings) -> None:
+    upgrade(settings.database_url)
+
+
+def serve(args: argparse.Namespace) -> None:
+    settings = _settings()
+    _configure_logging(settings)
+    if settings.auto_migrate:
+        _migrate(settings)
+    uvicorn.run(
+        create_app(settings),
+        host=args.host,
+        port=args.port,
+        log_config=None,
+        access_log=True,
+        timeout_graceful_shutdown=10,
+    )
+
+
+def worker(_: argparse.Namespace) -> None:
+    settings = _settings()
+    _configure_logging(settings)
+    if settings.auto_migrate:
+        _migrate(settings)
+
+    async def run() -> None:
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for signum in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(signum, stop.set)
+        async with running(settings, workers=True):
+            logging.getLogger("service.worker").info("workers running")
+            await stop.wait()
+
+    asyncio.run(run())
+
+
+def migrate(_: argparse.Namespace) -> None:
+    settings = _settings()
+    _configure_logging(settings)
+    _migrate(settings)
+    print("database is at the newest revision")
+
+
+def create_tenant(args: argparse.Namespace) -> None:
+    settings = _settings()
+    _migrate(settings)
+
+    async def run() -> None:
+        db = Database(settings.database_url)
+        try:
+            tenant, api_key = await create(db, args.name, args.credits)
+        finally:
+            await db.dispose()
+        print(f"tenant_id={tenant.id}")
+        print(f"api_key={api_key}")
+
+    asyncio.run(run())
+
+
+def grant_credits(args: argparse.Namespace) -> None:
+    settings = _settings()
+    _migrate(settings)
+
+    async def run() -> None:
+        db = Database(settings.database_url)
+        try:
+            entry = await grant(db, args.tenant_id, args.amount, args.reason)
+        except ServiceError as exc:
+            print(f"imagegen: {exc.detail}", file=sys.stderr)
+            raise SystemExit(1) from None
+        finally:
+            await db.dispose()
+        print(msgspec.json.encode(entry_view(entry)).decode())
+
+    asyncio.run(run())
+
+
+def openapi(args: argparse.Namespace) -> None:
+    # Generated from the defaults, never from the caller's environment, so the document is the same everywhere.
+    app = create_app(Settings.from_mapping({}))
+    document = json.dumps(app.openapi_schema.to_schema(), indent=2, ensure_ascii=False) + "\n"
+    if args.check:
+        committed = args.output.read_text(encoding="utf-8") if args.output.exists() else ""
+        if committed != document:
+            print(
+                f"imagegen: {args.output} differs from the code; run `imagegen openapi` and commit it", file=sys.stderr
+            )
+            raise SystemExit(1)
+        print(f"{args.output} is up to date")
+        return
+    args.output.parent.mkdir(parents=True, exist_ok=True)
+    args.output.write_text(document, encoding="utf-8")
+    print(f"wrote {args.output}")
+
+
+def offline_upstream(args: argparse.Namespace) -> None:
+    logging.basicConfig(level="INFO", format="%(asctime)s %(levelname)s %(name)s %(message)s")
+    run_offline_upstream(args.host, args.port, args.api_key, args.latency)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="imagegen", description=__doc__)
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    p = commands.add_parser("serve", help="run the API with in-process workers")
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=8000)
+    p.set_defaults(func=serve)
+
+    commands.add_parser("worker", help="run workers only").set_defaults(func=worker)
+    commands.add_parser("migrate", help="upgrade the database to the newest revision").set_defaults(func=migrate)
+
+    tenants = commands.add_parser("tenants", help="manage tenants").add_subparsers(dest="action", required=True)
+    p = tenants.add_parser("create", help="create a tenant; prints its id and API key")
+    p.add_argument("name")
+    p.add_argument("--credits", type=int, default=0)
+    p.set_defaults(func=create_tenant)
+
+    credits = commands.add_parser("credits", help="manage credits").add_subparsers(dest="action", required=True)
+    p = credits.add_parser("grant", help="grant (or, negative, deduct) credits")
+    p.add_argument("tenant_id")
+    p.add_argument("amount", type=int)
+    p.add_argument("--reason", default="granted from the command line")
+    p.set_defaults(func=grant_credits)
+
+    p = commands.add_parser("openapi", help="write the OpenAPI document")
+    p.add_argument("--output", type=Path, default=DEFAULT_SPEC)
+    p.add_argument("--check", action="store_true", help="fail when the file differs from what the code generates")
+    p.set_defaults(func=openapi)
+
+    p = commands.add_parser("offline-upstream", help="run the built-in offline upstream on its own")
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=9100)
+    p.add_argument("--api-key", required=True)
+    p.add_argument("--latency", type=float, default=1.0)
+    p.set_defaults(func=offline_upstream)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = build_parser().parse_args(argv)
+    args.func(args)

@@ -1,0 +1,1 @@
+"""The credits ledger: balances, append-only entries, debits, refunds and grants."""

@@ -1,0 +1,39 @@
+"""Tenant routes for credits: `GET /api/quota` and `GET /api/quota/ledger`."""
+
+from __future__ import annotations
+
+from litestar import Router, get
+
+from service.credits import repository
+from service.credits.schemas import LedgerPage, Quota, entry_view
+from service.errors import problem_responses
+from service.pagination import Cursor, Limit, decode_cursor, encode_cursor
+from service.runtime import Runtime
+from service.tenants.auth import Caller
+
+
+@get("/quota", operation_id="getQuota", summary="Balance and totals", responses=problem_responses(401, 403))
+async def get_quota(caller: Caller, runtime: Runtime) -> Quota:
+    async with runtime.db.read() as session:
+        balance = await repository.balance_of(session, caller.tenant_id)
+        sums = await repository.totals(session, caller.tenant_id)
+    return Quota(balance=balance, **sums)
+
+
+@get(
+    "/quota/ledger",
+    operation_id="listLedgerEntries",
+    summary="Ledger entries, newest first",
+    responses=problem_responses(401, 403),
+)
+async def list_ledger(caller: Caller, runtime: Runtime, limit: Limit = 20, cursor: Cursor = None) -> LedgerPage:
+    async with runtime.db.read() as session:
+        entries = await repository.list_entries(
+            session, caller.tenant_id, limit=limit + 1, before=decode_cursor(cursor)
+        )
+    page = entries[:limit]
+    next_cursor = encode_cursor(page[-1].id) if len(entries) > limit else None
+    return LedgerPage(items=[entry_view(entry) for entry in page], next_cursor=next_cursor)
+
+
+router = Router("/api", route_handlers=[get_quota, list_ledger], tags=["credits"], security=[{"tenantKey": []}])

@@ -1,0 +1,205 @@
+"""Domain errors and their one mapping to RFC 9457 problem+json responses.
+
+`ServiceError` carries an HTTP status and a stable machine `code`; `problem_responses` declares the same shape
+in the OpenAPI document for every status a route can answer.
+"""
+
+from __future__ import annotations
+
+import logging
+from http import HTTPStatus
+from typing import Any
+
+import msgspec
+from litestar import MediaType, Request, Response
+from litestar.exceptions import HTTPException, ValidationException
+from litestar.openapi.datastructures import ResponseSpec
+
+PROBLEM_MEDIA_TYPE = "application/problem+json"
+
+log = logging.getLogger("service.errors")
+
+
+class Problem(msgspec.Struct, omit_defaults=True):
+    """An error response (RFC 9457)."""
+
+    type: str
+    title: str
+    status: int
+    detail: str
+    code: str
+    field: str | None = None
+    balance: int | None = None
+    cost: int | None = None
+    retry_after: int | None = None
+
+
+class ServiceError(Exception):
+    """An error a client can act on: its status, stable code and message reach the client as problem+json."""
+
+    status = 400
+    code = "bad_request"
+
+    def __init__(self, detail: str, *, code: str | None = None, field: str | None = None, **extra: Any) -> None:
+        super().__init__(detail)
+        self.detail = detail
+        if code is not None:
+            self.code = code
+        self.field = field
+        self.extra = extra
+
+
+class BadRequest(ServiceError):
+    status, code = 400, "bad_request"
+
+
+class InvalidInput(ServiceError):
+    status, code = 422, "invalid_input"
+
+
+class Unauthorized(ServiceError):
+    status, code = 401, "unauthorized"
+
+
+class Forbidden(ServiceError):
+    status, code = 403, "forbidden"
+
+
+class NotFound(ServiceError):
+    status, code = 404, "not_found"
+
+
+class Conflict(ServiceError):
+    status, code = 409, "conflict"
+
+
+class PayloadTooLarge(ServiceError):
+    status, code = 413, "payload_too_large"
+
+
+class UnsupportedMediaType(ServiceError):
+    status, code = 415, "unsupported_media_type"
+
+
+class InsufficientCredits(ServiceError):
+    status, code = 402, "insufficient_credits"
+
+    def __init__(self, *, balance: int, cost: int) -> None:
+        super().__init__(f"This task costs {cost} credits and the balance is {balance}.", balance=balance, cost=cost)
+
+
+class ServiceUnavailable(ServiceError):
+    status, code = 503, "unavailable"
+
+
+def problem(status: int, code: str, detail: str, **extra: Any) -> Response[Problem]:
+    title = HTTPStatus(status).phrase
+    body = Problem(type=f"https://imagegen.dev/problems/{code}", title=title, status=status, detail=detail, code=code)
+    body = msgspec.structs.replace(body, **{k: v for k, v in extra.items() if v is not None})
+    headers = {"Retry-After": str(extra["retry_after"])} if extra.get("retry_after") is not None else None
+    return Response(body, status_code=status, media_type=PROBLEM_MEDIA_TYPE, headers=headers)
+
+
+def service_error_handler(_: Request[Any, Any, Any], exc: ServiceError) -> Response[Problem]:
+    return problem(exc.status, exc.code, exc.detail, field=exc.field, **exc.extra)
+
+
+_HTTP_CODES = {
+    400: "bad_request",
+    401: "unauthorized",
+    403: "forbidden",
+    404: "not_found",
+    405: "method_not_allowed",
+    413: "payload_too_large",
+    415: "unsupported_media_type",
+    429: "rate_limited",
+    503: "unavailable",
+}
+
+
+def http_error_handler(_: Request[Any, Any, Any], exc: HTTPException) -> Response[Problem]:
+    """Errors raised by the framework itself (routing, parameter parsing, body limits) in the same shape."""
+    status = exc.status_code
+    if status >= 500:
+        return internal_error_handler(_, exc)
+    if isinstance(exc, ValidationException):
+        return problem(400, "invalid_parameter", _validation_detail(exc), field=_validation_field(exc))
+    detail = exc.detail if isinstance(exc.detail, str) and exc.detail else HTTPStatus(status).phrase
+    response = problem(status, _HTTP_CODES.get(status, "bad_request"), detail)
+    if exc.headers:
+        response.headers.update(exc.headers)
+    return response
+
+
+def internal_error_handler(_: Request[Any, Any, Any], exc: Exception) -> Response[Problem]:
+    log.error("unhandled error", exc_info=(type(exc), exc, exc.__traceback__))
+    return problem(500, "internal_error", "The service failed to handle this request.")
+
+
+def _validation_field(exc: ValidationException) -> str | None:
+    if isinstance(exc.extra, list) and exc.extra and isinstance(exc.extra[0], dict):
+        key = exc.extra[0].get("key")
+        return str(key) if key else None
+    return None
+
+
+def _validation_detail(exc: ValidationException) -> str:
+    if isinstance(exc.extra, list) and exc.extra and isinstance(exc.extra[0], dict):
+        first = exc.extra[0]
+        message = str(first.get("message") or "invalid value")
+        return f"{first.get('key')}: {message}" if first.get("key") else message
+    return exc.detail if isinstance(exc.detail, str) else "Invalid request"
+
+
+EXCEPTION_HANDLERS = {
+    ServiceError: service_error_handler,
+    HTTPException: http_error_handler,
+    Exception: internal_error_handler,
+}
+
+_DESCRIPTIONS = {
+    400: "Malformed request or parameter",
+    401: "Missing, unknown or revoked API key",
+    402: "Not enough credits (`balance` and `cost` say by how much)",
+    403: "The tenant is suspended",
+    404: "No such object for this caller",
+    409: "The object is not in a state for this action, or the idempotency key was used with another body",
+    413: "Request body or an uploaded file is too large",
+    415: "Unsupported content type or image type",
+    422: "A field is invalid (`field` names it)",
+    429: "Rate limited (`Retry-After` says when to retry)",
+    502: "The upstream image service failed",
+    503: "Not ready, or the upstream is not configured",
+}
+
+
+def problem_responses(*statuses: int) -> dict[int, ResponseSpec]:
+    """OpenAPI declarations of the problem+json responses a route can answer."""
+    return {
+        status: ResponseSpec(
+            data_container=Problem,
+            media_type=PROBLEM_MEDIA_TYPE,
+            description=_DESCRIPTIONS[status],
+            generate_examples=False,
+        )
+        for status in sorted({400, *statuses})
+    }
+
+
+__all__ = [
+    "EXCEPTION_HANDLERS",
+    "BadRequest",
+    "Conflict",
+    "Forbidden",
+    "InsufficientCredits",
+    "InvalidInput",
+    "MediaType",
+    "NotFound",
+    "PayloadTooLarge",
+    "Problem",
+    "ServiceError",
+    "ServiceUnavailable",
+    "Unauthorized",
+    "UnsupportedMediaType",
+    "problem_responses",
+]

@@ -1,0 +1,47 @@
+"""Liveness and readiness probes."""
+
+from __future__ import annotations
+
+import msgspec
+from litestar import get
+from sqlalchemy import text
+
+from service.errors import ServiceUnavailable, problem_responses
+from service.runtime import Runtime
+
+
+class Health(msgspec.Struct):
+    status: str
+
+
+class Readiness(msgspec.Struct):
+    status: str
+    database: str
+    storage: str
+    upstream: str
+
+
+@get("/healthz", operation_id="health", summary="Liveness", tags=["health"])
+async def health() -> Health:
+    return Health(status="ok")
+
+
+@get(
+    "/readyz",
+    operation_id="ready",
+    summary="Readiness: database, storage and upstream configuration",
+    tags=["health"],
+    responses=problem_responses(503),
+)
+async def ready(runtime: Runtime) -> Readiness:
+    try:
+        async with runtime.db.read() as session:
+            await session.execute(text("SELECT 1"))
+    except Exception:
+        raise ServiceUnavailable("The database is not reachable", code="database_unavailable") from None
+    try:
+        await runtime.store.check()
+    except OSError:
+        raise ServiceUnavailable("Image storage is not writable", code="storage_unavailable") from None
+    upstream = "offline" if runtime.settings.is_offline else runtime.settings.upstream_api
+    return Readiness(status="ready", database="ok", storage="ok", upstream=upstream)

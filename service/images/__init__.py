@@ -1,0 +1,1 @@
+"""Images: size normalization, reference and output validation (Pillow), and blob storage."""

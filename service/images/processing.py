@@ -1,0 +1,139 @@
+"""Pillow work: normalize uploaded reference images and validate upstream output. CPU-bound; callers run it in a
+thread (`asyncio.to_thread`) so the event loop never blocks.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import math
+import warnings
+from dataclasses import dataclass
+
+from PIL import Image, ImageOps, UnidentifiedImageError
+
+from service.errors import InvalidInput, PayloadTooLarge, UnsupportedMediaType
+from service.upstream.base import UpstreamError
+
+FORMATS = {"PNG": "image/png", "JPEG": "image/jpeg", "WEBP": "image/webp"}
+# Generic or missing declarations say nothing about the bytes; any other declared type must match what they are.
+UNDECLARED_TYPES = {"", "application/octet-stream", "binary/octet-stream"}
+# Upper bound on pixels we agree to decode at all: a tiny file can declare billions of them.
+MAX_DECODE_PIXELS = 64_000_000
+ASPECT_TOLERANCE = 0.05
+
+Image.MAX_IMAGE_PIXELS = MAX_DECODE_PIXELS
+
+
+@dataclass(frozen=True, slots=True)
+class PreparedImage:
+    data: bytes
+    content_type: str
+    width: int
+    height: int
+    sha256: str
+
+
+def sniff_format(data: bytes) -> str | None:
+    """The image format the bytes start with, among those we accept."""
+    if data.startswith(b"\x89PNG\r\n\x1a\n"):
+        return "PNG"
+    if data.startswith(b"\xff\xd8\xff"):
+        return "JPEG"
+    if data[:4] == b"RIFF" and data[8:12] == b"WEBP":
+        return "WEBP"
+    return None
+
+
+def _open_checked(data: bytes, field: str) -> Image.Image:
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            image = Image.open(io.BytesIO(data))
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning):
+        raise PayloadTooLarge(
+            f"{field}: the image has too many pixels", code="image_too_many_pixels", field=field
+        ) from None
+    except (UnidentifiedImageError, OSError, ValueError, SyntaxError):
+        raise InvalidInput(f"{field}: the image data is corrupt", code="corrupt_image", field=field) from None
+    if image.width * image.height > MAX_DECODE_PIXELS:
+        raise PayloadTooLarge(
+            f"{field}: {image.width}x{image.height} is more pixels than we decode",
+            code="image_too_many_pixels",
+            field=field,
+        )
+    return image
+
+
+def normalize_reference(data: bytes, declared_type: str, max_pixels: int, field: str = "image") -> PreparedImage:
+    """Decode, orient, strip metadata, convert to RGB(A), downscale to at most `max_pixels`, re-encode as PNG."""
+    if not data:
+        raise InvalidInput(f"{field}: the file is empty", code="empty_file", field=field)
+    detected = sniff_format(data)
+    if detected is None:
+        raise UnsupportedMediaType(
+            f"{field}: only PNG, JPEG and WebP images are accepted", code="unsupported_image_type", field=field
+        )
+    declared = declared_type.split(";", 1)[0].strip().lower()
+    if declared not in UNDECLARED_TYPES and declared != FORMATS[detected]:
+        raise UnsupportedMediaType(
+            f"{field}: declared as {declared} but the bytes are {FORMATS[detected]}",
+            code="image_type_mismatch",
+            field=field,
+        )
+    image = _open_checked(data, field)
+    try:
+        if detected == "JPEG":
+            # Let the decoder skip detail the downscale would throw away: much faster on large photos.
+            scale = math.sqrt(max_pixels / (image.width * image.height))
+            if scale < 1:
+                image.draft("RGB", (math.ceil(image.width * scale), math.ceil(image.height * scale)))
+        image.load()
+        image = ImageOps.exif_transpose(image)
+        image = image.convert("RGBA" if _has_alpha(image) else "RGB")
+    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError):
+        raise InvalidInput(f"{field}: the image data is corrupt", code="corrupt_image", field=field) from None
+    if image.width * image.height > max_pixels:
+        scale = math.sqrt(max_pixels / (image.width * image.height))
+        size = (max(1, math.floor(image.width * scale)), max(1, math.floor(image.height * scale)))
+        image = image.resize(size, Image.Resampling.LANCZOS)
+    out = io.BytesIO()
+    image.save(out, format="PNG", compress_level=1)
+    encoded = out.getvalue()
+    return PreparedImage(encoded, "image/png", image.width, image.height, hashlib.sha256(encoded).hexdigest())
+
+
+def _has_alpha(image: Image.Image) -> bool:
+    return image.mode in ("RGBA", "LA", "PA") or (image.mode == "P" and "transparency" in image.info)
+
+
+def inspect_output(data: bytes, max_bytes: int, expected_aspect: float | None) -> PreparedImage:
+    """Check an upstream image before it is committed: it decodes, is an allowed type, and has a sane size."""
+    if len(data) > max_bytes:
+        raise UpstreamError("upstream_bad_image", "The upstream returned an image larger than allowed", transient=False)
+    detected = sniff_format(data)
+    if detected is None:
+        raise UpstreamError(
+            "upstream_bad_image", "The upstream returned data that is not a PNG, JPEG or WebP image", transient=False
+        )
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            image = Image.open(io.BytesIO(data))
+            width, height = image.size
+            if width * height > MAX_DECODE_PIXELS:
+                raise UpstreamError("upstream_bad_image", "The upstream image has too many pixels", transient=False)
+            image.load()
+    except UpstreamError:
+        raise
+    except Exception:
+        raise UpstreamError(
+            "upstream_bad_image", "The upstream returned an image that does not decode", transient=False
+        ) from None
+    if expected_aspect is not None and abs(width / height - expected_aspect) > expected_aspect * ASPECT_TOLERANCE:
+        raise UpstreamError(
+            "upstream_wrong_size",
+            f"The upstream returned a {width}x{height} image for a {expected_aspect:.3f} aspect ratio",
+            transient=False,
+        )
+    return PreparedImage(data, FORMATS[detected], width, height, hashlib.sha256(data).hexdigest())

@@ -1,0 +1,242 @@
+"""The one settings object: every variable the service reads, with its default and validation.
+
+Values come from the environment, and from a `.env` file in the working directory when present (the environment wins).
+A bad value raises `SettingsError` naming the variable; the CLI prints it as one line and exits.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TypeVar
+from urllib.parse import urlsplit
+
+T = TypeVar("T")
+
+QUALITIES = ("auto", "low", "medium", "high")
+
+
+class SettingsError(ValueError):
+    """A configuration variable is missing or invalid."""
+
+
+@dataclass(frozen=True, slots=True)
+class Settings:
+    data_dir: Path = Path("data")
+    database_url: str = ""
+    storage_url: str = ""
+    admin_api_key: str | None = None
+    log_level: str = "INFO"
+    auto_migrate: bool = True
+
+    upstream_base_url: str | None = None
+    upstream_api_key: str | None = field(default=None, repr=False)
+    upstream_api: str = "tasks"
+    image_model: str = "gpt-image-2"
+    prompt_model: str = "gpt-5.5"
+    image_models: tuple[str, ...] = ("gpt-image-2",)
+    prices: Mapping[str, int] = field(default_factory=lambda: {"auto": 1, "low": 1, "medium": 1, "high": 2})
+    offline_latency: float = 1.0
+
+    upstream_timeout: float = 120.0
+    poll_interval: float = 1.0
+    task_deadline: float = 900.0
+    max_attempts: int = 3
+    retry_base_delay: float = 0.5
+    retry_max_delay: float = 15.0
+    worker_concurrency: int = 16
+    lease_seconds: float = 30.0
+    idle_poll_seconds: float = 1.0
+    run_workers: bool = True
+
+    max_reference_upload_mb: float = 10.0
+    max_reference_images: int = 4
+    max_reference_pixels: int = 2_000_000
+    max_images_per_task: int = 4
+    max_prompt_chars: int = 4000
+    max_output_image_mb: float = 32.0
+
+    @property
+    def is_offline(self) -> bool:
+        return self.upstream_base_url is None
+
+    @property
+    def max_reference_bytes(self) -> int:
+        return int(self.max_reference_upload_mb * 1024 * 1024)
+
+    @property
+    def max_output_bytes(self) -> int:
+        return int(self.max_output_image_mb * 1024 * 1024)
+
+    @property
+    def max_request_body_bytes(self) -> int:
+        """Room for every reference, a mask and the form fields; anything larger is refused before it is read."""
+        return self.max_reference_bytes * (self.max_reference_images + 1) + 1024 * 1024
+
+    @classmethod
+    def from_env(cls, env: Mapping[str, str] | None = None) -> Settings:
+        values = dict(read_dotenv(Path(".env")))
+        values.update(os.environ if env is None else env)
+        return cls.from_mapping(values)
+
+    @classmethod
+    def from_mapping(cls, env: Mapping[str, str]) -> Settings:
+        read = _Reader(env)
+        data_dir = Path(read.text("DATA_DIR", "data"))
+        base_url = read.optional_url("CHATGPT2API_BASE_URL")
+        image_model = read.text("CHATGPT2API_IMAGE_MODEL", "gpt-image-2")
+        extra_models = read.csv("IMAGE_MODELS")
+        models = tuple(dict.fromkeys([image_model, *extra_models]))
+        settings = cls(
+            data_dir=data_dir,
+            database_url=read.text("DATABASE_URL", f"sqlite+aiosqlite:///{data_dir / 'imagegen.db'}"),
+            storage_url=read.text("STORAGE_URL", str(data_dir / "images")),
+            admin_api_key=read.optional_text("ADMIN_API_KEY"),
+            log_level=read.choice("LOG_LEVEL", "INFO", ("DEBUG", "INFO", "WARNING", "ERROR"), upper=True),
+            auto_migrate=read.boolean("AUTO_MIGRATE", True),
+            upstream_base_url=base_url,
+            upstream_api_key=read.optional_text("CHATGPT2API_API_KEY"),
+            upstream_api=read.choice("UPSTREAM_API", "tasks", ("tasks", "images")),
+            image_model=image_model,
+            prompt_model=read.text("CHATGPT2API_PROMPT_MODEL", "gpt-5.5"),
+            image_models=models,
+            prices=read.prices("IMAGE_PRICES", "auto=1,low=1,medium=1,high=2"),
+            offline_latency=read.number("OFFLINE_LATENCY_SECONDS", 1.0, minimum=0.0),
+            upstream_timeout=read.number("UPSTREAM_TIMEOUT_SECONDS", 120.0, minimum=0.1),
+            poll_interval=read.number("UPSTREAM_POLL_INTERVAL_SECONDS", 1.0, minimum=0.01),
+            task_deadline=read.number("TASK_DEADLINE_SECONDS", 900.0, minimum=1.0),
+            max_attempts=read.integer("TASK_MAX_ATTEMPTS", 3, minimum=1),
+            retry_base_delay=read.number("RETRY_BASE_SECONDS", 0.5, minimum=0.0),
+            retry_max_delay=read.number("RETRY_MAX_SECONDS", 15.0, minimum=0.0),
+            worker_concurrency=read.integer("WORKER_CONCURRENCY", 16, minimum=1),
+            lease_seconds=read.number("WORKER_LEASE_SECONDS", 30.0, minimum=0.5),
+            idle_poll_seconds=read.number("WORKER_POLL_SECONDS", 1.0, minimum=0.01),
+            run_workers=read.boolean("RUN_WORKERS", True),
+            max_reference_upload_mb=read.number("MAX_REFERENCE_UPLOAD_MB", 10.0, minimum=0.01),
+            max_reference_images=read.integer("MAX_REFERENCE_IMAGES", 4, minimum=1),
+            max_reference_pixels=read.integer("MAX_REFERENCE_PIXELS", 2_000_000, minimum=4096),
+            max_images_per_task=read.integer("MAX_IMAGES_PER_TASK", 4, minimum=1, maximum=4),
+            max_prompt_chars=read.integer("MAX_PROMPT_CHARS", 4000, minimum=1, maximum=4000),
+            max_output_image_mb=read.number("MAX_OUTPUT_IMAGE_MB", 32.0, minimum=0.1),
+        )
+        _check_urls(settings)
+        return settings
+
+
+def _check_urls(settings: Settings) -> None:
+    scheme = settings.database_url.split(":", 1)[0]
+    if scheme not in ("sqlite+aiosqlite", "postgresql+asyncpg"):
+        raise SettingsError("DATABASE_URL: use sqlite+aiosqlite:///path or postgresql+asyncpg://…")
+    if settings.upstream_base_url is None and settings.upstream_api_key:
+        raise SettingsError("CHATGPT2API_API_KEY: set CHATGPT2API_BASE_URL too, or unset the key to run offline")
+    if settings.upstream_base_url is not None and not settings.upstream_api_key:
+        raise SettingsError("CHATGPT2API_API_KEY: required when CHATGPT2API_BASE_URL is set")
+    if urlsplit(settings.storage_url).scheme not in ("", "file"):
+        raise SettingsError("STORAGE_URL: only a local directory is supported (a path or file://path)")
+
+
+class _Reader:
+    """Typed reads of one variable each, failing with the variable's name."""
+
+    def __init__(self, env: Mapping[str, str]) -> None:
+        self._env = env
+
+    def _raw(self, name: str) -> str | None:
+        value = self._env.get(name)
+        if value is None or not value.strip():
+            return None
+        return value.strip()
+
+    def _parse(self, name: str, default: T, parse: Callable[[str], T], expected: str) -> T:
+        raw = self._raw(name)
+        if raw is None:
+            return default
+        try:
+            return parse(raw)
+        except ValueError:
+            raise SettingsError(f"{name}: expected {expected}, got {raw!r}") from None
+
+    def text(self, name: str, default: str) -> str:
+        return self._raw(name) or default
+
+    def optional_text(self, name: str) -> str | None:
+        return self._raw(name)
+
+    def csv(self, name: str) -> list[str]:
+        raw = self._raw(name)
+        return [item.strip() for item in raw.split(",") if item.strip()] if raw else []
+
+    def optional_url(self, name: str) -> str | None:
+        raw = self._raw(name)
+        if raw is None:
+            return None
+        parts = urlsplit(raw)
+        if parts.scheme not in ("http", "https") or not parts.netloc:
+            raise SettingsError(f"{name}: expected an http(s) URL, got {raw!r}")
+        return raw.rstrip("/")
+
+    def choice(self, name: str, default: str, options: tuple[str, ...], *, upper: bool = False) -> str:
+        raw = self._raw(name)
+        if raw is None:
+            return default
+        value = raw.upper() if upper else raw.lower()
+        if value not in options:
+            raise SettingsError(f"{name}: expected one of {', '.join(options)}, got {raw!r}")
+        return value
+
+    def boolean(self, name: str, default: bool) -> bool:
+        raw = self._raw(name)
+        if raw is None:
+            return default
+        lowered = raw.lower()
+        if lowered in ("1", "true", "yes", "on"):
+            return True
+        if lowered in ("0", "false", "no", "off"):
+            return False
+        raise SettingsError(f"{name}: expected true or false, got {raw!r}")
+
+    def integer(self, name: str, default: int, *, minimum: int, maximum: int | None = None) -> int:
+        value = self._parse(name, default, int, "an integer")
+        if value < minimum or (maximum is not None and value > maximum):
+            bound = f"between {minimum} and {maximum}" if maximum is not None else f"at least {minimum}"
+            raise SettingsError(f"{name}: expected an integer {bound}, got {value}")
+        return value
+
+    def number(self, name: str, default: float, *, minimum: float) -> float:
+        value = self._parse(name, default, float, "a number")
+        if not value >= minimum:
+            raise SettingsError(f"{name}: expected a number of at least {minimum}, got {value}")
+        return value
+
+    def prices(self, name: str, default: str) -> dict[str, int]:
+        raw = self._raw(name) or default
+        prices: dict[str, int] = {}
+        for item in raw.split(","):
+            quality, _, credits = item.partition("=")
+            quality = quality.strip()
+            if quality not in QUALITIES or not credits.strip().isdigit() or int(credits) < 1:
+                raise SettingsError(f"{name}: expected quality=credits pairs such as {default!r}, got {raw!r}")
+            prices[quality] = int(credits)
+        missing = [quality for quality in QUALITIES if quality not in prices]
+        if missing:
+            raise SettingsError(f"{name}: no price for {', '.join(missing)}")
+        return prices
+
+
+def read_dotenv(path: Path) -> dict[str, str]:
+    """KEY=VALUE lines; blank lines and # comments ignored; surrounding quotes removed."""
+    if not path.is_file():
+        return {}
+    values: dict[str, str] = {}
+    for line in path.read_text(encoding="utf-8").splitlines():
+        stripped = line.strip()
+        if not stripped or stripped.startswith("#") or "=" not in stripped:
+            continue
+        key, _, value = stripped.partition("=")
+        value = value.strip()
+        if len(value) >= 2 and value[0] == value[-1] and value[0] in "'\"":
+            value = value[1:-1]
+        values[key.strip().removeprefix("export ").strip()] = value
+    return values

@@ -1,0 +1,1 @@
+"""Image tasks: submission (debit + insert), reading, cancelling (+refund), serving images, and the workers."""

@@ -1,0 +1,270 @@
+"""Tenant routes for tasks: generate, read, list, cancel, and download the finished image; plus the model list."""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from typing import Annotated, Any
+
+import msgspec
+from litestar import Request, Response, Router, get, post
+from litestar.datastructures import ResponseHeader, UploadFile
+from litestar.openapi.spec import (
+    OpenAPIHeader,
+    OpenAPIMediaType,
+    OpenAPIResponse,
+    Operation,
+    Reference,
+    RequestBody,
+    Schema,
+)
+from litestar.params import Parameter
+from litestar.response import Stream
+
+from service.catalog import ModelList, model_list
+from service.errors import BadRequest, Conflict, InvalidInput, NotFound, UnsupportedMediaType, problem_responses
+from service.pagination import Cursor, Limit, decode_cursor, encode_cursor
+from service.runtime import Runtime
+from service.settings import Settings
+from service.tasks import repository, service
+from service.tasks.schemas import GenerateRequest, TaskOut, TaskPage, TaskStatus, task_view
+from service.tasks.service import Submission, Upload
+from service.tenants.auth import Caller
+
+TaskId = Annotated[str, Parameter(max_length=64, description="Task id")]
+IdempotencyKey = Annotated[
+    str | None,
+    Parameter(
+        header="Idempotency-Key",
+        min_length=1,
+        max_length=255,
+        description="A retry with the same key and body returns the same task without a second debit",
+    ),
+]
+FORM_FIELDS = {"prompt", "size", "model", "quality", "n"}
+_AT_PATH = re.compile(r"at `\$\.?([^`]*)`")
+
+
+@dataclass
+class GenerateOperation(Operation):
+    """`POST /api/images/generate` takes JSON or multipart; Litestar documents one body type, so set both here."""
+
+    def __post_init__(self) -> None:
+        self.request_body = RequestBody(
+            required=True,
+            content={
+                "application/json": OpenAPIMediaType(schema=Reference("#/components/schemas/GenerateRequest")),
+                "multipart/form-data": OpenAPIMediaType(schema=Reference("#/components/schemas/GenerateUpload")),
+            },
+        )
+
+
+BINARY = Schema(type="string", format="binary")  # type: ignore[arg-type]
+
+
+@dataclass
+class ImageOperation(Operation):
+    """The image route answers bytes of one of several image types, with cache headers, or 304."""
+
+    def __post_init__(self) -> None:
+        headers: dict[str, OpenAPIHeader | Reference] = {
+            "ETag": OpenAPIHeader(schema=Schema(type="string"), description="Strong validator: the image's SHA-256"),  # type: ignore[arg-type]
+            "Cache-Control": OpenAPIHeader(schema=Schema(type="string"), description="private, immutable"),  # type: ignore[arg-type]
+        }
+        assert self.responses is not None
+        self.responses["200"] = OpenAPIResponse(
+            description="The image",
+            content={kind: OpenAPIMediaType(schema=BINARY) for kind in ("image/png", "image/jpeg", "image/webp")},
+            headers=headers,
+        )
+        self.responses["304"] = OpenAPIResponse(description="Not modified (If-None-Match matched)", headers=headers)
+
+
+def _field_of(error: msgspec.ValidationError) -> str | None:
+    match = _AT_PATH.search(str(error))
+    return match.group(1) or None if match else None
+
+
+def _decode_json(body: bytes) -> GenerateRequest:
+    try:
+        return msgspec.json.decode(body, type=GenerateRequest)
+    except msgspec.ValidationError as exc:
+        raise InvalidInput(str(exc), code="invalid_field", field=_field_of(exc)) from None
+    except msgspec.DecodeError:
+        raise BadRequest("The body is not valid JSON", code="malformed_json") from None
+
+
+async def _read_form(request: Request[Any, Any, Any], settings: Settings) -> Submission:
+    form = await request.form()
+    fields: dict[str, str] = {}
+    references: list[Upload] = []
+    mask: Upload | None = None
+    try:
+        for name, value in form.multi_items():
+            if isinstance(value, UploadFile):
+                if name not in ("image", "mask"):
+                    raise InvalidInput(f"unexpected file part {name!r}", code="unknown_field", field=name)
+                if name == "mask" and mask is not None:
+                    raise InvalidInput("only one mask is accepted", code="duplicate_field", field="mask")
+                if len(references) >= settings.max_reference_images and name == "image":
+                    raise InvalidInput(
+                        f"at most {settings.max_reference_images} reference images per task",
+                        code="too_many_images",
+                        field="image",
+                    )
+                upload = Upload(name, value.filename or name, value.content_type or "", await value.read())
+                if name == "mask":
+                    mask = upload
+                else:
+                    references.append(upload)
+            elif name not in FORM_FIELDS:
+                code = "file_expected" if name in ("image", "mask") else "unknown_field"
+                raise InvalidInput(f"unexpected form field {name!r}", code=code, field=name)
+            elif name in fields:
+                raise InvalidInput(f"{name} is given more than once", code="duplicate_field", field=name)
+            else:
+                fields[name] = str(value)
+    finally:
+        for _, value in form.multi_items():
+            if isinstance(value, UploadFile):
+                await value.close()
+    if not references:
+        raise InvalidInput(
+            "a multipart request needs at least one `image` file part", code="image_required", field="image"
+        )
+    try:
+        generate = msgspec.convert(fields, GenerateRequest, strict=False)
+    except msgspec.ValidationError as exc:
+        raise InvalidInput(str(exc), code="invalid_field", field=_field_of(exc)) from None
+    return Submission(request=generate, references=references, mask=mask)
+
+
+async def read_submission(request: Request[Any, Any, Any], settings: Settings) -> Submission:
+    media_type = request.headers.get("content-type", "").split(";", 1)[0].strip().lower()
+    if media_type == "application/json":
+        return Submission(request=_decode_json(await request.body()), references=[])
+    if media_type == "multipart/form-data":
+        return await _read_form(request, settings)
+    raise UnsupportedMediaType(
+        "Send application/json, or multipart/form-data with image parts", code="unsupported_content_type"
+    )
+
+
+@post(
+    "/images/generate",
+    operation_id="generateImage",
+    summary="Submit an image task",
+    description="JSON for text-to-image; multipart/form-data with one or more `image` parts (and an optional "
+    "`mask`) for reference-image tasks. Debits the task's cost at once; failures and cancellations refund it.",
+    status_code=202,
+    operation_class=GenerateOperation,
+    response_headers=[ResponseHeader(name="Location", description="URL of the new task", documentation_only=True)],
+    responses=problem_responses(401, 402, 403, 409, 413, 415, 422),
+)
+async def generate_image(
+    request: Request[Any, Any, Any], caller: Caller, runtime: Runtime, idempotency_key: IdempotencyKey = None
+) -> Response[TaskOut]:
+    submission = await read_submission(request, runtime.settings)
+    submitted = await service.submit(runtime, caller, submission, idempotency_key)
+    return Response(
+        task_view(submitted.task, submitted.remaining_credits),
+        status_code=202,
+        headers={"Location": f"/api/images/tasks/{submitted.task.id}"},
+    )
+
+
+@get(
+    "/images/tasks/{task_id:str}",
+    operation_id="getTask",
+    summary="A task as it stands",
+    responses=problem_responses(401, 403, 404),
+)
+async def get_task(task_id: TaskId, caller: Caller, runtime: Runtime) -> TaskOut:
+    async with runtime.db.read() as session:
+        task = await repository.get_owned(session, caller.tenant_id, task_id)
+    if task is None:
+        raise NotFound("No such task", code="task_not_found")
+    return task_view(task)
+
+
+@get("/images/tasks", operation_id="listTasks", summary="Tasks, newest first", responses=problem_responses(401, 403))
+async def list_tasks(
+    caller: Caller, runtime: Runtime, limit: Limit = 20, cursor: Cursor = None, status: TaskStatus | None = None
+) -> TaskPage:
+    async with runtime.db.read() as session:
+        tasks = await repository.list_owned(
+            session, caller.tenant_id, limit=limit + 1, before=decode_cursor(cursor), status=status
+        )
+    page = tasks[:limit]
+    return TaskPage(
+        items=[task_view(task) for task in page], next_cursor=encode_cursor(page[-1].id) if len(tasks) > limit else None
+    )
+
+
+@post(
+    "/images/tasks/{task_id:str}/cancel",
+    operation_id="cancelTask",
+    summary="Cancel a task and refund it",
+    status_code=200,
+    responses=problem_responses(401, 403, 404, 409),
+)
+async def cancel_task(task_id: TaskId, caller: Caller, runtime: Runtime) -> TaskOut:
+    return task_view(await service.cancel(runtime, caller, task_id))
+
+
+@get(
+    "/images/tasks/{task_id:str}/image",
+    operation_id="getTaskImage",
+    summary="Download a finished image",
+    operation_class=ImageOperation,
+    responses=problem_responses(401, 403, 404, 409),
+)
+async def get_task_image(
+    request: Request[Any, Any, Any],
+    task_id: TaskId,
+    caller: Caller,
+    runtime: Runtime,
+    index: Annotated[int, Parameter(ge=0, le=99, description="Which image of the task (0-based)")] = 0,
+) -> Response[Any]:
+    async with runtime.db.read() as session:
+        task = await repository.get_owned(session, caller.tenant_id, task_id)
+    if task is None:
+        raise NotFound("No such task", code="task_not_found")
+    if task.status != "completed":
+        raise Conflict(f"The task is {task.status}; images exist only once it has completed", code="image_not_ready")
+    if index >= len(task.images):
+        raise NotFound(f"The task has {len(task.images)} image(s)", code="image_not_found", field="index")
+    image = task.images[index]
+    headers = {"ETag": f'"{image["sha256"]}"', "Cache-Control": "private, max-age=31536000, immutable"}
+    if _matches(request.headers.get("if-none-match"), image["sha256"]):
+        return Response(content=b"", status_code=304, headers=headers)
+    return Stream(
+        runtime.store.stream(image["key"]),
+        media_type=image["content_type"],
+        headers={**headers, "Content-Length": str(image["bytes"])},
+    )
+
+
+def _matches(if_none_match: str | None, digest: str) -> bool:
+    if not if_none_match:
+        return False
+    tags = {tag.strip().removeprefix("W/") for tag in if_none_match.split(",")}
+    return "*" in tags or f'"{digest}"' in tags
+
+
+@get(
+    "/models",
+    operation_id="listModels",
+    summary="Image models, sizes, qualities and prices",
+    responses=problem_responses(401, 403),
+)
+async def list_models(caller: Caller, runtime: Runtime) -> ModelList:
+    return model_list(runtime.settings)
+
+
+router = Router(
+    "/api",
+    route_handlers=[generate_image, get_task, list_tasks, cancel_task, get_task_image, list_models],
+    tags=["images"],
+    security=[{"tenantKey": []}],
+)

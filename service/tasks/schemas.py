@@ -1,0 +1,161 @@
+"""Task shapes in the HTTP API, and the request bodies of `POST /api/images/generate`."""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Annotated, Any, Literal
+
+import msgspec
+
+from service.db.models import Task
+
+MAX_PROMPT_CHARS = 4000
+MAX_N = 4
+
+TaskStatus = Literal["queued", "running", "completed", "failed", "cancelled"]
+Quality = Literal["auto", "low", "medium", "high"]
+Prompt = Annotated[
+    str,
+    msgspec.Meta(
+        min_length=1,
+        max_length=MAX_PROMPT_CHARS,
+        pattern=r"\S",
+        description="What to draw; surrounding whitespace is trimmed",
+    ),
+]
+Size = Annotated[
+    str,
+    msgspec.Meta(
+        max_length=32,
+        description="`auto`, `1:1`, `16:9`, `9:16` or `WxH` (64-8192 px "
+        "a side); mapped to the nearest size the upstream supports",
+    ),
+]
+Model = Annotated[str, msgspec.Meta(min_length=1, max_length=100, description="Image model; see GET /api/models")]
+N = Annotated[int, msgspec.Meta(ge=1, le=MAX_N, description="Number of images (up to the configured maximum)")]
+
+
+class GenerateRequest(msgspec.Struct, forbid_unknown_fields=True):
+    """A text-to-image task. The same fields are accepted as multipart form fields with reference images."""
+
+    prompt: Prompt
+    size: Size = "auto"
+    model: Model | None = None
+    quality: Quality = "auto"
+    n: N = 1
+
+
+class GenerateUpload(msgspec.Struct, forbid_unknown_fields=True):
+    """A reference-image task: the generate fields plus `image` file parts and an optional `mask`."""
+
+    prompt: Prompt
+    image: list[bytes]
+    size: Size = "auto"
+    model: Model | None = None
+    quality: Quality = "auto"
+    n: N = 1
+    mask: bytes | None = None
+
+
+def request_body_components() -> dict[str, dict[str, Any]]:
+    """JSON Schemas of both request bodies, for the OpenAPI document; file parts are declared as binary."""
+    _, components = msgspec.json.schema_components(
+        [GenerateRequest, GenerateUpload], ref_template="#/components/schemas/{name}"
+    )
+    binary = {"type": "string", "format": "binary", "contentMediaType": "application/octet-stream"}
+    upload = components["GenerateUpload"]
+    upload["properties"]["image"] = {
+        "type": "array",
+        "items": binary,
+        "minItems": 1,
+        "description": "Reference images (PNG, JPEG or WebP), one part each",
+    }
+    upload["properties"]["mask"] = {**binary, "description": "Optional PNG mask for the first reference image"}
+    return components
+
+
+class TaskImage(msgspec.Struct):
+    index: int
+    url: str
+    content_type: str
+    width: int
+    height: int
+    bytes: int
+
+
+class TaskError(msgspec.Struct):
+    code: str
+    message: str
+
+
+class TaskOut(msgspec.Struct):
+    """An image task as it stands. `remaining_credits` is set only on the submit response."""
+
+    id: str
+    status: TaskStatus
+    mode: Literal["text", "image"]
+    prompt: str
+    revised_prompt: str | None
+    model: str
+    size: str
+    quality: Quality
+    n: int
+    cost: int
+    refunded: int
+    remaining_credits: int | None
+    images: list[TaskImage]
+    image: str | None
+    error: TaskError | None
+    created_at: datetime
+    updated_at: datetime
+    started_at: datetime | None
+    finished_at: datetime | None
+
+
+class TaskPage(msgspec.Struct):
+    items: list[TaskOut]
+    next_cursor: str | None
+
+
+def image_url(task_id: str, index: int) -> str:
+    return f"/api/images/tasks/{task_id}/image?index={index}"
+
+
+def task_view(task: Task, remaining_credits: int | None = None) -> TaskOut:
+    completed = task.status == "completed"
+    images = (
+        [
+            TaskImage(
+                index=i,
+                url=image_url(task.id, i),
+                content_type=image["content_type"],
+                width=image["width"],
+                height=image["height"],
+                bytes=image["bytes"],
+            )
+            for i, image in enumerate(task.images)
+        ]
+        if completed
+        else []
+    )
+    return TaskOut(
+        id=task.id,
+        status=task.status,  # type: ignore[arg-type]
+        mode=task.mode,  # type: ignore[arg-type]
+        prompt=task.prompt,
+        revised_prompt=task.revised_prompt,
+        model=task.model,
+        size=task.size,
+        quality=task.quality,  # type: ignore[arg-type]
+        n=task.n,
+        cost=task.cost,
+        refunded=task.refunded,
+        remaining_credits=remaining_credits,
+        images=images,
+        image=images[0].url if images else None,
+        error=TaskError(code=task.error_code, message=task.error_message or "") if task.error_code else None,
+        created_at=task.created_at,
+        updated_at=task.updated_at,
+        started_at=task.started_at,
+        finished_at=task.finished_at,
+    )

@@ -1,0 +1,233 @@
+"""Submitting and cancelling tasks: the request's validation, reference images, and the debit or refund that
+commits with each status change."""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import json
+from dataclasses import dataclass
+from datetime import timedelta
+
+from sqlalchemy.exc import IntegrityError
+
+from service.catalog import task_cost
+from service.clock import utcnow
+from service.credits import repository as ledger
+from service.db.models import Task
+from service.errors import Conflict, InsufficientCredits, InvalidInput, NotFound, PayloadTooLarge
+from service.ids import new_id
+from service.images.processing import PreparedImage, normalize_reference
+from service.images.sizes import InvalidSize, normalize_size
+from service.runtime import Runtime
+from service.tasks import repository
+from service.tasks.schemas import GenerateRequest
+from service.tenants.auth import Caller
+
+
+@dataclass(frozen=True, slots=True)
+class Upload:
+    field: str
+    filename: str
+    content_type: str
+    data: bytes
+
+
+@dataclass(frozen=True, slots=True)
+class Submission:
+    request: GenerateRequest
+    references: list[Upload]
+    mask: Upload | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Submitted:
+    task: Task
+    remaining_credits: int
+
+
+def _checked_prompt(runtime: Runtime, prompt: str) -> str:
+    prompt = prompt.strip()
+    if not prompt:
+        raise InvalidInput("prompt must not be empty", code="empty_prompt", field="prompt")
+    if len(prompt) > runtime.settings.max_prompt_chars:
+        raise InvalidInput(
+            f"prompt is longer than {runtime.settings.max_prompt_chars} characters",
+            code="prompt_too_long",
+            field="prompt",
+        )
+    return prompt
+
+
+def _check_uploads(runtime: Runtime, submission: Submission) -> None:
+    settings = runtime.settings
+    if len(submission.references) > settings.max_reference_images:
+        raise InvalidInput(
+            f"at most {settings.max_reference_images} reference images per task", code="too_many_images", field="image"
+        )
+    if submission.mask is not None and not submission.references:
+        raise InvalidInput("a mask needs a reference image", code="mask_without_image", field="mask")
+    for upload in [*submission.references, *([submission.mask] if submission.mask else [])]:
+        if len(upload.data) > settings.max_reference_bytes:
+            raise PayloadTooLarge(
+                f"{upload.field}: each file may be at most {settings.max_reference_upload_mb:g} MiB",
+                code="file_too_large",
+                field=upload.field,
+            )
+
+
+def request_hash(submission: Submission, prompt: str, size: str, model: str) -> str:
+    """What makes two submissions the same request, for Idempotency-Key replays."""
+    request = submission.request
+    files = [hashlib.sha256(upload.data).hexdigest() for upload in submission.references]
+    mask = hashlib.sha256(submission.mask.data).hexdigest() if submission.mask else None
+    canonical = json.dumps([prompt, size, model, request.quality, request.n, files, mask])
+    return hashlib.sha256(canonical.encode()).hexdigest()
+
+
+async def submit(runtime: Runtime, caller: Caller, submission: Submission, idempotency_key: str | None) -> Submitted:
+    settings = runtime.settings
+    request = submission.request
+    prompt = _checked_prompt(runtime, request.prompt)
+    model = request.model or settings.image_model
+    if model not in settings.image_models:
+        raise InvalidInput(f"unknown model {model!r}; see GET /api/models", code="unknown_model", field="model")
+    if request.n > settings.max_images_per_task:
+        raise InvalidInput(f"n must be at most {settings.max_images_per_task}", code="too_many_images", field="n")
+    try:
+        size = normalize_size(request.size, settings.upstream_api)
+    except InvalidSize as exc:
+        raise InvalidInput(str(exc), code="invalid_size", field="size") from None
+    _check_uploads(runtime, submission)
+    fingerprint = request_hash(submission, prompt, request.size, model)
+
+    if idempotency_key is not None:
+        replay = await _replay(runtime, caller, idempotency_key, fingerprint)
+        if replay is not None:
+            return replay
+
+    references = await asyncio.gather(
+        *(
+            asyncio.to_thread(
+                normalize_reference, upload.data, upload.content_type, settings.max_reference_pixels, upload.field
+            )
+            for upload in submission.references
+        )
+    )
+    mask = None
+    if submission.mask is not None:
+        mask = await asyncio.to_thread(
+            normalize_reference,
+            submission.mask.data,
+            submission.mask.content_type,
+            settings.max_reference_pixels,
+            "mask",
+        )
+
+    task_id = new_id()
+    stored = await _store_inputs(runtime, task_id, references, mask)
+    now = utcnow()
+    cost = task_cost(settings, request.quality, request.n)
+    values = {
+        "id": task_id,
+        "tenant_id": caller.tenant_id,
+        "status": "queued",
+        "mode": "image" if references else "text",
+        "prompt": prompt,
+        "model": model,
+        "size": size,
+        "requested_size": request.size,
+        "quality": request.quality,
+        "n": request.n,
+        "cost": cost,
+        "refunded": 0,
+        "references": stored[: len(references)],
+        "mask": stored[-1] if mask is not None else None,
+        "images": [],
+        "idempotency_key": idempotency_key,
+        "request_hash": fingerprint,
+        "upstream": settings.upstream_api,
+        "upstream_ids": [],
+        "attempts": 0,
+        "deadline_at": now + timedelta(seconds=settings.task_deadline),
+        "created_at": now,
+        "updated_at": now,
+    }
+    try:
+        async with runtime.db.write() as session:
+            await repository.insert_task(session, values)
+            debit = await ledger.post_entry(
+                session,
+                tenant_id=caller.tenant_id,
+                kind="debit",
+                amount=-cost,
+                task_id=task_id,
+                reason=f"task {task_id}",
+                now=now,
+            )
+            if debit is None:
+                raise InsufficientCredits(balance=await ledger.balance_of(session, caller.tenant_id), cost=cost)
+    except (InsufficientCredits, IntegrityError) as exc:
+        await _discard(runtime, stored)
+        if isinstance(exc, IntegrityError) and idempotency_key is not None:
+            # Another request with this key committed between our check and our insert.
+            replay = await _replay(runtime, caller, idempotency_key, fingerprint)
+            if replay is not None:
+                return replay
+        raise
+    runtime.wake_workers()
+    return Submitted(task=Task(**values), remaining_credits=debit.balance_after)
+
+
+async def _replay(runtime: Runtime, caller: Caller, key: str, fingerprint: str) -> Submitted | None:
+    async with runtime.db.read() as session:
+        task = await repository.get_by_idempotency_key(session, caller.tenant_id, key)
+        if task is None:
+            return None
+        if task.request_hash != fingerprint:
+            raise Conflict(
+                "This Idempotency-Key was already used for a different request", code="idempotency_key_reused"
+            )
+        debit = await ledger.debit_of_task(session, task.id)
+    return Submitted(task=task, remaining_credits=debit.balance_after if debit else 0)
+
+
+async def _store_inputs(
+    runtime: Runtime, task_id: str, references: list[PreparedImage], mask: PreparedImage | None
+) -> list[dict[str, object]]:
+    named = [(f"references/{task_id}/{i}.png", image) for i, image in enumerate(references)]
+    if mask is not None:
+        named.append((f"references/{task_id}/mask.png", mask))
+    await asyncio.gather(*(runtime.store.put(key, image.data) for key, image in named))
+    return [
+        {
+            "key": key,
+            "content_type": image.content_type,
+            "width": image.width,
+            "height": image.height,
+            "bytes": len(image.data),
+            "sha256": image.sha256,
+        }
+        for key, image in named
+    ]
+
+
+async def _discard(runtime: Runtime, stored: list[dict[str, object]]) -> None:
+    await asyncio.gather(*(runtime.store.delete(str(item["key"])) for item in stored))
+
+
+async def cancel(runtime: Runtime, caller: Caller, task_id: str) -> Task:
+    """Cancel a queued or running task and refund what it has not refunded yet, in one transaction."""
+    now = utcnow()
+    async with runtime.db.write() as session:
+        task = await repository.get_owned(session, caller.tenant_id, task_id)
+        if task is None:
+            raise NotFound("No such task", code="task_not_found")
+        cancelled = task.status not in repository.TERMINAL and await repository.finish(
+            session, task, expect=("queued", "running"), status="cancelled", now=now, refund=task.cost - task.refunded
+        )
+        if not cancelled:
+            raise Conflict(f"The task is already {task.status}", code="task_not_cancellable")
+        task = await repository.get_task(session, task_id) or task
+    runtime.abandon(task_id)
+    return task

@@ -1,0 +1,291 @@
+"""The worker pool: claims queued tasks, runs them against the upstream, and commits each outcome with its refund.
+
+A claimed task carries a lease that this pool renews while it works. When a renewal finds the task gone (cancelled,
+or taken over after our lease lapsed) the upstream wait is abandoned. A task whose worker died is claimed again once
+its lease lapses, until its attempts run out; then it fails and is refunded.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import random
+import socket
+from dataclasses import dataclass, field
+from datetime import timedelta
+from typing import Any
+
+from service.clock import utcnow
+from service.db.models import Task
+from service.ids import new_id
+from service.images.processing import PreparedImage, inspect_output
+from service.images.sizes import expected_aspect
+from service.runtime import Runtime
+from service.tasks import repository
+from service.upstream.base import GenerationRequest, GenerationResult, ImageInput, ImageUpstream, UpstreamError
+
+log = logging.getLogger("service.worker")
+
+EXTENSIONS = {"image/png": "png", "image/jpeg": "jpg", "image/webp": "webp"}
+
+
+@dataclass(slots=True)
+class Outcome:
+    """What a run produced, ready to commit."""
+
+    status: str
+    refund: int = 0
+    images: list[dict[str, Any]] = field(default_factory=list)
+    revised_prompt: str | None = None
+    upstream_ids: list[str] = field(default_factory=list)
+    error_code: str | None = None
+    error_message: str | None = None
+
+
+def backoff_delay(attempt: int, base: float, cap: float, retry_after: float | None) -> float:
+    """Exponential backoff with full jitter, never shorter than the upstream's Retry-After."""
+    delay = random.uniform(0, min(cap, base * 2 ** (attempt - 1)))
+    return max(delay, retry_after or 0.0)
+
+
+class WorkerPool:
+    def __init__(self, runtime: Runtime, upstream: ImageUpstream) -> None:
+        self.runtime = runtime
+        self.settings = runtime.settings
+        self.upstream = upstream
+        self.owner = f"{socket.gethostname()}:{os.getpid()}:{new_id()[-8:]}"
+        self._wake = asyncio.Event()
+        self._active: dict[str, asyncio.Task[Outcome]] = {}
+        self._runs: set[asyncio.Task[None]] = set()
+        self._loops: list[asyncio.Task[None]] = []
+        self.retries = 0
+
+    def wake(self) -> None:
+        self._wake.set()
+
+    def abandon(self, task_id: str) -> None:
+        work = self._active.get(task_id)
+        if work is not None:
+            work.cancel()
+
+    async def start(self) -> None:
+        self._loops = [
+            asyncio.create_task(self._dispatch(), name="worker-dispatch"),
+            asyncio.create_task(self._keep_leases(), name="worker-leases"),
+        ]
+
+    async def stop(self) -> None:
+        """Stop claiming, abandon running work and hand those tasks back to the queue."""
+        for loop in self._loops:
+            loop.cancel()
+        held = list(self._active)
+        for work in self._active.values():
+            work.cancel()
+        await asyncio.gather(*self._loops, *self._runs, return_exceptions=True)
+        if held:
+            with contextlib.suppress(Exception):
+                async with self.runtime.db.write() as session:
+                    await repository.release_leases(session, owner=self.owner, task_ids=held, now=utcnow())
+
+    async def _dispatch(self) -> None:
+        while True:
+            self._wake.clear()
+            try:
+                while len(self._runs) < self.settings.worker_concurrency:
+                    task = await self._claim()
+                    if task is None:
+                        break
+                    run = asyncio.create_task(self._run(task), name=f"task-{task.id}")
+                    self._runs.add(run)
+                    run.add_done_callback(self._run_done)
+                await self._fail_abandoned()
+            except Exception:
+                log.exception("claiming tasks failed")
+            with contextlib.suppress(TimeoutError):
+                # Work submitted through another process, and lapsed leases, are found by polling; in-process
+                # submissions wake the pool at once.
+                await asyncio.wait_for(self._wake.wait(), timeout=self.settings.idle_poll_seconds)
+
+    def _run_done(self, run: asyncio.Task[None]) -> None:
+        self._runs.discard(run)
+        self._wake.set()
+
+    async def _claim(self) -> Task | None:
+        async with self.runtime.db.write() as session:
+            return await repository.claim_next(
+                session,
+                owner=self.owner,
+                now=utcnow(),
+                lease_seconds=self.settings.lease_seconds,
+                max_attempts=self.settings.max_attempts,
+            )
+
+    async def _fail_abandoned(self) -> None:
+        async with self.runtime.db.write() as session:
+            failed = await repository.fail_abandoned(session, now=utcnow(), max_attempts=self.settings.max_attempts)
+        for task_id in failed:
+            log.warning("task failed after its worker was lost too often", extra={"task_id": task_id})
+
+    async def _keep_leases(self) -> None:
+        while True:
+            await asyncio.sleep(self.settings.lease_seconds / 3)
+            held = list(self._active)
+            if not held:
+                continue
+            try:
+                async with self.runtime.db.write() as session:
+                    kept = await repository.renew_leases(
+                        session,
+                        owner=self.owner,
+                        task_ids=held,
+                        until=utcnow() + timedelta(seconds=self.settings.lease_seconds),
+                    )
+            except Exception:
+                log.exception("renewing leases failed")
+                continue
+            for task_id in set(held) - kept:
+                self.abandon(task_id)
+
+    async def _run(self, task: Task) -> None:
+        work = asyncio.create_task(self._produce(task))
+        self._active[task.id] = work
+        try:
+            outcome = await work
+        except asyncio.CancelledError:
+            # Cancelled by the client, taken over, or shutting down: whoever did that owns the task now.
+            log.info("task abandoned", extra={"task_id": task.id})
+            return
+        except Exception as exc:
+            log.exception("task run failed", extra={"task_id": task.id})
+            outcome = Outcome(
+                status="failed",
+                refund=task.cost,
+                error_code="internal_error",
+                error_message=f"The worker failed ({type(exc).__name__})",
+            )
+        finally:
+            self._active.pop(task.id, None)
+        await self._settle(task, outcome)
+
+    async def _settle(self, task: Task, outcome: Outcome) -> None:
+        try:
+            async with self.runtime.db.write() as session:
+                settled = await repository.finish(
+                    session,
+                    task,
+                    expect=("running",),
+                    owner=self.owner,
+                    status=outcome.status,
+                    now=utcnow(),
+                    refund=outcome.refund,
+                    images=outcome.images,
+                    revised_prompt=outcome.revised_prompt,
+                    upstream_ids=outcome.upstream_ids,
+                    error_code=outcome.error_code,
+                    error_message=outcome.error_message,
+                )
+        except Exception:
+            # The lease lapses and the task is run again (the task API resumes the same upstream task).
+            log.exception("committing a task outcome failed", extra={"task_id": task.id})
+            settled = False
+        if not settled:
+            await asyncio.gather(*(self.runtime.store.delete(image["key"]) for image in outcome.images))
+        else:
+            log.info(
+                "task finished", extra={"task_id": task.id, "status": outcome.status, "error_code": outcome.error_code}
+            )
+
+    async def _produce(self, task: Task) -> Outcome:
+        remaining = (task.deadline_at - utcnow()).total_seconds()
+        if remaining <= 0:
+            return self._failure(task, "deadline_exceeded", "The task ran past its deadline")
+        request = await self._request_for(task)
+        try:
+            result = await asyncio.wait_for(self._generate_with_retries(task, request), timeout=remaining)
+        except TimeoutError:
+            return self._failure(task, "deadline_exceeded", "The upstream did not finish before the task's deadline")
+        except UpstreamError as exc:
+            return self._failure(task, exc.code, exc.message)
+        return await self._keep_images(task, result)
+
+    async def _generate_with_retries(self, task: Task, request: GenerationRequest) -> GenerationResult:
+        attempt = 0
+        while True:
+            try:
+                return await self.upstream.generate(request)
+            except UpstreamError as exc:
+                if not exc.transient:
+                    raise
+                attempt += 1
+                self.retries += 1
+                delay = backoff_delay(
+                    attempt, self.settings.retry_base_delay, self.settings.retry_max_delay, exc.retry_after
+                )
+                if utcnow() + timedelta(seconds=delay) >= task.deadline_at:
+                    raise
+                log.info("retrying upstream", extra={"task_id": task.id, "error_code": exc.code, "attempt": attempt})
+                await asyncio.sleep(delay)
+
+    async def _request_for(self, task: Task) -> GenerationRequest:
+        store = self.runtime.store
+        references = [
+            ImageInput(await store.get(item["key"]), item["content_type"], f"reference-{i}.png")
+            for i, item in enumerate(task.references)
+        ]
+        mask = (
+            ImageInput(await store.get(task.mask["key"]), task.mask["content_type"], "mask.png") if task.mask else None
+        )
+        return GenerationRequest(
+            task_id=task.id,
+            prompt=task.prompt,
+            model=task.model,
+            size=task.size,
+            quality=task.quality,
+            n=task.n,
+            references=references,
+            mask=mask,
+        )
+
+    async def _keep_images(self, task: Task, result: GenerationResult) -> Outcome:
+        aspect = expected_aspect(task.size)
+        try:
+            checked: list[PreparedImage] = [
+                await asyncio.to_thread(inspect_output, data, self.settings.max_output_bytes, aspect)
+                for data in result.images[: task.n]
+            ]
+        except UpstreamError as exc:
+            return self._failure(task, exc.code, exc.message, result.upstream_ids)
+        if not checked:
+            return self._failure(task, "upstream_empty_result", "The upstream returned no image", result.upstream_ids)
+        images = []
+        for index, image in enumerate(checked):
+            key = f"results/{task.id}/{index}.{EXTENSIONS[image.content_type]}"
+            await self.runtime.store.put(key, image.data)
+            images.append(
+                {
+                    "key": key,
+                    "content_type": image.content_type,
+                    "width": image.width,
+                    "height": image.height,
+                    "bytes": len(image.data),
+                    "sha256": image.sha256,
+                }
+            )
+        missing = task.n - len(images)
+        return Outcome(
+            status="completed",
+            refund=task.cost // task.n * missing,
+            images=images,
+            revised_prompt=result.revised_prompt,
+            upstream_ids=result.upstream_ids,
+            error_code="partial_result" if missing else None,
+            error_message=f"The upstream delivered {len(images)} of {task.n} images" if missing else None,
+        )
+
+    @staticmethod
+    def _failure(task: Task, code: str, message: str, upstream_ids: list[str] | None = None) -> Outcome:
+        return Outcome(
+            status="failed", refund=task.cost, error_code=code, error_message=message, upstream_ids=upstream_ids or []
+        )

@@ -1,0 +1,1 @@
+"""Tenants and their API keys: the admin API, key issuance and revocation, and authentication of callers."""

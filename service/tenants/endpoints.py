@@ -1,0 +1,135 @@
+"""Admin routes under `/api/admin`: tenants, their keys and credits. All require the admin key."""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+from litestar import Router, delete, get, patch, post
+from litestar.params import Parameter
+
+from service.clock import utcnow
+from service.credits.schemas import CreditGrant, LedgerEntryOut, entry_view
+from service.errors import NotFound, problem_responses
+from service.pagination import Cursor, Limit, decode_cursor, encode_cursor
+from service.runtime import Runtime
+from service.tenants import repository, service
+from service.tenants.auth import admin_guard
+from service.tenants.schemas import (
+    ApiKeyCreated,
+    TenantCreate,
+    TenantCreated,
+    TenantOut,
+    TenantPage,
+    TenantUpdate,
+    tenant_view,
+)
+
+IdempotencyKey = Annotated[
+    str | None,
+    Parameter(
+        header="Idempotency-Key",
+        min_length=1,
+        max_length=255,
+        description="Makes a retry return the first result instead of acting twice",
+    ),
+]
+TenantId = Annotated[str, Parameter(max_length=64, description="Tenant id")]
+
+
+@post(
+    "/tenants",
+    operation_id="createTenant",
+    summary="Create a tenant and its first API key",
+    responses=problem_responses(401, 422),
+)
+async def create_tenant(data: TenantCreate, runtime: Runtime) -> TenantCreated:
+    tenant, api_key = await service.create_tenant(runtime.db, data.name, data.credits)
+    return TenantCreated(tenant=tenant_view(tenant), api_key=api_key)
+
+
+@get("/tenants", operation_id="listTenants", summary="Tenants, newest first", responses=problem_responses(401))
+async def list_tenants(runtime: Runtime, limit: Limit = 20, cursor: Cursor = None) -> TenantPage:
+    async with runtime.db.read() as session:
+        tenants = await repository.list_tenants(session, limit=limit + 1, before=decode_cursor(cursor))
+    page = tenants[:limit]
+    return TenantPage(
+        items=[tenant_view(t) for t in page], next_cursor=encode_cursor(page[-1].id) if len(tenants) > limit else None
+    )
+
+
+@get("/tenants/{tenant_id:str}", operation_id="getTenant", summary="A tenant", responses=problem_responses(401, 404))
+async def get_tenant(tenant_id: TenantId, runtime: Runtime) -> TenantOut:
+    async with runtime.db.read() as session:
+        tenant = await repository.get_tenant(session, tenant_id)
+    if tenant is None:
+        raise NotFound("No such tenant", code="tenant_not_found")
+    return tenant_view(tenant)
+
+
+@patch(
+    "/tenants/{tenant_id:str}",
+    operation_id="updateTenant",
+    summary="Suspend or reactivate a tenant",
+    responses=problem_responses(401, 404, 422),
+)
+async def update_tenant(tenant_id: TenantId, data: TenantUpdate, runtime: Runtime) -> TenantOut:
+    async with runtime.db.write() as session:
+        tenant = await repository.set_status(session, tenant_id, data.status, utcnow())
+    if tenant is None:
+        raise NotFound("No such tenant", code="tenant_not_found")
+    return tenant_view(tenant)
+
+
+@post(
+    "/tenants/{tenant_id:str}/api-keys",
+    operation_id="createApiKey",
+    summary="Issue another API key",
+    responses=problem_responses(401, 404),
+)
+async def create_api_key(tenant_id: TenantId, runtime: Runtime) -> ApiKeyCreated:
+    key_id, api_key = await service.create_key(runtime.db, tenant_id)
+    return ApiKeyCreated(id=key_id, api_key=api_key)
+
+
+@delete(
+    "/api-keys/{key_id:str}",
+    operation_id="revokeApiKey",
+    summary="Revoke an API key (effective at once)",
+    responses=problem_responses(401, 404),
+)
+async def revoke_api_key(key_id: Annotated[str, Parameter(max_length=64)], runtime: Runtime) -> None:
+    async with runtime.db.write() as session:
+        found = await repository.revoke_key(session, key_id, utcnow())
+    if not found:
+        raise NotFound("No such API key", code="api_key_not_found")
+
+
+@post(
+    "/tenants/{tenant_id:str}/credits",
+    operation_id="grantCredits",
+    summary="Grant or deduct credits",
+    responses=problem_responses(401, 404, 409, 422),
+    status_code=201,
+)
+async def grant_credits(
+    tenant_id: TenantId, data: CreditGrant, runtime: Runtime, idempotency_key: IdempotencyKey = None
+) -> LedgerEntryOut:
+    entry = await service.grant_credits(runtime.db, tenant_id, data.amount, data.reason, idempotency_key)
+    return entry_view(entry)
+
+
+router = Router(
+    "/api/admin",
+    route_handlers=[
+        create_tenant,
+        list_tenants,
+        get_tenant,
+        update_tenant,
+        create_api_key,
+        revoke_api_key,
+        grant_credits,
+    ],
+    guards=[admin_guard],
+    tags=["admin"],
+    security=[{"adminKey": []}],
+)

@@ -1,0 +1,65 @@
+"""Adapter for the OpenAI Images API: `/v1/images/generations` (JSON) and `/v1/images/edits` (multipart)."""
+
+from __future__ import annotations
+
+import base64
+import binascii
+from typing import Any
+
+import aiohttp
+
+from service.upstream.base import GenerationRequest, GenerationResult, UpstreamError
+from service.upstream.http import UpstreamHTTP
+
+
+class ImagesUpstream:
+    name = "images"
+
+    def __init__(self, http: UpstreamHTTP, *, max_image_bytes: int) -> None:
+        self._http = http
+        self._max_image_bytes = max_image_bytes
+
+    async def close(self) -> None:
+        await self._http.close()
+
+    async def generate(self, request: GenerationRequest) -> GenerationResult:
+        fields: dict[str, Any] = {
+            "model": request.model,
+            "prompt": request.prompt,
+            "n": request.n,
+            "size": request.size,
+            "quality": request.quality,
+        }
+        if not request.references:
+            answer = await self._http.request_json("POST", "/v1/images/generations", json=fields)
+        else:
+            form = aiohttp.FormData()
+            for name, value in fields.items():
+                form.add_field(name, str(value))
+            part = "image[]" if len(request.references) > 1 else "image"
+            for reference in request.references:
+                form.add_field(part, reference.data, filename=reference.filename, content_type=reference.content_type)
+            if request.mask is not None:
+                form.add_field(
+                    "mask", request.mask.data, filename=request.mask.filename, content_type=request.mask.content_type
+                )
+            answer = await self._http.request_json("POST", "/v1/images/edits", data=form)
+        data = answer.get("data") if isinstance(answer, dict) else None
+        if not isinstance(data, list):
+            raise UpstreamError("upstream_bad_response", "The upstream answer has no image list", transient=True)
+        items = [item for item in data if isinstance(item, dict)]
+        images = [await self._image_bytes(item) for item in items]
+        revised = next((str(item["revised_prompt"]) for item in items if item.get("revised_prompt")), None)
+        return GenerationResult(images=images, revised_prompt=revised, upstream_ids=[])
+
+    async def _image_bytes(self, item: dict[str, Any]) -> bytes:
+        if isinstance(item.get("b64_json"), str):
+            try:
+                return base64.b64decode(item["b64_json"], validate=True)
+            except (binascii.Error, ValueError):
+                raise UpstreamError(
+                    "upstream_bad_image", "The upstream image is not valid base64", transient=False
+                ) from None
+        if isinstance(item.get("url"), str):
+            return await self._http.fetch_image(item["url"], self._max_image_bytes)
+        raise UpstreamError("upstream_bad_response", "The upstream image has neither data nor a URL", transient=False)

@@ -1,0 +1,191 @@
+"""The HTTP contract: the committed OpenAPI document, problem+json errors, and bad input that changes nothing."""
+
+from __future__ import annotations
+
+import io
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import httpx
+import pytest
+from PIL import Image
+
+from tests.conftest import ADMIN_KEY, Service, Tenant
+
+ROOT = Path(__file__).resolve().parent.parent
+SPEC = json.loads((ROOT / "openapi" / "openapi.json").read_text())
+
+
+def test_committed_openapi_document_matches_the_code() -> None:
+    result = subprocess.run([sys.executable, "-m", "service", "openapi", "--check"], cwd=ROOT,
+                            capture_output=True, text=True, check=False)
+    assert result.returncode == 0, result.stderr
+
+
+def test_live_document_is_the_committed_one(service: Service) -> None:
+    assert httpx.get(f"{service.base_url}/schema/openapi.json").json() == SPEC
+
+
+def test_every_operation_has_an_id_and_declares_its_errors_as_problem_json() -> None:
+    operations = [(path, method, op) for path, item in SPEC["paths"].items() for method, op in item.items()]
+    assert len(operations) >= 16
+    for path, method, operation in operations:
+        assert operation.get("operationId"), (path, method)
+        for status, response in operation["responses"].items():
+            if int(status) >= 400:
+                assert list(response["content"]) == ["application/problem+json"], (path, method, status)
+        if path.startswith("/api/"):
+            assert "401" in operation["responses"], (path, method)
+            assert operation["security"], (path, method)
+    generate = SPEC["paths"]["/api/images/generate"]["post"]
+    assert set(generate["requestBody"]["content"]) == {"application/json", "multipart/form-data"}
+    assert {"402", "413", "415", "422"} <= set(generate["responses"])
+
+
+def _png(size: tuple[int, int] = (64, 64)) -> bytes:
+    out = io.BytesIO()
+    Image.new("RGB", size, (5, 6, 7)).save(out, format="PNG")
+    return out.getvalue()
+
+
+JSON_CASES = [
+    pytest.param(b"{not json", "application/json", 400, "malformed_json", id="malformed-json"),
+    pytest.param(b"\xff\xfe{}", "application/json", 400, "malformed_json", id="invalid-utf8"),
+    pytest.param(b'{"prompt": "   "}', "application/json", 422, "invalid_field", id="blank-prompt"),
+    pytest.param(b'{"prompt": ""}', "application/json", 422, "invalid_field", id="empty-prompt"),
+    pytest.param(json.dumps({"prompt": "x" * 4001}).encode(), "application/json", 422, "invalid_field", id="long"),
+    pytest.param(b'{"prompt": "a", "n": 0}', "application/json", 422, "invalid_field", id="n-zero"),
+    pytest.param(b'{"prompt": "a", "n": -1}', "application/json", 422, "invalid_field", id="n-negative"),
+    pytest.param(b'{"prompt": "a", "n": 1000000000}', "application/json", 422, "invalid_field", id="n-huge"),
+    pytest.param(b'{"prompt": "a", "n": "2"}', "application/json", 422, "invalid_field", id="n-string"),
+    pytest.param(b'{"prompt": "a", "colour": "red"}', "application/json", 422, "invalid_field", id="unknown-field"),
+    pytest.param(b'{"prompt": "a", "size": "huge"}', "application/json", 422, "invalid_size", id="bad-size"),
+    pytest.param(b'{"prompt": "a", "quality": "ultra"}', "application/json", 422, "invalid_field", id="bad-quality"),
+    pytest.param(b'{"prompt": "a", "model": "dall-e-9"}', "application/json", 422, "unknown_model", id="model"),
+    pytest.param(b'["prompt"]', "application/json", 422, "invalid_field", id="array-body"),
+    pytest.param(b"prompt=a", "application/x-www-form-urlencoded", 415, "unsupported_content_type", id="form"),
+    pytest.param(b"a cat", "text/plain", 415, "unsupported_content_type", id="text-plain"),
+]
+
+
+@pytest.mark.parametrize(("body", "content_type", "status", "code"), JSON_CASES)
+def test_bad_json_submissions_are_refused_without_a_debit(
+    tenant: Tenant, body: bytes, content_type: str, status: int, code: str
+) -> None:
+    response = tenant.client.post("/api/images/generate", content=body, headers={"Content-Type": content_type})
+    assert response.status_code == status, response.text
+    assert response.headers["content-type"] == "application/problem+json"
+    problem = response.json()
+    assert problem["code"] == code and problem["status"] == status and problem["detail"]
+    assert tenant.balance() == 100
+    assert tenant.client.get("/api/images/tasks").json()["items"] == []
+
+
+MULTIPART_CASES = [
+    pytest.param({"prompt": "a"}, [], 422, "image_required", id="no-image"),
+    pytest.param({"prompt": "a"}, [("image", ("e.png", b"", "image/png"))], 422, "empty_file", id="empty-file"),
+    pytest.param({"prompt": "a"}, [("image", ("t.txt", b"just text", "text/plain"))], 415,
+                 "unsupported_image_type", id="not-an-image"),
+    pytest.param({"prompt": "a"}, [("image", ("x.jpg", _png(), "image/jpeg"))], 415, "image_type_mismatch",
+                 id="type-mismatch"),
+    pytest.param({"prompt": "a"}, [("image", ("c.png", _png()[:60], "image/png"))], 422, "corrupt_image",
+                 id="truncated"),
+    pytest.param({"prompt": "a"}, [("image", ("i.png", _png(), "image/png"))] * 5, 422, "too_many_images",
+                 id="too-many-files"),
+    pytest.param({"prompt": "a", "n": "zero"}, [("image", ("i.png", _png(), "image/png"))], 422, "invalid_field",
+                 id="bad-n"),
+    pytest.param({"prompt": "a", "style": "x"}, [("image", ("i.png", _png(), "image/png"))], 422, "unknown_field",
+                 id="unknown-field"),
+    pytest.param({"prompt": "a"}, [("mask", ("m.png", _png(), "image/png"))], 422, "image_required",
+                 id="mask-alone"),
+    pytest.param({"prompt": "a"}, [("image", ("a.png", b"\x00" * (2 * 1024 * 1024 + 1), "image/png"))], 413,
+                 "file_too_large", id="oversized-part"),
+]
+
+
+@pytest.mark.parametrize(("fields", "files", "status", "code"), MULTIPART_CASES)
+def test_bad_uploads_are_refused_without_a_debit_or_a_stored_file(
+    tenant: Tenant, service: Service, fields: dict[str, str], files: list[tuple[str, tuple[str, bytes, str]]],
+    status: int, code: str,
+) -> None:
+    stored_before = sorted((service.data_dir / "images").rglob("*"))
+    response = tenant.client.post("/api/images/generate", data=fields, files=files or None,
+                                  headers=None if files else {"Content-Type": "multipart/form-data; boundary=x"})
+    assert response.status_code == status, response.text
+    assert response.headers["content-type"] == "application/problem+json"
+    assert response.json()["code"] == code
+    assert tenant.balance() == 100
+    assert sorted((service.data_dir / "images").rglob("*")) == stored_before
+
+
+def test_oversized_body_is_refused_before_it_is_read(tenant: Tenant) -> None:
+    response = tenant.client.post(
+        "/api/images/generate", content=b"x" * 100,
+        headers={"Content-Type": "multipart/form-data; boundary=abc", "Content-Length": str(500 * 1024 * 1024)},
+    )
+    assert response.status_code == 413
+    assert response.headers["content-type"] == "application/problem+json"
+
+
+def test_malformed_multipart_is_a_client_error(tenant: Tenant) -> None:
+    response = tenant.client.post("/api/images/generate", content=b"--nope\r\ngarbage",
+                                  headers={"Content-Type": "multipart/form-data; boundary=abc"})
+    assert 400 <= response.status_code < 500
+    assert response.headers["content-type"] == "application/problem+json"
+    assert tenant.balance() == 100
+
+
+@pytest.mark.parametrize(
+    ("method", "path", "params"),
+    [
+        ("GET", "/api/images/tasks", {"limit": "0"}),
+        ("GET", "/api/images/tasks", {"limit": "abc"}),
+        ("GET", "/api/images/tasks", {"status": "done"}),
+        ("GET", "/api/quota/ledger", {"cursor": "!!"}),
+        ("GET", "/api/images/tasks/abc/image", {"index": "-1"}),
+        ("GET", "/api/nothing-here", {}),
+        ("DELETE", "/api/quota", {}),
+    ],
+)
+def test_bad_parameters_and_routes_get_problem_json(tenant: Tenant, method: str, path: str, params: dict) -> None:  # type: ignore[type-arg]
+    response = tenant.client.request(method, path, params=params)
+    assert 400 <= response.status_code < 500, response.text
+    assert response.headers["content-type"] == "application/problem+json"
+    assert response.json()["status"] == response.status_code
+
+
+def test_keys_never_reach_a_response_or_a_log_line(upstream, tmp_path) -> None:  # type: ignore[no-untyped-def]
+    from tests.conftest import service_env
+
+    service = Service(tmp_path, service_env(upstream, LOG_LEVEL="DEBUG"))
+    bodies: list[str] = []
+    try:
+        with service.admin() as admin:
+            created = admin.post("/api/admin/tenants", json={"name": "scan", "credits": 10})
+            tenant_key = created.json()["api_key"]
+            tenant_id = created.json()["tenant"]["id"]
+            second = admin.post(f"/api/admin/tenants/{tenant_id}/api-keys").json()["api_key"]
+            bodies += [admin.get("/api/admin/tenants").text, admin.get(f"/api/admin/tenants/{tenant_id}").text]
+        client = httpx.Client(base_url=service.base_url, headers={"Authorization": f"Bearer {tenant_key}"})
+        task = client.post("/api/images/generate", json={"prompt": "scan me"}).json()
+        upload = client.post("/api/images/generate", data={"prompt": "ref"},
+                             files=[("image", ("a.png", _png(), "image/png"))])
+        bodies.append(upload.text)
+        tenant = Tenant(service.base_url, tenant_id, tenant_key)
+        done = tenant.wait(task["id"])
+        bodies += [json.dumps(done), client.get("/api/quota/ledger").text, client.get("/api/images/tasks").text,
+                   client.get("/api/quota").text, client.get(done["image"]).text[:0]]
+        bodies.append(httpx.get(f"{service.base_url}/api/quota", headers={"Authorization": "Bearer igk_bad"}).text)
+        bodies.append(httpx.get(f"{service.base_url}/api/admin/tenants",
+                                headers={"Authorization": f"Bearer {tenant_key}"}).text)
+        tenant.wait(upload.json()["id"])
+        client.close()
+    finally:
+        service.stop()
+    logs = service.log_text()
+    assert "DEBUG" in logs
+    for secret in (upstream.api_key, ADMIN_KEY, tenant_key, second):
+        assert secret not in logs
+        assert all(secret not in body for body in bodies)
