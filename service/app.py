@@ -4,15 +4,13 @@ from __future__ import annotations
 
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
-from typing import Any, cast
+from typing import cast
 
 from litestar import Litestar
-from litestar._openapi.schema_generation.plugins import StructSchemaPlugin
 from litestar.datastructures import State
 from litestar.di import Provide
 from litestar.openapi import OpenAPIConfig
 from litestar.openapi.spec import Components, Schema, SecurityScheme
-from litestar.typing import FieldDefinition
 
 from service import health
 from service.credits import endpoints as credits
@@ -26,19 +24,6 @@ from service.tenants import endpoints as admin
 from service.tenants.auth import provide_caller
 
 API_VERSION = "1.0.0"
-
-
-class StrictStructSchemaPlugin(StructSchemaPlugin):
-    """Structs that refuse unknown fields say so in their schema (`additionalProperties: false`)."""
-
-    def to_openapi_schema(self, field_definition: FieldDefinition, schema_creator: Any) -> Schema:
-        schema = super().to_openapi_schema(field_definition, schema_creator)
-        if (
-            getattr(field_definition.type_, "__struct_config__", None)
-            and field_definition.type_.__struct_config__.forbid_unknown_fields
-        ):
-            schema.additional_properties = False
-        return schema
 
 
 def provide_runtime(state: State) -> Runtime:
@@ -76,7 +61,6 @@ def create_app(settings: Settings | None = None) -> Litestar:
         dependencies={"runtime": Provide(provide_runtime, sync_to_thread=False), "caller": Provide(provide_caller)},
         exception_handlers=EXCEPTION_HANDLERS,  # type: ignore[arg-type]
         openapi_config=openapi_config(),
-        plugins=[StrictStructSchemaPlugin()],
         lifespan=[lifespan],
         logging_config=None,
         request_max_body_size=settings.max_request_body_bytes,
@@ -87,7 +71,14 @@ def create_app(settings: Settings | None = None) -> Litestar:
 
 
 def _document_request_bodies(app: Litestar) -> None:
-    """Add the generate route's two body schemas, which no handler signature declares, to the document's components."""
+    """Finish the request body schemas: bodies that refuse unknown fields say so (`additionalProperties: false`), and
+    the generate route's two bodies, which no handler signature declares, join the components."""
     components = app.openapi_schema.components
     schemas = {**(components.schemas or {}), **cast(dict[str, Schema], request_body_components())}
+    for route in app.routes:
+        for handler in getattr(route, "route_handlers", []):
+            body = handler.parsed_data_field
+            config = getattr(body.annotation, "__struct_config__", None) if body else None
+            if body is not None and config is not None and config.forbid_unknown_fields:
+                schemas[body.annotation.__name__].additional_properties = False
     components.schemas = dict(sorted(schemas.items()))

@@ -50,12 +50,24 @@ class Upstream:
         self.base_url = f"http://127.0.0.1:{self.port}"
         self._log = log_path.open("wb")
         self.process = subprocess.Popen(
-            [sys.executable, "-m", "service", "offline-upstream", "--port", str(self.port), "--api-key", self.api_key,
-             "--latency", "0"],
-            stdout=self._log, stderr=subprocess.STDOUT,
+            [
+                sys.executable,
+                "-m",
+                "service",
+                "offline-upstream",
+                "--port",
+                str(self.port),
+                "--api-key",
+                self.api_key,
+                "--latency",
+                "0",
+            ],
+            stdout=self._log,
+            stderr=subprocess.STDOUT,
         )
-        self.control = httpx.Client(base_url=self.base_url, headers={"Authorization": f"Bearer {self.api_key}"},
-                                    timeout=10)
+        self.control = httpx.Client(
+            base_url=self.base_url, headers={"Authorization": f"Bearer {self.api_key}"}, timeout=10
+        )
         wait_until(self._up, 20, "offline upstream did not start")
 
     def _up(self) -> bool:
@@ -94,6 +106,7 @@ class Service:
         self.env = {**os.environ, **env, "DATA_DIR": str(data_dir)}
         self.log_path = data_dir / f"{name}.log"
         self.process: subprocess.Popen[bytes] | None = None
+        self.tenants: list[Tenant] = []
         self.start()
 
     def start(self) -> None:
@@ -121,6 +134,8 @@ class Service:
         self.process.wait(10)
 
     def stop(self) -> None:
+        for tenant in self.tenants:
+            tenant.client.close()
         if self.process is not None and self.process.poll() is None:
             self.process.terminate()
             try:
@@ -139,7 +154,9 @@ class Service:
             response = admin.post("/api/admin/tenants", json={"name": name, "credits": credits})
         assert response.status_code == 201, response.text
         body = response.json()
-        return Tenant(self.base_url, body["tenant"]["id"], body["api_key"])
+        tenant = Tenant(self.base_url, body["tenant"]["id"], body["api_key"])
+        self.tenants.append(tenant)
+        return tenant
 
 
 @dataclass
@@ -150,8 +167,9 @@ class Tenant:
     client: httpx.Client = field(init=False)
 
     def __post_init__(self) -> None:
-        self.client = httpx.Client(base_url=self.base_url, headers={"Authorization": f"Bearer {self.api_key}"},
-                                   timeout=30)
+        self.client = httpx.Client(
+            base_url=self.base_url, headers={"Authorization": f"Bearer {self.api_key}"}, timeout=30
+        )
 
     def generate(self, prompt: str = "a red fox in snow", **fields: Any) -> httpx.Response:
         return self.client.post("/api/images/generate", json={"prompt": prompt, **fields})
@@ -167,8 +185,13 @@ class Tenant:
         return dict(response.json())
 
     def wait(self, task_id: str, timeout: float = 20, statuses: set[str] = TERMINAL) -> dict[str, Any]:
-        return dict(wait_until(lambda: (t := self.task(task_id))["status"] in statuses and t, timeout,
-                               f"task {task_id} never reached {statuses}"))
+        return dict(
+            wait_until(
+                lambda: (t := self.task(task_id))["status"] in statuses and t,
+                timeout,
+                f"task {task_id} never reached {statuses}",
+            )
+        )
 
     def ledger(self) -> list[dict[str, Any]]:
         entries: list[dict[str, Any]] = []

@@ -62,7 +62,12 @@ def test_credit_grants_honour_idempotency_keys(service: Service) -> None:
         first = admin.post(url, json={"amount": 50, "reason": "invoice 7"}, headers=headers)
         assert first.status_code == 201
         entry = first.json()
-        assert (entry["kind"], entry["amount"], entry["balance_after"], entry["reason"]) == ("grant", 50, 50, "invoice 7")
+        assert (entry["kind"], entry["amount"], entry["balance_after"], entry["reason"]) == (
+            "grant",
+            50,
+            50,
+            "invoice 7",
+        )
         replay = admin.post(url, json={"amount": 50, "reason": "invoice 7"}, headers=headers)
         assert replay.status_code == 201 and replay.json() == entry
         conflict = admin.post(url, json={"amount": 60, "reason": "invoice 7"}, headers=headers)
@@ -80,8 +85,12 @@ def test_credit_grants_honour_idempotency_keys(service: Service) -> None:
 
 def test_admin_routes_need_the_admin_key(service: Service) -> None:
     tenant = service.new_tenant(credits=1)
-    for headers in ({}, {"Authorization": "Bearer wrong"}, {"Authorization": f"Bearer {tenant.api_key}"},
-                    {"Authorization": f"Basic {ADMIN_KEY}"}):
+    for headers in (
+        {},
+        {"Authorization": "Bearer wrong"},
+        {"Authorization": f"Bearer {tenant.api_key}"},
+        {"Authorization": f"Basic {ADMIN_KEY}"},
+    ):
         response = httpx.get(f"{service.base_url}/api/admin/tenants", headers=headers)
         assert response.status_code == 401
         assert response.headers["content-type"] == "application/problem+json"

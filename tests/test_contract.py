@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import json
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -12,15 +13,16 @@ import httpx
 import pytest
 from PIL import Image
 
-from tests.conftest import ADMIN_KEY, Service, Tenant
+from tests.conftest import ADMIN_KEY, Service, Tenant, Upstream, service_env
 
 ROOT = Path(__file__).resolve().parent.parent
 SPEC = json.loads((ROOT / "openapi" / "openapi.json").read_text())
 
 
 def test_committed_openapi_document_matches_the_code() -> None:
-    result = subprocess.run([sys.executable, "-m", "service", "openapi", "--check"], cwd=ROOT,
-                            capture_output=True, text=True, check=False)
+    result = subprocess.run(
+        [sys.executable, "-m", "service", "openapi", "--check"], cwd=ROOT, capture_output=True, text=True, check=False
+    )
     assert result.returncode == 0, result.stderr
 
 
@@ -86,33 +88,55 @@ def test_bad_json_submissions_are_refused_without_a_debit(
 MULTIPART_CASES = [
     pytest.param({"prompt": "a"}, [], 422, "image_required", id="no-image"),
     pytest.param({"prompt": "a"}, [("image", ("e.png", b"", "image/png"))], 422, "empty_file", id="empty-file"),
-    pytest.param({"prompt": "a"}, [("image", ("t.txt", b"just text", "text/plain"))], 415,
-                 "unsupported_image_type", id="not-an-image"),
-    pytest.param({"prompt": "a"}, [("image", ("x.jpg", _png(), "image/jpeg"))], 415, "image_type_mismatch",
-                 id="type-mismatch"),
-    pytest.param({"prompt": "a"}, [("image", ("c.png", _png()[:60], "image/png"))], 422, "corrupt_image",
-                 id="truncated"),
-    pytest.param({"prompt": "a"}, [("image", ("i.png", _png(), "image/png"))] * 5, 422, "too_many_images",
-                 id="too-many-files"),
-    pytest.param({"prompt": "a", "n": "zero"}, [("image", ("i.png", _png(), "image/png"))], 422, "invalid_field",
-                 id="bad-n"),
-    pytest.param({"prompt": "a", "style": "x"}, [("image", ("i.png", _png(), "image/png"))], 422, "unknown_field",
-                 id="unknown-field"),
-    pytest.param({"prompt": "a"}, [("mask", ("m.png", _png(), "image/png"))], 422, "image_required",
-                 id="mask-alone"),
-    pytest.param({"prompt": "a"}, [("image", ("a.png", b"\x00" * (2 * 1024 * 1024 + 1), "image/png"))], 413,
-                 "file_too_large", id="oversized-part"),
+    pytest.param(
+        {"prompt": "a"},
+        [("image", ("t.txt", b"just text", "text/plain"))],
+        415,
+        "unsupported_image_type",
+        id="not-an-image",
+    ),
+    pytest.param(
+        {"prompt": "a"}, [("image", ("x.jpg", _png(), "image/jpeg"))], 415, "image_type_mismatch", id="type-mismatch"
+    ),
+    pytest.param(
+        {"prompt": "a"}, [("image", ("c.png", _png()[:60], "image/png"))], 422, "corrupt_image", id="truncated"
+    ),
+    pytest.param(
+        {"prompt": "a"}, [("image", ("i.png", _png(), "image/png"))] * 5, 422, "too_many_images", id="too-many-files"
+    ),
+    pytest.param(
+        {"prompt": "a", "n": "zero"}, [("image", ("i.png", _png(), "image/png"))], 422, "invalid_field", id="bad-n"
+    ),
+    pytest.param(
+        {"prompt": "a", "style": "x"},
+        [("image", ("i.png", _png(), "image/png"))],
+        422,
+        "unknown_field",
+        id="unknown-field",
+    ),
+    pytest.param({"prompt": "a"}, [("mask", ("m.png", _png(), "image/png"))], 422, "image_required", id="mask-alone"),
+    pytest.param(
+        {"prompt": "a"},
+        [("image", ("a.png", b"\x00" * (2 * 1024 * 1024 + 1), "image/png"))],
+        413,
+        "file_too_large",
+        id="oversized-part",
+    ),
 ]
 
 
 @pytest.mark.parametrize(("fields", "files", "status", "code"), MULTIPART_CASES)
 def test_bad_uploads_are_refused_without_a_debit_or_a_stored_file(
-    tenant: Tenant, service: Service, fields: dict[str, str], files: list[tuple[str, tuple[str, bytes, str]]],
-    status: int, code: str,
+    tenant: Tenant,
+    service: Service,
+    fields: dict[str, str],
+    files: list[tuple[str, tuple[str, bytes, str]]],
+    status: int,
+    code: str,
 ) -> None:
     stored_before = sorted((service.data_dir / "images").rglob("*"))
-    response = tenant.client.post("/api/images/generate", data=fields, files=files or None,
-                                  headers=None if files else {"Content-Type": "multipart/form-data; boundary=x"})
+    body, content_type = _multipart(fields, files)
+    response = tenant.client.post("/api/images/generate", content=body, headers={"Content-Type": content_type})
     assert response.status_code == status, response.text
     assert response.headers["content-type"] == "application/problem+json"
     assert response.json()["code"] == code
@@ -120,18 +144,42 @@ def test_bad_uploads_are_refused_without_a_debit_or_a_stored_file(
     assert sorted((service.data_dir / "images").rglob("*")) == stored_before
 
 
-def test_oversized_body_is_refused_before_it_is_read(tenant: Tenant) -> None:
-    response = tenant.client.post(
-        "/api/images/generate", content=b"x" * 100,
-        headers={"Content-Type": "multipart/form-data; boundary=abc", "Content-Length": str(500 * 1024 * 1024)},
-    )
-    assert response.status_code == 413
-    assert response.headers["content-type"] == "application/problem+json"
+def _multipart(fields: dict[str, str], files: list[tuple[str, tuple[str, bytes, str]]]) -> tuple[bytes, str]:
+    boundary = "testboundary7MA4YWxk"
+    parts = [
+        f'--{boundary}\r\nContent-Disposition: form-data; name="{name}"\r\n\r\n{value}\r\n'.encode()
+        for name, value in fields.items()
+    ]
+    for name, (filename, data, kind) in files:
+        head = (
+            f'--{boundary}\r\nContent-Disposition: form-data; name="{name}"; filename="{filename}"\r\n'
+            f"Content-Type: {kind}\r\n\r\n"
+        )
+        parts.append(head.encode() + data + b"\r\n")
+    return b"".join(parts) + f"--{boundary}--\r\n".encode(), f"multipart/form-data; boundary={boundary}"
+
+
+def test_oversized_body_is_refused_before_it_is_read(service: Service, tenant: Tenant) -> None:
+    declared = 500 * 1024 * 1024
+    request = (
+        f"POST /api/images/generate HTTP/1.1\r\nHost: 127.0.0.1\r\nAuthorization: Bearer {tenant.api_key}\r\n"
+        f"Content-Type: multipart/form-data; boundary=abc\r\nContent-Length: {declared}\r\n\r\n"
+    ).encode()
+    with socket.create_connection(("127.0.0.1", service.port), timeout=10) as connection:
+        connection.sendall(request + b"--abc\r\n")
+        answer = connection.recv(65536).decode(errors="replace")
+    status_line, _, rest = answer.partition("\r\n")
+    assert " 413 " in status_line, answer
+    assert "application/problem+json" in rest.lower()
+    assert tenant.balance() == 100
 
 
 def test_malformed_multipart_is_a_client_error(tenant: Tenant) -> None:
-    response = tenant.client.post("/api/images/generate", content=b"--nope\r\ngarbage",
-                                  headers={"Content-Type": "multipart/form-data; boundary=abc"})
+    response = tenant.client.post(
+        "/api/images/generate",
+        content=b"--nope\r\ngarbage",
+        headers={"Content-Type": "multipart/form-data; boundary=abc"},
+    )
     assert 400 <= response.status_code < 500
     assert response.headers["content-type"] == "application/problem+json"
     assert tenant.balance() == 100
@@ -156,9 +204,7 @@ def test_bad_parameters_and_routes_get_problem_json(tenant: Tenant, method: str,
     assert response.json()["status"] == response.status_code
 
 
-def test_keys_never_reach_a_response_or_a_log_line(upstream, tmp_path) -> None:  # type: ignore[no-untyped-def]
-    from tests.conftest import service_env
-
+def test_keys_never_reach_a_response_or_a_log_line(upstream: Upstream, tmp_path: Path) -> None:
     service = Service(tmp_path, service_env(upstream, LOG_LEVEL="DEBUG"))
     bodies: list[str] = []
     try:
@@ -170,18 +216,26 @@ def test_keys_never_reach_a_response_or_a_log_line(upstream, tmp_path) -> None: 
             bodies += [admin.get("/api/admin/tenants").text, admin.get(f"/api/admin/tenants/{tenant_id}").text]
         client = httpx.Client(base_url=service.base_url, headers={"Authorization": f"Bearer {tenant_key}"})
         task = client.post("/api/images/generate", json={"prompt": "scan me"}).json()
-        upload = client.post("/api/images/generate", data={"prompt": "ref"},
-                             files=[("image", ("a.png", _png(), "image/png"))])
+        upload = client.post(
+            "/api/images/generate", data={"prompt": "ref"}, files=[("image", ("a.png", _png(), "image/png"))]
+        )
         bodies.append(upload.text)
         tenant = Tenant(service.base_url, tenant_id, tenant_key)
         done = tenant.wait(task["id"])
-        bodies += [json.dumps(done), client.get("/api/quota/ledger").text, client.get("/api/images/tasks").text,
-                   client.get("/api/quota").text, client.get(done["image"]).text[:0]]
+        bodies += [
+            json.dumps(done),
+            client.get("/api/quota/ledger").text,
+            client.get("/api/images/tasks").text,
+            client.get("/api/quota").text,
+            client.get(done["image"]).text[:0],
+        ]
         bodies.append(httpx.get(f"{service.base_url}/api/quota", headers={"Authorization": "Bearer igk_bad"}).text)
-        bodies.append(httpx.get(f"{service.base_url}/api/admin/tenants",
-                                headers={"Authorization": f"Bearer {tenant_key}"}).text)
+        bodies.append(
+            httpx.get(f"{service.base_url}/api/admin/tenants", headers={"Authorization": f"Bearer {tenant_key}"}).text
+        )
         tenant.wait(upload.json()["id"])
         client.close()
+        tenant.client.close()
     finally:
         service.stop()
     logs = service.log_text()

@@ -11,12 +11,15 @@ from tests.conftest import Service, Tenant, Upstream
 
 
 async def _submit_many(tenant: Tenant, count: int) -> list[httpx.Response]:
-    async with httpx.AsyncClient(base_url=tenant.base_url, timeout=60,
-                                 headers={"Authorization": f"Bearer {tenant.api_key}"},
-                                 limits=httpx.Limits(max_connections=count)) as client:
-        return await asyncio.gather(*(
-            client.post("/api/images/generate", json={"prompt": f"concurrent {i}"}) for i in range(count)
-        ))
+    async with httpx.AsyncClient(
+        base_url=tenant.base_url,
+        timeout=60,
+        headers={"Authorization": f"Bearer {tenant.api_key}"},
+        limits=httpx.Limits(max_connections=count),
+    ) as client:
+        return await asyncio.gather(
+            *(client.post("/api/images/generate", json={"prompt": f"concurrent {i}"}) for i in range(count))
+        )
 
 
 def test_concurrent_submissions_never_overdraw(service: Service) -> None:

@@ -36,7 +36,9 @@ def test_sizes_map_to_the_nearest_supported_value(requested: str, tasks: str, im
     assert normalize_size(requested, "images") == images
 
 
-@pytest.mark.parametrize("bad", ["", "big", "4:3", "1024", "0x0", "63x1024", "1024x8193", "10x10x10", "-1x5", "1e3x1e3"])
+@pytest.mark.parametrize(
+    "bad", ["", "big", "4:3", "1024", "0x0", "63x1024", "1024x8193", "10x10x10", "-1x5", "1e3x1e3"]
+)
 def test_unsupported_sizes_are_refused(bad: str) -> None:
     with pytest.raises(InvalidSize):
         normalize_size(bad, "tasks")

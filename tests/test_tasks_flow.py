@@ -71,7 +71,11 @@ def test_reference_image_task_is_normalized_stored_and_sent_to_the_edit_endpoint
     assert len(task["images"]) == 2
     assert upstream.stats()["POST /api/image-tasks/edits"] == before + 1
     references = sorted((service.data_dir / "images" / "references" / task["id"]).glob("*.png"))
-    assert [Image.open(path).size for path in references] == [(320, 200), (50, 50)]
+    sizes = []
+    for path in references:
+        with Image.open(path) as stored:
+            sizes.append(stored.size)
+    assert sizes == [(320, 200), (50, 50)]
 
 
 def test_queued_task_is_cancelled_and_refunded_at_once(tenant: Tenant, upstream: Upstream) -> None:

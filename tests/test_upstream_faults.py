@@ -15,8 +15,7 @@ from tests.conftest import Service, Upstream, service_env
 def protocol_service(
     request: pytest.FixtureRequest, upstream: Upstream, tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[Service]:
-    env = service_env(upstream, UPSTREAM_API=request.param, UPSTREAM_TIMEOUT_SECONDS="0.5",
-                      TASK_DEADLINE_SECONDS="3")
+    env = service_env(upstream, UPSTREAM_API=request.param, UPSTREAM_TIMEOUT_SECONDS="0.5", TASK_DEADLINE_SECONDS="3")
     process = Service(tmp_path_factory.mktemp(f"faults-{request.param}"), env)
     yield process
     process.stop()

@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import sqlite3
 from datetime import datetime
+from pathlib import Path
 
 import httpx
 
@@ -16,7 +17,7 @@ def _seconds_between(start: str, end: str) -> float:
     return (datetime.fromisoformat(end) - datetime.fromisoformat(start)).total_seconds()
 
 
-def test_in_process_workers_start_at_once_on_submit(upstream: Upstream, tmp_path) -> None:  # type: ignore[no-untyped-def]
+def test_in_process_workers_start_at_once_on_submit(upstream: Upstream, tmp_path: Path) -> None:
     # With a 30 s idle poll, only the wake-up on submit can start the task quickly.
     service = Service(tmp_path, service_env(upstream, WORKER_POLL_SECONDS="30"))
     try:
@@ -29,7 +30,7 @@ def test_in_process_workers_start_at_once_on_submit(upstream: Upstream, tmp_path
         service.stop()
 
 
-def test_task_of_a_killed_worker_is_finished_after_restart(upstream: Upstream, tmp_path) -> None:  # type: ignore[no-untyped-def]
+def test_task_of_a_killed_worker_is_finished_after_restart(upstream: Upstream, tmp_path: Path) -> None:
     env = service_env(upstream, RUN_WORKERS="false", WORKER_LEASE_SECONDS="1", WORKER_POLL_SECONDS="0.1")
     api = Service(tmp_path, env, name="api")
     worker = Service(tmp_path, {**env, "RUN_WORKERS": "true"}, command="worker", name="worker-1")
@@ -56,9 +57,10 @@ def test_task_of_a_killed_worker_is_finished_after_restart(upstream: Upstream, t
         api.stop()
 
 
-def test_task_is_failed_and_refunded_when_its_attempts_run_out(upstream: Upstream, tmp_path) -> None:  # type: ignore[no-untyped-def]
-    env = service_env(upstream, RUN_WORKERS="false", WORKER_LEASE_SECONDS="1", WORKER_POLL_SECONDS="0.1",
-                      TASK_MAX_ATTEMPTS="1")
+def test_task_is_failed_and_refunded_when_its_attempts_run_out(upstream: Upstream, tmp_path: Path) -> None:
+    env = service_env(
+        upstream, RUN_WORKERS="false", WORKER_LEASE_SECONDS="1", WORKER_POLL_SECONDS="0.1", TASK_MAX_ATTEMPTS="1"
+    )
     api = Service(tmp_path, env, name="api")
     worker = Service(tmp_path, {**env, "RUN_WORKERS": "true"}, command="worker", name="worker-1")
     try:
@@ -82,8 +84,9 @@ def test_task_is_failed_and_refunded_when_its_attempts_run_out(upstream: Upstrea
 
 
 async def _cancel_all(tenant: Tenant, ids: list[str]) -> list[httpx.Response]:
-    async with httpx.AsyncClient(base_url=tenant.base_url, timeout=60,
-                                 headers={"Authorization": f"Bearer {tenant.api_key}"}) as client:
+    async with httpx.AsyncClient(
+        base_url=tenant.base_url, timeout=60, headers={"Authorization": f"Bearer {tenant.api_key}"}
+    ) as client:
         return await asyncio.gather(*(client.post(f"/api/images/tasks/{task_id}/cancel") for task_id in ids))
 
 

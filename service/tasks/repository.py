@@ -15,7 +15,7 @@ from service.db.models import Task
 TERMINAL = ("completed", "failed", "cancelled")
 
 
-def owned_tasks(tenant_id: str) -> Select[tuple[Task]]:
+def owned_tasks(tenant_id: str) -> Select[Task]:
     return select(Task).where(Task.tenant_id == tenant_id)
 
 

@@ -198,35 +198,40 @@ class WorkerPool:
             )
 
     async def _produce(self, task: Task) -> Outcome:
-        remaining = (task.deadline_at - utcnow()).total_seconds()
-        if remaining <= 0:
+        if task.deadline_at <= utcnow():
             return self._failure(task, "deadline_exceeded", "The task ran past its deadline")
         request = await self._request_for(task)
         try:
-            result = await asyncio.wait_for(self._generate_with_retries(task, request), timeout=remaining)
-        except TimeoutError:
-            return self._failure(task, "deadline_exceeded", "The upstream did not finish before the task's deadline")
+            result = await self._generate_with_retries(task, request)
         except UpstreamError as exc:
             return self._failure(task, exc.code, exc.message)
         return await self._keep_images(task, result)
 
     async def _generate_with_retries(self, task: Task, request: GenerationRequest) -> GenerationResult:
+        """Retry transient upstream errors with backoff until the task's deadline; the last error says why."""
         attempt = 0
+        last_error = UpstreamError(
+            "deadline_exceeded", "The upstream did not finish before the task's deadline", transient=False
+        )
         while True:
+            remaining = (task.deadline_at - utcnow()).total_seconds()
             try:
-                return await self.upstream.generate(request)
+                return await asyncio.wait_for(self.upstream.generate(request), timeout=max(remaining, 0.001))
+            except TimeoutError:
+                raise last_error from None
             except UpstreamError as exc:
                 if not exc.transient:
                     raise
-                attempt += 1
-                self.retries += 1
-                delay = backoff_delay(
-                    attempt, self.settings.retry_base_delay, self.settings.retry_max_delay, exc.retry_after
-                )
-                if utcnow() + timedelta(seconds=delay) >= task.deadline_at:
-                    raise
-                log.info("retrying upstream", extra={"task_id": task.id, "error_code": exc.code, "attempt": attempt})
-                await asyncio.sleep(delay)
+                last_error = exc
+            attempt += 1
+            self.retries += 1
+            delay = backoff_delay(
+                attempt, self.settings.retry_base_delay, self.settings.retry_max_delay, last_error.retry_after
+            )
+            if utcnow() + timedelta(seconds=delay) >= task.deadline_at:
+                raise last_error
+            log.info("retrying upstream", extra={"task_id": task.id, "error_code": last_error.code, "attempt": attempt})
+            await asyncio.sleep(delay)
 
     async def _request_for(self, task: Task) -> GenerationRequest:
         store = self.runtime.store

@@ -1,8 +1,9 @@
 """The built-in offline upstream: a real HTTP server on loopback that speaks chatgpt2api's task API, the OpenAI Images
 API and streaming chat completions, draws deterministic images from the prompt, and injects faults on request.
 
-It is what the service talks to when no upstream is configured, and what the tests and the soak drive faults through.
-Control routes under `/_offline/` set fault rules (`PUT /_offline/faults`) and latency (`PUT /_offline/settings`).
+It is what the service talks to when no upstream is configured, and what the tests drive faults through. Control
+routes under `/_offline/` set fault rules (`PUT /_offline/faults`, which also resets the counts of injected faults) and
+latency (`PUT /_offline/settings`).
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ import json
 import random
 import re
 import signal
+import socket
 import time
 from collections import Counter
 from dataclasses import dataclass, field
@@ -63,13 +65,13 @@ CREATIVE_PHRASES = [
 def draw_image(prompt: str, width: int, height: int, index: int = 0) -> bytes:
     """A deterministic PNG: two colours and a few shapes derived from the prompt's hash."""
     digest = hashlib.sha256(f"{prompt}\0{index}".encode()).digest()
-    image = Image.new("RGB", (width, height), tuple(digest[0:3]))  # type: ignore[arg-type]
+    image = Image.new("RGB", (width, height), tuple(digest[0:3]))
     draw = ImageDraw.Draw(image)
-    draw.rectangle((0, height // 2, width, height), fill=tuple(digest[3:6]))  # type: ignore[arg-type]
+    draw.rectangle((0, height // 2, width, height), fill=tuple(digest[3:6]))
     for i in range(4):
         x, y = digest[6 + i] * width // 256, digest[10 + i] * height // 256
         radius = max(4, min(width, height) // (6 + i))
-        draw.ellipse((x - radius, y - radius, x + radius, y + radius), fill=tuple(digest[14 + 3 * i : 17 + 3 * i]))  # type: ignore[arg-type]
+        draw.ellipse((x - radius, y - radius, x + radius, y + radius), fill=tuple(digest[14 + 3 * i : 17 + 3 * i]))
     draw.text((16, 16), prompt[:40], fill=(255, 255, 255))
     out = io.BytesIO()
     image.save(out, format="PNG", compress_level=1)
@@ -170,12 +172,9 @@ class OfflineUpstream:
         )
         self._runner = web.AppRunner(app, access_log=None, handle_signals=False, shutdown_timeout=1.0)
         await self._runner.setup()
-        site = web.TCPSite(self._runner, host, port)
-        await site.start()
-        server = site._server
-        assert server is not None
-        bound = server.sockets[0].getsockname()  # type: ignore[union-attr]
-        self._base_url = f"http://{host}:{bound[1]}"
+        listener = socket.create_server((host, port))
+        await web.SockSite(self._runner, listener).start()
+        self._base_url = f"http://{host}:{listener.getsockname()[1]}"
         return self._base_url
 
     async def stop(self) -> None:
@@ -299,7 +298,8 @@ class OfflineUpstream:
             _iso(time.time()),
         )
         self._tasks[task_id] = task
-        return web.json_response(self._public(task))
+        # Like chatgpt2api, a new task is answered as queued; its progress is read by polling.
+        return web.json_response({**self._public(task), "status": "queued"})
 
     def _status(self, task: UpstreamTask) -> str:
         if time.monotonic() - task.created < self.latency:
@@ -457,6 +457,7 @@ class OfflineUpstream:
         if unknown:
             return _error(400, f"unknown faults: {', '.join(unknown)}")
         self.rules = rules
+        self.injected.clear()
         self._random = random.Random(0)
         return await self._get_faults(request)
 
