@@ -181,3 +181,23 @@ def test_unauthenticated_and_revoked_callers_get_401(service: Service, tenant: T
     wrong = httpx.get(f"{service.base_url}/api/quota", headers={"Authorization": "Bearer igk_nope"})
     assert wrong.status_code == 401 and wrong.headers["content-type"] == "application/problem+json"
     assert tenant.client.get("/api/admin/tenants").status_code == 401
+
+
+def test_mask_travels_with_its_reference_image(service: Service, tenant: Tenant) -> None:
+    response = tenant.client.post(
+        "/api/images/generate",
+        data={"prompt": "fill the masked area with flowers", "size": "1024x1536"},
+        files=[("image", ("photo.jpg", jpeg(), "image/jpeg")), ("mask", ("mask.png", png(64, 64), "image/png"))],
+    )
+    assert response.status_code == 202, response.text
+    task = tenant.wait(response.json()["id"])
+    assert task["status"] == "completed", task
+    assert task["size"] == "9:16"
+    stored = sorted(path.name for path in (service.data_dir / "images" / "references" / task["id"]).iterdir())
+    assert stored == ["0.png", "mask.png"]
+
+
+def jpeg() -> bytes:
+    out = io.BytesIO()
+    Image.new("RGB", (400, 300), (90, 30, 10)).save(out, format="JPEG")
+    return out.getvalue()
