@@ -94,7 +94,7 @@ class ServiceUnavailable(ServiceError):
 
 def problem(status: int, code: str, detail: str, **extra: Any) -> Response[Problem]:
     title = HTTPStatus(status).phrase
-    body = Problem(type=f"https://imagegen.dev/problems/{code}", title=title, status=status, detail=detail, code=code)
+    body = Problem(type="about:blank", title=title, status=status, detail=detail, code=code)
     body = msgspec.structs.replace(body, **{k: v for k, v in extra.items() if v is not None})
     headers = {"Retry-After": str(extra["retry_after"])} if extra.get("retry_after") is not None else None
     return Response(body, status_code=status, media_type=PROBLEM_MEDIA_TYPE, headers=headers)

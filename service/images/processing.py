@@ -9,6 +9,7 @@ import io
 import math
 import warnings
 from dataclasses import dataclass
+from typing import Any
 
 from PIL import Image, ImageOps, UnidentifiedImageError
 
@@ -32,6 +33,17 @@ class PreparedImage:
     width: int
     height: int
     sha256: str
+
+    def record(self, key: str) -> dict[str, Any]:
+        """How a stored image is described on its task."""
+        return {
+            "key": key,
+            "content_type": self.content_type,
+            "width": self.width,
+            "height": self.height,
+            "bytes": len(self.data),
+            "sha256": self.sha256,
+        }
 
 
 def sniff_format(data: bytes) -> str | None:

@@ -199,17 +199,7 @@ async def _store_inputs(
     if mask is not None:
         named.append((f"references/{task_id}/mask.png", mask))
     await asyncio.gather(*(runtime.store.put(key, image.data) for key, image in named))
-    return [
-        {
-            "key": key,
-            "content_type": image.content_type,
-            "width": image.width,
-            "height": image.height,
-            "bytes": len(image.data),
-            "sha256": image.sha256,
-        }
-        for key, image in named
-    ]
+    return [image.record(key) for key, image in named]
 
 
 async def _discard(runtime: Runtime, stored: list[dict[str, object]]) -> None:

@@ -126,7 +126,7 @@ class WorkerPool:
         async with self.runtime.db.write() as session:
             failed = await repository.fail_abandoned(session, now=utcnow(), max_attempts=self.settings.max_attempts)
         for task_id in failed:
-            log.warning("task failed after its worker was lost too often", extra={"task_id": task_id})
+            log.warning("task %s failed: its worker was lost too often", task_id)
 
     async def _keep_leases(self) -> None:
         while True:
@@ -155,10 +155,10 @@ class WorkerPool:
             outcome = await work
         except asyncio.CancelledError:
             # Cancelled by the client, taken over, or shutting down: whoever did that owns the task now.
-            log.info("task abandoned", extra={"task_id": task.id})
+            log.info("task %s abandoned", task.id)
             return
         except Exception as exc:
-            log.exception("task run failed", extra={"task_id": task.id})
+            log.exception("task %s: the run failed", task.id)
             outcome = Outcome(
                 status="failed",
                 refund=task.cost,
@@ -188,14 +188,12 @@ class WorkerPool:
                 )
         except Exception:
             # The lease lapses and the task is run again (the task API resumes the same upstream task).
-            log.exception("committing a task outcome failed", extra={"task_id": task.id})
+            log.exception("task %s: committing its outcome failed", task.id)
             settled = False
         if not settled:
             await asyncio.gather(*(self.runtime.store.delete(image["key"]) for image in outcome.images))
         else:
-            log.info(
-                "task finished", extra={"task_id": task.id, "status": outcome.status, "error_code": outcome.error_code}
-            )
+            log.info("task %s %s%s", task.id, outcome.status, f" ({outcome.error_code})" if outcome.error_code else "")
 
     async def _produce(self, task: Task) -> Outcome:
         if task.deadline_at <= utcnow():
@@ -230,7 +228,7 @@ class WorkerPool:
             )
             if utcnow() + timedelta(seconds=delay) >= task.deadline_at:
                 raise last_error
-            log.info("retrying upstream", extra={"task_id": task.id, "error_code": last_error.code, "attempt": attempt})
+            log.info("task %s: retry %d after %s", task.id, attempt, last_error.code)
             await asyncio.sleep(delay)
 
     async def _request_for(self, task: Task) -> GenerationRequest:
@@ -268,16 +266,7 @@ class WorkerPool:
         for index, image in enumerate(checked):
             key = f"results/{task.id}/{index}.{EXTENSIONS[image.content_type]}"
             await self.runtime.store.put(key, image.data)
-            images.append(
-                {
-                    "key": key,
-                    "content_type": image.content_type,
-                    "width": image.width,
-                    "height": image.height,
-                    "bytes": len(image.data),
-                    "sha256": image.sha256,
-                }
-            )
+            images.append(image.record(key))
         missing = task.n - len(images)
         return Outcome(
             status="completed",

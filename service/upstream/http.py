@@ -7,13 +7,15 @@ aiohttp is used because this client sits on every task's path and measured sever
 from __future__ import annotations
 
 import asyncio
+import base64
+import binascii
 import json
 from typing import Any
 from urllib.parse import urljoin, urlsplit
 
 import aiohttp
 
-from service.upstream.base import UpstreamError, error_for_status
+from service.upstream.base import GenerationResult, UpstreamError, error_for_status
 
 MAX_ERROR_BODY = 64 * 1024
 MAX_JSON_BODY = 256 * 1024 * 1024
@@ -64,6 +66,26 @@ class UpstreamHTTP:
             raise UpstreamError(
                 "upstream_bad_response", "The upstream answered with invalid JSON", transient=True
             ) from None
+
+    async def result_from(self, items: list[Any], max_bytes: int, upstream_ids: list[str]) -> GenerationResult:
+        """Collect the images of an upstream answer's data list, and its revised prompt."""
+        entries = [item for item in items if isinstance(item, dict)]
+        images = [await self.image_from(item, max_bytes) for item in entries]
+        revised = next((str(item["revised_prompt"]) for item in entries if item.get("revised_prompt")), None)
+        return GenerationResult(images=images, revised_prompt=revised, upstream_ids=upstream_ids)
+
+    async def image_from(self, item: dict[str, Any], max_bytes: int) -> bytes:
+        """The bytes of one result image, given inline (`b64_json`) or by URL."""
+        if isinstance(item.get("b64_json"), str):
+            try:
+                return base64.b64decode(item["b64_json"], validate=True)
+            except (binascii.Error, ValueError):
+                raise UpstreamError(
+                    "upstream_bad_image", "The upstream image is not valid base64", transient=False
+                ) from None
+        if isinstance(item.get("url"), str):
+            return await self.fetch_image(item["url"], max_bytes)
+        raise UpstreamError("upstream_bad_response", "The upstream image has neither data nor a URL", transient=False)
 
     async def fetch_image(self, url: str, max_bytes: int) -> bytes:
         """Download an output image, only from the upstream's origin, with no redirects and a size limit."""

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import base64
-import binascii
 from typing import Any
 
 import aiohttp
@@ -47,19 +45,4 @@ class ImagesUpstream:
         data = answer.get("data") if isinstance(answer, dict) else None
         if not isinstance(data, list):
             raise UpstreamError("upstream_bad_response", "The upstream answer has no image list", transient=True)
-        items = [item for item in data if isinstance(item, dict)]
-        images = [await self._image_bytes(item) for item in items]
-        revised = next((str(item["revised_prompt"]) for item in items if item.get("revised_prompt")), None)
-        return GenerationResult(images=images, revised_prompt=revised, upstream_ids=[])
-
-    async def _image_bytes(self, item: dict[str, Any]) -> bytes:
-        if isinstance(item.get("b64_json"), str):
-            try:
-                return base64.b64decode(item["b64_json"], validate=True)
-            except (binascii.Error, ValueError):
-                raise UpstreamError(
-                    "upstream_bad_image", "The upstream image is not valid base64", transient=False
-                ) from None
-        if isinstance(item.get("url"), str):
-            return await self._http.fetch_image(item["url"], self._max_image_bytes)
-        raise UpstreamError("upstream_bad_response", "The upstream image has neither data nor a URL", transient=False)
+        return await self._http.result_from(data, self._max_image_bytes, upstream_ids=[])

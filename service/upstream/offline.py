@@ -1,9 +1,5 @@
-"""The built-in offline upstream: a real HTTP server on loopback that speaks chatgpt2api's task API, the OpenAI Images
-API and streaming chat completions, draws deterministic images from the prompt, and injects faults on request.
-
-It is what the service talks to when no upstream is configured, and what the tests drive faults through. Control
-routes under `/_offline/` set fault rules (`PUT /_offline/faults`, which also resets the counts of injected faults) and
-latency (`PUT /_offline/settings`).
+"""A built-in offline upstream: a loopback HTTP server speaking the chatgpt2api task API, the OpenAI Images API and
+OpenAI chat completions, drawing deterministic images with Pillow, with fault switches to simulate upstream failures.
 """
 
 from __future__ import annotations
@@ -17,191 +13,95 @@ import io
 import json
 import random
 import re
+import secrets
 import signal
-import socket
 import time
 from collections import Counter
+from collections.abc import Awaitable, Callable, Iterable, Sequence
 from dataclasses import dataclass, field
+from datetime import UTC, datetime
 from typing import Any
 
 from aiohttp import BodyPartReader, web
-from PIL import Image, ImageDraw
+from PIL import Image, ImageDraw, ImageFont
 
-FAULTS = {
-    "submit_500",
-    "submit_429",
-    "submit_timeout",
-    "submit_400",
-    "poll_500",
-    "task_error",
-    "task_missing",
-    "image_404",
-    "bad_image",
-    "wrong_size",
-    "short_result",
-    "chat_500",
-    "chat_midstream_error",
-}
-# Faults decided when a task is submitted and remembered with it.
-TASK_FAULTS = ("task_error", "task_missing", "image_404", "bad_image", "wrong_size", "short_result")
-RATIO_SIZES = {"1:1": (1024, 1024), "16:9": (1536, 864), "9:16": (864, 1536), "auto": (1024, 1024)}
-_PIXELS = re.compile(r"^(\d{2,5})x(\d{2,5})$")
+FAULT_NAMES = frozenset(
+    {
+        "submit_500",
+        "submit_429",
+        "submit_timeout",
+        "submit_400",
+        "poll_500",
+        "task_error",
+        "task_missing",
+        "image_404",
+        "bad_image",
+        "wrong_size",
+        "short_result",
+        "chat_500",
+        "chat_midstream_error",
+    }
+)
+MODELS = ("gpt-image-2", "gpt-image-1", "gpt-5.5")
+DEFAULT_IMAGE_MODEL = "gpt-image-2"
+DEFAULT_CHAT_MODEL = "gpt-5.5"
 NOT_AN_IMAGE = b"this is not an image"
-DETAIL_PHRASES = [
-    "finely detailed subject",
-    "soft natural light",
-    "balanced composition",
-    "rich but harmonious colour",
-    "calm, clear mood",
-]
-CREATIVE_PHRASES = [
-    "seen from an unexpected low angle",
-    "deep layered space",
-    "a quiet contrast of warm and cool light",
-    "a touch of the dreamlike",
-]
+WRONG_SIZE = (768, 256)
+TASK_FAILURE_MESSAGE = "upstream generation failed"
+SUBMIT_HANG_SECONDS = 60.0
+MAX_IMAGES = 10
+MIN_SIDE, MAX_SIDE = 64, 4096
+MIDSTREAM_FRAMES = 3
+
+_RATIO_SIZES = {"1:1": (1024, 1024), "16:9": (1536, 864), "9:16": (864, 1536)}
+_SQUARE = (1024, 1024)
+_EXPLICIT_SIZE = re.compile(r"^(\d{1,5})[xX](\d{1,5})$")
+_ROUTE_LABELS = {"/files/{name}": "/files"}
+
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 
-def draw_image(prompt: str, width: int, height: int, index: int = 0) -> bytes:
-    """A deterministic PNG: two colours and a few shapes derived from the prompt's hash."""
-    digest = hashlib.sha256(f"{prompt}\0{index}".encode()).digest()
-    image = Image.new("RGB", (width, height), tuple(digest[0:3]))
-    draw = ImageDraw.Draw(image)
-    draw.rectangle((0, height // 2, width, height), fill=tuple(digest[3:6]))
-    for i in range(4):
-        x, y = digest[6 + i] * width // 256, digest[10 + i] * height // 256
-        radius = max(4, min(width, height) // (6 + i))
-        draw.ellipse((x - radius, y - radius, x + radius, y + radius), fill=tuple(digest[14 + 3 * i : 17 + 3 * i]))
-    draw.text((16, 16), prompt[:40], fill=(255, 255, 255))
-    out = io.BytesIO()
-    image.save(out, format="PNG", compress_level=1)
-    return out.getvalue()
+class _BadRequest(Exception):
+    """Client input the upstream refuses with a 400."""
 
 
-def enhance(prompt: str, creative: bool) -> str:
-    phrases = CREATIVE_PHRASES if creative else DETAIL_PHRASES
-    return ", ".join([prompt.strip().rstrip("."), *phrases])
-
-
-def pixel_size(size: str | None) -> tuple[int, int]:
-    text = (size or "auto").strip().lower()
-    if text in RATIO_SIZES:
-        return RATIO_SIZES[text]
-    match = _PIXELS.match(text)
-    if match is None:
-        raise ValueError(f"unsupported size {size!r}")
-    width, height = int(match.group(1)), int(match.group(2))
-    if not (64 <= width <= 4096 and 64 <= height <= 4096):
-        raise ValueError(f"size {size!r} is out of bounds")
-    return width, height
-
-
-@dataclass
+@dataclass(slots=True)
 class FaultRule:
     fault: str
     times: int | None = None
     rate: float | None = None
     match: str | None = None
 
-    def public(self) -> dict[str, Any]:
+    def applies_to(self, prompts: Sequence[str]) -> bool:
+        return self.match is None or any(self.match in prompt for prompt in prompts)
+
+    def as_json(self) -> dict[str, Any]:
         return {"fault": self.fault, "times": self.times, "rate": self.rate, "match": self.match}
 
 
-@dataclass
-class UpstreamTask:
-    id: str
-    mode: str
-    prompt: str
-    model: str
-    size: str
-    n: int
-    faults: set[str]
-    created: float
-    created_at: str
-    files: list[str] = field(default_factory=list)
+@dataclass(slots=True)
+class FaultBoard:
+    """The active fault rules; a seeded RNG keeps `rate` rules reproducible from one PUT to the next."""
 
+    rules: list[FaultRule] = field(default_factory=list)
+    injected: Counter[str] = field(default_factory=Counter)
+    rng: random.Random = field(default_factory=lambda: random.Random(0))
 
-def _error(
-    status: int,
-    message: str,
-    kind: str = "invalid_request_error",
-    code: str | None = None,
-    headers: dict[str, str] | None = None,
-) -> web.Response:
-    return web.json_response(
-        {"error": {"message": message, "type": kind, "code": code}}, status=status, headers=headers
-    )
+    def replace(self, rules: list[FaultRule]) -> None:
+        self.rules = rules
+        self.rng = random.Random(0)
 
+    def clear(self) -> None:
+        self.replace([])
+        self.injected.clear()
 
-class OfflineUpstream:
-    def __init__(self, api_key: str, *, latency: float = 0.0, token_delay: float = 0.0) -> None:
-        self.api_key = api_key
-        self.latency = latency
-        self.token_delay = token_delay
-        self.rules: list[FaultRule] = []
-        self.injected: Counter[str] = Counter()
-        self.requests: Counter[str] = Counter()
-        self._random = random.Random(0)
-        self._tasks: dict[str, UpstreamTask] = {}
-        self._files: dict[str, tuple[bytes, set[str]]] = {}
-        self._runner: web.AppRunner | None = None
-        self._base_url = ""
-
-    @property
-    def base_url(self) -> str:
-        return self._base_url
-
-    async def start(self, host: str = "127.0.0.1", port: int = 0) -> str:
-        app = web.Application(middlewares=[self._authenticate], client_max_size=256 * 1024 * 1024)
-        app.add_routes(
-            [
-                web.post("/api/image-tasks/generations", self._task_generation),
-                web.post("/api/image-tasks/edits", self._task_edit),
-                web.get("/api/image-tasks", self._task_list),
-                web.get("/files/{name}", self._file),
-                web.post("/v1/images/generations", self._images_generation),
-                web.post("/v1/images/edits", self._images_edit),
-                web.post("/v1/chat/completions", self._chat),
-                web.get("/v1/models", self._models),
-                web.put("/_offline/faults", self._put_faults),
-                web.get("/_offline/faults", self._get_faults),
-                web.delete("/_offline/faults", self._delete_faults),
-                web.put("/_offline/settings", self._put_settings),
-                web.get("/_offline/stats", self._stats),
-            ]
-        )
-        self._runner = web.AppRunner(app, access_log=None, handle_signals=False, shutdown_timeout=1.0)
-        await self._runner.setup()
-        listener = socket.create_server((host, port))
-        await web.SockSite(self._runner, listener).start()
-        self._base_url = f"http://{host}:{listener.getsockname()[1]}"
-        return self._base_url
-
-    async def stop(self) -> None:
-        if self._runner is not None:
-            await self._runner.cleanup()
-            self._runner = None
-
-    @web.middleware
-    async def _authenticate(self, request: web.Request, handler: Any) -> web.StreamResponse:
-        route = request.match_info.route.resource
-        name = route.canonical if route is not None else request.path
-        self.requests[f"{request.method} {'/files' if name.startswith('/files') else name}"] += 1
-        scheme, _, token = request.headers.get("Authorization", "").partition(" ")
-        if scheme.lower() != "bearer" or not hmac.compare_digest(token.encode(), self.api_key.encode()):
-            return _error(401, "Invalid API key", code="invalid_api_key")
-        response: web.StreamResponse = await handler(request)
-        return response
-
-    # --- faults -------------------------------------------------------------------------------------------------
-
-    def _fires(self, fault: str, prompt: str) -> bool:
+    def fires(self, fault: str, prompts: Sequence[str]) -> bool:
         for rule in self.rules:
-            if rule.fault != fault or (rule.match is not None and rule.match not in prompt):
+            if rule.fault != fault or not rule.applies_to(prompts):
                 continue
             if rule.times is not None and rule.times <= 0:
                 continue
-            if rule.rate is not None and self._random.random() >= rule.rate:
+            if rule.rate is not None and self.rng.random() >= rule.rate:
                 continue
             if rule.times is not None:
                 rule.times -= 1
@@ -209,312 +109,655 @@ class OfflineUpstream:
             return True
         return False
 
+    def as_json(self) -> dict[str, Any]:
+        return {"rules": [rule.as_json() for rule in self.rules], "injected": dict(self.injected)}
+
+
+@dataclass(frozen=True, slots=True)
+class ImageOutcome:
+    """How the images of one request turn out, decided once when the request is accepted."""
+
+    count: int
+    width: int
+    height: int
+    corrupt: bool = False
+    unreachable: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class StoredImage:
+    prompt: str
+    width: int
+    height: int
+    index: int
+    corrupt: bool
+
+    def render(self) -> bytes:
+        if self.corrupt:
+            return NOT_AN_IMAGE
+        return draw_image(self.prompt, self.width, self.height, self.index)
+
+
+@dataclass(frozen=True, slots=True)
+class ImageRequest:
+    prompt: str
+    model: str
+    size: str
+    width: int
+    height: int
+    n: int
+    response_format: str
+    client_task_id: str | None
+    source_images: tuple[bytes, ...] = ()
+
+
+@dataclass(slots=True)
+class Task:
+    id: str
+    mode: str
+    model: str
+    size: str
+    prompt: str
+    created_at: float
+    ready_at: float
+    file_names: list[str]
+    failed: bool
+
+    def status(self, now: float) -> str:
+        if now < self.ready_at:
+            return "running"
+        return "error" if self.failed else "success"
+
+
+def draw_image(prompt: str, width: int, height: int, index: int = 0) -> bytes:
+    """A PNG derived only from the inputs: a gradient, a few shapes and the start of the prompt."""
+    digest = hashlib.sha256(f"{prompt}\x00{index}".encode()).digest()
+    canvas = _gradient(digest, width, height)
+    pen = ImageDraw.Draw(canvas)
+    _draw_shapes(pen, digest, width, height)
+    _draw_caption(pen, prompt, width, height)
+    buffer = io.BytesIO()
+    canvas.save(buffer, "PNG", compress_level=1)
+    return buffer.getvalue()
+
+
+def _gradient(digest: bytes, width: int, height: int) -> Image.Image:
+    start = (digest[0], digest[1], digest[2])
+    end = (digest[3], digest[4], digest[5])
+    mask = Image.linear_gradient("L").rotate(digest[6] % 4 * 90).resize((width, height))
+    return Image.composite(Image.new("RGB", (width, height), end), Image.new("RGB", (width, height), start), mask)
+
+
+def _draw_shapes(pen: ImageDraw.ImageDraw, digest: bytes, width: int, height: int) -> None:
+    for shape in range(4):
+        x, y, extent, red, green = digest[8 + shape * 5 : 13 + shape * 5]
+        cx, cy = x * width // 256, y * height // 256
+        radius = max(8, extent * min(width, height) // 1024)
+        box = (cx - radius, cy - radius, cx + radius, cy + radius)
+        colour = (red, green, x ^ y)
+        if shape % 2:
+            pen.ellipse(box, fill=colour)
+        else:
+            pen.rectangle(box, fill=colour)
+
+
+def _draw_caption(pen: ImageDraw.ImageDraw, prompt: str, width: int, height: int) -> None:
+    # A fresh font per call: FreeType faces must not be shared between the threads that render concurrently.
+    font = ImageFont.load_default(size=max(12, min(width, height) // 24))
+    pen.text((16, 16), prompt[:40], fill=(255, 255, 255), font=font, stroke_width=2, stroke_fill=(0, 0, 0))
+
+
+def enhance_prompt(prompt: str, *, creative: bool) -> str:
+    """The prompt followed by descriptive phrases chosen from its hash, so the same input always reads the same."""
+    digest = hashlib.sha256(prompt.encode()).digest()
+    palette = _CREATIVE_PHRASES if creative else _PLAIN_PHRASES
+    phrases = [options[digest[slot] % len(options)] for slot, options in enumerate(palette)]
+    return ", ".join([prompt.strip(), *phrases])
+
+
+_PLAIN_PHRASES: tuple[tuple[str, ...], ...] = (
+    ("finely rendered details", "crisp textures and clear forms", "intricate surface detail", "a well-defined subject"),
+    ("soft natural lighting", "warm golden-hour light", "gentle diffused studio lighting", "dramatic side lighting"),
+    ("balanced rule-of-thirds composition", "centered symmetrical framing", "shallow depth of field", "a wide shot"),
+    ("rich harmonious colours", "a muted earthy palette", "vibrant saturated colours", "cool blue and teal tones"),
+    ("a calm inviting mood", "a quiet contemplative atmosphere", "a cheerful uplifting mood", "a cinematic atmosphere"),
+)
+_CREATIVE_PHRASES: tuple[tuple[str, ...], ...] = (
+    ("reimagined as a surreal dreamscape", "woven from threads of starlight", "blending myth and machinery"),
+    ("bathed in bioluminescent glow", "lit by an impossible twin sunset", "shimmering with prismatic light"),
+    ("a sweeping dynamic perspective", "floating elements defying gravity", "a spiralling kaleidoscopic layout"),
+    ("an iridescent jewel-toned palette", "neon magenta and electric cyan", "molten gold against deep indigo"),
+    ("a whimsical otherworldly mood", "an air of enchanted mystery", "euphoric dreamlike wonder"),
+)
+
+
+def _iso(timestamp: float) -> str:
+    return datetime.fromtimestamp(timestamp, UTC).isoformat()
+
+
+def _error_body(message: str, kind: str, code: str | None = None) -> dict[str, Any]:
+    error: dict[str, Any] = {"message": message, "type": kind}
+    if code is not None:
+        error["code"] = code
+    return {"error": error}
+
+
+def _json_error(status: int, message: str, kind: str, code: str | None = None, **headers: str) -> web.Response:
+    return web.json_response(_error_body(message, kind, code), status=status, headers=headers or None)
+
+
+def _server_error() -> web.Response:
+    return _json_error(500, "The upstream had an internal error", "server_error", "internal_error")
+
+
+def _parse_size(value: str | None, *, ratios: bool) -> tuple[int, int]:
+    if value is None or value == "auto":
+        return _SQUARE
+    if ratios and value in _RATIO_SIZES:
+        return _RATIO_SIZES[value]
+    explicit = _EXPLICIT_SIZE.match(value)
+    if explicit is None:
+        raise _BadRequest(f"Unsupported size: {value!r}")
+    width, height = int(explicit.group(1)), int(explicit.group(2))
+    if not (MIN_SIDE <= width <= MAX_SIDE and MIN_SIDE <= height <= MAX_SIDE):
+        raise _BadRequest(f"Each side of size must be between {MIN_SIDE} and {MAX_SIDE} pixels")
+    return width, height
+
+
+def _parse_count(value: object) -> int:
+    if value is None:
+        return 1
+    if isinstance(value, str) and value.strip().isdigit():
+        value = int(value)
+    if not isinstance(value, int) or isinstance(value, bool) or not 1 <= value <= MAX_IMAGES:
+        raise _BadRequest(f"n must be an integer between 1 and {MAX_IMAGES}")
+    return value
+
+
+def _optional_text(fields: dict[str, Any], name: str) -> str | None:
+    value = fields.get(name)
+    if value is None or isinstance(value, str):
+        return value
+    raise _BadRequest(f"{name} must be a string")
+
+
+def _required_text(fields: dict[str, Any], name: str) -> str:
+    value = _optional_text(fields, name)
+    if value is None or not value.strip():
+        raise _BadRequest(f"{name} is required")
+    return value
+
+
+def _image_request(fields: dict[str, Any], *, tasks_api: bool, images: Sequence[bytes] = ()) -> ImageRequest:
+    size = _optional_text(fields, "size") or "auto"
+    width, height = _parse_size(size, ratios=tasks_api)
+    response_format = _optional_text(fields, "response_format") or "b64_json"
+    if response_format not in {"b64_json", "url"}:
+        raise _BadRequest("response_format must be 'b64_json' or 'url'")
+    _optional_text(fields, "quality")
+    return ImageRequest(
+        prompt=_required_text(fields, "prompt"),
+        model=_optional_text(fields, "model") or DEFAULT_IMAGE_MODEL,
+        size=size,
+        width=width,
+        height=height,
+        n=_parse_count(fields.get("n")),
+        response_format=response_format,
+        client_task_id=_required_text(fields, "client_task_id") if tasks_api else None,
+        source_images=tuple(images),
+    )
+
+
+async def _json_object(request: web.Request) -> dict[str, Any]:
+    try:
+        body = json.loads(await request.text())
+    except ValueError as exc:
+        raise _BadRequest("Request body is not valid JSON") from exc
+    if not isinstance(body, dict):
+        raise _BadRequest("Request body must be a JSON object")
+    return body
+
+
+async def _multipart_form(request: web.Request) -> tuple[dict[str, Any], list[bytes]]:
+    """Text fields and the `image`/`image[]` file contents of an edit request; the mask is accepted and unused."""
+    if request.content_type != "multipart/form-data":
+        raise _BadRequest("Edits must be sent as multipart/form-data")
+    fields: dict[str, Any] = {}
+    images: list[bytes] = []
+    try:
+        reader = await request.multipart()
+        while (part := await reader.next()) is not None:
+            if not isinstance(part, BodyPartReader):
+                raise _BadRequest("Nested multipart bodies are not supported")
+            if part.name in {"image", "image[]"}:
+                images.append(bytes(await part.read(decode=True)))
+            elif part.name == "mask":
+                await part.read(decode=True)
+            elif part.name:
+                fields[part.name] = await part.text()
+    except ValueError as exc:
+        raise _BadRequest("Malformed multipart body") from exc
+    if not any(images):
+        raise _BadRequest("image is required")
+    return fields, images
+
+
+def _fault_rules(body: dict[str, Any]) -> list[FaultRule]:
+    raw_rules = body.get("rules")
+    if not isinstance(raw_rules, list) or set(body) - {"rules"}:
+        raise _BadRequest("Body must be {'rules': [...]}")
+    return [_fault_rule(raw) for raw in raw_rules]
+
+
+def _fault_rule(raw: object) -> FaultRule:
+    if not isinstance(raw, dict) or set(raw) - {"fault", "times", "rate", "match"}:
+        raise _BadRequest("A rule has only the keys fault, times, rate and match")
+    fault, times, rate, match = raw.get("fault"), raw.get("times"), raw.get("rate"), raw.get("match")
+    if fault not in FAULT_NAMES:
+        raise _BadRequest(f"Unknown fault: {fault!r}")
+    if times is not None and (not isinstance(times, int) or isinstance(times, bool) or times < 0):
+        raise _BadRequest("times must be a non-negative integer or null")
+    if rate is not None and (not isinstance(rate, int | float) or isinstance(rate, bool) or not 0 <= rate <= 1):
+        raise _BadRequest("rate must be a number between 0 and 1 or null")
+    if match is not None and not isinstance(match, str):
+        raise _BadRequest("match must be a string or null")
+    return FaultRule(fault=str(fault), times=times, rate=None if rate is None else float(rate), match=match)
+
+
+def _message_text(content: object) -> str:
+    if isinstance(content, str):
+        return content
+    if isinstance(content, list):
+        return " ".join(
+            part["text"] for part in content if isinstance(part, dict) and isinstance(part.get("text"), str)
+        )
+    return ""
+
+
+def _chat_prompt(messages: object) -> tuple[str, bool]:
+    """The last user message and whether the system asks for creativity."""
+    if not isinstance(messages, list) or not all(isinstance(message, dict) for message in messages):
+        raise _BadRequest("messages must be a list of objects")
+    users = [_message_text(message.get("content")) for message in messages if message.get("role") == "user"]
+    if not users or not users[-1].strip():
+        raise _BadRequest("messages must contain a user message with text")
+    systems = (message.get("content") for message in messages if message.get("role") in {"system", "developer"})
+    creative = any("creative" in _message_text(content).lower() for content in systems)
+    return users[-1], creative
+
+
+def _chunk(completion_id: str, created: int, model: str, delta: dict[str, str], finish: str | None) -> bytes:
+    chunk = {
+        "id": completion_id,
+        "object": "chat.completion.chunk",
+        "created": created,
+        "model": model,
+        "choices": [{"index": 0, "delta": delta, "finish_reason": finish}],
+    }
+    return f"data: {json.dumps(chunk)}\n\n".encode()
+
+
+class OfflineUpstream:
+    """The offline upstream server; every route, control routes included, requires the bearer key."""
+
+    def __init__(self, api_key: str, *, latency: float = 0.0, token_delay: float = 0.0) -> None:
+        self._api_key = api_key.encode()
+        self.latency = latency
+        self.token_delay = token_delay
+        self.faults = FaultBoard()
+        self.requests: Counter[str] = Counter()
+        self._tasks: dict[str, Task] = {}
+        self._files: dict[str, StoredImage] = {}
+        self._runner: web.AppRunner | None = None
+        self._base_url: str | None = None
+        self._stopping: asyncio.Event | None = None
+
+    @property
+    def base_url(self) -> str:
+        if self._base_url is None:
+            raise RuntimeError("the offline upstream is not running")
+        return self._base_url
+
+    async def start(self, host: str = "127.0.0.1", port: int = 0) -> str:
+        if self._runner is not None:
+            raise RuntimeError("the offline upstream is already running")
+        self._stopping = asyncio.Event()
+        # Cancelling handlers on disconnect lets a deliberately hanging submit end with its client.
+        runner = web.AppRunner(self._application(), handler_cancellation=True, access_log=None, shutdown_timeout=2.0)
+        await runner.setup()
+        site = web.TCPSite(runner, host, port)
+        await site.start()
+        self._runner = runner
+        bound_port = runner.addresses[0][1]
+        url_host = f"[{host}]" if ":" in host else host
+        self._base_url = f"http://{url_host}:{bound_port}"
+        return self._base_url
+
+    async def stop(self) -> None:
+        if self._runner is None:
+            return
+        if self._stopping is not None:
+            self._stopping.set()
+        runner, self._runner = self._runner, None
+        await runner.cleanup()
+        self._base_url = None
+
+    def _application(self) -> web.Application:
+        app = web.Application(middlewares=[self._count_requests, self._authenticate, self._refuse_bad_input])
+        app.router.add_post("/api/image-tasks/generations", self._submit_task_generation)
+        app.router.add_post("/api/image-tasks/edits", self._submit_task_edit)
+        app.router.add_get("/api/image-tasks", self._poll_tasks)
+        app.router.add_get("/files/{name}", self._serve_file)
+        app.router.add_post("/v1/images/generations", self._images_generation)
+        app.router.add_post("/v1/images/edits", self._images_edit)
+        app.router.add_post("/v1/chat/completions", self._chat_completion)
+        app.router.add_get("/v1/models", self._list_models)
+        app.router.add_put("/_offline/faults", self._put_faults)
+        app.router.add_get("/_offline/faults", self._get_faults)
+        app.router.add_delete("/_offline/faults", self._delete_faults)
+        app.router.add_put("/_offline/settings", self._put_settings)
+        app.router.add_get("/_offline/settings", self._get_settings)
+        app.router.add_get("/_offline/stats", self._get_stats)
+        return app
+
+    @web.middleware
+    async def _count_requests(self, request: web.Request, handler: Handler) -> web.StreamResponse:
+        resource = request.match_info.route.resource
+        path = "(unmatched)" if resource is None else _ROUTE_LABELS.get(resource.canonical, resource.canonical)
+        self.requests[f"{request.method} {path}"] += 1
+        return await handler(request)
+
+    @web.middleware
+    async def _authenticate(self, request: web.Request, handler: Handler) -> web.StreamResponse:
+        scheme, _, token = request.headers.get("Authorization", "").partition(" ")
+        if scheme.lower() != "bearer" or not hmac.compare_digest(token.strip().encode(), self._api_key):
+            return _json_error(401, "Invalid API key", "invalid_request_error", "invalid_api_key")
+        return await handler(request)
+
+    @web.middleware
+    async def _refuse_bad_input(self, request: web.Request, handler: Handler) -> web.StreamResponse:
+        try:
+            return await handler(request)
+        except _BadRequest as exc:
+            # The OpenAI protocol always names a code; the task API answers with message and type only.
+            code = "invalid_request" if request.path.startswith("/v1/") else None
+            return _json_error(400, str(exc), "invalid_request_error", code)
+
+    async def _pause(self, seconds: float) -> bool:
+        """Wait, unless the server stops first; True when the full time passed."""
+        assert self._stopping is not None
+        if seconds <= 0:
+            return not self._stopping.is_set()
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(seconds):
+                await self._stopping.wait()
+            return False
+        return True
+
     async def _submit_fault(self, prompt: str) -> web.Response | None:
-        if self._fires("submit_500", prompt):
-            return _error(500, "The upstream failed", kind="server_error")
-        if self._fires("submit_429", prompt):
-            return _error(
-                429,
-                "Too many requests",
-                kind="rate_limit_error",
-                code="rate_limit_exceeded",
-                headers={"Retry-After": "0"},
+        """The response a failing upstream gives at submission, or None to accept the request."""
+        if self.faults.fires("submit_timeout", [prompt]):
+            await self._pause(SUBMIT_HANG_SECONDS)
+            return _json_error(503, "The upstream is shutting down", "server_error", "unavailable")
+        if self.faults.fires("submit_500", [prompt]):
+            return _server_error()
+        if self.faults.fires("submit_429", [prompt]):
+            return _json_error(
+                429, "Rate limit exceeded", "rate_limit_error", "rate_limit_exceeded", **{"Retry-After": "0"}
             )
-        if self._fires("submit_400", prompt):
-            return _error(400, "Invalid request")
-        if self._fires("submit_timeout", prompt):
-            await asyncio.sleep(60)
+        if self.faults.fires("submit_400", [prompt]):
+            return _json_error(400, "Invalid request", "invalid_request_error")
         return None
 
-    def _task_faults(self, prompt: str) -> set[str]:
-        return {fault for fault in TASK_FAULTS if self._fires(fault, prompt)}
+    def _image_outcome(self, order: ImageRequest) -> ImageOutcome:
+        prompts = [order.prompt]
+        width, height = WRONG_SIZE if self.faults.fires("wrong_size", prompts) else (order.width, order.height)
+        count = max(order.n - 1, 0) if self.faults.fires("short_result", prompts) else order.n
+        return ImageOutcome(
+            count=count,
+            width=width,
+            height=height,
+            corrupt=self.faults.fires("bad_image", prompts),
+            unreachable=self.faults.fires("image_404", prompts),
+        )
 
-    # --- images ---------------------------------------------------------------------------------------------------
-
-    def _render(self, prompt: str, size: str, n: int, faults: set[str]) -> list[bytes]:
-        width, height = (768, 256) if "wrong_size" in faults else pixel_size(size)
-        count = max(0, n - 1) if "short_result" in faults else n
-        if "bad_image" in faults:
-            return [NOT_AN_IMAGE] * count
-        return [draw_image(prompt, width, height, index) for index in range(count)]
-
-    def _publish(self, images: list[bytes], faults: set[str]) -> list[str]:
-        names = []
-        for data in images:
-            name = hashlib.sha256(data + str(len(self._files)).encode()).hexdigest()[:24] + ".png"
-            self._files[name] = (data, faults)
-            names.append(name)
+    def _store_images(self, prompt: str, outcome: ImageOutcome) -> list[str]:
+        names = [f"{secrets.token_hex(12)}.png" for _ in range(outcome.count)]
+        if not outcome.unreachable:
+            for index, name in enumerate(names):
+                self._files[name] = StoredImage(prompt, outcome.width, outcome.height, index, outcome.corrupt)
         return names
 
-    async def _file(self, request: web.Request) -> web.Response:
-        stored = self._files.get(request.match_info["name"])
-        if stored is None or "image_404" in stored[1]:
-            return _error(404, "No such file")
-        return web.Response(body=stored[0], content_type="image/png")
+    def _file_url(self, name: str) -> str:
+        return f"{self.base_url}/files/{name}"
 
-    # --- chatgpt2api task API ---------------------------------------------------------------------------------------
+    async def _submit_task_generation(self, request: web.Request) -> web.Response:
+        return await self._submit_task(_image_request(await _json_object(request), tasks_api=True), "generate")
 
-    async def _task_generation(self, request: web.Request) -> web.Response:
-        try:
-            body = await request.json()
-        except ValueError:
-            return _error(400, "The body is not JSON")
-        if not isinstance(body, dict):
-            return _error(400, "The body must be an object")
-        return await self._task_submit("generate", body)
+    async def _submit_task_edit(self, request: web.Request) -> web.Response:
+        fields, images = await _multipart_form(request)
+        return await self._submit_task(_image_request(fields, tasks_api=True, images=images), "edit")
 
-    async def _task_edit(self, request: web.Request) -> web.Response:
-        fields, images = await _read_multipart(request)
-        if not images:
-            return _error(400, "An edit needs at least one image")
-        return await self._task_submit("edit", fields)
+    async def _submit_task(self, order: ImageRequest, mode: str) -> web.Response:
+        refusal = await self._submit_fault(order.prompt)
+        if refusal is not None:
+            return refusal
+        assert order.client_task_id is not None
+        existing = self._tasks.get(order.client_task_id)
+        if existing is not None:
+            return web.json_response(self._task_json(existing, time.time()))
+        task = self._new_task(order, mode)
+        return web.json_response(self._task_json(task, task.created_at, queued=True))
 
-    async def _task_submit(self, mode: str, body: dict[str, Any]) -> web.Response:
-        task_id, prompt = str(body.get("client_task_id") or ""), str(body.get("prompt") or "")
-        if not task_id or not prompt.strip():
-            return _error(400, "client_task_id and prompt are required")
-        fault = await self._submit_fault(prompt)
-        if fault is not None:
-            return fault
-        if task_id in self._tasks:
-            return web.json_response(self._public(self._tasks[task_id]))
-        try:
-            n = int(body.get("n") or 1)
-            size = str(body.get("size") or "auto")
-            pixel_size(size)
-        except ValueError as exc:
-            return _error(400, str(exc))
-        if not 1 <= n <= 10:
-            return _error(400, "n must be between 1 and 10")
-        task = UpstreamTask(
-            task_id,
-            mode,
-            prompt,
-            str(body.get("model") or "gpt-image-2"),
-            size,
-            n,
-            self._task_faults(prompt),
-            time.monotonic(),
-            _iso(time.time()),
+    def _new_task(self, order: ImageRequest, mode: str) -> Task:
+        assert order.client_task_id is not None
+        prompts = [order.prompt]
+        forgotten = self.faults.fires("task_missing", prompts)
+        failed = not forgotten and self.faults.fires("task_error", prompts)
+        images = [] if forgotten or failed else self._store_images(order.prompt, self._image_outcome(order))
+        now = time.time()
+        task = Task(
+            id=order.client_task_id,
+            mode=mode,
+            model=order.model,
+            size=order.size,
+            prompt=order.prompt,
+            created_at=now,
+            ready_at=now + self.latency,
+            file_names=images,
+            failed=failed,
         )
-        self._tasks[task_id] = task
-        # Like chatgpt2api, a new task is answered as queued; its progress is read by polling.
-        return web.json_response({**self._public(task), "status": "queued"})
+        if not forgotten:
+            self._tasks[task.id] = task
+        return task
 
-    def _status(self, task: UpstreamTask) -> str:
-        if time.monotonic() - task.created < self.latency:
-            return "running"
-        return "error" if "task_error" in task.faults else "success"
-
-    def _public(self, task: UpstreamTask) -> dict[str, Any]:
-        status = self._status(task)
-        item: dict[str, Any] = {
+    def _task_json(self, task: Task, now: float, *, queued: bool = False) -> dict[str, Any]:
+        status = "queued" if queued else task.status(now)
+        finished = status in {"success", "error"}
+        body: dict[str, Any] = {
             "id": task.id,
             "status": status,
             "mode": task.mode,
             "model": task.model,
             "size": task.size,
-            "created_at": task.created_at,
-            "updated_at": _iso(time.time()),
+            "created_at": _iso(task.created_at),
+            "updated_at": _iso(task.ready_at if finished else task.created_at),
         }
         if status == "success":
-            if not task.files:
-                task.files = self._publish(self._render(task.prompt, task.size, task.n, task.faults), task.faults)
-            revised = enhance(task.prompt, creative=False)
-            item["data"] = [{"url": f"{self._base_url}/files/{name}", "revised_prompt": revised} for name in task.files]
+            body["data"] = [{"url": self._file_url(name), "revised_prompt": task.prompt} for name in task.file_names]
         elif status == "error":
-            item["error"] = "upstream generation failed"
-        return item
+            body["error"] = TASK_FAILURE_MESSAGE
+        return body
 
-    async def _task_list(self, request: web.Request) -> web.Response:
-        ids = [item for item in request.query.get("ids", "").split(",") if item]
-        prompts = " ".join(self._tasks[i].prompt for i in ids if i in self._tasks)
-        if self._fires("poll_500", prompts):
-            return _error(500, "The upstream failed", kind="server_error")
-        items, missing = [], []
-        for task_id in ids:
-            task = self._tasks.get(task_id)
-            if task is None or "task_missing" in task.faults:
-                missing.append(task_id)
-            else:
-                items.append(self._public(task))
-        return web.json_response({"items": items, "missing_ids": missing})
+    async def _poll_tasks(self, request: web.Request) -> web.Response:
+        raw_ids = request.query.get("ids")
+        if raw_ids is None:
+            raise _BadRequest("ids is required")
+        ids = [task_id for task_id in raw_ids.split(",") if task_id]
+        found = [self._tasks[task_id] for task_id in ids if task_id in self._tasks]
+        if self.faults.fires("poll_500", [task.prompt for task in found]):
+            return _server_error()
+        now = time.time()
+        return web.json_response(
+            {
+                "items": [self._task_json(task, now) for task in found],
+                "missing_ids": [task_id for task_id in ids if task_id not in self._tasks],
+            }
+        )
 
-    # --- OpenAI Images API ------------------------------------------------------------------------------------------
+    async def _serve_file(self, request: web.Request) -> web.Response:
+        image = self._files.get(request.match_info["name"])
+        if image is None:
+            return _json_error(404, "File not found", "invalid_request_error", "not_found")
+        return web.Response(body=await asyncio.to_thread(image.render), content_type="image/png")
 
     async def _images_generation(self, request: web.Request) -> web.Response:
-        try:
-            body = await request.json()
-        except ValueError:
-            return _error(400, "The body is not JSON")
-        if not isinstance(body, dict):
-            return _error(400, "The body must be an object")
-        return await self._images(body)
+        return await self._generate_images(_image_request(await _json_object(request), tasks_api=False))
 
     async def _images_edit(self, request: web.Request) -> web.Response:
-        fields, images = await _read_multipart(request)
-        if not images:
-            return _error(400, "An edit needs an image")
-        return await self._images(fields)
+        fields, images = await _multipart_form(request)
+        return await self._generate_images(_image_request(fields, tasks_api=False, images=images))
 
-    async def _images(self, body: dict[str, Any]) -> web.Response:
-        prompt = str(body.get("prompt") or "")
-        if not prompt.strip():
-            return _error(400, "prompt is required")
-        fault = await self._submit_fault(prompt)
-        if fault is not None:
-            return fault
-        try:
-            n = int(body.get("n") or 1)
-            size = str(body.get("size") or "auto")
-            pixel_size(size)
-        except ValueError as exc:
-            return _error(400, str(exc))
-        if not 1 <= n <= 10:
-            return _error(400, "n must be between 1 and 10")
-        faults = self._task_faults(prompt)
-        await asyncio.sleep(self.latency)
-        images = await asyncio.to_thread(self._render, prompt, size, n, faults)
-        revised = enhance(prompt, creative=False)
-        if body.get("response_format") == "url":
+    async def _generate_images(self, order: ImageRequest) -> web.Response:
+        refusal = await self._submit_fault(order.prompt)
+        if refusal is not None:
+            return refusal
+        outcome = self._image_outcome(order)
+        if not await self._pause(self.latency):
+            return _json_error(503, "The upstream is shutting down", "server_error", "unavailable")
+        if order.response_format == "url":
             data = [
-                {"url": f"{self._base_url}/files/{name}", "revised_prompt": revised}
-                for name in self._publish(images, faults)
+                {"url": self._file_url(name), "revised_prompt": order.prompt}
+                for name in self._store_images(order.prompt, outcome)
             ]
         else:
-            data = [{"b64_json": base64.b64encode(image).decode(), "revised_prompt": revised} for image in images]
+            data = [
+                {"b64_json": await self._encoded(image), "revised_prompt": order.prompt}
+                for image in self._transient_images(order.prompt, outcome)
+            ]
         return web.json_response({"created": int(time.time()), "data": data})
 
-    # --- chat completions -------------------------------------------------------------------------------------------
+    @staticmethod
+    def _transient_images(prompt: str, outcome: ImageOutcome) -> Iterable[StoredImage]:
+        for index in range(outcome.count):
+            yield StoredImage(prompt, outcome.width, outcome.height, index, outcome.corrupt)
 
-    async def _chat(self, request: web.Request) -> web.StreamResponse:
-        try:
-            body = await request.json()
-            messages = body["messages"]
-            prompt = next(str(m["content"]) for m in reversed(messages) if m.get("role") == "user")
-            system = " ".join(str(m["content"]) for m in messages if m.get("role") == "system")
-        except (ValueError, KeyError, TypeError, StopIteration):
-            return _error(400, "messages with a user message are required")
-        if self._fires("chat_500", prompt):
-            return _error(500, "The upstream failed", kind="server_error")
-        text = enhance(prompt, creative="creative" in system.lower())
-        model = str(body.get("model") or "offline")
-        created = int(time.time())
-        completion_id = "chatcmpl-" + hashlib.sha256(text.encode()).hexdigest()[:16]
-        if not body.get("stream"):
-            return web.json_response(
-                {
-                    "id": completion_id,
-                    "object": "chat.completion",
-                    "created": created,
-                    "model": model,
-                    "choices": [
-                        {"index": 0, "message": {"role": "assistant", "content": text}, "finish_reason": "stop"}
-                    ],
-                }
-            )
+    @staticmethod
+    async def _encoded(image: StoredImage) -> str:
+        return base64.b64encode(await asyncio.to_thread(image.render)).decode()
+
+    async def _chat_completion(self, request: web.Request) -> web.StreamResponse:
+        body = await _json_object(request)
+        prompt, creative = _chat_prompt(body.get("messages"))
+        model = _optional_text(body, "model") or DEFAULT_CHAT_MODEL
+        stream = body.get("stream", False)
+        if not isinstance(stream, bool):
+            raise _BadRequest("stream must be a boolean")
+        if self.faults.fires("chat_500", [prompt]):
+            return _server_error()
+        text = enhance_prompt(prompt, creative=creative)
+        if stream:
+            breaks_midway = self.faults.fires("chat_midstream_error", [prompt])
+            return await self._stream_completion(request, model, text, breaks_midway=breaks_midway)
+        return web.json_response(self._completion(model, prompt, text))
+
+    @staticmethod
+    def _completion(model: str, prompt: str, text: str) -> dict[str, Any]:
+        prompt_tokens, completion_tokens = len(prompt.split()), len(text.split())
+        return {
+            "id": f"chatcmpl-{secrets.token_hex(12)}",
+            "object": "chat.completion",
+            "created": int(time.time()),
+            "model": model,
+            "choices": [{"index": 0, "message": {"role": "assistant", "content": text}, "finish_reason": "stop"}],
+            "usage": {
+                "prompt_tokens": prompt_tokens,
+                "completion_tokens": completion_tokens,
+                "total_tokens": prompt_tokens + completion_tokens,
+            },
+        }
+
+    async def _stream_completion(
+        self, request: web.Request, model: str, text: str, *, breaks_midway: bool
+    ) -> web.StreamResponse:
         response = web.StreamResponse(headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache"})
         await response.prepare(request)
-
-        def chunk(delta: dict[str, str], finish: str | None = None) -> bytes:
-            frame = {
-                "id": completion_id,
-                "object": "chat.completion.chunk",
-                "created": created,
-                "model": model,
-                "choices": [{"index": 0, "delta": delta, "finish_reason": finish}],
-            }
-            return f"data: {json.dumps(frame)}\n\n".encode()
-
-        midstream_error = self._fires("chat_midstream_error", prompt)
-        for index, word in enumerate(text.split(" ")):
-            if midstream_error and index == 3:
-                assert request.transport is not None
-                request.transport.close()
+        completion_id, created = f"chatcmpl-{secrets.token_hex(12)}", int(time.time())
+        token_delay = self.token_delay
+        for position, word in enumerate(text.split()):
+            if position and not await self._pause(token_delay):
                 return response
-            delta = {"role": "assistant", "content": word + " "} if index == 0 else {"content": word + " "}
-            await response.write(chunk(delta))
-            if self.token_delay:
-                await asyncio.sleep(self.token_delay)
-        await response.write(chunk({}, "stop"))
+            if breaks_midway and position == MIDSTREAM_FRAMES:
+                break
+            delta = {"role": "assistant", "content": f"{word} "} if position == 0 else {"content": f"{word} "}
+            await response.write(_chunk(completion_id, created, model, delta, None))
+        if breaks_midway:
+            self._drop_connection(request)
+            return response
+        await response.write(_chunk(completion_id, created, model, {}, "stop"))
         await response.write(b"data: [DONE]\n\n")
         await response.write_eof()
         return response
 
-    async def _models(self, _: web.Request) -> web.Response:
-        models = ["gpt-image-2", "gpt-image-1", "gpt-5.5"]
-        return web.json_response({"object": "list", "data": [{"id": m, "object": "model"} for m in models]})
+    @staticmethod
+    def _drop_connection(request: web.Request) -> None:
+        # Aborting the transport ends the chunked body without its terminator, as a crashed upstream would.
+        if request.transport is not None:
+            request.transport.abort()
 
-    # --- control ----------------------------------------------------------------------------------------------------
+    async def _list_models(self, request: web.Request) -> web.Response:
+        return web.json_response({"object": "list", "data": [{"id": model, "object": "model"} for model in MODELS]})
 
     async def _put_faults(self, request: web.Request) -> web.Response:
-        try:
-            body = await request.json()
-            rules = [FaultRule(str(r["fault"]), r.get("times"), r.get("rate"), r.get("match")) for r in body["rules"]]
-        except (ValueError, KeyError, TypeError):
-            return _error(400, 'expected {"rules": [{"fault", "times"?, "rate"?, "match"?}]}')
-        unknown = [rule.fault for rule in rules if rule.fault not in FAULTS]
-        if unknown:
-            return _error(400, f"unknown faults: {', '.join(unknown)}")
-        self.rules = rules
-        self.injected.clear()
-        self._random = random.Random(0)
-        return await self._get_faults(request)
+        self.faults.replace(_fault_rules(await _json_object(request)))
+        return web.json_response(self.faults.as_json())
 
-    async def _get_faults(self, _: web.Request) -> web.Response:
-        return web.json_response({"rules": [rule.public() for rule in self.rules], "injected": dict(self.injected)})
+    async def _get_faults(self, request: web.Request) -> web.Response:
+        return web.json_response(self.faults.as_json())
 
     async def _delete_faults(self, request: web.Request) -> web.Response:
-        self.rules = []
-        self.injected.clear()
-        return await self._get_faults(request)
+        self.faults.clear()
+        return web.json_response(self.faults.as_json())
 
     async def _put_settings(self, request: web.Request) -> web.Response:
-        try:
-            body = await request.json()
-            self.latency = float(body.get("latency", self.latency))
-            self.token_delay = float(body.get("token_delay", self.token_delay))
-        except (ValueError, TypeError, AttributeError):
-            return _error(400, 'expected {"latency"?: seconds, "token_delay"?: seconds}')
+        body = await _json_object(request)
+        if set(body) - {"latency", "token_delay"}:
+            raise _BadRequest("Settings are latency and token_delay")
+        updates = {name: _seconds(body[name], name) for name in ("latency", "token_delay") if name in body}
+        self.latency = updates.get("latency", self.latency)
+        self.token_delay = updates.get("token_delay", self.token_delay)
+        return await self._get_settings(request)
+
+    async def _get_settings(self, request: web.Request) -> web.Response:
         return web.json_response({"latency": self.latency, "token_delay": self.token_delay})
 
-    async def _stats(self, _: web.Request) -> web.Response:
+    async def _get_stats(self, request: web.Request) -> web.Response:
         return web.json_response({"requests": dict(self.requests)})
 
 
-async def _read_multipart(request: web.Request) -> tuple[dict[str, Any], list[bytes]]:
-    fields: dict[str, Any] = {}
-    images: list[bytes] = []
-    reader = await request.multipart()
-    async for part in reader:
-        if not isinstance(part, BodyPartReader):
-            continue
-        name = part.name or ""
-        if name in ("image", "image[]"):
-            images.append(bytes(await part.read()))
-        elif name == "mask":
-            await part.read()
-        else:
-            fields[name] = await part.text()
-    return fields, images
-
-
-def _iso(timestamp: float) -> str:
-    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(timestamp))
+def _seconds(value: object, name: str) -> float:
+    if not isinstance(value, int | float) or isinstance(value, bool) or value < 0:
+        raise _BadRequest(f"{name} must be a non-negative number")
+    return float(value)
 
 
 def run_offline_upstream(host: str, port: int, api_key: str, latency: float) -> None:
-    """Serve until SIGINT or SIGTERM, announcing the address on one line."""
+    """Blocking: start the server, print exactly one line `offline upstream listening on <base_url>` to stdout
+    (flush), serve until SIGINT/SIGTERM."""
+    asyncio.run(_serve_until_signalled(host, port, api_key, latency))
 
-    async def serve() -> None:
-        server = OfflineUpstream(api_key, latency=latency)
-        stop = asyncio.Event()
-        loop = asyncio.get_running_loop()
+
+async def _serve_until_signalled(host: str, port: int, api_key: str, latency: float) -> None:
+    upstream = OfflineUpstream(api_key, latency=latency)
+    base_url = await upstream.start(host, port)
+    print(f"offline upstream listening on {base_url}", flush=True)
+    loop = asyncio.get_running_loop()
+    stop = asyncio.Event()
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(signum, stop.set)
+    try:
+        await stop.wait()
+    finally:
         for signum in (signal.SIGINT, signal.SIGTERM):
-            loop.add_signal_handler(signum, stop.set)
-        print(f"offline upstream listening on {await server.start(host, port)}", flush=True)
-        with contextlib.suppress(asyncio.CancelledError):
-            await stop.wait()
-        await server.stop()
-
-    asyncio.run(serve())
+            loop.remove_signal_handler(signum)
+        await upstream.stop()

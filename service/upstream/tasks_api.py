@@ -8,8 +8,6 @@ upstream task instead of paying for a second one. One poller per process asks ab
 from __future__ import annotations
 
 import asyncio
-import base64
-import binascii
 import contextlib
 import logging
 from typing import Any
@@ -50,16 +48,10 @@ class TasksUpstream:
         if task.get("status") == "error":
             message = str(task.get("error") or "the upstream task failed")[:300]
             raise UpstreamError("upstream_task_failed", f"The upstream task failed: {message}", transient=False)
-        images = [await self._image_bytes(item) for item in task.get("data") or [] if isinstance(item, dict)]
-        revised = next(
-            (
-                item.get("revised_prompt")
-                for item in task.get("data") or []
-                if isinstance(item, dict) and item.get("revised_prompt")
-            ),
-            None,
+        data = task.get("data")
+        return await self._http.result_from(
+            data if isinstance(data, list) else [], self._max_image_bytes, upstream_ids=[str(task.get("id"))]
         )
-        return GenerationResult(images=images, revised_prompt=revised, upstream_ids=[str(task.get("id"))])
 
     async def _submit(self, request: GenerationRequest) -> dict[str, Any]:
         fields: dict[str, str] = {
@@ -151,17 +143,3 @@ class TasksUpstream:
             future.set_exception(error)
         else:
             future.set_result(task or {})
-
-    async def _image_bytes(self, item: dict[str, Any]) -> bytes:
-        if isinstance(item.get("b64_json"), str):
-            try:
-                return base64.b64decode(item["b64_json"], validate=True)
-            except (binascii.Error, ValueError):
-                raise UpstreamError(
-                    "upstream_bad_image", "The upstream image is not valid base64", transient=False
-                ) from None
-        if isinstance(item.get("url"), str):
-            return await self._http.fetch_image(item["url"], self._max_image_bytes)
-        raise UpstreamError(
-            "upstream_bad_response", "The upstream result has neither an image URL nor image data", transient=False
-        )
