@@ -6,6 +6,7 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import cast
 
+import msgspec
 from litestar import Litestar
 from litestar.datastructures import State
 from litestar.di import Provide
@@ -16,6 +17,8 @@ from service import health
 from service.credits import endpoints as credits
 from service.errors import EXCEPTION_HANDLERS
 from service.process import running
+from service.prompts import endpoints as prompts
+from service.prompts.service import EnhanceResult
 from service.runtime import Runtime
 from service.settings import Settings
 from service.tasks import endpoints as tasks
@@ -57,7 +60,7 @@ def create_app(settings: Settings | None = None) -> Litestar:
             yield
 
     app = Litestar(
-        route_handlers=[tasks.router, credits.router, admin.router, health.health, health.ready],
+        route_handlers=[tasks.router, prompts.router, credits.router, admin.router, health.health, health.ready],
         dependencies={"runtime": Provide(provide_runtime, sync_to_thread=False), "caller": Provide(provide_caller)},
         exception_handlers=EXCEPTION_HANDLERS,  # type: ignore[arg-type]
         openapi_config=openapi_config(),
@@ -71,10 +74,12 @@ def create_app(settings: Settings | None = None) -> Litestar:
 
 
 def _document_request_bodies(app: Litestar) -> None:
-    """Finish the request body schemas: bodies that refuse unknown fields say so (`additionalProperties: false`), and
-    the generate route's two bodies, which no handler signature declares, join the components."""
+    """Finish the schemas: bodies that refuse unknown fields say so (`additionalProperties: false`), and the shapes no
+    handler signature declares (the generate route's two bodies, the enhancement's JSON answer) join the components."""
     components = app.openapi_schema.components
-    schemas = {**(components.schemas or {}), **cast(dict[str, Schema], request_body_components())}
+    _, enhance_result = msgspec.json.schema_components([EnhanceResult], ref_template="#/components/schemas/{name}")
+    extra = {**request_body_components(), **enhance_result}
+    schemas = {**(components.schemas or {}), **cast(dict[str, Schema], extra)}
     for route in app.routes:
         for handler in getattr(route, "route_handlers", []):
             body = handler.parsed_data_field

@@ -10,18 +10,20 @@ from service.images.storage import BlobStore
 from service.settings import Settings
 
 if TYPE_CHECKING:
+    from service.prompts.service import Enhancer
     from service.tasks.worker import WorkerPool
 
 
 class Runtime:
     # A plain class, not a dataclass: handlers receive it as a dependency and the framework leaves such values as-is.
-    __slots__ = ("db", "settings", "store", "workers")
+    __slots__ = ("db", "enhancer", "settings", "store", "workers")
 
     def __init__(self, settings: Settings, db: Database, store: BlobStore) -> None:
         self.settings = settings
         self.db = db
         self.store = store
         self.workers: WorkerPool | None = None
+        self.enhancer: Enhancer | None = None
 
     def wake_workers(self) -> None:
         if self.workers is not None:

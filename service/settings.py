@@ -39,6 +39,15 @@ class Settings:
     image_models: tuple[str, ...] = ("gpt-image-2",)
     prices: Mapping[str, int] = field(default_factory=lambda: {"auto": 1, "low": 1, "medium": 1, "high": 2})
     offline_latency: float = 1.0
+    offline_token_delay: float = 0.03
+
+    prompt_base_url: str | None = None
+    prompt_api_key: str | None = field(default=None, repr=False)
+    prompt_endpoint_model: str | None = None
+    enhance_cost: int = 0
+    enhance_rate_per_minute: int = 60
+    prompt_cache_entries: int = 10_000
+    prompt_cache_ttl: float = 86_400.0
 
     upstream_timeout: float = 120.0
     poll_interval: float = 1.0
@@ -61,6 +70,11 @@ class Settings:
     @property
     def is_offline(self) -> bool:
         return self.upstream_base_url is None
+
+    @property
+    def prompt_model_name(self) -> str | None:
+        """The model enhancements use: `PROMPT_MODEL` on a separate endpoint, else `CHATGPT2API_PROMPT_MODEL`."""
+        return self.prompt_endpoint_model if self.prompt_base_url else self.prompt_model
 
     @property
     def max_reference_bytes(self) -> int:
@@ -104,6 +118,14 @@ class Settings:
             image_models=models,
             prices=read.prices("IMAGE_PRICES", "auto=1,low=1,medium=1,high=2"),
             offline_latency=read.number("OFFLINE_LATENCY_SECONDS", 1.0, minimum=0.0),
+            offline_token_delay=read.number("OFFLINE_TOKEN_DELAY_SECONDS", 0.03, minimum=0.0),
+            prompt_base_url=read.optional_url("PROMPT_BASE_URL"),
+            prompt_api_key=read.optional_text("PROMPT_API_KEY"),
+            prompt_endpoint_model=read.optional_text("PROMPT_MODEL"),
+            enhance_cost=read.integer("PROMPT_ENHANCE_COST", 0, minimum=0),
+            enhance_rate_per_minute=read.integer("PROMPT_ENHANCE_RATE_PER_MINUTE", 60, minimum=1),
+            prompt_cache_entries=read.integer("PROMPT_CACHE_MAX_ENTRIES", 10_000, minimum=0),
+            prompt_cache_ttl=read.number("PROMPT_CACHE_TTL_SECONDS", 86_400.0, minimum=0.0),
             upstream_timeout=read.number("UPSTREAM_TIMEOUT_SECONDS", 120.0, minimum=0.1),
             poll_interval=read.number("UPSTREAM_POLL_INTERVAL_SECONDS", 1.0, minimum=0.01),
             task_deadline=read.number("TASK_DEADLINE_SECONDS", 900.0, minimum=1.0),

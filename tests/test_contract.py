@@ -108,7 +108,7 @@ MULTIPART_CASES = [
         {"prompt": "a", "n": "zero"}, [("image", ("i.png", _png(), "image/png"))], 422, "invalid_field", id="bad-n"
     ),
     pytest.param(
-        {"prompt": "a", "style": "x"},
+        {"prompt": "a", "colour": "x"},
         [("image", ("i.png", _png(), "image/png"))],
         422,
         "unknown_field",

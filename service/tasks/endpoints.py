@@ -41,7 +41,7 @@ IdempotencyKey = Annotated[
         description="A retry with the same key and body returns the same task without a second debit",
     ),
 ]
-FORM_FIELDS = {"prompt", "size", "model", "quality", "n"}
+FORM_FIELDS = {"prompt", "size", "model", "quality", "n", "enhance", "style"}
 _AT_PATH = re.compile(r"at `\$\.?([^`]*)`")
 
 

@@ -8,6 +8,8 @@ from typing import Annotated, Any, Literal
 import msgspec
 
 from service.db.models import Task
+from service.prompts.instructions import Direction
+from service.prompts.styles import StyleName
 
 MAX_PROMPT_CHARS = 4000
 MAX_N = 4
@@ -35,6 +37,10 @@ Model = Annotated[str, msgspec.Meta(min_length=1, max_length=100, description="I
 N = Annotated[int, msgspec.Meta(ge=1, le=MAX_N, description="Number of images (up to the configured maximum)")]
 
 
+Enhance = Annotated[Direction, msgspec.Meta(description="Enhance the prompt first, in this direction")]
+StyleField = Annotated[StyleName, msgspec.Meta(description="A style preset from GET /api/prompts/styles")]
+
+
 class GenerateRequest(msgspec.Struct, forbid_unknown_fields=True):
     """A text-to-image task. The same fields are accepted as multipart form fields with reference images."""
 
@@ -43,6 +49,8 @@ class GenerateRequest(msgspec.Struct, forbid_unknown_fields=True):
     model: Model | None = None
     quality: Quality = "auto"
     n: N = 1
+    enhance: Enhance | None = None
+    style: StyleField | None = None
 
 
 class GenerateUpload(msgspec.Struct, forbid_unknown_fields=True):
@@ -54,6 +62,8 @@ class GenerateUpload(msgspec.Struct, forbid_unknown_fields=True):
     model: Model | None = None
     quality: Quality = "auto"
     n: N = 1
+    enhance: Enhance | None = None
+    style: StyleField | None = None
     mask: bytes | None = None
 
 
@@ -89,7 +99,9 @@ class TaskError(msgspec.Struct):
 
 
 class TaskOut(msgspec.Struct):
-    """An image task as it stands. `remaining_credits` is set only on the submit response."""
+    """An image task as it stands. `prompt` is what the client sent; `final_prompt` what went to the upstream (after
+    enhancement and style); `revised_prompt` the upstream's own revision. `remaining_credits` is set only on the
+    submit response."""
 
     id: str
     status: TaskStatus
@@ -100,6 +112,9 @@ class TaskOut(msgspec.Struct):
     size: str
     quality: Quality
     n: int
+    enhance: Direction | None
+    style: str | None
+    final_prompt: str | None
     cost: int
     refunded: int
     remaining_credits: int | None
@@ -148,6 +163,9 @@ def task_view(task: Task, remaining_credits: int | None = None) -> TaskOut:
         size=task.size,
         quality=task.quality,  # type: ignore[arg-type]
         n=task.n,
+        enhance=task.enhance,  # type: ignore[arg-type]
+        style=task.style,
+        final_prompt=task.final_prompt,
         cost=task.cost,
         refunded=task.refunded,
         remaining_credits=remaining_credits,

@@ -19,6 +19,7 @@ from service.errors import Conflict, InsufficientCredits, InvalidInput, NotFound
 from service.ids import new_id
 from service.images.processing import PreparedImage, normalize_reference
 from service.images.sizes import InvalidSize, normalize_size
+from service.prompts.service import EnhanceRequest
 from service.runtime import Runtime
 from service.tasks import repository
 from service.tasks.schemas import GenerateRequest
@@ -81,7 +82,9 @@ def request_hash(submission: Submission, prompt: str, size: str, model: str) -> 
     request = submission.request
     files = [hashlib.sha256(upload.data).hexdigest() for upload in submission.references]
     mask = hashlib.sha256(submission.mask.data).hexdigest() if submission.mask else None
-    canonical = json.dumps([prompt, size, model, request.quality, request.n, files, mask])
+    canonical = json.dumps(
+        [prompt, size, model, request.quality, request.n, request.enhance, request.style, files, mask]
+    )
     return hashlib.sha256(canonical.encode()).hexdigest()
 
 
@@ -99,6 +102,9 @@ async def submit(runtime: Runtime, caller: Caller, submission: Submission, idemp
     except InvalidSize as exc:
         raise InvalidInput(str(exc), code="invalid_size", field="size") from None
     _check_uploads(runtime, submission)
+    if request.enhance is not None and runtime.enhancer is not None:
+        # Fail now, not in the worker, when no prompt model could run the enhancement.
+        runtime.enhancer.plan(caller.tenant_id, EnhanceRequest(prompt=prompt, direction=request.enhance))
     fingerprint = request_hash(submission, prompt, request.size, model)
 
     if idempotency_key is not None:
@@ -127,7 +133,8 @@ async def submit(runtime: Runtime, caller: Caller, submission: Submission, idemp
     task_id = new_id()
     stored = await _store_inputs(runtime, task_id, references, mask)
     now = utcnow()
-    cost = task_cost(settings, request.quality, request.n)
+    enhance_cost = settings.enhance_cost if request.enhance else 0
+    cost = task_cost(settings, request.quality, request.n) + enhance_cost
     values = {
         "id": task_id,
         "tenant_id": caller.tenant_id,
@@ -139,7 +146,10 @@ async def submit(runtime: Runtime, caller: Caller, submission: Submission, idemp
         "requested_size": request.size,
         "quality": request.quality,
         "n": request.n,
+        "enhance": request.enhance,
+        "style": request.style,
         "cost": cost,
+        "enhance_cost": enhance_cost,
         "refunded": 0,
         "references": stored[: len(references)],
         "mask": stored[-1] if mask is not None else None,

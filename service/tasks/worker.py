@@ -13,20 +13,26 @@ import logging
 import os
 import random
 import socket
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from datetime import timedelta
-from typing import Any
+from typing import Any, TypeVar
+
+import msgspec
 
 from service.clock import utcnow
 from service.db.models import Task
 from service.ids import new_id
 from service.images.processing import PreparedImage, inspect_output
 from service.images.sizes import expected_aspect
+from service.prompts.service import EnhanceRequest, style_suffix
+from service.prompts.styles import STYLES
 from service.runtime import Runtime
 from service.tasks import repository
 from service.upstream.base import GenerationRequest, GenerationResult, ImageInput, ImageUpstream, UpstreamError
 
 log = logging.getLogger("service.worker")
+T = TypeVar("T")
 
 EXTENSIONS = {"image/png": "png", "image/jpeg": "jpg", "image/webp": "webp"}
 
@@ -39,6 +45,7 @@ class Outcome:
     refund: int = 0
     images: list[dict[str, Any]] = field(default_factory=list)
     revised_prompt: str | None = None
+    final_prompt: str | None = None
     upstream_ids: list[str] = field(default_factory=list)
     error_code: str | None = None
     error_message: str | None = None
@@ -198,14 +205,29 @@ class WorkerPool:
     async def _produce(self, task: Task) -> Outcome:
         if task.deadline_at <= utcnow():
             return self._failure(task, "deadline_exceeded", "The task ran past its deadline")
-        request = await self._request_for(task)
         try:
-            result = await self._generate_with_retries(task, request)
+            final_prompt = await self._final_prompt(task)
+            request = await self._request_for(task, final_prompt)
+            result = await self._with_retries(task, lambda: self.upstream.generate(request))
         except UpstreamError as exc:
             return self._failure(task, exc.code, exc.message)
-        return await self._keep_images(task, result)
+        outcome = await self._keep_images(task, result)
+        outcome.final_prompt = final_prompt
+        return outcome
 
-    async def _generate_with_retries(self, task: Task, request: GenerationRequest) -> GenerationResult:
+    async def _final_prompt(self, task: Task) -> str:
+        """The prompt sent upstream: enhanced first when the task asks for it, else shaped by its style."""
+        style = STYLES.get(task.style) if task.style else None
+        enhancer = self.runtime.enhancer
+        if task.enhance is None or enhancer is None:
+            return style_suffix(task.prompt, style)
+        request = msgspec.convert(
+            {"prompt": task.prompt, "direction": task.enhance, "style": task.style}, EnhanceRequest
+        )
+        plan = enhancer.plan(task.tenant_id, request)
+        return await self._with_retries(task, lambda: enhancer.complete(plan))
+
+    async def _with_retries(self, task: Task, call: Callable[[], Awaitable[T]]) -> T:
         """Retry transient upstream errors with backoff until the task's deadline; the last error says why."""
         attempt = 0
         last_error = UpstreamError(
@@ -214,7 +236,7 @@ class WorkerPool:
         while True:
             remaining = (task.deadline_at - utcnow()).total_seconds()
             try:
-                return await asyncio.wait_for(self.upstream.generate(request), timeout=max(remaining, 0.001))
+                return await asyncio.wait_for(call(), timeout=max(remaining, 0.001))
             except TimeoutError:
                 raise last_error from None
             except UpstreamError as exc:
@@ -231,7 +253,7 @@ class WorkerPool:
             log.info("task %s: retry %d after %s", task.id, attempt, last_error.code)
             await asyncio.sleep(delay)
 
-    async def _request_for(self, task: Task) -> GenerationRequest:
+    async def _request_for(self, task: Task, prompt: str) -> GenerationRequest:
         store = self.runtime.store
         references = [
             ImageInput(await store.get(item["key"]), item["content_type"], f"reference-{i}.png")
@@ -270,7 +292,7 @@ class WorkerPool:
         missing = task.n - len(images)
         return Outcome(
             status="completed",
-            refund=task.cost // task.n * missing,
+            refund=(task.cost - task.enhance_cost) // task.n * missing,
             images=images,
             revised_prompt=result.revised_prompt,
             upstream_ids=result.upstream_ids,

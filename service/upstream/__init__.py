@@ -15,6 +15,11 @@ def task_api_root(base_url: str) -> str:
     return base_url.rstrip("/").removesuffix("/v1")
 
 
+def openai_base(base_url: str) -> str:
+    """The OpenAI-compatible base of `CHATGPT2API_BASE_URL`: always ending in `/v1`."""
+    return task_api_root(base_url) + "/v1"
+
+
 def open_image_upstream(settings: Settings, base_url: str, api_key: str) -> ImageUpstream:
     http = UpstreamHTTP(
         task_api_root(base_url),

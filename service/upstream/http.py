@@ -28,12 +28,14 @@ def origin(url: str) -> tuple[str, str, int]:
 
 
 class UpstreamHTTP:
-    def __init__(self, base_url: str, api_key: str, *, timeout: float, connections: int) -> None:
+    def __init__(self, base_url: str, api_key: str | None, *, timeout: float, connections: int) -> None:
         self.base_url = base_url.rstrip("/")
         self._origin = origin(self.base_url)
         self._timeout = aiohttp.ClientTimeout(total=timeout, sock_connect=min(timeout, 10.0))
+        # Streams may run longer than one request's limit, as long as bytes keep arriving.
+        self._stream_timeout = aiohttp.ClientTimeout(total=None, sock_connect=min(timeout, 10.0), sock_read=timeout)
         self._session = aiohttp.ClientSession(
-            headers={"Authorization": f"Bearer {api_key}"},
+            headers={"Authorization": f"Bearer {api_key}"} if api_key else None,
             connector=aiohttp.TCPConnector(limit=connections, limit_per_host=connections),
             timeout=self._timeout,
             trust_env=False,
@@ -66,6 +68,25 @@ class UpstreamHTTP:
             raise UpstreamError(
                 "upstream_bad_response", "The upstream answered with invalid JSON", transient=True
             ) from None
+
+    async def open_stream(self, path: str, body: dict[str, Any]) -> aiohttp.ClientResponse:
+        """POST and return the response once its status says the stream has begun; the caller releases it."""
+        try:
+            response = await self._session.post(
+                self.url(path), json=body, allow_redirects=False, timeout=self._stream_timeout
+            )
+        except TimeoutError:
+            raise UpstreamError("upstream_timeout", "The upstream did not answer in time", transient=True) from None
+        except aiohttp.ClientError as exc:
+            raise UpstreamError(
+                "upstream_unreachable", f"Could not reach the upstream ({type(exc).__name__})", transient=True
+            ) from None
+        if response.status >= 300:
+            try:
+                raise await _error_from(response)
+            finally:
+                response.release()
+        return response
 
     async def result_from(self, items: list[Any], max_bytes: int, upstream_ids: list[str]) -> GenerationResult:
         """Collect the images of an upstream answer's data list, and its revised prompt."""

@@ -81,7 +81,10 @@ class FaultRule:
 
 @dataclass(slots=True)
 class FaultBoard:
-    """The active fault rules; a seeded RNG keeps `rate` rules reproducible from one PUT to the next."""
+    """The active fault rules and how often each fault fired under them.
+
+    Replacing the rules starts afresh, counters and the seeded RNG included, so each PUT is reproducible on its own.
+    """
 
     rules: list[FaultRule] = field(default_factory=list)
     injected: Counter[str] = field(default_factory=Counter)
@@ -89,11 +92,11 @@ class FaultBoard:
 
     def replace(self, rules: list[FaultRule]) -> None:
         self.rules = rules
+        self.injected.clear()
         self.rng = random.Random(0)
 
     def clear(self) -> None:
         self.replace([])
-        self.injected.clear()
 
     def fires(self, fault: str, prompts: Sequence[str]) -> bool:
         for rule in self.rules:
@@ -425,8 +428,11 @@ class OfflineUpstream:
         # Cancelling handlers on disconnect lets a deliberately hanging submit end with its client.
         runner = web.AppRunner(self._application(), handler_cancellation=True, access_log=None, shutdown_timeout=2.0)
         await runner.setup()
-        site = web.TCPSite(runner, host, port)
-        await site.start()
+        try:
+            await web.TCPSite(runner, host, port).start()
+        except BaseException:
+            await runner.cleanup()
+            raise
         self._runner = runner
         bound_port = runner.addresses[0][1]
         url_host = f"[{host}]" if ":" in host else host

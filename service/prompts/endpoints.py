@@ -1,0 +1,121 @@
+"""Routes under `/api/prompts`: the enhancement stream, the style presets, and the tenant's cache."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from litestar import Request, Response, Router, delete, get, post
+from litestar.openapi.spec import OpenAPIHeader, OpenAPIMediaType, OpenAPIResponse, Operation, Reference, Schema
+from litestar.response import Stream
+
+from service.errors import problem_responses
+from service.prompts.service import CacheCleared, EnhanceRequest, EnhanceResult, UpstreamFailed
+from service.prompts.styles import StyleList, style_list
+from service.runtime import Runtime
+from service.tenants.auth import Caller
+from service.upstream.base import UpstreamError
+
+EVENT_STREAM = "text/event-stream"
+STREAM_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
+FRAMES = (
+    "Server-Sent Events. Each `data:` frame is an OpenAI `chat.completion.chunk` whose `choices[0].delta.content` "
+    'carries the next piece of text; an error after the stream began is a frame `{"error": {"code", "message"}}`; '
+    "the stream always ends with `data: [DONE]`."
+)
+
+
+@dataclass
+class EnhanceOperation(Operation):
+    """The route answers a stream by default and one JSON object to `Accept: application/json`."""
+
+    def __post_init__(self) -> None:
+        assert self.responses is not None
+        self.responses["200"] = OpenAPIResponse(
+            description="The enhanced prompt, streamed (or whole, as JSON, for `Accept: application/json`)",
+            content={
+                EVENT_STREAM: OpenAPIMediaType(schema=Schema(type="string", description=FRAMES)),  # type: ignore[arg-type]
+                "application/json": OpenAPIMediaType(schema=Reference("#/components/schemas/EnhanceResult")),
+            },
+            headers={
+                "X-Cache": OpenAPIHeader(
+                    schema=Schema(type="string", enum=["hit", "miss"]),  # type: ignore[arg-type]
+                    description="`hit` when the enhancement came from the cache",
+                )
+            },
+        )
+
+
+def _wants_json(request: Request[Any, Any, Any]) -> bool:
+    accept = request.headers.get("accept", "")
+    return "application/json" in accept and EVENT_STREAM not in accept
+
+
+@post(
+    "/prompts/enhance",
+    operation_id="enhancePrompt",
+    summary="Enhance a prompt, streamed as it is written",
+    media_type=EVENT_STREAM,
+    status_code=200,
+    operation_class=EnhanceOperation,
+    responses=problem_responses(401, 402, 403, 422, 429, 502, 503),
+)
+async def enhance_prompt(
+    request: Request[Any, Any, Any], data: EnhanceRequest, caller: Caller, runtime: Runtime
+) -> Response[Any]:
+    enhancer = runtime.enhancer
+    assert enhancer is not None
+    plan = enhancer.plan(caller.tenant_id, data)
+    enhancer.admit(caller.tenant_id)
+    cached = enhancer.cache.get(plan.cache_key)
+    style = plan.style.name if plan.style else None
+    if _wants_json(request):
+        charge = None if cached is not None else await enhancer.charge(plan)
+        try:
+            text = cached if cached is not None else await enhancer.complete(plan)
+        except UpstreamError as exc:
+            await enhancer.refund(plan, charge)
+            raise UpstreamFailed(exc.message, code=exc.code) from None
+        result = EnhanceResult(
+            prompt=text,
+            model=plan.model,
+            direction=plan.direction,  # type: ignore[arg-type]
+            style=style,
+            cached=cached is not None,
+        )
+        return Response(result, media_type="application/json", headers={"X-Cache": "hit" if cached else "miss"})
+    if cached is not None:
+        return Stream(
+            enhancer.replay(plan, cached), media_type=EVENT_STREAM, headers={**STREAM_HEADERS, "X-Cache": "hit"}
+        )
+    charge = await enhancer.charge(plan)
+    try:
+        upstream = await enhancer.open(plan)
+    except UpstreamFailed:
+        await enhancer.refund(plan, charge)
+        raise
+    return Stream(
+        enhancer.stream(plan, upstream, charge), media_type=EVENT_STREAM, headers={**STREAM_HEADERS, "X-Cache": "miss"}
+    )
+
+
+@get("/prompts/styles", operation_id="listStyles", summary="Style presets", responses=problem_responses(401, 403))
+async def list_styles(caller: Caller) -> StyleList:
+    return style_list()
+
+
+@delete(
+    "/prompts/cache",
+    operation_id="clearPromptCache",
+    summary="Forget this tenant's cached enhancements",
+    status_code=200,
+    responses=problem_responses(401, 403),
+)
+async def clear_cache(caller: Caller, runtime: Runtime) -> CacheCleared:
+    assert runtime.enhancer is not None
+    return CacheCleared(cleared=runtime.enhancer.cache.clear_tenant(caller.tenant_id))
+
+
+router = Router(
+    "/api", route_handlers=[enhance_prompt, list_styles, clear_cache], tags=["prompts"], security=[{"tenantKey": []}]
+)
