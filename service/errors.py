@@ -123,6 +123,8 @@ def http_error_handler(_: Request[Any, Any, Any], exc: HTTPException) -> Respons
     if status >= 500:
         return internal_error_handler(_, exc)
     if isinstance(exc, ValidationException):
+        if _from_body(exc):
+            return problem(422, "invalid_field", _validation_detail(exc), field=_validation_field(exc))
         return problem(400, "invalid_parameter", _validation_detail(exc), field=_validation_field(exc))
     detail = exc.detail if isinstance(exc.detail, str) and exc.detail else HTTPStatus(status).phrase
     response = problem(status, _HTTP_CODES.get(status, "bad_request"), detail)
@@ -134,6 +136,12 @@ def http_error_handler(_: Request[Any, Any, Any], exc: HTTPException) -> Respons
 def internal_error_handler(_: Request[Any, Any, Any], exc: Exception) -> Response[Problem]:
     log.error("unhandled error", exc_info=(type(exc), exc, exc.__traceback__))
     return problem(500, "internal_error", "The service failed to handle this request.")
+
+
+def _from_body(exc: ValidationException) -> bool:
+    return isinstance(exc.extra, list) and any(
+        isinstance(item, dict) and item.get("source") == "body" for item in exc.extra
+    )
 
 
 def _validation_field(exc: ValidationException) -> str | None:

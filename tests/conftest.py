@@ -100,6 +100,7 @@ class Service:
 
     def __init__(self, data_dir: Path, env: dict[str, str], command: str = "serve", name: str = "service") -> None:
         self.data_dir = data_dir
+        data_dir.mkdir(parents=True, exist_ok=True)
         self.port = free_port()
         self.base_url = f"http://127.0.0.1:{self.port}"
         self.command = command

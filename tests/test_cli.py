@@ -13,8 +13,15 @@ from tests.conftest import Service, Upstream, service_env
 
 
 def imagegen(*args: str, data_dir: Path, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "service", *args], capture_output=True, text=True, check=False,
-                          env={**os.environ, **(env or {}), "DATA_DIR": str(data_dir)}, cwd=data_dir, timeout=60)
+    return subprocess.run(
+        [sys.executable, "-m", "service", *args],
+        capture_output=True,
+        text=True,
+        check=False,
+        env={**os.environ, **(env or {}), "DATA_DIR": str(data_dir)},
+        cwd=data_dir,
+        timeout=60,
+    )
 
 
 def test_tenants_and_credits_from_the_command_line(upstream: Upstream, tmp_path: Path) -> None:
@@ -40,8 +47,12 @@ def test_tenants_and_credits_from_the_command_line(upstream: Upstream, tmp_path:
 
 
 def test_a_bad_setting_stops_the_process_with_one_line_naming_it(tmp_path: Path) -> None:
-    for variable, value in [("WORKER_CONCURRENCY", "many"), ("UPSTREAM_API", "carrier-pigeon"),
-                            ("CHATGPT2API_BASE_URL", "ftp://x"), ("IMAGE_PRICES", "high=free")]:
+    for variable, value in [
+        ("WORKER_CONCURRENCY", "many"),
+        ("UPSTREAM_API", "carrier-pigeon"),
+        ("CHATGPT2API_BASE_URL", "ftp://x"),
+        ("IMAGE_PRICES", "high=free"),
+    ]:
         result = imagegen("serve", "--port", "1", data_dir=tmp_path, env={variable: value})
         assert result.returncode == 2
         lines = result.stderr.strip().splitlines()

@@ -189,6 +189,7 @@ class WorkerPool:
                     refund=outcome.refund,
                     images=outcome.images,
                     revised_prompt=outcome.revised_prompt,
+                    final_prompt=outcome.final_prompt,
                     upstream_ids=outcome.upstream_ids,
                     error_code=outcome.error_code,
                     error_message=outcome.error_message,

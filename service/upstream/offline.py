@@ -210,12 +210,16 @@ def _draw_caption(pen: ImageDraw.ImageDraw, prompt: str, width: int, height: int
     pen.text((16, 16), prompt[:40], fill=(255, 255, 255), font=font, stroke_width=2, stroke_fill=(0, 0, 0))
 
 
-def enhance_prompt(prompt: str, *, creative: bool) -> str:
-    """The prompt followed by descriptive phrases chosen from its hash, so the same input always reads the same."""
+def enhance_prompt(prompt: str, *, creative: bool, style: str | None = None) -> str:
+    """The prompt followed by descriptive phrases chosen from its hash, so the same input always reads the same, and
+    the style's own words when one is asked for."""
     digest = hashlib.sha256(prompt.encode()).digest()
     palette = _CREATIVE_PHRASES if creative else _PLAIN_PHRASES
     phrases = [options[digest[slot] % len(options)] for slot, options in enumerate(palette)]
-    return ", ".join([prompt.strip(), *phrases])
+    return ", ".join([prompt.strip(), *phrases, *([style] if style else [])])
+
+
+_STYLE_LINE = re.compile(r"^Style: (.+?)\.?$", re.MULTILINE)
 
 
 _PLAIN_PHRASES: tuple[tuple[str, ...], ...] = (
@@ -377,16 +381,17 @@ def _message_text(content: object) -> str:
     return ""
 
 
-def _chat_prompt(messages: object) -> tuple[str, bool]:
-    """The last user message and whether the system asks for creativity."""
+def _chat_prompt(messages: object) -> tuple[str, bool, str | None]:
+    """The last user message, whether the system asks for creativity, and the style it names (a `Style:` line)."""
     if not isinstance(messages, list) or not all(isinstance(message, dict) for message in messages):
         raise _BadRequest("messages must be a list of objects")
     users = [_message_text(message.get("content")) for message in messages if message.get("role") == "user"]
     if not users or not users[-1].strip():
         raise _BadRequest("messages must contain a user message with text")
-    systems = (message.get("content") for message in messages if message.get("role") in {"system", "developer"})
-    creative = any("creative" in _message_text(content).lower() for content in systems)
-    return users[-1], creative
+    systems = [_message_text(m.get("content")) for m in messages if m.get("role") in {"system", "developer"}]
+    creative = any("creative" in content.lower() for content in systems)
+    style = next((match.group(1) for content in systems if (match := _STYLE_LINE.search(content))), None)
+    return users[-1], creative, style
 
 
 def _chunk(completion_id: str, created: int, model: str, delta: dict[str, str], finish: str | None) -> bytes:
@@ -654,14 +659,14 @@ class OfflineUpstream:
 
     async def _chat_completion(self, request: web.Request) -> web.StreamResponse:
         body = await _json_object(request)
-        prompt, creative = _chat_prompt(body.get("messages"))
+        prompt, creative, style = _chat_prompt(body.get("messages"))
         model = _optional_text(body, "model") or DEFAULT_CHAT_MODEL
         stream = body.get("stream", False)
         if not isinstance(stream, bool):
             raise _BadRequest("stream must be a boolean")
         if self.faults.fires("chat_500", [prompt]):
             return _server_error()
-        text = enhance_prompt(prompt, creative=creative)
+        text = enhance_prompt(prompt, creative=creative, style=style)
         if stream:
             breaks_midway = self.faults.fires("chat_midstream_error", [prompt])
             return await self._stream_completion(request, model, text, breaks_midway=breaks_midway)
@@ -690,19 +695,24 @@ class OfflineUpstream:
         await response.prepare(request)
         completion_id, created = f"chatcmpl-{secrets.token_hex(12)}", int(time.time())
         token_delay = self.token_delay
-        for position, word in enumerate(text.split()):
-            if position and not await self._pause(token_delay):
+        try:
+            for position, word in enumerate(text.split()):
+                if position and not await self._pause(token_delay):
+                    return response
+                if breaks_midway and position == MIDSTREAM_FRAMES:
+                    break
+                delta = {"role": "assistant", "content": f"{word} "} if position == 0 else {"content": f"{word} "}
+                await response.write(_chunk(completion_id, created, model, delta, None))
+            if breaks_midway:
+                self._drop_connection(request)
                 return response
-            if breaks_midway and position == MIDSTREAM_FRAMES:
-                break
-            delta = {"role": "assistant", "content": f"{word} "} if position == 0 else {"content": f"{word} "}
-            await response.write(_chunk(completion_id, created, model, delta, None))
-        if breaks_midway:
-            self._drop_connection(request)
-            return response
-        await response.write(_chunk(completion_id, created, model, {}, "stop"))
-        await response.write(b"data: [DONE]\n\n")
-        await response.write_eof()
+            await response.write(_chunk(completion_id, created, model, {}, "stop"))
+            await response.write(b"data: [DONE]\n\n")
+            await response.write_eof()
+        except (ConnectionError, asyncio.CancelledError):
+            # Counted so a test can see that the reader's disconnect reached us.
+            self.requests["chat streams abandoned by the client"] += 1
+            raise
         return response
 
     @staticmethod
