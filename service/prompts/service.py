@@ -214,7 +214,9 @@ class Enhancer:
             return
         finally:
             upstream.close()
-        self.cache.put(plan.cache_key, "".join(parts).strip())
+        text = "".join(parts).strip()
+        if text:
+            self.cache.put(plan.cache_key, text)
         yield writer.chunk(None, "stop")
         yield DONE
 
