@@ -14,7 +14,6 @@ import msgspec
 import uvicorn
 
 from service.app import create_app
-from service.credits.schemas import entry_view
 from service.db.engine import Database
 from service.db.migrations import upgrade
 from service.errors import ServiceError
@@ -112,7 +111,7 @@ def grant_credits(args: argparse.Namespace) -> None:
             raise SystemExit(1) from None
         finally:
             await db.dispose()
-        print(msgspec.json.encode(entry_view(entry)).decode())
+        print(msgspec.json.encode(entry).decode())
 
     asyncio.run(run())
 

@@ -48,6 +48,7 @@ class Settings:
     enhance_rate_per_minute: int = 60
     prompt_cache_entries: int = 10_000
     prompt_cache_ttl: float = 86_400.0
+    idempotency_ttl: float = 86_400.0
 
     upstream_timeout: float = 120.0
     poll_interval: float = 1.0
@@ -126,6 +127,7 @@ class Settings:
             enhance_rate_per_minute=read.integer("PROMPT_ENHANCE_RATE_PER_MINUTE", 60, minimum=1),
             prompt_cache_entries=read.integer("PROMPT_CACHE_MAX_ENTRIES", 10_000, minimum=0),
             prompt_cache_ttl=read.number("PROMPT_CACHE_TTL_SECONDS", 86_400.0, minimum=0.0),
+            idempotency_ttl=read.number("IDEMPOTENCY_TTL_SECONDS", 86_400.0, minimum=1.0),
             upstream_timeout=read.number("UPSTREAM_TIMEOUT_SECONDS", 120.0, minimum=0.1),
             poll_interval=read.number("UPSTREAM_POLL_INTERVAL_SECONDS", 1.0, minimum=0.01),
             task_deadline=read.number("TASK_DEADLINE_SECONDS", 900.0, minimum=1.0),

@@ -20,8 +20,7 @@ async def post_entry(
     reason: str,
     now: datetime,
     task_id: str | None = None,
-    idempotency_key: str | None = None,
-    request_hash: str | None = None,
+    reference: str | None = None,
 ) -> LedgerEntry | None:
     """Move the balance by `amount` and append the entry; None when it would take the balance below zero.
 
@@ -42,8 +41,7 @@ async def post_entry(
         "amount": amount,
         "balance_after": balance_after,
         "task_id": task_id,
-        "idempotency_key": idempotency_key,
-        "request_hash": request_hash,
+        "reference": reference,
         "reason": reason,
         "created_at": now,
     }
@@ -53,12 +51,6 @@ async def post_entry(
 
 async def balance_of(session: AsyncSession, tenant_id: str) -> int:
     return int(await session.scalar(select(Tenant.balance).where(Tenant.id == tenant_id)) or 0)
-
-
-async def entry_by_idempotency_key(session: AsyncSession, tenant_id: str, key: str) -> LedgerEntry | None:
-    return await session.scalar(
-        select(LedgerEntry).where(LedgerEntry.tenant_id == tenant_id, LedgerEntry.idempotency_key == key)
-    )
 
 
 async def debit_of_task(session: AsyncSession, task_id: str) -> LedgerEntry | None:

@@ -74,8 +74,9 @@ class ApiKey(Base):
 
     id: Mapped[str] = mapped_column(String(32), primary_key=True)
     tenant_id: Mapped[str] = mapped_column(ForeignKey("tenants.id"), index=True)
-    prefix: Mapped[str] = mapped_column(String(16))
-    key_hash: Mapped[str] = mapped_column(String(64), unique=True)
+    prefix: Mapped[str] = mapped_column(String(16), unique=True)
+    salt: Mapped[str] = mapped_column(String(32))
+    key_hash: Mapped[str] = mapped_column(String(64))
     created_at: Mapped[datetime] = mapped_column(UTCDateTime())
     revoked_at: Mapped[datetime | None] = mapped_column(UTCDateTime(), nullable=True)
 
@@ -83,7 +84,6 @@ class ApiKey(Base):
 class Task(Base):
     __tablename__ = "tasks"
     __table_args__ = (
-        UniqueConstraint("tenant_id", "idempotency_key", name="uq_tasks_tenant_idempotency_key"),
         Index("ix_tasks_tenant_id_id", "tenant_id", "id"),
         Index("ix_tasks_status_lease", "status", "lease_expires_at"),
         CheckConstraint("refunded >= 0 AND refunded <= cost", name="refund_within_cost"),
@@ -111,8 +111,6 @@ class Task(Base):
     images: Mapped[list[dict[str, Any]]] = mapped_column(JSONType, default=list)
     error_code: Mapped[str | None] = mapped_column(String(64), nullable=True)
     error_message: Mapped[str | None] = mapped_column(Text, nullable=True)
-    idempotency_key: Mapped[str | None] = mapped_column(String(255), nullable=True)
-    request_hash: Mapped[str | None] = mapped_column(String(64), nullable=True)
     upstream: Mapped[str] = mapped_column(String(16))
     upstream_ids: Mapped[list[str]] = mapped_column(JSONType, default=list)
     attempts: Mapped[int] = mapped_column(Integer, default=0)
@@ -132,7 +130,8 @@ class LedgerEntry(Base):
     __table_args__ = (
         # One debit and at most one refund per task: the database refuses a second.
         UniqueConstraint("task_id", "kind", name="uq_ledger_entries_task_kind"),
-        UniqueConstraint("tenant_id", "idempotency_key", name="uq_ledger_entries_tenant_idempotency_key"),
+        # An operation outside tasks (an enhancement, say) names its entries, so its refund can happen only once.
+        UniqueConstraint("tenant_id", "reference", name="uq_ledger_entries_tenant_reference"),
         Index("ix_ledger_entries_tenant_id_id", "tenant_id", "id"),
         CheckConstraint("balance_after >= 0", name="balance_after_not_negative"),
     )
@@ -143,7 +142,21 @@ class LedgerEntry(Base):
     amount: Mapped[int] = mapped_column(BigInteger)
     balance_after: Mapped[int] = mapped_column(BigInteger)
     task_id: Mapped[str | None] = mapped_column(ForeignKey("tasks.id"), nullable=True)
-    idempotency_key: Mapped[str | None] = mapped_column(String(255), nullable=True)
-    request_hash: Mapped[str | None] = mapped_column(String(64), nullable=True)
+    reference: Mapped[str | None] = mapped_column(String(255), nullable=True)
     reason: Mapped[str] = mapped_column(String(500))
     created_at: Mapped[datetime] = mapped_column(UTCDateTime())
+
+
+class IdempotencyRecord(Base):
+    """The first response to a request sent with an `Idempotency-Key`, replayed to its retries until it expires."""
+
+    __tablename__ = "idempotency_keys"
+    __table_args__ = (Index("ix_idempotency_keys_expires_at", "expires_at"),)
+
+    tenant_id: Mapped[str] = mapped_column(ForeignKey("tenants.id"), primary_key=True)
+    scope: Mapped[str] = mapped_column(String(32), primary_key=True)
+    key: Mapped[str] = mapped_column(String(255), primary_key=True)
+    request_hash: Mapped[str] = mapped_column(String(64))
+    response: Mapped[str] = mapped_column(Text)
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime())
+    expires_at: Mapped[datetime] = mapped_column(UTCDateTime())

@@ -179,7 +179,7 @@ class Enhancer:
                 amount=-cost,
                 reason="prompt enhancement",
                 now=utcnow(),
-                idempotency_key=key,
+                reference=key,
             )
             if entry is None:
                 raise InsufficientCredits(balance=await ledger.balance_of(session, plan.tenant_id), cost=cost)
@@ -196,7 +196,7 @@ class Enhancer:
                 amount=self.settings.enhance_cost,
                 reason="refund: prompt enhancement failed",
                 now=utcnow(),
-                idempotency_key=f"{charge}:refund",
+                reference=f"{charge}:refund",
             )
 
     async def stream(self, plan: Plan, upstream: ChatStream, charge: str | None) -> AsyncIterator[bytes]:

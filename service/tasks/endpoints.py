@@ -166,11 +166,7 @@ async def generate_image(
 ) -> Response[TaskOut]:
     submission = await read_submission(request, runtime.settings)
     submitted = await service.submit(runtime, caller, submission, idempotency_key)
-    return Response(
-        task_view(submitted.task, submitted.remaining_credits),
-        status_code=202,
-        headers={"Location": f"/api/images/tasks/{submitted.task.id}"},
-    )
+    return Response(submitted, status_code=202, headers={"Location": f"/api/images/tasks/{submitted.id}"})
 
 
 @get(

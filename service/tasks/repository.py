@@ -27,10 +27,6 @@ async def get_owned(session: AsyncSession, tenant_id: str, task_id: str) -> Task
     return await session.scalar(owned_tasks(tenant_id).where(Task.id == task_id))
 
 
-async def get_by_idempotency_key(session: AsyncSession, tenant_id: str, key: str) -> Task | None:
-    return await session.scalar(owned_tasks(tenant_id).where(Task.idempotency_key == key))
-
-
 async def list_owned(
     session: AsyncSession, tenant_id: str, *, limit: int, before: str | None, status: str | None
 ) -> list[Task]:

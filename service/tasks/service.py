@@ -5,12 +5,13 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
-import json
 from dataclasses import dataclass
 from datetime import timedelta
 
+import msgspec
 from sqlalchemy.exc import IntegrityError
 
+from service import idempotency
 from service.catalog import task_cost
 from service.clock import utcnow
 from service.credits import repository as ledger
@@ -22,8 +23,10 @@ from service.images.sizes import InvalidSize, normalize_size
 from service.prompts.service import EnhanceRequest
 from service.runtime import Runtime
 from service.tasks import repository
-from service.tasks.schemas import GenerateRequest
+from service.tasks.schemas import GenerateRequest, TaskOut, task_view
 from service.tenants.auth import Caller
+
+IDEMPOTENCY_SCOPE = "generate"
 
 
 @dataclass(frozen=True, slots=True)
@@ -39,12 +42,6 @@ class Submission:
     request: GenerateRequest
     references: list[Upload]
     mask: Upload | None = None
-
-
-@dataclass(frozen=True, slots=True)
-class Submitted:
-    task: Task
-    remaining_credits: int
 
 
 def _checked_prompt(runtime: Runtime, prompt: str) -> str:
@@ -77,18 +74,18 @@ def _check_uploads(runtime: Runtime, submission: Submission) -> None:
             )
 
 
-def request_hash(submission: Submission, prompt: str, size: str, model: str) -> str:
+def request_hash(submission: Submission, prompt: str, model: str) -> str:
     """What makes two submissions the same request, for Idempotency-Key replays."""
     request = submission.request
     files = [hashlib.sha256(upload.data).hexdigest() for upload in submission.references]
     mask = hashlib.sha256(submission.mask.data).hexdigest() if submission.mask else None
-    canonical = json.dumps(
-        [prompt, size, model, request.quality, request.n, request.enhance, request.style, files, mask]
+    return idempotency.fingerprint(
+        prompt, request.size, model, request.quality, request.n, request.enhance, request.style, files, mask
     )
-    return hashlib.sha256(canonical.encode()).hexdigest()
 
 
-async def submit(runtime: Runtime, caller: Caller, submission: Submission, idempotency_key: str | None) -> Submitted:
+async def submit(runtime: Runtime, caller: Caller, submission: Submission, idempotency_key: str | None) -> TaskOut:
+    """Validate, store the references, then debit and queue the task in one transaction; the task as submitted."""
     settings = runtime.settings
     request = submission.request
     prompt = _checked_prompt(runtime, request.prompt)
@@ -105,7 +102,7 @@ async def submit(runtime: Runtime, caller: Caller, submission: Submission, idemp
     if request.enhance is not None and runtime.enhancer is not None:
         # Fail now, not in the worker, when no prompt model could run the enhancement.
         runtime.enhancer.plan(caller.tenant_id, EnhanceRequest(prompt=prompt, direction=request.enhance))
-    fingerprint = request_hash(submission, prompt, request.size, model)
+    fingerprint = request_hash(submission, prompt, model)
 
     if idempotency_key is not None:
         replay = await _replay(runtime, caller, idempotency_key, fingerprint)
@@ -154,8 +151,6 @@ async def submit(runtime: Runtime, caller: Caller, submission: Submission, idemp
         "references": stored[: len(references)],
         "mask": stored[-1] if mask is not None else None,
         "images": [],
-        "idempotency_key": idempotency_key,
-        "request_hash": fingerprint,
         "upstream": settings.upstream_api,
         "upstream_ids": [],
         "attempts": 0,
@@ -177,6 +172,18 @@ async def submit(runtime: Runtime, caller: Caller, submission: Submission, idemp
             )
             if debit is None:
                 raise InsufficientCredits(balance=await ledger.balance_of(session, caller.tenant_id), cost=cost)
+            submitted = task_view(Task(**values), debit.balance_after)
+            if idempotency_key is not None:
+                await idempotency.remember(
+                    session,
+                    tenant_id=caller.tenant_id,
+                    scope=IDEMPOTENCY_SCOPE,
+                    key=idempotency_key,
+                    request_hash=fingerprint,
+                    response=msgspec.json.encode(submitted),
+                    now=now,
+                    ttl_seconds=settings.idempotency_ttl,
+                )
     except (InsufficientCredits, IntegrityError) as exc:
         await _discard(runtime, stored)
         if isinstance(exc, IntegrityError) and idempotency_key is not None:
@@ -186,20 +193,21 @@ async def submit(runtime: Runtime, caller: Caller, submission: Submission, idemp
                 return replay
         raise
     runtime.wake_workers()
-    return Submitted(task=Task(**values), remaining_credits=debit.balance_after)
+    return submitted
 
 
-async def _replay(runtime: Runtime, caller: Caller, key: str, fingerprint: str) -> Submitted | None:
+async def _replay(runtime: Runtime, caller: Caller, key: str, fingerprint: str) -> TaskOut | None:
+    """The first response to this key, as it was sent."""
     async with runtime.db.read() as session:
-        task = await repository.get_by_idempotency_key(session, caller.tenant_id, key)
-        if task is None:
-            return None
-        if task.request_hash != fingerprint:
-            raise Conflict(
-                "This Idempotency-Key was already used for a different request", code="idempotency_key_reused"
-            )
-        debit = await ledger.debit_of_task(session, task.id)
-    return Submitted(task=task, remaining_credits=debit.balance_after if debit else 0)
+        body = await idempotency.recall(
+            session,
+            tenant_id=caller.tenant_id,
+            scope=IDEMPOTENCY_SCOPE,
+            key=key,
+            request_hash=fingerprint,
+            now=utcnow(),
+        )
+    return None if body is None else msgspec.json.decode(body, type=TaskOut)
 
 
 async def _store_inputs(

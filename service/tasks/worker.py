@@ -20,6 +20,7 @@ from typing import Any, TypeVar
 
 import msgspec
 
+from service import idempotency
 from service.clock import utcnow
 from service.db.models import Task
 from service.ids import new_id
@@ -34,6 +35,7 @@ from service.upstream.base import GenerationRequest, GenerationResult, ImageInpu
 log = logging.getLogger("service.worker")
 T = TypeVar("T")
 
+PURGE_INTERVAL_SECONDS = 60
 EXTENSIONS = {"image/png": "png", "image/jpeg": "jpg", "image/webp": "webp"}
 
 
@@ -68,6 +70,7 @@ class WorkerPool:
         self._runs: set[asyncio.Task[None]] = set()
         self._loops: list[asyncio.Task[None]] = []
         self.retries = 0
+        self._next_purge = utcnow()
 
     def wake(self) -> None:
         self._wake.set()
@@ -130,8 +133,12 @@ class WorkerPool:
             )
 
     async def _fail_abandoned(self) -> None:
+        now = utcnow()
         async with self.runtime.db.write() as session:
-            failed = await repository.fail_abandoned(session, now=utcnow(), max_attempts=self.settings.max_attempts)
+            failed = await repository.fail_abandoned(session, now=now, max_attempts=self.settings.max_attempts)
+            if now >= self._next_purge:
+                self._next_purge = now + timedelta(seconds=PURGE_INTERVAL_SECONDS)
+                await idempotency.forget_expired(session, now)
         for task_id in failed:
             log.warning("task %s failed: its worker was lost too often", task_id)
 

@@ -1,13 +1,16 @@
 """API keys and authentication.
 
-A tenant key is `igk_` followed by 43 random URL-safe characters (256 bits). It is shown once; the database keeps its
-SHA-256 digest and its first characters, for identification. The admin key comes from `ADMIN_API_KEY`.
+A tenant key reads `igk_<prefix>.<secret>`: a 12-character public prefix that names the key (safe to show in lists and
+logs) and a 256-bit secret. The key is shown once; the database keeps the prefix, a random salt and SHA-256(salt +
+secret), and a presented key is checked against its prefix's row with a constant-time comparison. The admin key comes
+from `ADMIN_API_KEY`.
 """
 
 from __future__ import annotations
 
 import hashlib
 import hmac
+import re
 import secrets
 from dataclasses import dataclass
 from typing import Any
@@ -22,13 +25,14 @@ from service.errors import Forbidden, Unauthorized
 from service.runtime import Runtime
 
 KEY_PREFIX = "igk_"
-VISIBLE_CHARS = 12
+_KEY = re.compile(r"^(igk_[0-9a-f]{12})\.([A-Za-z0-9_-]{43})$")
 
 
 @dataclass(frozen=True, slots=True)
 class IssuedKey:
     plain: str
     prefix: str
+    salt: str
     digest: str
 
 
@@ -41,12 +45,18 @@ class Caller:
 
 
 def issue_key() -> IssuedKey:
-    plain = KEY_PREFIX + secrets.token_urlsafe(32)
-    return IssuedKey(plain=plain, prefix=plain[:VISIBLE_CHARS], digest=key_digest(plain))
+    prefix = KEY_PREFIX + secrets.token_hex(6)
+    secret = secrets.token_urlsafe(32)
+    salt = secrets.token_hex(16)
+    return IssuedKey(plain=f"{prefix}.{secret}", prefix=prefix, salt=salt, digest=salted_digest(salt, secret))
 
 
-def key_digest(plain: str) -> str:
-    return hashlib.sha256(plain.encode()).hexdigest()
+def salted_digest(salt: str, secret: str) -> str:
+    return hashlib.sha256(bytes.fromhex(salt) + secret.encode()).hexdigest()
+
+
+def _digest(value: str) -> bytes:
+    return hashlib.sha256(value.encode()).digest()
 
 
 def bearer_token(connection: ASGIConnection[Any, Any, Any, Any]) -> str:
@@ -58,20 +68,21 @@ def bearer_token(connection: ASGIConnection[Any, Any, Any, Any]) -> str:
 
 
 async def provide_caller(request: Request[Any, Any, Any], runtime: Runtime) -> Caller:
-    token = bearer_token(request)
-    if not token.startswith(KEY_PREFIX):
+    match = _KEY.match(bearer_token(request))
+    if match is None:
         raise Unauthorized("The API key is not valid", code="invalid_api_key")
+    prefix, secret = match.groups()
     async with runtime.db.read() as session:
         row = (
             await session.execute(
-                select(ApiKey.id, Tenant.id, Tenant.status)
+                select(ApiKey.id, ApiKey.salt, ApiKey.key_hash, Tenant.id, Tenant.status)
                 .join(Tenant, Tenant.id == ApiKey.tenant_id)
-                .where(ApiKey.key_hash == key_digest(token), ApiKey.revoked_at.is_(None))
+                .where(ApiKey.prefix == prefix, ApiKey.revoked_at.is_(None))
             )
         ).first()
-    if row is None:
+    if row is None or not hmac.compare_digest(salted_digest(row[1], secret), row[2]):
         raise Unauthorized("The API key is not valid", code="invalid_api_key")
-    key_id, tenant_id, status = row
+    key_id, _, _, tenant_id, status = row
     if status != "active":
         raise Forbidden("This tenant is suspended", code="tenant_suspended")
     return Caller(tenant_id=tenant_id, key_id=key_id)
@@ -81,5 +92,5 @@ async def admin_guard(connection: ASGIConnection[Any, Any, Any, Any], _: BaseRou
     token = bearer_token(connection)
     expected = connection.app.state.runtime.settings.admin_api_key
     # Compare digests so the comparison takes the same time whatever the lengths.
-    if expected is None or not hmac.compare_digest(key_digest(token), key_digest(expected)):
+    if expected is None or not hmac.compare_digest(_digest(token), _digest(expected)):
         raise Unauthorized("The admin key is not valid", code="invalid_admin_key")

@@ -8,7 +8,7 @@ from litestar import Router, delete, get, patch, post
 from litestar.params import Parameter
 
 from service.clock import utcnow
-from service.credits.schemas import CreditGrant, LedgerEntryOut, entry_view
+from service.credits.schemas import CreditGrant, LedgerEntryOut
 from service.errors import NotFound, problem_responses
 from service.pagination import Cursor, Limit, decode_cursor, encode_cursor
 from service.runtime import Runtime
@@ -114,8 +114,14 @@ async def revoke_api_key(key_id: Annotated[str, Parameter(max_length=64)], runti
 async def grant_credits(
     tenant_id: TenantId, data: CreditGrant, runtime: Runtime, idempotency_key: IdempotencyKey = None
 ) -> LedgerEntryOut:
-    entry = await service.grant_credits(runtime.db, tenant_id, data.amount, data.reason, idempotency_key)
-    return entry_view(entry)
+    return await service.grant_credits(
+        runtime.db,
+        tenant_id,
+        data.amount,
+        data.reason,
+        idempotency_key=idempotency_key,
+        idempotency_ttl=runtime.settings.idempotency_ttl,
+    )
 
 
 router = Router(

@@ -22,7 +22,9 @@ async def insert_tenant(session: AsyncSession, name: str, now: datetime) -> Tena
 async def insert_key(session: AsyncSession, tenant_id: str, key: IssuedKey, now: datetime) -> str:
     key_id = new_id()
     await session.execute(
-        insert(ApiKey).values(id=key_id, tenant_id=tenant_id, prefix=key.prefix, key_hash=key.digest, created_at=now)
+        insert(ApiKey).values(
+            id=key_id, tenant_id=tenant_id, prefix=key.prefix, salt=key.salt, key_hash=key.digest, created_at=now
+        )
     )
     return key_id
 

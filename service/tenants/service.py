@@ -2,14 +2,15 @@
 
 from __future__ import annotations
 
-import hashlib
-
+import msgspec
 from sqlalchemy.exc import IntegrityError
 
+from service import idempotency
 from service.clock import utcnow
 from service.credits import repository as ledger
+from service.credits.schemas import LedgerEntryOut, entry_view
 from service.db.engine import Database
-from service.db.models import LedgerEntry, Tenant
+from service.db.models import Tenant
 from service.errors import Conflict, InvalidInput, NotFound
 from service.tenants import repository
 from service.tenants.auth import issue_key
@@ -40,32 +41,40 @@ async def create_key(db: Database, tenant_id: str) -> tuple[str, str]:
 
 
 async def grant_credits(
-    db: Database, tenant_id: str, amount: int, reason: str, idempotency_key: str | None = None
-) -> LedgerEntry:
+    db: Database,
+    tenant_id: str,
+    amount: int,
+    reason: str,
+    *,
+    idempotency_key: str | None = None,
+    idempotency_ttl: float = 86_400.0,
+) -> LedgerEntryOut:
     """Add (or, when negative, deduct) credits and return the ledger entry.
 
     With an idempotency key, a retry returns the first entry; the same key for another grant is a conflict.
     """
-    request_hash = hashlib.sha256(f"{tenant_id}\0{amount}\0{reason}".encode()).hexdigest()
     if amount == 0:
         raise InvalidInput("amount must not be zero", code="zero_amount", field="amount")
+    request_hash = idempotency.fingerprint(amount, reason)
+    scope = "grant"
+    now = utcnow()
     try:
         async with db.write() as session:
             if await repository.get_tenant(session, tenant_id) is None:
                 raise NotFound("No such tenant", code="tenant_not_found")
             if idempotency_key is not None:
-                previous = await ledger.entry_by_idempotency_key(session, tenant_id, idempotency_key)
+                previous = await idempotency.recall(
+                    session, tenant_id=tenant_id, scope=scope, key=idempotency_key, request_hash=request_hash, now=now
+                )
                 if previous is not None:
-                    return _replay(previous, request_hash)
+                    return msgspec.json.decode(previous, type=LedgerEntryOut)
             entry = await ledger.post_entry(
                 session,
                 tenant_id=tenant_id,
                 kind="grant" if amount > 0 else "adjust",
                 amount=amount,
                 reason=reason,
-                now=utcnow(),
-                idempotency_key=idempotency_key,
-                request_hash=request_hash,
+                now=now,
             )
             if entry is None:
                 balance = await ledger.balance_of(session, tenant_id)
@@ -74,17 +83,27 @@ async def grant_credits(
                     code="balance_too_low",
                     balance=balance,
                 )
-            return entry
+            view = entry_view(entry)
+            if idempotency_key is not None:
+                await idempotency.remember(
+                    session,
+                    tenant_id=tenant_id,
+                    scope=scope,
+                    key=idempotency_key,
+                    request_hash=request_hash,
+                    response=msgspec.json.encode(view),
+                    now=now,
+                    ttl_seconds=idempotency_ttl,
+                )
+            return view
     except IntegrityError:
-        # A concurrent request with the same idempotency key committed first.
+        if idempotency_key is None:
+            raise
+        # A concurrent request with the same key committed first: answer as it did.
         async with db.read() as session:
-            previous = await ledger.entry_by_idempotency_key(session, tenant_id, idempotency_key or "")
+            previous = await idempotency.recall(
+                session, tenant_id=tenant_id, scope=scope, key=idempotency_key, request_hash=request_hash, now=utcnow()
+            )
         if previous is None:
             raise
-        return _replay(previous, request_hash)
-
-
-def _replay(previous: LedgerEntry, request_hash: str) -> LedgerEntry:
-    if previous.request_hash != request_hash:
-        raise Conflict("This Idempotency-Key was already used for a different request", code="idempotency_key_reused")
-    return previous
+        return msgspec.json.decode(previous, type=LedgerEntryOut)

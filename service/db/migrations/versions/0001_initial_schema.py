@@ -34,15 +34,31 @@ def upgrade() -> None:
         sa.Column("id", sa.String(length=32), nullable=False),
         sa.Column("tenant_id", sa.String(length=32), nullable=False),
         sa.Column("prefix", sa.String(length=16), nullable=False),
+        sa.Column("salt", sa.String(length=32), nullable=False),
         sa.Column("key_hash", sa.String(length=64), nullable=False),
         sa.Column("created_at", sa.DateTime(timezone=True), nullable=False),
         sa.Column("revoked_at", sa.DateTime(timezone=True), nullable=True),
         sa.ForeignKeyConstraint(["tenant_id"], ["tenants.id"], name=op.f("fk_api_keys_tenant_id")),
         sa.PrimaryKeyConstraint("id", name=op.f("pk_api_keys")),
-        sa.UniqueConstraint("key_hash", name=op.f("uq_api_keys_key_hash")),
+        sa.UniqueConstraint("prefix", name=op.f("uq_api_keys_prefix")),
     )
     with op.batch_alter_table("api_keys", schema=None) as batch_op:
         batch_op.create_index(batch_op.f("ix_api_keys_tenant_id"), ["tenant_id"], unique=False)
+
+    op.create_table(
+        "idempotency_keys",
+        sa.Column("tenant_id", sa.String(length=32), nullable=False),
+        sa.Column("scope", sa.String(length=32), nullable=False),
+        sa.Column("key", sa.String(length=255), nullable=False),
+        sa.Column("request_hash", sa.String(length=64), nullable=False),
+        sa.Column("response", sa.Text(), nullable=False),
+        sa.Column("created_at", sa.DateTime(timezone=True), nullable=False),
+        sa.Column("expires_at", sa.DateTime(timezone=True), nullable=False),
+        sa.ForeignKeyConstraint(["tenant_id"], ["tenants.id"], name=op.f("fk_idempotency_keys_tenant_id")),
+        sa.PrimaryKeyConstraint("tenant_id", "scope", "key", name=op.f("pk_idempotency_keys")),
+    )
+    with op.batch_alter_table("idempotency_keys", schema=None) as batch_op:
+        batch_op.create_index("ix_idempotency_keys_expires_at", ["expires_at"], unique=False)
 
     op.create_table(
         "tasks",
@@ -57,15 +73,17 @@ def upgrade() -> None:
         sa.Column("requested_size", sa.String(length=32), nullable=False),
         sa.Column("quality", sa.String(length=16), nullable=False),
         sa.Column("n", sa.Integer(), nullable=False),
+        sa.Column("enhance", sa.String(length=16), nullable=True),
+        sa.Column("style", sa.String(length=32), nullable=True),
+        sa.Column("final_prompt", sa.Text(), nullable=True),
         sa.Column("cost", sa.BigInteger(), nullable=False),
+        sa.Column("enhance_cost", sa.BigInteger(), server_default="0", nullable=False),
         sa.Column("refunded", sa.BigInteger(), nullable=False),
         sa.Column("references", sa.JSON().with_variant(postgresql.JSONB(), "postgresql"), nullable=False),
         sa.Column("mask", sa.JSON().with_variant(postgresql.JSONB(), "postgresql"), nullable=True),
         sa.Column("images", sa.JSON().with_variant(postgresql.JSONB(), "postgresql"), nullable=False),
         sa.Column("error_code", sa.String(length=64), nullable=True),
         sa.Column("error_message", sa.Text(), nullable=True),
-        sa.Column("idempotency_key", sa.String(length=255), nullable=True),
-        sa.Column("request_hash", sa.String(length=64), nullable=True),
         sa.Column("upstream", sa.String(length=16), nullable=False),
         sa.Column("upstream_ids", sa.JSON().with_variant(postgresql.JSONB(), "postgresql"), nullable=False),
         sa.Column("attempts", sa.Integer(), nullable=False),
@@ -79,7 +97,6 @@ def upgrade() -> None:
         sa.CheckConstraint("refunded >= 0 AND refunded <= cost", name=op.f("ck_tasks_refund_within_cost")),
         sa.ForeignKeyConstraint(["tenant_id"], ["tenants.id"], name=op.f("fk_tasks_tenant_id")),
         sa.PrimaryKeyConstraint("id", name=op.f("pk_tasks")),
-        sa.UniqueConstraint("tenant_id", "idempotency_key", name="uq_tasks_tenant_idempotency_key"),
     )
     with op.batch_alter_table("tasks", schema=None) as batch_op:
         batch_op.create_index("ix_tasks_status_lease", ["status", "lease_expires_at"], unique=False)
@@ -93,8 +110,7 @@ def upgrade() -> None:
         sa.Column("amount", sa.BigInteger(), nullable=False),
         sa.Column("balance_after", sa.BigInteger(), nullable=False),
         sa.Column("task_id", sa.String(length=32), nullable=True),
-        sa.Column("idempotency_key", sa.String(length=255), nullable=True),
-        sa.Column("request_hash", sa.String(length=64), nullable=True),
+        sa.Column("reference", sa.String(length=255), nullable=True),
         sa.Column("reason", sa.String(length=500), nullable=False),
         sa.Column("created_at", sa.DateTime(timezone=True), nullable=False),
         sa.CheckConstraint("balance_after >= 0", name=op.f("ck_ledger_entries_balance_after_not_negative")),
@@ -102,7 +118,7 @@ def upgrade() -> None:
         sa.ForeignKeyConstraint(["tenant_id"], ["tenants.id"], name=op.f("fk_ledger_entries_tenant_id")),
         sa.PrimaryKeyConstraint("id", name=op.f("pk_ledger_entries")),
         sa.UniqueConstraint("task_id", "kind", name="uq_ledger_entries_task_kind"),
-        sa.UniqueConstraint("tenant_id", "idempotency_key", name="uq_ledger_entries_tenant_idempotency_key"),
+        sa.UniqueConstraint("tenant_id", "reference", name="uq_ledger_entries_tenant_reference"),
     )
     with op.batch_alter_table("ledger_entries", schema=None) as batch_op:
         batch_op.create_index("ix_ledger_entries_tenant_id_id", ["tenant_id", "id"], unique=False)
@@ -118,6 +134,10 @@ def downgrade() -> None:
         batch_op.drop_index("ix_tasks_status_lease")
 
     op.drop_table("tasks")
+    with op.batch_alter_table("idempotency_keys", schema=None) as batch_op:
+        batch_op.drop_index("ix_idempotency_keys_expires_at")
+
+    op.drop_table("idempotency_keys")
     with op.batch_alter_table("api_keys", schema=None) as batch_op:
         batch_op.drop_index(batch_op.f("ix_api_keys_tenant_id"))
 
