@@ -24,7 +24,7 @@ from service.settings import Settings
 from service.tasks import endpoints as tasks
 from service.tasks.schemas import request_body_components
 from service.tenants import endpoints as admin
-from service.tenants.auth import provide_caller
+from service.tenants.auth import add_rate_limit_headers, provide_caller
 
 API_VERSION = "1.0.0"
 
@@ -66,6 +66,7 @@ def create_app(settings: Settings | None = None) -> Litestar:
         openapi_config=openapi_config(),
         lifespan=[lifespan],
         logging_config=None,
+        before_send=[add_rate_limit_headers],
         request_max_body_size=settings.max_request_body_bytes,
         multipart_form_part_limit=settings.max_reference_images + 16,
     )

@@ -92,6 +92,14 @@ class ServiceUnavailable(ServiceError):
     status, code = 503, "unavailable"
 
 
+class RateLimited(ServiceError):
+    status, code = 429, "rate_limited"
+
+    def __init__(self, detail: str, headers: dict[str, str], retry_after: int) -> None:
+        super().__init__(detail, retry_after=retry_after)
+        self.headers = headers
+
+
 def problem(status: int, code: str, detail: str, **extra: Any) -> Response[Problem]:
     title = HTTPStatus(status).phrase
     body = Problem(type="about:blank", title=title, status=status, detail=detail, code=code)
@@ -101,7 +109,9 @@ def problem(status: int, code: str, detail: str, **extra: Any) -> Response[Probl
 
 
 def service_error_handler(_: Request[Any, Any, Any], exc: ServiceError) -> Response[Problem]:
-    return problem(exc.status, exc.code, exc.detail, field=exc.field, **exc.extra)
+    response = problem(exc.status, exc.code, exc.detail, field=exc.field, **exc.extra)
+    response.headers.update(getattr(exc, "headers", {}))
+    return response
 
 
 _HTTP_CODES = {
@@ -133,6 +143,11 @@ def http_error_handler(_: Request[Any, Any, Any], exc: HTTPException) -> Respons
     return response
 
 
+def undecodable_body_handler(_: Request[Any, Any, Any], exc: UnicodeDecodeError) -> Response[Problem]:
+    """Bodies the framework decodes itself (JSON fields, form fields) may hold bytes that are not UTF-8."""
+    return problem(400, "malformed_body", "The request body is not valid UTF-8")
+
+
 def internal_error_handler(_: Request[Any, Any, Any], exc: Exception) -> Response[Problem]:
     log.error("unhandled error", exc_info=(type(exc), exc, exc.__traceback__))
     return problem(500, "internal_error", "The service failed to handle this request.")
@@ -161,6 +176,7 @@ def _validation_detail(exc: ValidationException) -> str:
 
 EXCEPTION_HANDLERS = {
     ServiceError: service_error_handler,
+    UnicodeDecodeError: undecodable_body_handler,
     HTTPException: http_error_handler,
     Exception: internal_error_handler,
 }

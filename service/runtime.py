@@ -7,6 +7,7 @@ from typing import TYPE_CHECKING
 
 from service.db.engine import Database
 from service.images.storage import BlobStore
+from service.ratelimit import RateLimiter
 from service.settings import Settings
 
 if TYPE_CHECKING:
@@ -16,12 +17,13 @@ if TYPE_CHECKING:
 
 class Runtime:
     # A plain class, not a dataclass: handlers receive it as a dependency and the framework leaves such values as-is.
-    __slots__ = ("db", "enhancer", "settings", "store", "workers")
+    __slots__ = ("db", "enhancer", "limiter", "settings", "store", "workers")
 
     def __init__(self, settings: Settings, db: Database, store: BlobStore) -> None:
         self.settings = settings
         self.db = db
         self.store = store
+        self.limiter = RateLimiter()
         self.workers: WorkerPool | None = None
         self.enhancer: Enhancer | None = None
 

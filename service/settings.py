@@ -49,6 +49,8 @@ class Settings:
     prompt_cache_entries: int = 10_000
     prompt_cache_ttl: float = 86_400.0
     idempotency_ttl: float = 86_400.0
+    rate_limit_per_minute: int = 600
+    max_running_tasks: int = 8
 
     upstream_timeout: float = 120.0
     poll_interval: float = 1.0
@@ -128,6 +130,8 @@ class Settings:
             prompt_cache_entries=read.integer("PROMPT_CACHE_MAX_ENTRIES", 10_000, minimum=0),
             prompt_cache_ttl=read.number("PROMPT_CACHE_TTL_SECONDS", 86_400.0, minimum=0.0),
             idempotency_ttl=read.number("IDEMPOTENCY_TTL_SECONDS", 86_400.0, minimum=1.0),
+            rate_limit_per_minute=read.integer("RATE_LIMIT_PER_MINUTE", 600, minimum=1),
+            max_running_tasks=read.integer("MAX_RUNNING_TASKS_PER_TENANT", 8, minimum=1),
             upstream_timeout=read.number("UPSTREAM_TIMEOUT_SECONDS", 120.0, minimum=0.1),
             poll_interval=read.number("UPSTREAM_POLL_INTERVAL_SECONDS", 1.0, minimum=0.01),
             task_deadline=read.number("TASK_DEADLINE_SECONDS", 900.0, minimum=1.0),

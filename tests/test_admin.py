@@ -13,7 +13,15 @@ def test_tenant_lifecycle(service: Service) -> None:
         assert created.status_code == 201
         body = created.json()
         tenant = body["tenant"]
-        assert set(tenant) == {"id", "name", "status", "balance", "created_at"}
+        assert set(tenant) == {
+            "id",
+            "name",
+            "status",
+            "balance",
+            "rate_limit_per_minute",
+            "max_running_tasks",
+            "created_at",
+        }
         assert (tenant["name"], tenant["status"], tenant["balance"]) == ("Globex", "active", 25)
         assert body["api_key"].startswith("igk_")
 

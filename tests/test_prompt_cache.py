@@ -47,12 +47,21 @@ def test_a_disabled_cache_keeps_nothing() -> None:
     assert cache.get(key("t", "a")) is None
 
 
-def test_rate_limiter_allows_a_burst_then_refills() -> None:
-    limiter = RateLimiter(per_minute=3)
-    assert [limiter.take("t") for _ in range(3)] == [None, None, None]
-    wait = limiter.take("t")
-    assert wait is not None and 0 < wait <= 20
-    assert limiter.take("other") is None
+def test_rate_limiter_allows_a_burst_then_says_when_to_come_back() -> None:
+    limiter = RateLimiter()
+    decisions = [limiter.take("t", 3) for _ in range(4)]
+    assert [d.allowed for d in decisions] == [True, True, True, False]
+    assert [d.remaining for d in decisions] == [2, 1, 0, 0]
+    refused = decisions[-1]
+    assert 1 <= refused.retry_after <= 20
+    assert refused.headers() == {
+        "RateLimit-Limit": "3",
+        "RateLimit-Remaining": "0",
+        "RateLimit-Reset": str(refused.reset_seconds),
+        "Retry-After": str(refused.retry_after),
+    }
+    assert 55 <= refused.reset_seconds <= 60
+    assert limiter.take("other", 3).allowed
 
 
 def test_system_prompts_differ_by_direction_and_carry_the_style() -> None:

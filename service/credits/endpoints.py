@@ -12,7 +12,7 @@ from service.runtime import Runtime
 from service.tenants.auth import Caller
 
 
-@get("/quota", operation_id="getQuota", summary="Balance and totals", responses=problem_responses(401, 403))
+@get("/quota", operation_id="getQuota", summary="Balance and totals", responses=problem_responses(401, 403, 429))
 async def get_quota(caller: Caller, runtime: Runtime) -> Quota:
     async with runtime.db.read() as session:
         balance = await repository.balance_of(session, caller.tenant_id)
@@ -24,7 +24,7 @@ async def get_quota(caller: Caller, runtime: Runtime) -> Quota:
     "/quota/ledger",
     operation_id="listLedgerEntries",
     summary="Ledger entries, newest first",
-    responses=problem_responses(401, 403),
+    responses=problem_responses(401, 403, 429),
 )
 async def list_ledger(caller: Caller, runtime: Runtime, limit: Limit = 20, cursor: Cursor = None) -> LedgerPage:
     async with runtime.db.read() as session:

@@ -65,6 +65,9 @@ class Tenant(Base):
     name: Mapped[str] = mapped_column(String(200))
     status: Mapped[str] = mapped_column(String(16), default="active")
     balance: Mapped[int] = mapped_column(BigInteger, default=0)
+    # Per-tenant limits; NULL means the service-wide default.
+    rate_limit_per_minute: Mapped[int | None] = mapped_column(Integer, nullable=True)
+    max_running_tasks: Mapped[int | None] = mapped_column(Integer, nullable=True)
     created_at: Mapped[datetime] = mapped_column(UTCDateTime())
     updated_at: Mapped[datetime] = mapped_column(UTCDateTime())
 
@@ -86,6 +89,7 @@ class Task(Base):
     __table_args__ = (
         Index("ix_tasks_tenant_id_id", "tenant_id", "id"),
         Index("ix_tasks_status_lease", "status", "lease_expires_at"),
+        Index("ix_tasks_tenant_id_status", "tenant_id", "status"),
         CheckConstraint("refunded >= 0 AND refunded <= cost", name="refund_within_cost"),
     )
 

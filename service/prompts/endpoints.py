@@ -99,7 +99,7 @@ async def enhance_prompt(
     )
 
 
-@get("/prompts/styles", operation_id="listStyles", summary="Style presets", responses=problem_responses(401, 403))
+@get("/prompts/styles", operation_id="listStyles", summary="Style presets", responses=problem_responses(401, 403, 429))
 async def list_styles(caller: Caller) -> StyleList:
     return style_list()
 
@@ -109,7 +109,7 @@ async def list_styles(caller: Caller) -> StyleList:
     operation_id="clearPromptCache",
     summary="Forget this tenant's cached enhancements",
     status_code=200,
-    responses=problem_responses(401, 403),
+    responses=problem_responses(401, 403, 429),
 )
 async def clear_cache(caller: Caller, runtime: Runtime) -> CacheCleared:
     assert runtime.enhancer is not None

@@ -7,7 +7,6 @@ frame followed by `[DONE]`. A failed or interrupted enhancement is refunded (whe
 from __future__ import annotations
 
 import json
-import math
 import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
@@ -17,7 +16,7 @@ import msgspec
 
 from service.clock import utcnow
 from service.credits import repository as ledger
-from service.errors import InsufficientCredits, InvalidInput, ServiceError, ServiceUnavailable
+from service.errors import InsufficientCredits, InvalidInput, RateLimited, ServiceError, ServiceUnavailable
 from service.ids import new_id
 from service.prompts.cache import CacheKey, EnhancementCache
 from service.prompts.chat import ChatStream, PromptModel
@@ -53,10 +52,6 @@ class CacheCleared(msgspec.Struct):
 
 class UpstreamFailed(ServiceError):
     status, code = 502, "upstream_failed"
-
-
-class RateLimited(ServiceError):
-    status, code = 429, "rate_limited"
 
 
 def find_style(name: str | None) -> Style | None:
@@ -134,7 +129,7 @@ class Enhancer:
         self.settings = runtime.settings
         self._model = model
         self.cache = EnhancementCache(self.settings.prompt_cache_entries, self.settings.prompt_cache_ttl)
-        self.limiter = RateLimiter(self.settings.enhance_rate_per_minute)
+        self.limiter = RateLimiter()
 
     async def close(self) -> None:
         if self._model is not None:
@@ -152,10 +147,10 @@ class Enhancer:
         return Plan(tenant_id, prompt, request.direction, request.model or self._model.model or "", style)
 
     def admit(self, tenant_id: str) -> None:
-        retry_after = self.limiter.take(tenant_id)
-        if retry_after is not None:
+        decision = self.limiter.take(tenant_id, self.settings.enhance_rate_per_minute)
+        if not decision.allowed:
             raise RateLimited(
-                f"At most {self.limiter.per_minute} enhancements a minute", retry_after=math.ceil(retry_after)
+                f"At most {decision.limit} enhancements a minute", decision.headers(), decision.retry_after
             )
 
     async def open(self, plan: Plan) -> ChatStream:

@@ -90,7 +90,7 @@ def _decode_json(body: bytes) -> GenerateRequest:
         return msgspec.json.decode(body, type=GenerateRequest)
     except msgspec.ValidationError as exc:
         raise InvalidInput(str(exc), code="invalid_field", field=_field_of(exc)) from None
-    except msgspec.DecodeError:
+    except (msgspec.DecodeError, UnicodeDecodeError):
         raise BadRequest("The body is not valid JSON", code="malformed_json") from None
 
 
@@ -159,7 +159,7 @@ async def read_submission(request: Request[Any, Any, Any], settings: Settings) -
     status_code=202,
     operation_class=GenerateOperation,
     response_headers=[ResponseHeader(name="Location", description="URL of the new task", documentation_only=True)],
-    responses=problem_responses(401, 402, 403, 409, 413, 415, 422),
+    responses=problem_responses(401, 402, 403, 409, 413, 415, 422, 429),
 )
 async def generate_image(
     request: Request[Any, Any, Any], caller: Caller, runtime: Runtime, idempotency_key: IdempotencyKey = None
@@ -173,7 +173,7 @@ async def generate_image(
     "/images/tasks/{task_id:str}",
     operation_id="getTask",
     summary="A task as it stands",
-    responses=problem_responses(401, 403, 404),
+    responses=problem_responses(401, 403, 429, 404),
 )
 async def get_task(task_id: TaskId, caller: Caller, runtime: Runtime) -> TaskOut:
     async with runtime.db.read() as session:
@@ -183,7 +183,9 @@ async def get_task(task_id: TaskId, caller: Caller, runtime: Runtime) -> TaskOut
     return task_view(task)
 
 
-@get("/images/tasks", operation_id="listTasks", summary="Tasks, newest first", responses=problem_responses(401, 403))
+@get(
+    "/images/tasks", operation_id="listTasks", summary="Tasks, newest first", responses=problem_responses(401, 403, 429)
+)
 async def list_tasks(
     caller: Caller, runtime: Runtime, limit: Limit = 20, cursor: Cursor = None, status: TaskStatus | None = None
 ) -> TaskPage:
@@ -202,7 +204,7 @@ async def list_tasks(
     operation_id="cancelTask",
     summary="Cancel a task and refund it",
     status_code=200,
-    responses=problem_responses(401, 403, 404, 409),
+    responses=problem_responses(401, 403, 429, 404, 409),
 )
 async def cancel_task(task_id: TaskId, caller: Caller, runtime: Runtime) -> TaskOut:
     return task_view(await service.cancel(runtime, caller, task_id))
@@ -213,7 +215,7 @@ async def cancel_task(task_id: TaskId, caller: Caller, runtime: Runtime) -> Task
     operation_id="getTaskImage",
     summary="Download a finished image",
     operation_class=ImageOperation,
-    responses=problem_responses(401, 403, 404, 409),
+    responses=problem_responses(401, 403, 429, 404, 409),
 )
 async def get_task_image(
     request: Request[Any, Any, Any],
@@ -252,7 +254,7 @@ def _matches(if_none_match: str | None, digest: str) -> bool:
     "/models",
     operation_id="listModels",
     summary="Image models, sizes, qualities and prices",
-    responses=problem_responses(401, 403),
+    responses=problem_responses(401, 403, 429),
 )
 async def list_models(caller: Caller, runtime: Runtime) -> ModelList:
     return model_list(runtime.settings)

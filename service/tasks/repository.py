@@ -8,9 +8,10 @@ from typing import Any
 
 from sqlalchemy import Select, and_, func, insert, or_, select, update
 from sqlalchemy.ext.asyncio import AsyncSession
+from sqlalchemy.orm import aliased
 
 from service.credits import repository as ledger
-from service.db.models import Task
+from service.db.models import Task, Tenant
 
 TERMINAL = ("completed", "failed", "cancelled")
 
@@ -48,11 +49,38 @@ def _claimable(now: datetime, max_attempts: int) -> Any:
     return or_(Task.status == "queued", lapsed)
 
 
+def _under_running_limit(now: datetime, default_limit: int) -> Any:
+    """The task's tenant runs fewer tasks (with live leases) than its limit allows."""
+    running = aliased(Task)
+    running_now = (
+        select(func.count())
+        .where(running.tenant_id == Task.tenant_id, running.status == "running", running.lease_expires_at >= now)
+        .scalar_subquery()
+    )
+    limit = (
+        select(func.coalesce(Tenant.max_running_tasks, default_limit))
+        .where(Tenant.id == Task.tenant_id)
+        .scalar_subquery()
+    )
+    return running_now < limit
+
+
 async def claim_next(
-    session: AsyncSession, *, owner: str, now: datetime, lease_seconds: float, max_attempts: int
+    session: AsyncSession,
+    *,
+    owner: str,
+    now: datetime,
+    lease_seconds: float,
+    max_attempts: int,
+    default_running_limit: int,
 ) -> Task | None:
-    """Take the oldest queued task, or one whose worker's lease lapsed, in one compare-and-set statement."""
-    next_id = select(Task.id).where(_claimable(now, max_attempts)).order_by(Task.id).limit(1).scalar_subquery()
+    """Take the oldest queued task whose tenant is under its running limit, or one whose worker's lease lapsed, in
+    one compare-and-set statement."""
+    candidates = or_(
+        and_(Task.status == "queued", _under_running_limit(now, default_running_limit)),
+        and_(Task.status == "running", Task.lease_expires_at < now, Task.attempts < max_attempts),
+    )
+    next_id = select(Task.id).where(candidates).order_by(Task.id).limit(1).scalar_subquery()
     claimed = await session.scalars(
         update(Task)
         .where(Task.id == next_id, _claimable(now, max_attempts))

@@ -130,6 +130,7 @@ class WorkerPool:
                 now=utcnow(),
                 lease_seconds=self.settings.lease_seconds,
                 max_attempts=self.settings.max_attempts,
+                default_running_limit=self.settings.max_running_tasks,
             )
 
     async def _fail_abandoned(self) -> None:

@@ -17,11 +17,14 @@ from typing import Any
 
 from litestar import Request
 from litestar.connection import ASGIConnection
+from litestar.datastructures import MutableScopeHeaders
 from litestar.handlers import BaseRouteHandler
+from litestar.types import Message, Scope
 from sqlalchemy import select
 
 from service.db.models import ApiKey, Tenant
-from service.errors import Forbidden, Unauthorized
+from service.errors import Forbidden, RateLimited, Unauthorized
+from service.ratelimit import Decision
 from service.runtime import Runtime
 
 KEY_PREFIX = "igk_"
@@ -75,17 +78,31 @@ async def provide_caller(request: Request[Any, Any, Any], runtime: Runtime) -> C
     async with runtime.db.read() as session:
         row = (
             await session.execute(
-                select(ApiKey.id, ApiKey.salt, ApiKey.key_hash, Tenant.id, Tenant.status)
+                select(ApiKey.id, ApiKey.salt, ApiKey.key_hash, Tenant.id, Tenant.status, Tenant.rate_limit_per_minute)
                 .join(Tenant, Tenant.id == ApiKey.tenant_id)
                 .where(ApiKey.prefix == prefix, ApiKey.revoked_at.is_(None))
             )
         ).first()
     if row is None or not hmac.compare_digest(salted_digest(row[1], secret), row[2]):
         raise Unauthorized("The API key is not valid", code="invalid_api_key")
-    key_id, _, _, tenant_id, status = row
+    key_id, _, _, tenant_id, status, per_minute = row
     if status != "active":
         raise Forbidden("This tenant is suspended", code="tenant_suspended")
+    decision = runtime.limiter.take(tenant_id, per_minute or runtime.settings.rate_limit_per_minute)
+    request.state.rate_limit = decision
+    if not decision.allowed:
+        raise RateLimited(f"At most {decision.limit} requests a minute", decision.headers(), decision.retry_after)
     return Caller(tenant_id=tenant_id, key_id=key_id)
+
+
+async def add_rate_limit_headers(message: Message, scope: Scope) -> None:
+    """Every answer to a tenant says where it stands against its request limit."""
+    decision = scope.get("state", {}).get("rate_limit")
+    if message["type"] == "http.response.start" and isinstance(decision, Decision):
+        headers = MutableScopeHeaders.from_message(message)
+        for name, value in decision.headers().items():
+            if name not in headers:
+                headers[name] = value
 
 
 async def admin_guard(connection: ASGIConnection[Any, Any, Any, Any], _: BaseRouteHandler) -> None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import Annotated
 
+import msgspec
 from litestar import Router, delete, get, patch, post
 from litestar.params import Parameter
 
@@ -74,7 +75,8 @@ async def get_tenant(tenant_id: TenantId, runtime: Runtime) -> TenantOut:
 )
 async def update_tenant(tenant_id: TenantId, data: TenantUpdate, runtime: Runtime) -> TenantOut:
     async with runtime.db.write() as session:
-        tenant = await repository.set_status(session, tenant_id, data.status, utcnow())
+        changes = {name: value for name, value in msgspec.structs.asdict(data).items() if value is not None}
+        tenant = await repository.update_tenant(session, tenant_id, changes, utcnow())
     if tenant is None:
         raise NotFound("No such tenant", code="tenant_not_found")
     return tenant_view(tenant)

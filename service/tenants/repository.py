@@ -40,8 +40,10 @@ async def list_tenants(session: AsyncSession, *, limit: int, before: str | None)
     return list(await session.scalars(statement.order_by(Tenant.id.desc()).limit(limit)))
 
 
-async def set_status(session: AsyncSession, tenant_id: str, status: str, now: datetime) -> Tenant | None:
-    await session.execute(update(Tenant).where(Tenant.id == tenant_id).values(status=status, updated_at=now))
+async def update_tenant(
+    session: AsyncSession, tenant_id: str, changes: dict[str, object], now: datetime
+) -> Tenant | None:
+    await session.execute(update(Tenant).where(Tenant.id == tenant_id).values(**changes, updated_at=now))
     return await get_tenant(session, tenant_id)
 
 

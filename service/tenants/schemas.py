@@ -13,10 +13,14 @@ TenantStatus = Literal["active", "suspended"]
 
 
 class TenantOut(msgspec.Struct):
+    """A tenant. A limit of null means the service-wide default applies."""
+
     id: str
     name: str
     status: TenantStatus
     balance: int
+    rate_limit_per_minute: int | None
+    max_running_tasks: int | None
     created_at: datetime
 
 
@@ -32,8 +36,16 @@ class TenantCreated(msgspec.Struct):
     api_key: str
 
 
+PerMinute = Annotated[int, msgspec.Meta(ge=1, le=1_000_000, description="Requests a minute to tenant routes")]
+Running = Annotated[int, msgspec.Meta(ge=1, le=10_000, description="Tasks running at once; more wait in the queue")]
+
+
 class TenantUpdate(msgspec.Struct, forbid_unknown_fields=True):
-    status: TenantStatus
+    """The fields to change; those left out stay as they are."""
+
+    status: TenantStatus | None = None
+    rate_limit_per_minute: PerMinute | None = None
+    max_running_tasks: Running | None = None
 
 
 class TenantPage(msgspec.Struct):
@@ -54,5 +66,7 @@ def tenant_view(tenant: Tenant) -> TenantOut:
         name=tenant.name,
         status=tenant.status,  # type: ignore[arg-type]
         balance=tenant.balance,
+        rate_limit_per_minute=tenant.rate_limit_per_minute,
+        max_running_tasks=tenant.max_running_tasks,
         created_at=tenant.created_at,
     )

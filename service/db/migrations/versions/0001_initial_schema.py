@@ -24,6 +24,8 @@ def upgrade() -> None:
         sa.Column("name", sa.String(length=200), nullable=False),
         sa.Column("status", sa.String(length=16), nullable=False),
         sa.Column("balance", sa.BigInteger(), nullable=False),
+        sa.Column("rate_limit_per_minute", sa.Integer(), nullable=True),
+        sa.Column("max_running_tasks", sa.Integer(), nullable=True),
         sa.Column("created_at", sa.DateTime(timezone=True), nullable=False),
         sa.Column("updated_at", sa.DateTime(timezone=True), nullable=False),
         sa.CheckConstraint("balance >= 0", name=op.f("ck_tenants_balance_not_negative")),
@@ -101,6 +103,7 @@ def upgrade() -> None:
     with op.batch_alter_table("tasks", schema=None) as batch_op:
         batch_op.create_index("ix_tasks_status_lease", ["status", "lease_expires_at"], unique=False)
         batch_op.create_index("ix_tasks_tenant_id_id", ["tenant_id", "id"], unique=False)
+        batch_op.create_index("ix_tasks_tenant_id_status", ["tenant_id", "status"], unique=False)
 
     op.create_table(
         "ledger_entries",
@@ -130,6 +133,7 @@ def downgrade() -> None:
 
     op.drop_table("ledger_entries")
     with op.batch_alter_table("tasks", schema=None) as batch_op:
+        batch_op.drop_index("ix_tasks_tenant_id_status")
         batch_op.drop_index("ix_tasks_tenant_id_id")
         batch_op.drop_index("ix_tasks_status_lease")
 
