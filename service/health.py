@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Literal
+
 import msgspec
 from litestar import get
 from sqlalchemy import text
@@ -15,10 +17,14 @@ class Health(msgspec.Struct):
 
 
 class Readiness(msgspec.Struct):
-    status: str
-    database: str
-    storage: str
-    upstream: str
+    """`upstream` is `degraded` after a run of failed upstream calls; reads and cancellations keep working."""
+
+    status: Literal["ready"]
+    database: Literal["ok"]
+    storage: Literal["ok"]
+    upstream: Literal["ok", "degraded"]
+    upstream_api: Literal["offline", "tasks", "images"]
+    upstream_error: str | None
 
 
 @get("/healthz", operation_id="health", summary="Liveness", tags=["health"])
@@ -43,5 +49,12 @@ async def ready(runtime: Runtime) -> Readiness:
         await runtime.store.check()
     except OSError:
         raise ServiceUnavailable("Image storage is not writable", code="storage_unavailable") from None
-    upstream = "offline" if runtime.settings.is_offline else runtime.settings.upstream_api
-    return Readiness(status="ready", database="ok", storage="ok", upstream=upstream)
+    health = runtime.upstream_health
+    return Readiness(
+        status="ready",
+        database="ok",
+        storage="ok",
+        upstream="degraded" if health.degraded else "ok",
+        upstream_api="offline" if runtime.settings.is_offline else runtime.settings.upstream_api,  # type: ignore[arg-type]
+        upstream_error=health.last_error,
+    )

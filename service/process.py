@@ -32,10 +32,10 @@ async def running(settings: Settings, *, workers: bool) -> AsyncIterator[Runtime
             )
             base_url = await offline.start()
             stack.push_async_callback(offline.stop)
-        runtime.enhancer = Enhancer(runtime, open_prompt_model(settings, base_url, api_key))
+        runtime.enhancer = Enhancer(runtime, open_prompt_model(settings, base_url, api_key, runtime.upstream_health))
         stack.push_async_callback(runtime.enhancer.close)
         if workers:
-            upstream = open_image_upstream(settings, base_url, api_key)
+            upstream = open_image_upstream(settings, base_url, api_key, runtime.upstream_health)
             stack.push_async_callback(upstream.close)
             pool = WorkerPool(runtime, upstream)
             runtime.workers = pool

@@ -9,6 +9,7 @@ from service.db.engine import Database
 from service.images.storage import BlobStore
 from service.ratelimit import RateLimiter
 from service.settings import Settings
+from service.upstream.http import UpstreamHealth
 
 if TYPE_CHECKING:
     from service.prompts.service import Enhancer
@@ -17,13 +18,14 @@ if TYPE_CHECKING:
 
 class Runtime:
     # A plain class, not a dataclass: handlers receive it as a dependency and the framework leaves such values as-is.
-    __slots__ = ("db", "enhancer", "limiter", "settings", "store", "workers")
+    __slots__ = ("db", "enhancer", "limiter", "settings", "store", "upstream_health", "workers")
 
     def __init__(self, settings: Settings, db: Database, store: BlobStore) -> None:
         self.settings = settings
         self.db = db
         self.store = store
         self.limiter = RateLimiter()
+        self.upstream_health = UpstreamHealth()
         self.workers: WorkerPool | None = None
         self.enhancer: Enhancer | None = None
 

@@ -7,7 +7,7 @@ import asyncio
 import pytest
 
 from service.upstream.base import UpstreamError
-from service.upstream.http import UpstreamHTTP
+from service.upstream.http import UpstreamHealth, UpstreamHTTP
 from tests.conftest import Upstream
 
 
@@ -25,7 +25,7 @@ def test_images_outside_the_upstream_origin_are_refused(upstream: Upstream, url:
     before = upstream.stats()
 
     async def fetch() -> None:
-        client = UpstreamHTTP(upstream.base_url, upstream.api_key, timeout=2, connections=2)
+        client = UpstreamHTTP(upstream.base_url, upstream.api_key, timeout=2, connections=2, health=UpstreamHealth())
         try:
             await client.fetch_image(url.format(port=upstream.port, other=upstream.port + 1), 10_000)
         finally:
@@ -40,7 +40,9 @@ def test_images_outside_the_upstream_origin_are_refused(upstream: Upstream, url:
 
 def test_a_missing_image_on_the_upstream_is_a_permanent_error(upstream: Upstream) -> None:
     async def fetch() -> None:
-        client = UpstreamHTTP(upstream.base_url + "/v1", upstream.api_key, timeout=2, connections=2)
+        client = UpstreamHTTP(
+            upstream.base_url + "/v1", upstream.api_key, timeout=2, connections=2, health=UpstreamHealth()
+        )
         try:
             await client.fetch_image("/files/nothing.png", 10_000)
         finally:

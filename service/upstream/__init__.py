@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from service.settings import Settings
 from service.upstream.base import ImageUpstream
-from service.upstream.http import UpstreamHTTP
+from service.upstream.http import UpstreamHealth, UpstreamHTTP
 from service.upstream.images_api import ImagesUpstream
 from service.upstream.tasks_api import TasksUpstream
 
@@ -20,12 +20,13 @@ def openai_base(base_url: str) -> str:
     return task_api_root(base_url) + "/v1"
 
 
-def open_image_upstream(settings: Settings, base_url: str, api_key: str) -> ImageUpstream:
+def open_image_upstream(settings: Settings, base_url: str, api_key: str, health: UpstreamHealth) -> ImageUpstream:
     http = UpstreamHTTP(
         task_api_root(base_url),
         api_key,
         timeout=settings.upstream_timeout,
         connections=max(8, settings.worker_concurrency * 2),
+        health=health,
     )
     if settings.upstream_api == "images":
         return ImagesUpstream(http, max_image_bytes=settings.max_output_bytes)

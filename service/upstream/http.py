@@ -9,7 +9,9 @@ from __future__ import annotations
 import asyncio
 import base64
 import binascii
+import contextlib
 import json
+from collections.abc import Iterator
 from typing import Any
 from urllib.parse import urljoin, urlsplit
 
@@ -21,6 +23,32 @@ MAX_ERROR_BODY = 64 * 1024
 MAX_JSON_BODY = 256 * 1024 * 1024
 
 
+class UpstreamHealth:
+    """What the last upstream calls of this process say: degraded after a run of transient failures (timeouts,
+    refused connections, 5xx, 429), healthy again at the first success."""
+
+    def __init__(self, failures_to_degrade: int = 3) -> None:
+        self._failures_to_degrade = failures_to_degrade
+        self._consecutive_failures = 0
+        self.last_error: str | None = None
+
+    @property
+    def degraded(self) -> bool:
+        return self._consecutive_failures >= self._failures_to_degrade
+
+    @contextlib.contextmanager
+    def watch(self) -> Iterator[None]:
+        try:
+            yield
+        except UpstreamError as exc:
+            if exc.transient:
+                self._consecutive_failures += 1
+                self.last_error = exc.code
+            raise
+        self._consecutive_failures = 0
+        self.last_error = None
+
+
 def origin(url: str) -> tuple[str, str, int]:
     parts = urlsplit(url)
     port = parts.port or (443 if parts.scheme == "https" else 80)
@@ -28,8 +56,11 @@ def origin(url: str) -> tuple[str, str, int]:
 
 
 class UpstreamHTTP:
-    def __init__(self, base_url: str, api_key: str | None, *, timeout: float, connections: int) -> None:
+    def __init__(
+        self, base_url: str, api_key: str | None, *, timeout: float, connections: int, health: UpstreamHealth
+    ) -> None:
         self.base_url = base_url.rstrip("/")
+        self.health = health
         self._origin = origin(self.base_url)
         self._timeout = aiohttp.ClientTimeout(total=timeout, sock_connect=min(timeout, 10.0))
         # Streams may run longer than one request's limit, as long as bytes keep arriving.
@@ -47,8 +78,7 @@ class UpstreamHTTP:
     def url(self, path: str) -> str:
         return f"{self.base_url}{path}"
 
-    async def request_json(self, method: str, path: str, **kwargs: Any) -> Any:
-        """Send a request and decode a JSON answer, raising a classified UpstreamError on any failure."""
+    async def _request_json(self, method: str, path: str, **kwargs: Any) -> Any:
         try:
             async with self._session.request(method, self.url(path), allow_redirects=False, **kwargs) as response:
                 if response.status >= 300:
@@ -69,8 +99,7 @@ class UpstreamHTTP:
                 "upstream_bad_response", "The upstream answered with invalid JSON", transient=True
             ) from None
 
-    async def open_stream(self, path: str, body: dict[str, Any]) -> aiohttp.ClientResponse:
-        """POST and return the response once its status says the stream has begun; the caller releases it."""
+    async def _open_stream(self, path: str, body: dict[str, Any]) -> aiohttp.ClientResponse:
         try:
             response = await self._session.post(
                 self.url(path), json=body, allow_redirects=False, timeout=self._stream_timeout
@@ -87,6 +116,20 @@ class UpstreamHTTP:
             finally:
                 response.release()
         return response
+
+    async def request_json(self, method: str, path: str, **kwargs: Any) -> Any:
+        with self.health.watch():
+            return await self._request_json(method, path, **kwargs)
+
+    async def open_stream(self, path: str, body: dict[str, Any]) -> aiohttp.ClientResponse:
+        """POST and return the response once its status says the stream has begun; the caller releases it."""
+        with self.health.watch():
+            return await self._open_stream(path, body)
+
+    async def fetch_image(self, url: str, max_bytes: int) -> bytes:
+        """Download an output image, only from the upstream's origin, with no redirects and a size limit."""
+        with self.health.watch():
+            return await self._fetch_image(url, max_bytes)
 
     async def result_from(self, items: list[Any], max_bytes: int, upstream_ids: list[str]) -> GenerationResult:
         """Collect the images of an upstream answer's data list, and its revised prompt."""
@@ -108,8 +151,7 @@ class UpstreamHTTP:
             return await self.fetch_image(item["url"], max_bytes)
         raise UpstreamError("upstream_bad_response", "The upstream image has neither data nor a URL", transient=False)
 
-    async def fetch_image(self, url: str, max_bytes: int) -> bytes:
-        """Download an output image, only from the upstream's origin, with no redirects and a size limit."""
+    async def _fetch_image(self, url: str, max_bytes: int) -> bytes:
         absolute = urljoin(self.base_url + "/", url)
         if origin(absolute) != self._origin:
             raise UpstreamError(
