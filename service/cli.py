@@ -14,6 +14,7 @@ import msgspec
 import uvicorn
 
 from service.app import create_app
+from service.credits.audit import AuditReport, audit_ledger
 from service.db.engine import Database
 from service.db.migrations import upgrade
 from service.errors import ServiceError
@@ -116,6 +117,22 @@ def grant_credits(args: argparse.Namespace) -> None:
     asyncio.run(run())
 
 
+def audit(args: argparse.Namespace) -> None:
+    settings = _settings()
+
+    async def run() -> AuditReport:
+        db = Database(settings.database_url)
+        try:
+            return await audit_ledger(db)
+        finally:
+            await db.dispose()
+
+    report = asyncio.run(run())
+    print("\n".join(report.lines()))
+    if not report.clean or (args.expect_finished and report.unfinished):
+        raise SystemExit(1)
+
+
 def openapi(args: argparse.Namespace) -> None:
     # Generated from the defaults, never from the caller's environment, so the document is the same everywhere.
     app = create_app(Settings.from_mapping({}))
@@ -163,6 +180,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("amount", type=int)
     p.add_argument("--reason", default="granted from the command line")
     p.set_defaults(func=grant_credits)
+
+    p = commands.add_parser("audit", help="check the ledger's invariants; exits 1 on any lost or doubled credit")
+    p.add_argument("--expect-finished", action="store_true", help="also fail while any task is queued or running")
+    p.set_defaults(func=audit)
 
     p = commands.add_parser("openapi", help="write the OpenAPI document")
     p.add_argument("--output", type=Path, default=DEFAULT_SPEC)

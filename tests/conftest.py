@@ -6,13 +6,7 @@ started with a given environment; `Tenant` is an HTTP client holding one tenant'
 
 from __future__ import annotations
 
-import os
 import secrets
-import signal
-import socket
-import subprocess
-import sys
-import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -21,141 +15,30 @@ from typing import Any
 import httpx
 import pytest
 
+from bench.harness import OfflineUpstream, ServiceProcess, wait_until
+
 ADMIN_KEY = "admin-" + secrets.token_hex(16)
 TERMINAL = {"completed", "failed", "cancelled"}
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
+class Upstream(OfflineUpstream):
+    """The offline upstream server, with its fault switches."""
 
 
-def wait_until(predicate: Any, timeout: float, message: str, interval: float = 0.02) -> Any:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(interval)
-    raise AssertionError(f"timed out after {timeout}s: {message}")
-
-
-class Upstream:
-    """The offline upstream as its own process, controlled over its HTTP control routes."""
-
-    def __init__(self, log_path: Path) -> None:
-        self.api_key = "upstream-" + secrets.token_hex(16)
-        self.port = free_port()
-        self.base_url = f"http://127.0.0.1:{self.port}"
-        self._log = log_path.open("wb")
-        self.process = subprocess.Popen(
-            [
-                sys.executable,
-                "-m",
-                "service",
-                "offline-upstream",
-                "--port",
-                str(self.port),
-                "--api-key",
-                self.api_key,
-                "--latency",
-                "0",
-            ],
-            stdout=self._log,
-            stderr=subprocess.STDOUT,
-        )
-        self.control = httpx.Client(
-            base_url=self.base_url, headers={"Authorization": f"Bearer {self.api_key}"}, timeout=10
-        )
-        wait_until(self._up, 20, "offline upstream did not start")
-
-    def _up(self) -> bool:
-        try:
-            return self.control.get("/_offline/faults").status_code == 200
-        except httpx.TransportError:
-            return False
-
-    def faults(self, *rules: dict[str, Any]) -> None:
-        self.control.put("/_offline/faults", json={"rules": list(rules)}).raise_for_status()
-
-    def injected(self) -> dict[str, int]:
-        return dict(self.control.get("/_offline/faults").json()["injected"])
-
-    def settings(self, **values: float) -> None:
-        self.control.put("/_offline/settings", json=values).raise_for_status()
-
-    def stats(self) -> dict[str, int]:
-        return dict(self.control.get("/_offline/stats").json()["requests"])
-
-    def stop(self) -> None:
-        self.control.close()
-        self.process.terminate()
-        self.process.wait(10)
-        self._log.close()
-
-
-class Service:
-    """One `imagegen` process (serve or worker) with its own environment."""
+class Service(ServiceProcess):
+    """An `imagegen` process whose tenants are handed out as `Tenant` clients, closed when it stops."""
 
     def __init__(self, data_dir: Path, env: dict[str, str], command: str = "serve", name: str = "service") -> None:
-        self.data_dir = data_dir
-        data_dir.mkdir(parents=True, exist_ok=True)
-        self.port = free_port()
-        self.base_url = f"http://127.0.0.1:{self.port}"
-        self.command = command
-        self.env = {**os.environ, **env, "DATA_DIR": str(data_dir)}
-        self.log_path = data_dir / f"{name}.log"
-        self.process: subprocess.Popen[bytes] | None = None
         self.tenants: list[Tenant] = []
-        self.start()
-
-    def start(self) -> None:
-        args = [sys.executable, "-m", "service", self.command]
-        if self.command == "serve":
-            args += ["--port", str(self.port)]
-        log = self.log_path.open("ab")
-        self.process = subprocess.Popen(args, env=self.env, stdout=log, stderr=subprocess.STDOUT, cwd=self.data_dir)
-        log.close()
-        if self.command == "serve":
-            wait_until(self._healthy, 30, f"service did not start; see {self.log_path}")
-
-    def _healthy(self) -> bool:
-        assert self.process is not None
-        if self.process.poll() is not None:
-            raise AssertionError(f"service exited: {self.log_path.read_text()[-3000:]}")
-        try:
-            return httpx.get(f"{self.base_url}/healthz", timeout=1).status_code == 200
-        except httpx.TransportError:
-            return False
-
-    def kill(self) -> None:
-        assert self.process is not None
-        self.process.send_signal(signal.SIGKILL)
-        self.process.wait(10)
+        super().__init__(data_dir, env, command, name)
 
     def stop(self) -> None:
         for tenant in self.tenants:
             tenant.client.close()
-        if self.process is not None and self.process.poll() is None:
-            self.process.terminate()
-            try:
-                self.process.wait(15)
-            except subprocess.TimeoutExpired:
-                self.kill()
-
-    def log_text(self) -> str:
-        return self.log_path.read_text(errors="replace")
-
-    def admin(self) -> httpx.Client:
-        return httpx.Client(base_url=self.base_url, headers={"Authorization": f"Bearer {ADMIN_KEY}"}, timeout=30)
+        super().stop()
 
     def new_tenant(self, credits: int = 100, name: str = "acme") -> Tenant:
-        with self.admin() as admin:
-            response = admin.post("/api/admin/tenants", json={"name": name, "credits": credits})
-        assert response.status_code == 201, response.text
-        body = response.json()
-        tenant = Tenant(self.base_url, body["tenant"]["id"], body["api_key"])
+        tenant = Tenant(self.base_url, *self.create_tenant(credits, name))
         self.tenants.append(tenant)
         return tenant
 

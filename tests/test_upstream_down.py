@@ -8,7 +8,8 @@ from pathlib import Path
 
 import httpx
 
-from tests.conftest import Service, Upstream, free_port, service_env, wait_until
+from bench.harness import free_port
+from tests.conftest import Service, Upstream, service_env, wait_until
 
 
 def _timed(call: object) -> tuple[httpx.Response, float]:

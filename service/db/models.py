@@ -118,6 +118,7 @@ class Task(Base):
     upstream: Mapped[str] = mapped_column(String(16))
     upstream_ids: Mapped[list[str]] = mapped_column(JSONType, default=list)
     attempts: Mapped[int] = mapped_column(Integer, default=0)
+    retries: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
     lease_owner: Mapped[str | None] = mapped_column(String(64), nullable=True)
     lease_expires_at: Mapped[datetime | None] = mapped_column(UTCDateTime(), nullable=True)
     deadline_at: Mapped[datetime] = mapped_column(UTCDateTime())

@@ -48,6 +48,7 @@ class Outcome:
     images: list[dict[str, Any]] = field(default_factory=list)
     revised_prompt: str | None = None
     final_prompt: str | None = None
+    retries: int = 0
     upstream_ids: list[str] = field(default_factory=list)
     error_code: str | None = None
     error_message: str | None = None
@@ -69,7 +70,7 @@ class WorkerPool:
         self._active: dict[str, asyncio.Task[Outcome]] = {}
         self._runs: set[asyncio.Task[None]] = set()
         self._loops: list[asyncio.Task[None]] = []
-        self.retries = 0
+        self._retries: dict[str, int] = {}
         self._next_purge = utcnow()
 
     def wake(self) -> None:
@@ -182,6 +183,8 @@ class WorkerPool:
             )
         finally:
             self._active.pop(task.id, None)
+            retries = self._retries.pop(task.id, 0)
+        outcome.retries = retries
         await self._settle(task, outcome)
 
     async def _settle(self, task: Task, outcome: Outcome) -> None:
@@ -198,6 +201,7 @@ class WorkerPool:
                     images=outcome.images,
                     revised_prompt=outcome.revised_prompt,
                     final_prompt=outcome.final_prompt,
+                    retries=Task.retries + outcome.retries,
                     upstream_ids=outcome.upstream_ids,
                     error_code=outcome.error_code,
                     error_message=outcome.error_message,
@@ -253,7 +257,7 @@ class WorkerPool:
                     raise
                 last_error = exc
             attempt += 1
-            self.retries += 1
+            self._retries[task.id] = self._retries.get(task.id, 0) + 1
             delay = backoff_delay(
                 attempt, self.settings.retry_base_delay, self.settings.retry_max_delay, last_error.retry_after
             )

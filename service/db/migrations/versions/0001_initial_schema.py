@@ -89,6 +89,7 @@ def upgrade() -> None:
         sa.Column("upstream", sa.String(length=16), nullable=False),
         sa.Column("upstream_ids", sa.JSON().with_variant(postgresql.JSONB(), "postgresql"), nullable=False),
         sa.Column("attempts", sa.Integer(), nullable=False),
+        sa.Column("retries", sa.Integer(), server_default="0", nullable=False),
         sa.Column("lease_owner", sa.String(length=64), nullable=True),
         sa.Column("lease_expires_at", sa.DateTime(timezone=True), nullable=True),
         sa.Column("deadline_at", sa.DateTime(timezone=True), nullable=False),

@@ -1,0 +1,1 @@
+"""Benchmarks and the soak test, run against real service processes on loopback."""
