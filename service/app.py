@@ -2,29 +2,34 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+import re
+from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from typing import cast
 
 import msgspec
 from litestar import Litestar
-from litestar.datastructures import State
+from litestar.datastructures import MutableScopeHeaders, State
 from litestar.di import Provide
 from litestar.openapi import OpenAPIConfig
-from litestar.openapi.spec import Components, Schema, SecurityScheme
+from litestar.openapi.spec import Components, Link, Schema, SecurityScheme
+from litestar.routes import HTTPRoute
+from litestar.types import Message, Scope
 
 from service import health
 from service.credits import endpoints as credits
+from service.credits.schemas import CreditGrant
 from service.errors import EXCEPTION_HANDLERS
 from service.process import running
 from service.prompts import endpoints as prompts
-from service.prompts.service import EnhanceResult
+from service.prompts.service import EnhanceRequest, EnhanceResult
 from service.runtime import Runtime
 from service.settings import Settings
 from service.tasks import endpoints as tasks
 from service.tasks.schemas import request_body_components
 from service.tenants import endpoints as admin
 from service.tenants.auth import add_rate_limit_headers, provide_caller
+from service.tenants.schemas import TenantCreate, TenantUpdate
 
 API_VERSION = "1.0.0"
 
@@ -60,7 +65,14 @@ def create_app(settings: Settings | None = None) -> Litestar:
             yield
 
     app = Litestar(
-        route_handlers=[tasks.router, prompts.router, credits.router, admin.router, health.health, health.ready],
+        route_handlers=[
+            tasks.router,
+            prompts.router,
+            credits.router,
+            admin.AdminController,
+            health.health,
+            health.ready,
+        ],
         dependencies={"runtime": Provide(provide_runtime, sync_to_thread=False), "caller": Provide(provide_caller)},
         exception_handlers=EXCEPTION_HANDLERS,  # type: ignore[arg-type]
         openapi_config=openapi_config(),
@@ -70,21 +82,70 @@ def create_app(settings: Settings | None = None) -> Litestar:
         request_max_body_size=settings.max_request_body_bytes,
         multipart_form_part_limit=settings.max_reference_images + 16,
     )
-    _document_request_bodies(app)
+    _document_request_bodies(app, settings)
+    _document_links(app)
+    app.before_send.append(_allow_header_for(app))
     return app
 
 
-def _document_request_bodies(app: Litestar) -> None:
-    """Finish the schemas: bodies that refuse unknown fields say so (`additionalProperties: false`), and the shapes no
-    handler signature declares (the generate route's two bodies, the enhancement's JSON answer) join the components."""
+def _allow_header_for(app: Litestar) -> Callable[[Message, Scope], Awaitable[None]]:
+    """The framework's automatic OPTIONS answer can list only some of a path's methods when they are registered one by
+    one; state them all, from the finished route table."""
+    allowed = {
+        re.sub(r"{(\w+):\w+}", r"{\1}", route.path): ", ".join(sorted(route.methods))
+        for route in app.routes
+        if isinstance(route, HTTPRoute)
+    }
+
+    async def set_allow(message: Message, scope: Scope) -> None:
+        if message["type"] == "http.response.start" and scope.get("method") == "OPTIONS":
+            methods = allowed.get(str(scope.get("path_template", "")))
+            if methods:
+                MutableScopeHeaders.from_message(message)["Allow"] = methods
+
+    return set_allow
+
+
+# Which answer feeds which next call: SDK users read these, and stateful API tests follow them.
+LINKS: dict[tuple[str, str, str], dict[str, tuple[str, dict[str, str]]]] = {
+    ("/api/images/generate", "post", "202"): {
+        "GetTask": ("getTask", {"task_id": "$response.body#/id"}),
+        "GetTaskImage": ("getTaskImage", {"task_id": "$response.body#/id"}),
+        "CancelTask": ("cancelTask", {"task_id": "$response.body#/id"}),
+    },
+    ("/api/images/tasks/{task_id}", "get", "200"): {
+        "GetTaskImage": ("getTaskImage", {"task_id": "$response.body#/id"}),
+        "CancelTask": ("cancelTask", {"task_id": "$response.body#/id"}),
+    },
+    ("/api/admin/tenants", "post", "201"): {
+        "GetTenant": ("getTenant", {"tenant_id": "$response.body#/tenant/id"}),
+        "UpdateTenant": ("updateTenant", {"tenant_id": "$response.body#/tenant/id"}),
+        "CreateApiKey": ("createApiKey", {"tenant_id": "$response.body#/tenant/id"}),
+        "GrantCredits": ("grantCredits", {"tenant_id": "$response.body#/tenant/id"}),
+    },
+    ("/api/admin/tenants/{tenant_id}/api-keys", "post", "201"): {
+        "RevokeApiKey": ("revokeApiKey", {"key_id": "$response.body#/id"}),
+    },
+}
+
+
+def _document_links(app: Litestar) -> None:
+    paths = app.openapi_schema.paths or {}
+    for (path, method, status), links in LINKS.items():
+        operation = getattr(paths[path], method)
+        operation.responses[status].links = {
+            name: Link(operation_id=target, parameters=dict(parameters)) for name, (target, parameters) in links.items()
+        }
+
+
+def _document_request_bodies(app: Litestar, settings: Settings) -> None:
+    """Add the schemas no handler signature declares: every request body (decoded by the routes themselves, see
+    `service.bodies`) and the enhancement's JSON answer."""
     components = app.openapi_schema.components
-    _, enhance_result = msgspec.json.schema_components([EnhanceResult], ref_template="#/components/schemas/{name}")
-    extra = {**request_body_components(), **enhance_result}
+    _, bodies = msgspec.json.schema_components(
+        [TenantCreate, TenantUpdate, CreditGrant, EnhanceRequest, EnhanceResult],
+        ref_template="#/components/schemas/{name}",
+    )
+    extra = {**request_body_components(settings), **bodies}
     schemas = {**(components.schemas or {}), **cast(dict[str, Schema], extra)}
-    for route in app.routes:
-        for handler in getattr(route, "route_handlers", []):
-            body = handler.parsed_data_field
-            config = getattr(body.annotation, "__struct_config__", None) if body else None
-            if body is not None and config is not None and config.forbid_unknown_fields:
-                schemas[body.annotation.__name__].additional_properties = False
     components.schemas = dict(sorted(schemas.items()))

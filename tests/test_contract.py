@@ -96,7 +96,11 @@ MULTIPART_CASES = [
         id="not-an-image",
     ),
     pytest.param(
-        {"prompt": "a"}, [("image", ("x.jpg", _png(), "image/jpeg"))], 415, "image_type_mismatch", id="type-mismatch"
+        {"prompt": "a"},
+        [("image", ("x.pdf", _png(), "application/pdf"))],
+        415,
+        "image_type_mismatch",
+        id="type-mismatch",
     ),
     pytest.param(
         {"prompt": "a"}, [("image", ("c.png", _png()[:60], "image/png"))], 422, "corrupt_image", id="truncated"

@@ -86,10 +86,15 @@ def test_truncated_image_is_refused() -> None:
         normalize_reference(data[: len(data) // 3], "image/jpeg", 2_000_000)
 
 
-def test_declared_type_must_match_the_bytes() -> None:
-    with pytest.raises(UnsupportedMediaType) as raised:
-        normalize_reference(encode(Image.new("RGB", (8, 8)), "PNG"), "image/jpeg", 2_000_000)
-    assert raised.value.code == "image_type_mismatch"
+def test_a_declared_type_other_than_an_image_type_is_refused() -> None:
+    png = encode(Image.new("RGB", (8, 8)), "PNG")
+    for declared in ("application/pdf", "text/html", "image/gif", "image/svg+xml"):
+        with pytest.raises(UnsupportedMediaType) as raised:
+            normalize_reference(png, declared, 2_000_000)
+        assert raised.value.code == "image_type_mismatch"
+    # Another accepted image type, or no particular type: the bytes decide.
+    for declared in ("image/jpeg", "image/webp", "application/octet-stream", "text/plain", ""):
+        assert normalize_reference(png, declared, 2_000_000).width == 8
 
 
 def test_output_checks() -> None:

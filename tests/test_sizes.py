@@ -15,7 +15,6 @@ from service.images.sizes import IMAGES_API_SIZES, RATIOS, InvalidSize, expected
     ("requested", "tasks", "images"),
     [
         ("auto", "auto", "auto"),
-        ("AUTO", "auto", "auto"),
         ("1:1", "1:1", "1024x1024"),
         ("16:9", "16:9", "1536x1024"),
         ("9:16", "9:16", "1024x1536"),
@@ -26,7 +25,7 @@ from service.images.sizes import IMAGES_API_SIZES, RATIOS, InvalidSize, expected
         ("1080x1920", "9:16", "1024x1536"),
         ("800x600", "1:1", "1536x1024"),
         ("600x800", "1:1", "1024x1536"),
-        ("4000X1000", "16:9", "1536x1024"),
+        ("4000x1000", "16:9", "1536x1024"),
         ("64x64", "1:1", "1024x1024"),
         ("8192x64", "16:9", "1536x1024"),
     ],

@@ -144,7 +144,7 @@ def test_lists_are_cursor_paginated_newest_first_and_filter_by_status(service: S
     assert {item["id"] for item in completed["items"]} == set(ids)
     assert tenant.client.get("/api/images/tasks", params={"status": "failed"}).json()["items"] == []
     bad = tenant.client.get("/api/images/tasks", params={"cursor": "nonsense"})
-    assert bad.status_code == 400 and bad.json()["code"] == "invalid_cursor"
+    assert bad.status_code == 400 and bad.json()["code"] == "invalid_parameter" and bad.json()["field"] == "cursor"
 
     ledger = tenant.ledger()
     assert [e["kind"] for e in ledger] == ["debit"] * 5 + ["grant"]

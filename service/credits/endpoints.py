@@ -7,7 +7,7 @@ from litestar import Router, get
 from service.credits import repository
 from service.credits.schemas import LedgerPage, Quota, entry_view
 from service.errors import problem_responses
-from service.pagination import Cursor, Limit, decode_cursor, encode_cursor
+from service.pagination import Cursor, Limit, next_cursor
 from service.runtime import Runtime
 from service.tenants.auth import Caller
 
@@ -28,12 +28,11 @@ async def get_quota(caller: Caller, runtime: Runtime) -> Quota:
 )
 async def list_ledger(caller: Caller, runtime: Runtime, limit: Limit = 20, cursor: Cursor = None) -> LedgerPage:
     async with runtime.db.read() as session:
-        entries = await repository.list_entries(
-            session, caller.tenant_id, limit=limit + 1, before=decode_cursor(cursor)
-        )
+        entries = await repository.list_entries(session, caller.tenant_id, limit=limit + 1, before=cursor)
     page = entries[:limit]
-    next_cursor = encode_cursor(page[-1].id) if len(entries) > limit else None
-    return LedgerPage(items=[entry_view(entry) for entry in page], next_cursor=next_cursor)
+    return LedgerPage(
+        items=[entry_view(entry) for entry in page], next_cursor=next_cursor([e.id for e in entries], limit)
+    )
 
 
 router = Router("/api", route_handlers=[get_quota, list_ledger], tags=["credits"], security=[{"tenantKey": []}])

@@ -40,7 +40,15 @@ class Quota(msgspec.Struct):
 class CreditGrant(msgspec.Struct, forbid_unknown_fields=True):
     """Credits to add (positive) or deduct (negative)."""
 
-    amount: Annotated[int, msgspec.Meta(ge=-(10**12), le=10**12, description="Non-zero; negative deducts")]
+    amount: Annotated[
+        int,
+        msgspec.Meta(
+            ge=-(10**12),
+            le=10**12,
+            description="Non-zero; negative deducts",
+            extra_json_schema={"not": {"const": 0}},
+        ),
+    ]
     reason: Annotated[str, msgspec.Meta(min_length=1, max_length=500)] = "admin grant"
 
 

@@ -17,8 +17,9 @@ from service.errors import InvalidInput, PayloadTooLarge, UnsupportedMediaType
 from service.upstream.base import UpstreamError
 
 FORMATS = {"PNG": "image/png", "JPEG": "image/jpeg", "WEBP": "image/webp"}
-# Generic or missing declarations say nothing about the bytes; any other declared type must match what they are.
-UNDECLARED_TYPES = {"", "application/octet-stream", "binary/octet-stream"}
+# A part may be declared as any accepted image type (clients often guess from the file name) or generically (a part
+# without a type defaults to text/plain); the bytes decide the format. Declared as anything else, it is refused.
+UNDECLARED_TYPES = {"", "application/octet-stream", "binary/octet-stream", "text/plain"}
 # Upper bound on pixels we agree to decode at all: a tiny file can declare billions of them.
 MAX_DECODE_PIXELS = 64_000_000
 ASPECT_TOLERANCE = 0.05
@@ -87,7 +88,7 @@ def normalize_reference(data: bytes, declared_type: str, max_pixels: int, field:
             f"{field}: only PNG, JPEG and WebP images are accepted", code="unsupported_image_type", field=field
         )
     declared = declared_type.split(";", 1)[0].strip().lower()
-    if declared not in UNDECLARED_TYPES and declared != FORMATS[detected]:
+    if declared not in UNDECLARED_TYPES and declared not in FORMATS.values():
         raise UnsupportedMediaType(
             f"{field}: declared as {declared} but the bytes are {FORMATS[detected]}",
             code="image_type_mismatch",

@@ -6,9 +6,19 @@ from dataclasses import dataclass
 from typing import Any
 
 from litestar import Request, Response, Router, delete, get, post
-from litestar.openapi.spec import OpenAPIHeader, OpenAPIMediaType, OpenAPIResponse, Operation, Reference, Schema
+from litestar.openapi.spec import (
+    OpenAPIHeader,
+    OpenAPIMediaType,
+    OpenAPIResponse,
+    OpenAPIType,
+    Operation,
+    Reference,
+    RequestBody,
+    Schema,
+)
 from litestar.response import Stream
 
+from service.bodies import read_json
 from service.errors import problem_responses
 from service.prompts.service import CacheCleared, EnhanceRequest, EnhanceResult, UpstreamFailed
 from service.prompts.styles import StyleList, style_list
@@ -30,11 +40,22 @@ class EnhanceOperation(Operation):
     """The route answers a stream by default and one JSON object to `Accept: application/json`."""
 
     def __post_init__(self) -> None:
+        self.request_body = RequestBody(
+            required=True,
+            content={"application/json": OpenAPIMediaType(schema=Reference("#/components/schemas/EnhanceRequest"))},
+        )
         assert self.responses is not None
         self.responses["200"] = OpenAPIResponse(
             description="The enhanced prompt, streamed (or whole, as JSON, for `Accept: application/json`)",
             content={
-                EVENT_STREAM: OpenAPIMediaType(schema=Schema(type="string", description=FRAMES)),  # type: ignore[arg-type]
+                # Each server-sent event, as parsed by an SSE client.
+                EVENT_STREAM: OpenAPIMediaType(
+                    schema=Schema(
+                        type=OpenAPIType.OBJECT,
+                        required=["data"],
+                        properties={"data": Schema(type=OpenAPIType.STRING, description=FRAMES)},
+                    )
+                ),
                 "application/json": OpenAPIMediaType(schema=Reference("#/components/schemas/EnhanceResult")),
             },
             headers={
@@ -60,9 +81,8 @@ def _wants_json(request: Request[Any, Any, Any]) -> bool:
     operation_class=EnhanceOperation,
     responses=problem_responses(401, 402, 403, 422, 429, 502, 503),
 )
-async def enhance_prompt(
-    request: Request[Any, Any, Any], data: EnhanceRequest, caller: Caller, runtime: Runtime
-) -> Response[Any]:
+async def enhance_prompt(request: Request[Any, Any, Any], caller: Caller, runtime: Runtime) -> Response[Any]:
+    data = await read_json(request, EnhanceRequest)
     enhancer = runtime.enhancer
     assert enhancer is not None
     plan = enhancer.plan(caller.tenant_id, data)

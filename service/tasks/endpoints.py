@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass
 from typing import Annotated, Any
 
-import msgspec
 from litestar import Request, Response, Router, get, post
 from litestar.datastructures import ResponseHeader, UploadFile
 from litestar.openapi.spec import (
+    Encoding,
     OpenAPIHeader,
     OpenAPIMediaType,
     OpenAPIResponse,
@@ -21,9 +20,11 @@ from litestar.openapi.spec import (
 from litestar.params import Parameter
 from litestar.response import Stream
 
+from service.bodies import read_json, validate
 from service.catalog import ModelList, model_list
-from service.errors import BadRequest, Conflict, InvalidInput, NotFound, UnsupportedMediaType, problem_responses
-from service.pagination import Cursor, Limit, decode_cursor, encode_cursor
+from service.errors import Conflict, InvalidInput, NotFound, UnsupportedMediaType, problem_responses
+from service.images.processing import FORMATS
+from service.pagination import Cursor, Limit, next_cursor
 from service.runtime import Runtime
 from service.settings import Settings
 from service.tasks import repository, service
@@ -42,7 +43,6 @@ IdempotencyKey = Annotated[
     ),
 ]
 FORM_FIELDS = {"prompt", "size", "model", "quality", "n", "enhance", "style"}
-_AT_PATH = re.compile(r"at `\$\.?([^`]*)`")
 
 
 @dataclass
@@ -54,11 +54,18 @@ class GenerateOperation(Operation):
             required=True,
             content={
                 "application/json": OpenAPIMediaType(schema=Reference("#/components/schemas/GenerateRequest")),
-                "multipart/form-data": OpenAPIMediaType(schema=Reference("#/components/schemas/GenerateUpload")),
+                "multipart/form-data": OpenAPIMediaType(
+                    schema=Reference("#/components/schemas/GenerateUpload"),
+                    encoding={
+                        "image": Encoding(content_type=", ".join(IMAGE_TYPES)),
+                        "mask": Encoding(content_type=", ".join(IMAGE_TYPES)),
+                    },
+                ),
             },
         )
 
 
+IMAGE_TYPES = sorted(FORMATS.values())
 BINARY = Schema(type="string", format="binary")  # type: ignore[arg-type]
 
 
@@ -78,20 +85,6 @@ class ImageOperation(Operation):
             headers=headers,
         )
         self.responses["304"] = OpenAPIResponse(description="Not modified (If-None-Match matched)", headers=headers)
-
-
-def _field_of(error: msgspec.ValidationError) -> str | None:
-    match = _AT_PATH.search(str(error))
-    return match.group(1) or None if match else None
-
-
-def _decode_json(body: bytes) -> GenerateRequest:
-    try:
-        return msgspec.json.decode(body, type=GenerateRequest)
-    except msgspec.ValidationError as exc:
-        raise InvalidInput(str(exc), code="invalid_field", field=_field_of(exc)) from None
-    except (msgspec.DecodeError, UnicodeDecodeError):
-        raise BadRequest("The body is not valid JSON", code="malformed_json") from None
 
 
 async def _read_form(request: Request[Any, Any, Any], settings: Settings) -> Submission:
@@ -132,17 +125,14 @@ async def _read_form(request: Request[Any, Any, Any], settings: Settings) -> Sub
         raise InvalidInput(
             "a multipart request needs at least one `image` file part", code="image_required", field="image"
         )
-    try:
-        generate = msgspec.convert(fields, GenerateRequest, strict=False)
-    except msgspec.ValidationError as exc:
-        raise InvalidInput(str(exc), code="invalid_field", field=_field_of(exc)) from None
-    return Submission(request=generate, references=references, mask=mask)
+    # Form fields arrive as text, so numbers are read from it here, unlike in JSON bodies.
+    return Submission(request=validate(fields, GenerateRequest, strict=False), references=references, mask=mask)
 
 
 async def read_submission(request: Request[Any, Any, Any], settings: Settings) -> Submission:
     media_type = request.headers.get("content-type", "").split(";", 1)[0].strip().lower()
     if media_type == "application/json":
-        return Submission(request=_decode_json(await request.body()), references=[])
+        return Submission(request=await read_json(request, GenerateRequest), references=[])
     if media_type == "multipart/form-data":
         return await _read_form(request, settings)
     raise UnsupportedMediaType(
@@ -190,12 +180,10 @@ async def list_tasks(
     caller: Caller, runtime: Runtime, limit: Limit = 20, cursor: Cursor = None, status: TaskStatus | None = None
 ) -> TaskPage:
     async with runtime.db.read() as session:
-        tasks = await repository.list_owned(
-            session, caller.tenant_id, limit=limit + 1, before=decode_cursor(cursor), status=status
-        )
+        tasks = await repository.list_owned(session, caller.tenant_id, limit=limit + 1, before=cursor, status=status)
     page = tasks[:limit]
     return TaskPage(
-        items=[task_view(task) for task in page], next_cursor=encode_cursor(page[-1].id) if len(tasks) > limit else None
+        items=[task_view(task) for task in page], next_cursor=next_cursor([task.id for task in tasks], limit)
     )
 
 

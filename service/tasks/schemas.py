@@ -8,8 +8,10 @@ from typing import Annotated, Any, Literal
 import msgspec
 
 from service.db.models import Task
+from service.images.sizes import SIZE_PATTERN
 from service.prompts.instructions import Direction
 from service.prompts.styles import StyleName
+from service.settings import Settings
 
 MAX_PROMPT_CHARS = 4000
 MAX_N = 4
@@ -29,6 +31,7 @@ Size = Annotated[
     str,
     msgspec.Meta(
         max_length=32,
+        extra_json_schema={"pattern": SIZE_PATTERN},
         description="`auto`, `1:1`, `16:9`, `9:16` or `WxH` (64-8192 px "
         "a side); mapped to the nearest size the upstream supports",
     ),
@@ -67,17 +70,33 @@ class GenerateUpload(msgspec.Struct, forbid_unknown_fields=True):
     mask: bytes | None = None
 
 
-def request_body_components() -> dict[str, dict[str, Any]]:
-    """JSON Schemas of both request bodies, for the OpenAPI document; file parts are declared as binary."""
+def request_body_components(settings: Settings) -> dict[str, dict[str, Any]]:
+    """JSON Schemas of both request bodies for the OpenAPI document, stating this deployment's models and limits
+    (so the document says exactly what is accepted); file parts are declared as binary."""
     _, components = msgspec.json.schema_components(
         [GenerateRequest, GenerateUpload], ref_template="#/components/schemas/{name}"
     )
+    for body in (components["GenerateRequest"], components["GenerateUpload"]):
+        fields = body["properties"]
+        fields["prompt"]["maxLength"] = settings.max_prompt_chars
+        fields["n"]["maximum"] = settings.max_images_per_task
+        named_model = next(option for option in fields["model"]["anyOf"] if option.get("type") == "string")
+        named_model["enum"] = list(settings.image_models)
     binary = {"type": "string", "format": "binary", "contentMediaType": "application/octet-stream"}
     upload = components["GenerateUpload"]
+    for name, field in upload["properties"].items():
+        # A form field is present or absent; it cannot be null.
+        options = field.get("anyOf", [])
+        if {"type": "null"} in options:
+            upload["properties"][name] = {
+                **next(option for option in options if option != {"type": "null"}),
+                **({"description": field["description"]} if "description" in field else {}),
+            }
     upload["properties"]["image"] = {
         "type": "array",
         "items": binary,
         "minItems": 1,
+        "maxItems": settings.max_reference_images,
         "description": "Reference images (PNG, JPEG or WebP), one part each",
     }
     upload["properties"]["mask"] = {**binary, "description": "Optional PNG mask for the first reference image"}

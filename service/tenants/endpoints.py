@@ -2,16 +2,17 @@
 
 from __future__ import annotations
 
-from typing import Annotated
+from typing import Annotated, Any
 
 import msgspec
-from litestar import Router, delete, get, patch, post
+from litestar import Controller, Request, delete, get, patch, post
 from litestar.params import Parameter
 
+from service.bodies import json_body, read_json
 from service.clock import utcnow
 from service.credits.schemas import CreditGrant, LedgerEntryOut
 from service.errors import NotFound, problem_responses
-from service.pagination import Cursor, Limit, decode_cursor, encode_cursor
+from service.pagination import Cursor, Limit, next_cursor
 from service.runtime import Runtime
 from service.tenants import repository, service
 from service.tenants.auth import admin_guard
@@ -37,107 +38,105 @@ IdempotencyKey = Annotated[
 TenantId = Annotated[str, Parameter(max_length=64, description="Tenant id")]
 
 
-@post(
-    "/tenants",
-    operation_id="createTenant",
-    summary="Create a tenant and its first API key",
-    responses=problem_responses(401, 422),
-)
-async def create_tenant(data: TenantCreate, runtime: Runtime) -> TenantCreated:
-    tenant, api_key = await service.create_tenant(runtime.db, data.name, data.credits)
-    return TenantCreated(tenant=tenant_view(tenant), api_key=api_key)
+class AdminController(Controller):
+    """Tenants, their keys and credits. One controller, so that each path's methods form one route."""
 
+    path = "/api/admin"
+    guards = [admin_guard]
+    tags = ["admin"]
+    security = [{"adminKey": []}]
 
-@get("/tenants", operation_id="listTenants", summary="Tenants, newest first", responses=problem_responses(401))
-async def list_tenants(runtime: Runtime, limit: Limit = 20, cursor: Cursor = None) -> TenantPage:
-    async with runtime.db.read() as session:
-        tenants = await repository.list_tenants(session, limit=limit + 1, before=decode_cursor(cursor))
-    page = tenants[:limit]
-    return TenantPage(
-        items=[tenant_view(t) for t in page], next_cursor=encode_cursor(page[-1].id) if len(tenants) > limit else None
+    @post(
+        "/tenants",
+        operation_id="createTenant",
+        summary="Create a tenant and its first API key",
+        operation_class=json_body("TenantCreate"),
+        responses=problem_responses(401, 422),
     )
+    async def create_tenant(self, request: Request[Any, Any, Any], runtime: Runtime) -> TenantCreated:
+        data = await read_json(request, TenantCreate)
+        tenant, api_key = await service.create_tenant(runtime.db, data.name, data.credits)
+        return TenantCreated(tenant=tenant_view(tenant), api_key=api_key)
 
+    @get("/tenants", operation_id="listTenants", summary="Tenants, newest first", responses=problem_responses(401))
+    async def list_tenants(self, runtime: Runtime, limit: Limit = 20, cursor: Cursor = None) -> TenantPage:
+        async with runtime.db.read() as session:
+            tenants = await repository.list_tenants(session, limit=limit + 1, before=cursor)
+        page = tenants[:limit]
+        return TenantPage(
+            items=[tenant_view(t) for t in page],
+            next_cursor=next_cursor([tenant.id for tenant in tenants], limit),
+        )
 
-@get("/tenants/{tenant_id:str}", operation_id="getTenant", summary="A tenant", responses=problem_responses(401, 404))
-async def get_tenant(tenant_id: TenantId, runtime: Runtime) -> TenantOut:
-    async with runtime.db.read() as session:
-        tenant = await repository.get_tenant(session, tenant_id)
-    if tenant is None:
-        raise NotFound("No such tenant", code="tenant_not_found")
-    return tenant_view(tenant)
-
-
-@patch(
-    "/tenants/{tenant_id:str}",
-    operation_id="updateTenant",
-    summary="Suspend or reactivate a tenant",
-    responses=problem_responses(401, 404, 422),
-)
-async def update_tenant(tenant_id: TenantId, data: TenantUpdate, runtime: Runtime) -> TenantOut:
-    async with runtime.db.write() as session:
-        changes = {name: value for name, value in msgspec.structs.asdict(data).items() if value is not None}
-        tenant = await repository.update_tenant(session, tenant_id, changes, utcnow())
-    if tenant is None:
-        raise NotFound("No such tenant", code="tenant_not_found")
-    return tenant_view(tenant)
-
-
-@post(
-    "/tenants/{tenant_id:str}/api-keys",
-    operation_id="createApiKey",
-    summary="Issue another API key",
-    responses=problem_responses(401, 404),
-)
-async def create_api_key(tenant_id: TenantId, runtime: Runtime) -> ApiKeyCreated:
-    key_id, api_key = await service.create_key(runtime.db, tenant_id)
-    return ApiKeyCreated(id=key_id, api_key=api_key)
-
-
-@delete(
-    "/api-keys/{key_id:str}",
-    operation_id="revokeApiKey",
-    summary="Revoke an API key (effective at once)",
-    responses=problem_responses(401, 404),
-)
-async def revoke_api_key(key_id: Annotated[str, Parameter(max_length=64)], runtime: Runtime) -> None:
-    async with runtime.db.write() as session:
-        found = await repository.revoke_key(session, key_id, utcnow())
-    if not found:
-        raise NotFound("No such API key", code="api_key_not_found")
-
-
-@post(
-    "/tenants/{tenant_id:str}/credits",
-    operation_id="grantCredits",
-    summary="Grant or deduct credits",
-    responses=problem_responses(401, 404, 409, 422),
-    status_code=201,
-)
-async def grant_credits(
-    tenant_id: TenantId, data: CreditGrant, runtime: Runtime, idempotency_key: IdempotencyKey = None
-) -> LedgerEntryOut:
-    return await service.grant_credits(
-        runtime.db,
-        tenant_id,
-        data.amount,
-        data.reason,
-        idempotency_key=idempotency_key,
-        idempotency_ttl=runtime.settings.idempotency_ttl,
+    @get(
+        "/tenants/{tenant_id:str}", operation_id="getTenant", summary="A tenant", responses=problem_responses(401, 404)
     )
+    async def get_tenant(self, tenant_id: TenantId, runtime: Runtime) -> TenantOut:
+        async with runtime.db.read() as session:
+            tenant = await repository.get_tenant(session, tenant_id)
+        if tenant is None:
+            raise NotFound("No such tenant", code="tenant_not_found")
+        return tenant_view(tenant)
 
+    @patch(
+        "/tenants/{tenant_id:str}",
+        operation_id="updateTenant",
+        summary="Suspend or reactivate a tenant, or set its limits",
+        operation_class=json_body("TenantUpdate"),
+        responses=problem_responses(401, 404, 422),
+    )
+    async def update_tenant(self, request: Request[Any, Any, Any], tenant_id: TenantId, runtime: Runtime) -> TenantOut:
+        data = await read_json(request, TenantUpdate)
+        async with runtime.db.write() as session:
+            changes = {name: value for name, value in msgspec.structs.asdict(data).items() if value is not None}
+            tenant = await repository.update_tenant(session, tenant_id, changes, utcnow())
+        if tenant is None:
+            raise NotFound("No such tenant", code="tenant_not_found")
+        return tenant_view(tenant)
 
-router = Router(
-    "/api/admin",
-    route_handlers=[
-        create_tenant,
-        list_tenants,
-        get_tenant,
-        update_tenant,
-        create_api_key,
-        revoke_api_key,
-        grant_credits,
-    ],
-    guards=[admin_guard],
-    tags=["admin"],
-    security=[{"adminKey": []}],
-)
+    @post(
+        "/tenants/{tenant_id:str}/api-keys",
+        operation_id="createApiKey",
+        summary="Issue another API key",
+        responses=problem_responses(401, 404),
+    )
+    async def create_api_key(self, tenant_id: TenantId, runtime: Runtime) -> ApiKeyCreated:
+        key_id, api_key = await service.create_key(runtime.db, tenant_id)
+        return ApiKeyCreated(id=key_id, api_key=api_key)
+
+    @delete(
+        "/api-keys/{key_id:str}",
+        operation_id="revokeApiKey",
+        summary="Revoke an API key (effective at once)",
+        responses=problem_responses(401, 404),
+    )
+    async def revoke_api_key(self, key_id: Annotated[str, Parameter(max_length=64)], runtime: Runtime) -> None:
+        async with runtime.db.write() as session:
+            found = await repository.revoke_key(session, key_id, utcnow())
+        if not found:
+            raise NotFound("No such API key", code="api_key_not_found")
+
+    @post(
+        "/tenants/{tenant_id:str}/credits",
+        operation_id="grantCredits",
+        summary="Grant or deduct credits",
+        operation_class=json_body("CreditGrant"),
+        responses=problem_responses(401, 404, 409, 422),
+        status_code=201,
+    )
+    async def grant_credits(
+        self,
+        request: Request[Any, Any, Any],
+        tenant_id: TenantId,
+        runtime: Runtime,
+        idempotency_key: IdempotencyKey = None,
+    ) -> LedgerEntryOut:
+        data = await read_json(request, CreditGrant)
+        return await service.grant_credits(
+            runtime.db,
+            tenant_id,
+            data.amount,
+            data.reason,
+            idempotency_key=idempotency_key,
+            idempotency_ttl=runtime.settings.idempotency_ttl,
+        )
