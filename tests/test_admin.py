@@ -86,9 +86,13 @@ def test_credit_grants_honour_idempotency_keys(service: Service) -> None:
         too_much = admin.post(url, json={"amount": -31, "reason": "oops"})
         assert too_much.status_code == 409 and too_much.json()["code"] == "balance_too_low"
         assert admin.post(url, json={"amount": 0}).status_code == 422
+        assert admin.post(url, json={"amount": "5"}).status_code == 422  # no coercion from strings
+        assert admin.post(url, json={"amount": 2.5}).status_code == 422
+        whole = admin.post(url, json={"amount": 5.0, "reason": "a whole number"})  # JSON Schema: 5.0 is an integer
+        assert whole.status_code == 201 and whole.json()["amount"] == 5
         assert admin.post("/api/admin/tenants/nope/credits", json={"amount": 5}).status_code == 404
-    assert tenant.balance() == 30
-    assert sum(e["amount"] for e in tenant.ledger()) == 30
+    assert tenant.balance() == 35
+    assert sum(e["amount"] for e in tenant.ledger()) == 35
 
 
 def test_admin_routes_need_the_admin_key(service: Service) -> None:
