@@ -3,17 +3,23 @@ switches, and `imagegen` processes (serve or worker) on a data directory of thei
 
 from __future__ import annotations
 
+import asyncio
 import os
+import re
 import secrets
+import shutil
 import signal
 import socket
+import sqlite3
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any, TypeVar
 
+import asyncpg
 import httpx
 
 T = TypeVar("T")
@@ -96,6 +102,7 @@ class ServiceProcess:
         self.base_url = f"http://127.0.0.1:{self.port}"
         self.command = command
         self.env = {**os.environ, **env, "DATA_DIR": str(data_dir)}
+        self.database_url = self.env.get("DATABASE_URL") or f"sqlite+aiosqlite:///{data_dir / 'imagegen.db'}"
         self.admin_key = env.get("ADMIN_API_KEY", "")
         self.log_path = data_dir / f"{name}.log"
         self.process: subprocess.Popen[bytes] | None = None
@@ -148,6 +155,9 @@ class ServiceProcess:
         body = response.json()
         return body["tenant"]["id"], body["api_key"]
 
+    def query(self, sql: str, *params: Any) -> list[tuple[Any, ...]]:
+        return query(self.database_url, sql, *params)
+
     def audit(self) -> tuple[int, str]:
         """`imagegen audit --expect-finished` on this process's database: its exit code and report."""
         result = subprocess.run(
@@ -160,3 +170,76 @@ class ServiceProcess:
             timeout=120,
         )
         return result.returncode, result.stdout + result.stderr
+
+
+def _as_postgres(command: list[str]) -> list[str]:
+    """PostgreSQL refuses to run as root: run its tools as the `postgres` user when we are root."""
+    return ["runuser", "-u", "postgres", "--", *command] if os.geteuid() == 0 else command
+
+
+class PostgresCluster:
+    """A throwaway PostgreSQL cluster on loopback from the machine's binaries, tuned for speed over durability."""
+
+    def __init__(self) -> None:
+        self.root = Path(tempfile.mkdtemp(prefix="imagegen-pg-"))
+        if os.geteuid() == 0:
+            shutil.chown(self.root, "postgres", "postgres")
+        self.data = self.root / "data"
+        self.port = free_port()
+        subprocess.run(
+            _as_postgres(["initdb", "-D", str(self.data), "-A", "trust", "-U", "postgres", "--no-sync", "-E", "UTF8"]),
+            check=True,
+            capture_output=True,
+        )
+        options = (
+            f"-p {self.port} -k {self.root} -c listen_addresses=127.0.0.1 -c fsync=off "
+            "-c synchronous_commit=off -c full_page_writes=off -c max_connections=400"
+        )
+        subprocess.run(
+            _as_postgres(
+                ["pg_ctl", "-D", str(self.data), "-l", str(self.root / "server.log"), "-o", options, "-w", "start"]
+            ),
+            check=True,
+            capture_output=True,
+        )
+        self._databases: set[str] = set()
+
+    def url(self, database: str) -> str:
+        return f"postgresql+asyncpg://postgres@127.0.0.1:{self.port}/{database}"
+
+    def database(self, name: str) -> str:
+        """The URL of database `name`, created on first use."""
+        if name not in self._databases:
+            subprocess.run(
+                ["createdb", "-h", "127.0.0.1", "-p", str(self.port), "-U", "postgres", name],
+                check=True,
+                capture_output=True,
+            )
+            self._databases.add(name)
+        return self.url(name)
+
+    def stop(self) -> None:
+        subprocess.run(
+            _as_postgres(["pg_ctl", "-D", str(self.data), "-m", "immediate", "stop"]), check=False, capture_output=True
+        )
+        shutil.rmtree(self.root, ignore_errors=True)
+
+
+def query(database_url: str, sql: str, *params: Any) -> list[tuple[Any, ...]]:
+    """Rows of one read-only query on a service's database, SQLite or PostgreSQL (use $1, $2 … for parameters)."""
+    if database_url.startswith("sqlite"):
+        path = database_url.split(":///", 1)[1]
+        connection = sqlite3.connect(path)
+        try:
+            return list(connection.execute(re.sub(r"\$\d+", "?", sql), params).fetchall())
+        finally:
+            connection.close()
+
+    async def fetch() -> list[tuple[Any, ...]]:
+        connection = await asyncpg.connect(database_url.replace("postgresql+asyncpg://", "postgresql://"))
+        try:
+            return [tuple(row) for row in await connection.fetch(sql, *params)]
+        finally:
+            await connection.close()
+
+    return asyncio.run(fetch())

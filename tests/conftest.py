@@ -1,4 +1,5 @@
-"""Test harness: the service and the offline upstream run as real processes on loopback, on a real SQLite file.
+"""Test harness: the service and the offline upstream run as real processes on loopback, on a real SQLite file, or
+on a throwaway PostgreSQL cluster when IMAGEGEN_TEST_DATABASE=postgresql.
 
 `Upstream` is the offline upstream server with its fault switches; `Service` is `imagegen serve` (or `worker`)
 started with a given environment; `Tenant` is an HTTP client holding one tenant's key.
@@ -6,6 +7,8 @@ started with a given environment; `Tenant` is an HTTP client holding one tenant'
 
 from __future__ import annotations
 
+import hashlib
+import os
 import secrets
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -15,10 +18,31 @@ from typing import Any
 import httpx
 import pytest
 
-from bench.harness import OfflineUpstream, ServiceProcess, wait_until
+from bench.harness import OfflineUpstream, PostgresCluster, ServiceProcess, wait_until
 
 ADMIN_KEY = "admin-" + secrets.token_hex(16)
 TERMINAL = {"completed", "failed", "cancelled"}
+
+
+TEST_DATABASE = os.environ.get("IMAGEGEN_TEST_DATABASE", "sqlite")
+_cluster: list[PostgresCluster] = []
+
+
+def database_env(data_dir: Path) -> dict[str, str]:
+    """The database a service on `data_dir` uses: its own SQLite file, or its own PostgreSQL database."""
+    if not _cluster:
+        return {}
+    name = "t_" + hashlib.sha1(str(data_dir).encode()).hexdigest()[:16]  # noqa: S324 - a name, not a secret
+    return {"DATABASE_URL": _cluster[0].database(name)}
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _database_server() -> Iterator[None]:
+    if TEST_DATABASE == "postgresql":
+        _cluster.append(PostgresCluster())
+    yield
+    while _cluster:
+        _cluster.pop().stop()
 
 
 class Upstream(OfflineUpstream):
@@ -30,7 +54,7 @@ class Service(ServiceProcess):
 
     def __init__(self, data_dir: Path, env: dict[str, str], command: str = "serve", name: str = "service") -> None:
         self.tenants: list[Tenant] = []
-        super().__init__(data_dir, env, command, name)
+        super().__init__(data_dir, {**database_env(data_dir), **env}, command, name)
 
     def stop(self) -> None:
         for tenant in self.tenants:

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import httpx
 
-from tests.conftest import Service, Upstream, service_env
+from tests.conftest import Service, Upstream, database_env, service_env
 
 
 def imagegen(*args: str, data_dir: Path, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
@@ -18,7 +18,7 @@ def imagegen(*args: str, data_dir: Path, env: dict[str, str] | None = None) -> s
         capture_output=True,
         text=True,
         check=False,
-        env={**os.environ, **(env or {}), "DATA_DIR": str(data_dir)},
+        env={**os.environ, **database_env(data_dir), **(env or {}), "DATA_DIR": str(data_dir)},
         cwd=data_dir,
         timeout=60,
     )

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import sqlite3
 import threading
 import time
 from pathlib import Path
@@ -99,9 +98,5 @@ def test_sigkill_mid_load_loses_and_doubles_nothing(upstream: Upstream, tmp_path
 
 
 def _unfinished_in_database(service: Service) -> int:
-    database = sqlite3.connect(service.data_dir / "imagegen.db")
-    try:
-        (count,) = database.execute("SELECT count(*) FROM tasks WHERE status IN ('queued', 'running')").fetchone()
-    finally:
-        database.close()
+    [(count,)] = service.query("SELECT count(*) FROM tasks WHERE status IN ('queued', 'running')")
     return int(count)

@@ -6,7 +6,6 @@ from __future__ import annotations
 import asyncio
 import io
 import json
-import sqlite3
 import struct
 import time
 import zlib
@@ -248,14 +247,8 @@ def test_the_admin_key_is_compared_whole(service: Service) -> None:
 def test_stored_keys_are_salted_hashes_with_a_visible_prefix(service: Service) -> None:
     tenant = service.new_tenant(credits=1)
     prefix, secret = tenant.api_key.split(".", 1)
-    database = sqlite3.connect(service.data_dir / "imagegen.db")
-    try:
-        rows = database.execute(
-            "SELECT prefix, salt, key_hash FROM api_keys WHERE tenant_id = ?", (tenant.id,)
-        ).fetchall()
-        everything = "\n".join(database.iterdump())
-    finally:
-        database.close()
+    rows = service.query("SELECT prefix, salt, key_hash FROM api_keys WHERE tenant_id = $1", tenant.id)
+    everything = repr(service.query("SELECT * FROM api_keys")) + repr(service.query("SELECT * FROM tenants"))
     assert [row[0] for row in rows] == [prefix]
     assert len(rows[0][1]) == 32 and len(rows[0][2]) == 64
     assert secret not in everything and tenant.api_key not in everything

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import sqlite3
 
 import httpx
 
@@ -39,11 +38,7 @@ def test_concurrent_submissions_never_overdraw(service: Service) -> None:
     assert tenant.balance() == 0 == sum(entry["amount"] for entry in ledger)
     assert sorted(e["kind"] for e in ledger).count("debit") == 30
 
-    database = sqlite3.connect(service.data_dir / "imagegen.db")
-    try:
-        (tasks,) = database.execute("SELECT count(*) FROM tasks WHERE tenant_id = ?", (tenant.id,)).fetchone()
-    finally:
-        database.close()
+    [(tasks,)] = service.query("SELECT count(*) FROM tasks WHERE tenant_id = $1", tenant.id)
     assert tasks == 30
 
 

@@ -4,13 +4,13 @@ completion."""
 from __future__ import annotations
 
 import asyncio
-import sqlite3
 from datetime import datetime
 from pathlib import Path
 
 import httpx
+import pytest
 
-from tests.conftest import Service, Tenant, Upstream, service_env, wait_until
+from tests.conftest import TEST_DATABASE, Service, Tenant, Upstream, service_env, wait_until
 
 
 def _seconds_between(start: str, end: str) -> float:
@@ -115,12 +115,26 @@ def test_cancel_racing_completion_refunds_at_most_once(service: Service, upstrea
     assert tenant.balance() == sum(entry["amount"] for entry in ledger)
     assert tenant.balance() == 200 - sum(task["status"] == "completed" for task in tasks)
 
-    database = sqlite3.connect(service.data_dir / "imagegen.db")
-    try:
-        duplicates = database.execute(
-            "SELECT task_id, kind, count(*) FROM ledger_entries GROUP BY task_id, kind HAVING count(*) > 1"
-            " AND task_id IS NOT NULL"
-        ).fetchall()
-    finally:
-        database.close()
+    duplicates = service.query(
+        "SELECT task_id, kind, count(*) FROM ledger_entries WHERE task_id IS NOT NULL GROUP BY task_id, kind"
+        " HAVING count(*) > 1"
+    )
     assert duplicates == []
+
+
+@pytest.mark.skipif(TEST_DATABASE != "postgresql", reason="cross-process wake-ups are PostgreSQL's LISTEN/NOTIFY")
+def test_work_submitted_to_one_process_starts_on_a_worker_process_at_once(upstream: Upstream, tmp_path: Path) -> None:
+    # With a 30 s idle poll, only the notification from the API process can start the task quickly.
+    env = service_env(upstream, RUN_WORKERS="false", WORKER_POLL_SECONDS="30")
+    api = Service(tmp_path, env, name="api")
+    worker = Service(tmp_path, {**env, "RUN_WORKERS": "true"}, command="worker", name="worker")
+    try:
+        tenant = api.new_tenant(credits=10)
+        tenant.wait(tenant.submit("warm up")["id"], timeout=20)
+        for prompt in ("one", "two", "three"):
+            task = tenant.wait(tenant.submit(prompt)["id"], timeout=10)
+            assert task["status"] == "completed"
+            assert _seconds_between(task["created_at"], task["started_at"]) < 2
+    finally:
+        worker.stop()
+        api.stop()

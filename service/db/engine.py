@@ -6,16 +6,23 @@ queue in the pool instead of failing on lock upgrades; reads use their own conne
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+import asyncio
+import contextlib
+import logging
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import event
+import asyncpg
+from sqlalchemy import event, text
 from sqlalchemy.engine import make_url
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker, create_async_engine
 
 SQLITE_BUSY_TIMEOUT_SECONDS = 30
+WORK_CHANNEL = "imagegen_work"
+LISTEN_RETRY_SECONDS = 2.0
+log = logging.getLogger("service.db")
 
 
 def prepare_sqlite_directory(url: str) -> None:
@@ -76,6 +83,47 @@ class Database:
         """A read-only snapshot."""
         async with self._read_sessions() as session, session.begin():
             yield session
+
+    async def announce_work(self, session: AsyncSession) -> None:
+        """Tell workers in other processes that a task is queued (PostgreSQL NOTIFY, delivered on commit)."""
+        if not self.is_sqlite:
+            await session.execute(text("SELECT pg_notify(:channel, '')"), {"channel": WORK_CHANNEL})
+
+    @asynccontextmanager
+    async def work_announcements(self, wake: Callable[[], None]) -> AsyncIterator[None]:
+        """Call `wake` whenever another process announces work, for as long as the block runs (PostgreSQL only)."""
+        if self.is_sqlite:
+            yield
+            return
+        listener = asyncio.create_task(self._listen(wake), name="work-announcements")
+        try:
+            yield
+        finally:
+            listener.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await listener
+
+    async def _listen(self, wake: Callable[[], None]) -> None:
+        dsn = make_url(self.url).set(drivername="postgresql").render_as_string(hide_password=False)
+        while True:
+            try:
+                await self._listen_once(dsn, wake)
+            except (OSError, asyncpg.PostgresError) as exc:
+                log.warning("listening for queued work failed (%s); retrying", type(exc).__name__)
+                await asyncio.sleep(LISTEN_RETRY_SECONDS)
+
+    @staticmethod
+    async def _listen_once(dsn: str, wake: Callable[[], None]) -> None:
+        """Listen on one connection until it closes."""
+        connection = await asyncpg.connect(dsn)
+        try:
+            closed = asyncio.Event()
+            connection.add_termination_listener(lambda _: closed.set())
+            await connection.add_listener(WORK_CHANNEL, lambda *_: wake())
+            wake()  # work may have been announced while we were not listening
+            await closed.wait()
+        finally:
+            await connection.close()
 
     async def dispose(self) -> None:
         await self.writer.dispose()

@@ -80,7 +80,10 @@ async def claim_next(
         and_(Task.status == "queued", _under_running_limit(now, default_running_limit)),
         and_(Task.status == "running", Task.lease_expires_at < now, Task.attempts < max_attempts),
     )
-    next_id = select(Task.id).where(candidates).order_by(Task.id).limit(1).scalar_subquery()
+    # SKIP LOCKED (PostgreSQL; SQLite serializes writers anyway): concurrent workers take different tasks.
+    next_id = (
+        select(Task.id).where(candidates).order_by(Task.id).limit(1).with_for_update(skip_locked=True).scalar_subquery()
+    )
     claimed = await session.scalars(
         update(Task)
         .where(Task.id == next_id, _claimable(now, max_attempts))

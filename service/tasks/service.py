@@ -172,6 +172,7 @@ async def submit(runtime: Runtime, caller: Caller, submission: Submission, idemp
             )
             if debit is None:
                 raise InsufficientCredits(balance=await ledger.balance_of(session, caller.tenant_id), cost=cost)
+            await runtime.db.announce_work(session)
             submitted = task_view(Task(**values), debit.balance_after)
             if idempotency_key is not None:
                 await idempotency.remember(

@@ -85,7 +85,12 @@ class WorkerPool:
         self._loops = [
             asyncio.create_task(self._dispatch(), name="worker-dispatch"),
             asyncio.create_task(self._keep_leases(), name="worker-leases"),
+            asyncio.create_task(self._hear_announcements(), name="worker-announcements"),
         ]
+
+    async def _hear_announcements(self) -> None:
+        async with self.runtime.db.work_announcements(self.wake):
+            await asyncio.Event().wait()
 
     async def stop(self) -> None:
         """Stop claiming, abandon running work and hand those tasks back to the queue."""
