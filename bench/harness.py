@@ -18,8 +18,10 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any, TypeVar
+from urllib.parse import urlsplit
 
 import asyncpg
+import boto3
 import httpx
 
 T = TypeVar("T")
@@ -103,6 +105,7 @@ class ServiceProcess:
         self.command = command
         self.env = {**os.environ, **env, "DATA_DIR": str(data_dir)}
         self.database_url = self.env.get("DATABASE_URL") or f"sqlite+aiosqlite:///{data_dir / 'imagegen.db'}"
+        self.storage_url = self.env.get("STORAGE_URL") or str(data_dir / "images")
         self.admin_key = env.get("ADMIN_API_KEY", "")
         self.log_path = data_dir / f"{name}.log"
         self.process: subprocess.Popen[bytes] | None = None
@@ -154,6 +157,25 @@ class ServiceProcess:
             raise AssertionError(response.text)
         body = response.json()
         return body["tenant"]["id"], body["api_key"]
+
+    def stored_keys(self, prefix: str = "") -> list[str]:
+        """The keys of the stored images under `prefix`, sorted, in the local folder or the bucket."""
+        parts = urlsplit(self.storage_url)
+        if parts.scheme == "s3":
+            root = parts.path.strip("/")
+            client = _s3_client(self.env)
+            pages = client.get_paginator("list_objects_v2").paginate(Bucket=parts.netloc, Prefix=f"{root}/{prefix}")
+            return sorted(item["Key"][len(root) + 1 :] for page in pages for item in page.get("Contents", []))
+        folder = Path(self.storage_url)
+        found = [path.relative_to(folder).as_posix() for path in folder.rglob("*") if path.is_file()]
+        return sorted(key for key in found if key.startswith(prefix))
+
+    def stored(self, key: str) -> bytes:
+        parts = urlsplit(self.storage_url)
+        if parts.scheme == "s3":
+            stored_key = f"{parts.path.strip('/')}/{key}"
+            return bytes(_s3_client(self.env).get_object(Bucket=parts.netloc, Key=stored_key)["Body"].read())
+        return (Path(self.storage_url) / key).read_bytes()
 
     def query(self, sql: str, *params: Any) -> list[tuple[Any, ...]]:
         return query(self.database_url, sql, *params)
@@ -243,3 +265,45 @@ def query(database_url: str, sql: str, *params: Any) -> list[tuple[Any, ...]]:
             await connection.close()
 
     return asyncio.run(fetch())
+
+
+def _s3_client(env: dict[str, str]) -> Any:
+    return boto3.session.Session(
+        aws_access_key_id=env["AWS_ACCESS_KEY_ID"],
+        aws_secret_access_key=env["AWS_SECRET_ACCESS_KEY"],
+        region_name=env["AWS_DEFAULT_REGION"],
+    ).client("s3", endpoint_url=env["AWS_ENDPOINT_URL"])
+
+
+class S3Server:
+    """An S3 API server on loopback (moto in server mode), with one bucket per service."""
+
+    def __init__(self, log_path: Path) -> None:
+        self.port = free_port()
+        self.env = {
+            "AWS_ENDPOINT_URL": f"http://127.0.0.1:{self.port}",
+            "AWS_ACCESS_KEY_ID": "test-access-key",
+            "AWS_SECRET_ACCESS_KEY": "test-secret-key",
+            "AWS_DEFAULT_REGION": "us-east-1",
+        }
+        self._log = log_path.open("wb")
+        self.process = subprocess.Popen(
+            [sys.executable, "-m", "moto.server", "-p", str(self.port)], stdout=self._log, stderr=subprocess.STDOUT
+        )
+        wait_until(self._up, 30, "the S3 server did not start")
+
+    def _up(self) -> bool:
+        try:
+            return httpx.get(self.env["AWS_ENDPOINT_URL"], timeout=1).status_code < 500
+        except httpx.TransportError:
+            return False
+
+    def bucket(self, name: str) -> dict[str, str]:
+        """Environment for a service storing in a new bucket `name`."""
+        _s3_client(self.env).create_bucket(Bucket=name)
+        return {**self.env, "STORAGE_URL": f"s3://{name}/images"}
+
+    def stop(self) -> None:
+        self.process.terminate()
+        self.process.wait(10)
+        self._log.close()

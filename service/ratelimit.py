@@ -1,11 +1,18 @@
 """Per-key request rate limits: a token bucket per key that refills continuously, and the `RateLimit-*` headers
-(IETF draft) that describe a decision."""
+(IETF draft) that describe a decision. Buckets live in memory on SQLite and in the database on PostgreSQL, where several
+API processes must share them."""
 
 from __future__ import annotations
 
 import math
 import time
 from dataclasses import dataclass
+from typing import Protocol
+
+from sqlalchemy import case, select, update
+
+from service.db.engine import Database
+from service.db.models import RateBucket
 
 
 @dataclass(frozen=True, slots=True)
@@ -27,12 +34,19 @@ class Decision:
         return headers
 
 
-class RateLimiter:
+class RateLimiter(Protocol):
+    async def take(self, key: str, per_minute: int) -> Decision:
+        """Spend one request of `per_minute` for `key`, if one is left."""
+        ...
+
+
+class LocalRateLimiter:
+    """Buckets in this process's memory: right for one process on one machine (the SQLite deployment)."""
+
     def __init__(self) -> None:
         self._buckets: dict[str, tuple[float, float]] = {}
 
-    def take(self, key: str, per_minute: int) -> Decision:
-        """Spend one request of `per_minute` for `key`, if one is left."""
+    async def take(self, key: str, per_minute: int) -> Decision:
         rate = per_minute / 60.0
         now = time.monotonic()
         tokens, stamp = self._buckets.get(key, (float(per_minute), now))
@@ -41,10 +55,49 @@ class RateLimiter:
         if allowed:
             tokens -= 1
         self._buckets[key] = (tokens, now)
-        return Decision(
-            allowed=allowed,
-            limit=per_minute,
-            remaining=math.floor(tokens),
-            reset_seconds=math.ceil((per_minute - tokens) / rate),
-            retry_after=0 if allowed else max(1, math.ceil((1 - tokens) / rate)),
+        return _decision(allowed, per_minute, tokens, rate)
+
+
+def rate_limiter(db: Database) -> RateLimiter:
+    """Shared through PostgreSQL when API processes may be several; in memory on SQLite."""
+    return LocalRateLimiter() if db.is_sqlite else SharedRateLimiter(db)
+
+
+class SharedRateLimiter:
+    """The same token buckets kept in the database, so every API process counts against one limit per key."""
+
+    def __init__(self, db: Database) -> None:
+        self._db = db
+
+    async def take(self, key: str, per_minute: int) -> Decision:
+        rate = per_minute / 60.0
+        now = time.time()
+        refilled = case(
+            (RateBucket.tokens + (now - RateBucket.stamp) * rate > per_minute, float(per_minute)),
+            else_=RateBucket.tokens + (now - RateBucket.stamp) * rate,
         )
+        async with self._db.write() as session:
+            await session.execute(
+                self._db.insert_ignoring_conflicts(RateBucket).values(key=key, tokens=float(per_minute), stamp=now)
+            )
+            spent = await session.scalar(
+                update(RateBucket)
+                .where(RateBucket.key == key, refilled >= 1)
+                .values(tokens=refilled - 1, stamp=now)
+                .returning(RateBucket.tokens)
+            )
+            if spent is None:
+                tokens = float(await session.scalar(select(refilled).where(RateBucket.key == key)) or 0.0)
+        if spent is not None:
+            return _decision(True, per_minute, float(spent), rate)
+        return _decision(False, per_minute, tokens, rate)
+
+
+def _decision(allowed: bool, per_minute: int, tokens: float, rate: float) -> Decision:
+    return Decision(
+        allowed=allowed,
+        limit=per_minute,
+        remaining=max(0, math.floor(tokens)),
+        reset_seconds=math.ceil((per_minute - tokens) / rate),
+        retry_after=0 if allowed else max(1, math.ceil((1 - tokens) / rate)),
+    )

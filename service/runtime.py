@@ -7,7 +7,7 @@ from typing import TYPE_CHECKING
 
 from service.db.engine import Database
 from service.images.storage import BlobStore
-from service.ratelimit import RateLimiter
+from service.ratelimit import rate_limiter
 from service.settings import Settings
 from service.upstream.http import UpstreamHealth
 
@@ -24,7 +24,7 @@ class Runtime:
         self.settings = settings
         self.db = db
         self.store = store
-        self.limiter = RateLimiter()
+        self.limiter = rate_limiter(db)
         self.upstream_health = UpstreamHealth()
         self.workers: WorkerPool | None = None
         self.enhancer: Enhancer | None = None

@@ -161,8 +161,9 @@ def _check_urls(settings: Settings) -> None:
         raise SettingsError("CHATGPT2API_API_KEY: set CHATGPT2API_BASE_URL too, or unset the key to run offline")
     if settings.upstream_base_url is not None and not settings.upstream_api_key:
         raise SettingsError("CHATGPT2API_API_KEY: required when CHATGPT2API_BASE_URL is set")
-    if urlsplit(settings.storage_url).scheme not in ("", "file"):
-        raise SettingsError("STORAGE_URL: only a local directory is supported (a path or file://path)")
+    storage = urlsplit(settings.storage_url)
+    if storage.scheme not in ("", "file", "s3") or (storage.scheme == "s3" and not storage.netloc):
+        raise SettingsError("STORAGE_URL: expected a directory (a path or file://path) or s3://bucket/prefix")
 
 
 class _Reader:

@@ -18,31 +18,44 @@ from typing import Any
 import httpx
 import pytest
 
-from bench.harness import OfflineUpstream, PostgresCluster, ServiceProcess, wait_until
+from bench.harness import OfflineUpstream, PostgresCluster, S3Server, ServiceProcess, wait_until
 
 ADMIN_KEY = "admin-" + secrets.token_hex(16)
 TERMINAL = {"completed", "failed", "cancelled"}
 
 
 TEST_DATABASE = os.environ.get("IMAGEGEN_TEST_DATABASE", "sqlite")
+TEST_STORAGE = os.environ.get("IMAGEGEN_TEST_STORAGE", "local")
 _cluster: list[PostgresCluster] = []
+_s3: list[S3Server] = []
+_buckets: dict[Path, dict[str, str]] = {}
 
 
 def database_env(data_dir: Path) -> dict[str, str]:
-    """The database a service on `data_dir` uses: its own SQLite file, or its own PostgreSQL database."""
-    if not _cluster:
-        return {}
-    name = "t_" + hashlib.sha1(str(data_dir).encode()).hexdigest()[:16]  # noqa: S324 - a name, not a secret
-    return {"DATABASE_URL": _cluster[0].database(name)}
+    """Where a service on `data_dir` keeps its data: its own SQLite file or PostgreSQL database, and its own folder or
+    bucket."""
+    name = "t" + hashlib.sha1(str(data_dir).encode()).hexdigest()[:16]  # noqa: S324 - a name, not a secret
+    env: dict[str, str] = {}
+    if _cluster:
+        env["DATABASE_URL"] = _cluster[0].database(name)
+    if _s3:
+        if data_dir not in _buckets:
+            _buckets[data_dir] = _s3[0].bucket(name)
+        env.update(_buckets[data_dir])
+    return env
 
 
 @pytest.fixture(scope="session", autouse=True)
-def _database_server() -> Iterator[None]:
+def _data_servers(tmp_path_factory: pytest.TempPathFactory) -> Iterator[None]:
     if TEST_DATABASE == "postgresql":
         _cluster.append(PostgresCluster())
+    if TEST_STORAGE == "s3":
+        _s3.append(S3Server(tmp_path_factory.mktemp("s3") / "s3.log"))
     yield
     while _cluster:
         _cluster.pop().stop()
+    while _s3:
+        _s3.pop().stop()
 
 
 class Upstream(OfflineUpstream):

@@ -138,14 +138,14 @@ def test_bad_uploads_are_refused_without_a_debit_or_a_stored_file(
     status: int,
     code: str,
 ) -> None:
-    stored_before = sorted((service.data_dir / "images").rglob("*"))
+    stored_before = service.stored_keys()
     body, content_type = _multipart(fields, files)
     response = tenant.client.post("/api/images/generate", content=body, headers={"Content-Type": content_type})
     assert response.status_code == status, response.text
     assert response.headers["content-type"] == "application/problem+json"
     assert response.json()["code"] == code
     assert tenant.balance() == 100
-    assert sorted((service.data_dir / "images").rglob("*")) == stored_before
+    assert service.stored_keys() == stored_before
 
 
 def _multipart(fields: dict[str, str], files: list[tuple[str, tuple[str, bytes, str]]]) -> tuple[bytes, str]:

@@ -16,7 +16,7 @@ import httpx
 import pytest
 from PIL import Image
 
-from tests.conftest import ADMIN_KEY, Service, Tenant, Upstream, service_env, wait_until
+from tests.conftest import ADMIN_KEY, TEST_DATABASE, Service, Tenant, Upstream, service_env, wait_until
 
 ROOT = Path(__file__).resolve().parent.parent
 SPEC = json.loads((ROOT / "openapi" / "openapi.json").read_text())
@@ -211,7 +211,7 @@ HOSTILE = [
 def test_hostile_multipart_bodies_are_refused_without_a_debit_or_a_file(
     service: Service, tenant: Tenant, body: bytes, status: int
 ) -> None:
-    before = sorted((service.data_dir / "images").rglob("*"))
+    before = service.stored_keys()
     boundary = "b" if body.startswith(b"--b\r") else ("x" if body.startswith(b"--x\r") else "hostileboundary")
     response = tenant.client.post(
         "/api/images/generate", content=body, headers={"Content-Type": f"multipart/form-data; boundary={boundary}"}
@@ -220,7 +220,7 @@ def test_hostile_multipart_bodies_are_refused_without_a_debit_or_a_file(
     assert response.status_code == status, response.text
     assert response.headers["content-type"] == "application/problem+json"
     assert tenant.balance() == 100
-    assert sorted((service.data_dir / "images").rglob("*")) == before
+    assert service.stored_keys() == before
 
 
 def test_megabyte_prompts_and_bad_utf8_are_refused(tenant: Tenant) -> None:
@@ -255,3 +255,24 @@ def test_stored_keys_are_salted_hashes_with_a_visible_prefix(service: Service) -
     wait_until(lambda: tenant.client.get("/api/quota").status_code == 200, 5, "the key does not work")
     forged = httpx.get(f"{service.base_url}/api/quota", headers={"Authorization": f"Bearer {prefix}.{'A' * 43}"})
     assert forged.status_code == 401
+
+
+@pytest.mark.skipif(TEST_DATABASE != "postgresql", reason="API processes share limits through PostgreSQL")
+def test_limits_and_idempotency_hold_across_api_processes(upstream: Upstream, tmp_path: Path) -> None:
+    first = Service(tmp_path, service_env(upstream), name="api-1")
+    second = Service(tmp_path, service_env(upstream), name="api-2")
+    try:
+        tenant = first.new_tenant(credits=10)
+        other = Tenant(second.base_url, tenant.id, tenant.api_key)
+        with first.admin() as admin:
+            admin.patch(f"/api/admin/tenants/{tenant.id}", json={"rate_limit_per_minute": 6})
+        headers = {"Idempotency-Key": "across-replicas"}
+        one = tenant.client.post("/api/images/generate", json={"prompt": "once"}, headers=headers)
+        two = other.client.post("/api/images/generate", json={"prompt": "once"}, headers=headers)
+        assert one.status_code == two.status_code == 202 and one.json() == two.json()
+        answers = [client.get("/api/quota").status_code for client in (tenant.client, other.client) * 3]
+        assert answers == [200, 200, 200, 200, 429, 429]
+        other.client.close()
+    finally:
+        second.stop()
+        first.stop()

@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import asyncio
 import time
 
 from service.prompts.cache import CacheKey, EnhancementCache
 from service.prompts.instructions import system_prompt
 from service.prompts.styles import STYLES
-from service.ratelimit import RateLimiter
+from service.ratelimit import LocalRateLimiter
 
 
 def key(tenant: str, prompt: str) -> CacheKey:
@@ -48,8 +49,8 @@ def test_a_disabled_cache_keeps_nothing() -> None:
 
 
 def test_rate_limiter_allows_a_burst_then_says_when_to_come_back() -> None:
-    limiter = RateLimiter()
-    decisions = [limiter.take("t", 3) for _ in range(4)]
+    limiter = LocalRateLimiter()
+    decisions = [asyncio.run(limiter.take("t", 3)) for _ in range(4)]
     assert [d.allowed for d in decisions] == [True, True, True, False]
     assert [d.remaining for d in decisions] == [2, 1, 0, 0]
     refused = decisions[-1]
@@ -61,7 +62,7 @@ def test_rate_limiter_allows_a_burst_then_says_when_to_come_back() -> None:
         "Retry-After": str(refused.retry_after),
     }
     assert 55 <= refused.reset_seconds <= 60
-    assert limiter.take("other", 3).allowed
+    assert asyncio.run(limiter.take("other", 3)).allowed
 
 
 def test_system_prompts_differ_by_direction_and_carry_the_style() -> None:

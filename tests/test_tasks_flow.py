@@ -70,11 +70,9 @@ def test_reference_image_task_is_normalized_stored_and_sent_to_the_edit_endpoint
     assert task["status"] == "completed", task
     assert len(task["images"]) == 2
     assert upstream.stats()["POST /api/image-tasks/edits"] == before + 1
-    references = sorted((service.data_dir / "images" / "references" / task["id"]).glob("*.png"))
-    sizes = []
-    for path in references:
-        with Image.open(path) as stored:
-            sizes.append(stored.size)
+    references = service.stored_keys(f"references/{task['id']}/")
+    assert references == [f"references/{task['id']}/0.png", f"references/{task['id']}/1.png"]
+    sizes = [Image.open(io.BytesIO(service.stored(key))).size for key in references]
     assert sizes == [(320, 200), (50, 50)]
 
 
@@ -193,8 +191,8 @@ def test_mask_travels_with_its_reference_image(service: Service, tenant: Tenant)
     task = tenant.wait(response.json()["id"])
     assert task["status"] == "completed", task
     assert task["size"] == "9:16"
-    stored = sorted(path.name for path in (service.data_dir / "images" / "references" / task["id"]).iterdir())
-    assert stored == ["0.png", "mask.png"]
+    stored = service.stored_keys(f"references/{task['id']}/")
+    assert stored == [f"references/{task['id']}/0.png", f"references/{task['id']}/mask.png"]
 
 
 def jpeg() -> bytes:

@@ -15,9 +15,13 @@ from pathlib import Path
 from typing import Any
 
 import asyncpg
-from sqlalchemy import event, text
+from sqlalchemy import Insert, event, text
+from sqlalchemy.dialects.postgresql import insert as postgresql_insert
+from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.engine import make_url
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker, create_async_engine
+
+from service.db.models import Base
 
 SQLITE_BUSY_TIMEOUT_SECONDS = 30
 WORK_CHANNEL = "imagegen_work"
@@ -83,6 +87,10 @@ class Database:
         """A read-only snapshot."""
         async with self._read_sessions() as session, session.begin():
             yield session
+
+    def insert_ignoring_conflicts(self, table: type[Base]) -> Insert:
+        """INSERT … ON CONFLICT DO NOTHING, in this database's dialect."""
+        return (sqlite_insert if self.is_sqlite else postgresql_insert)(table).on_conflict_do_nothing()
 
     async def announce_work(self, session: AsyncSession) -> None:
         """Tell workers in other processes that a task is queued (PostgreSQL NOTIFY, delivered on commit)."""

@@ -1,7 +1,8 @@
-"""Blob storage for reference and result images: a local directory by default.
+"""Blob storage for reference and result images: a local directory by default, or an S3-compatible bucket.
 
-Keys are relative paths such as `results/<task id>/0.png`; writes land in a temporary file and are renamed into place,
-so a reader never sees half an image.
+Keys are relative paths such as `results/<task id>/0.png`. Local writes land in a temporary file and are renamed into
+place, so a reader never sees half an image; an S3 object appears whole when its upload completes. Reads stream in
+chunks, so serving an image never holds all of it in memory.
 """
 
 from __future__ import annotations
@@ -12,6 +13,11 @@ import tempfile
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Protocol
+from urllib.parse import urlsplit
+
+import boto3
+import botocore.config
+import botocore.exceptions
 
 CHUNK_BYTES = 256 * 1024
 
@@ -74,5 +80,51 @@ class LocalBlobStore:
             raise OSError(f"{self.root} is not writable")
 
 
+class S3BlobStore:
+    """A bucket (and optional key prefix) on S3 or an S3-compatible server. The endpoint, region and credentials come
+    from the standard AWS variables (`AWS_ENDPOINT_URL`, `AWS_DEFAULT_REGION`, `AWS_ACCESS_KEY_ID`, …)."""
+
+    def __init__(self, bucket: str, prefix: str) -> None:
+        self.bucket = bucket
+        self.prefix = prefix.strip("/")
+        config = botocore.config.Config(max_pool_connections=64, retries={"max_attempts": 3, "mode": "standard"})
+        self._client = boto3.session.Session().client("s3", config=config)
+
+    def _key(self, key: str) -> str:
+        return f"{self.prefix}/{key}" if self.prefix else key
+
+    async def put(self, key: str, data: bytes) -> None:
+        await asyncio.to_thread(self._client.put_object, Bucket=self.bucket, Key=self._key(key), Body=data)
+
+    async def get(self, key: str) -> bytes:
+        def read() -> bytes:
+            return bytes(self._client.get_object(Bucket=self.bucket, Key=self._key(key))["Body"].read())
+
+        return await asyncio.to_thread(read)
+
+    async def stream(self, key: str) -> AsyncIterator[bytes]:
+        body = (await asyncio.to_thread(self._client.get_object, Bucket=self.bucket, Key=self._key(key)))["Body"]
+        try:
+            while chunk := await asyncio.to_thread(body.read, CHUNK_BYTES):
+                yield chunk
+        finally:
+            body.close()
+
+    async def delete(self, key: str) -> None:
+        await asyncio.to_thread(self._client.delete_object, Bucket=self.bucket, Key=self._key(key))
+
+    async def check(self) -> None:
+        """Readiness: the bucket exists and these credentials reach it."""
+        try:
+            await asyncio.to_thread(self._client.head_bucket, Bucket=self.bucket)
+        except botocore.exceptions.BotoCoreError as exc:
+            raise OSError(f"bucket {self.bucket} is not reachable ({type(exc).__name__})") from None
+        except botocore.exceptions.ClientError as exc:
+            raise OSError(f"bucket {self.bucket} is not reachable ({exc.response['Error'].get('Code')})") from None
+
+
 def open_store(storage_url: str) -> BlobStore:
+    parts = urlsplit(storage_url)
+    if parts.scheme == "s3":
+        return S3BlobStore(parts.netloc, parts.path)
     return LocalBlobStore(Path(storage_url.removeprefix("file://")))

@@ -86,7 +86,7 @@ async def enhance_prompt(request: Request[Any, Any, Any], caller: Caller, runtim
     enhancer = runtime.enhancer
     assert enhancer is not None
     plan = enhancer.plan(caller.tenant_id, data)
-    enhancer.admit(caller.tenant_id)
+    await enhancer.admit(caller.tenant_id)
     cached = enhancer.cache.get(plan.cache_key)
     style = plan.style.name if plan.style else None
     if _wants_json(request):

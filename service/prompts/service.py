@@ -22,7 +22,7 @@ from service.prompts.cache import CacheKey, EnhancementCache
 from service.prompts.chat import ChatStream, PromptModel
 from service.prompts.instructions import TEMPERATURES, Direction, system_prompt
 from service.prompts.styles import STYLES, Style, StyleName
-from service.ratelimit import RateLimiter
+from service.ratelimit import rate_limiter
 from service.runtime import Runtime
 from service.upstream.base import UpstreamError
 
@@ -129,7 +129,7 @@ class Enhancer:
         self.settings = runtime.settings
         self._model = model
         self.cache = EnhancementCache(self.settings.prompt_cache_entries, self.settings.prompt_cache_ttl)
-        self.limiter = RateLimiter()
+        self.limiter = rate_limiter(runtime.db)
 
     async def close(self) -> None:
         if self._model is not None:
@@ -146,8 +146,8 @@ class Enhancer:
             )
         return Plan(tenant_id, prompt, request.direction, request.model or self._model.model or "", style)
 
-    def admit(self, tenant_id: str) -> None:
-        decision = self.limiter.take(tenant_id, self.settings.enhance_rate_per_minute)
+    async def admit(self, tenant_id: str) -> None:
+        decision = await self.limiter.take(f"enhance:{tenant_id}", self.settings.enhance_rate_per_minute)
         if not decision.allowed:
             raise RateLimited(
                 f"At most {decision.limit} enhancements a minute", decision.headers(), decision.retry_after

@@ -88,7 +88,7 @@ async def provide_caller(request: Request[Any, Any, Any], runtime: Runtime) -> C
     key_id, _, _, tenant_id, status, per_minute = row
     if status != "active":
         raise Forbidden("This tenant is suspended", code="tenant_suspended")
-    decision = runtime.limiter.take(tenant_id, per_minute or runtime.settings.rate_limit_per_minute)
+    decision = await runtime.limiter.take(tenant_id, per_minute or runtime.settings.rate_limit_per_minute)
     request.state.rate_limit = decision
     if not decision.allowed:
         raise RateLimited(f"At most {decision.limit} requests a minute", decision.headers(), decision.retry_after)
