@@ -270,8 +270,16 @@ def test_limits_and_idempotency_hold_across_api_processes(upstream: Upstream, tm
         one = tenant.client.post("/api/images/generate", json={"prompt": "once"}, headers=headers)
         two = other.client.post("/api/images/generate", json={"prompt": "once"}, headers=headers)
         assert one.status_code == two.status_code == 202 and one.json() == two.json()
-        answers = [client.get("/api/quota").status_code for client in (tenant.client, other.client) * 3]
-        assert answers == [200, 200, 200, 200, 429, 429]
+        body = {"prompt": "a shared cache"}
+        first_enhancement = tenant.client.post(
+            "/api/prompts/enhance", json=body, headers={"Accept": "application/json"}
+        )
+        second_enhancement = other.client.post(
+            "/api/prompts/enhance", json=body, headers={"Accept": "application/json"}
+        )
+        assert first_enhancement.json()["cached"] is False and second_enhancement.json()["cached"] is True
+        answers = [client.get("/api/quota").status_code for client in (tenant.client, other.client) * 2]
+        assert answers == [200, 200, 429, 429]
         other.client.close()
     finally:
         second.stop()

@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import time
 
-from service.prompts.cache import CacheKey, EnhancementCache
+from service.prompts.cache import CacheKey, LocalEnhancementCache
 from service.prompts.instructions import system_prompt
 from service.prompts.styles import STYLES
 from service.ratelimit import LocalRateLimiter
@@ -16,36 +16,36 @@ def key(tenant: str, prompt: str) -> CacheKey:
 
 
 def test_cache_forgets_the_least_recently_used_entry_beyond_its_size() -> None:
-    cache = EnhancementCache(max_entries=2, ttl_seconds=60)
-    cache.put(key("t", "a"), "A")
-    cache.put(key("t", "b"), "B")
-    assert cache.get(key("t", "a")) == "A"  # a is now the most recent
-    cache.put(key("t", "c"), "C")
-    assert cache.get(key("t", "b")) is None
-    assert (cache.get(key("t", "a")), cache.get(key("t", "c"))) == ("A", "C")
+    cache = LocalEnhancementCache(max_entries=2, ttl_seconds=60)
+    asyncio.run(cache.put(key("t", "a"), "A"))
+    asyncio.run(cache.put(key("t", "b"), "B"))
+    assert asyncio.run(cache.get(key("t", "a"))) == "A"  # a is now the most recent
+    asyncio.run(cache.put(key("t", "c"), "C"))
+    assert asyncio.run(cache.get(key("t", "b"))) is None
+    assert (asyncio.run(cache.get(key("t", "a"))), asyncio.run(cache.get(key("t", "c")))) == ("A", "C")
 
 
 def test_cache_entries_expire() -> None:
-    cache = EnhancementCache(max_entries=10, ttl_seconds=0.05)
-    cache.put(key("t", "a"), "A")
-    assert cache.get(key("t", "a")) == "A"
+    cache = LocalEnhancementCache(max_entries=10, ttl_seconds=0.05)
+    asyncio.run(cache.put(key("t", "a"), "A"))
+    assert asyncio.run(cache.get(key("t", "a"))) == "A"
     time.sleep(0.08)
-    assert cache.get(key("t", "a")) is None
+    assert asyncio.run(cache.get(key("t", "a"))) is None
 
 
 def test_cache_is_per_tenant_and_clears_per_tenant() -> None:
-    cache = EnhancementCache(max_entries=10, ttl_seconds=60)
-    cache.put(key("t1", "a"), "A1")
-    cache.put(key("t2", "a"), "A2")
-    assert cache.get(key("t2", "a")) == "A2"
-    assert cache.clear_tenant("t1") == 1
-    assert cache.get(key("t1", "a")) is None and cache.get(key("t2", "a")) == "A2"
+    cache = LocalEnhancementCache(max_entries=10, ttl_seconds=60)
+    asyncio.run(cache.put(key("t1", "a"), "A1"))
+    asyncio.run(cache.put(key("t2", "a"), "A2"))
+    assert asyncio.run(cache.get(key("t2", "a"))) == "A2"
+    assert asyncio.run(cache.clear_tenant("t1")) == 1
+    assert asyncio.run(cache.get(key("t1", "a"))) is None and asyncio.run(cache.get(key("t2", "a"))) == "A2"
 
 
 def test_a_disabled_cache_keeps_nothing() -> None:
-    cache = EnhancementCache(max_entries=0, ttl_seconds=60)
-    cache.put(key("t", "a"), "A")
-    assert cache.get(key("t", "a")) is None
+    cache = LocalEnhancementCache(max_entries=0, ttl_seconds=60)
+    asyncio.run(cache.put(key("t", "a"), "A"))
+    assert asyncio.run(cache.get(key("t", "a"))) is None
 
 
 def test_rate_limiter_allows_a_burst_then_says_when_to_come_back() -> None:

@@ -176,3 +176,19 @@ class RateBucket(Base):
     key: Mapped[str] = mapped_column(String(200), primary_key=True)
     tokens: Mapped[float] = mapped_column(Float)
     stamp: Mapped[float] = mapped_column(Float)
+
+
+class CachedEnhancement(Base):
+    """A finished prompt enhancement, shared by the API processes (used on PostgreSQL)."""
+
+    __tablename__ = "prompt_cache"
+    __table_args__ = (
+        Index("ix_prompt_cache_tenant_id", "tenant_id"),
+        Index("ix_prompt_cache_created_at", "created_at"),
+    )
+
+    key: Mapped[str] = mapped_column(String(64), primary_key=True)
+    tenant_id: Mapped[str] = mapped_column(String(32))
+    text: Mapped[str] = mapped_column(Text)
+    created_at: Mapped[float] = mapped_column(Float)
+    expires_at: Mapped[float] = mapped_column(Float)

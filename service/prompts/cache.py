@@ -1,10 +1,18 @@
-"""Finished enhancements, kept per tenant and bounded in count and age (least recently used goes first)."""
+"""Finished enhancements, kept per tenant and bounded in count and age: in memory on SQLite (least recently used goes
+first), in the database on PostgreSQL so that every API process shares them (oldest goes first)."""
 
 from __future__ import annotations
 
+import hashlib
+import json
 import time
 from collections import OrderedDict
-from typing import NamedTuple
+from typing import NamedTuple, Protocol
+
+from sqlalchemy import delete, func, select
+
+from service.db.engine import Database
+from service.db.models import CachedEnhancement
 
 
 class CacheKey(NamedTuple):
@@ -14,14 +22,26 @@ class CacheKey(NamedTuple):
     model: str
     style: str | None
 
+    @property
+    def digest(self) -> str:
+        return hashlib.sha256(json.dumps(list(self)).encode()).hexdigest()
 
-class EnhancementCache:
+
+class EnhancementCache(Protocol):
+    async def get(self, key: CacheKey) -> str | None: ...
+
+    async def put(self, key: CacheKey, text: str) -> None: ...
+
+    async def clear_tenant(self, tenant_id: str) -> int: ...
+
+
+class LocalEnhancementCache:
     def __init__(self, max_entries: int, ttl_seconds: float) -> None:
         self._max_entries = max_entries
         self._ttl = ttl_seconds
         self._entries: OrderedDict[CacheKey, tuple[float, str]] = OrderedDict()
 
-    def get(self, key: CacheKey) -> str | None:
+    async def get(self, key: CacheKey) -> str | None:
         entry = self._entries.get(key)
         if entry is None:
             return None
@@ -32,7 +52,7 @@ class EnhancementCache:
         self._entries.move_to_end(key)
         return text
 
-    def put(self, key: CacheKey, text: str) -> None:
+    async def put(self, key: CacheKey, text: str) -> None:
         if self._max_entries == 0 or self._ttl == 0:
             return
         self._entries[key] = (time.monotonic() + self._ttl, text)
@@ -40,8 +60,59 @@ class EnhancementCache:
         while len(self._entries) > self._max_entries:
             self._entries.popitem(last=False)
 
-    def clear_tenant(self, tenant_id: str) -> int:
+    async def clear_tenant(self, tenant_id: str) -> int:
         doomed = [key for key in self._entries if key.tenant_id == tenant_id]
         for key in doomed:
             del self._entries[key]
         return len(doomed)
+
+
+class SharedEnhancementCache:
+    def __init__(self, db: Database, max_entries: int, ttl_seconds: float) -> None:
+        self._db = db
+        self._max_entries = max_entries
+        self._ttl = ttl_seconds
+
+    async def get(self, key: CacheKey) -> str | None:
+        async with self._db.read() as session:
+            return await session.scalar(
+                select(CachedEnhancement.text).where(
+                    CachedEnhancement.key == key.digest, CachedEnhancement.expires_at > time.time()
+                )
+            )
+
+    async def put(self, key: CacheKey, text: str) -> None:
+        if self._max_entries == 0 or self._ttl == 0:
+            return
+        now = time.time()
+        async with self._db.write() as session:
+            await session.execute(delete(CachedEnhancement).where(CachedEnhancement.key == key.digest))
+            session.add(
+                CachedEnhancement(
+                    key=key.digest, tenant_id=key.tenant_id, text=text, created_at=now, expires_at=now + self._ttl
+                )
+            )
+            await session.flush()
+            count = await session.scalar(select(func.count()).select_from(CachedEnhancement)) or 0
+            if count > self._max_entries:
+                oldest = (
+                    select(CachedEnhancement.key)
+                    .order_by(CachedEnhancement.created_at)
+                    .limit(count - self._max_entries)
+                )
+                await session.execute(delete(CachedEnhancement).where(CachedEnhancement.key.in_(oldest)))
+
+    async def clear_tenant(self, tenant_id: str) -> int:
+        async with self._db.write() as session:
+            result = await session.execute(
+                delete(CachedEnhancement)
+                .where(CachedEnhancement.tenant_id == tenant_id)
+                .returning(CachedEnhancement.key)
+            )
+            return len(result.all())
+
+
+def enhancement_cache(db: Database, max_entries: int, ttl_seconds: float) -> EnhancementCache:
+    if db.is_sqlite:
+        return LocalEnhancementCache(max_entries, ttl_seconds)
+    return SharedEnhancementCache(db, max_entries, ttl_seconds)

@@ -87,7 +87,7 @@ async def enhance_prompt(request: Request[Any, Any, Any], caller: Caller, runtim
     assert enhancer is not None
     plan = enhancer.plan(caller.tenant_id, data)
     await enhancer.admit(caller.tenant_id)
-    cached = enhancer.cache.get(plan.cache_key)
+    cached = await enhancer.cache.get(plan.cache_key)
     style = plan.style.name if plan.style else None
     if _wants_json(request):
         charge = None if cached is not None else await enhancer.charge(plan)
@@ -133,7 +133,7 @@ async def list_styles(caller: Caller) -> StyleList:
 )
 async def clear_cache(caller: Caller, runtime: Runtime) -> CacheCleared:
     assert runtime.enhancer is not None
-    return CacheCleared(cleared=runtime.enhancer.cache.clear_tenant(caller.tenant_id))
+    return CacheCleared(cleared=await runtime.enhancer.cache.clear_tenant(caller.tenant_id))
 
 
 router = Router(

@@ -18,7 +18,7 @@ from service.clock import utcnow
 from service.credits import repository as ledger
 from service.errors import InsufficientCredits, InvalidInput, RateLimited, ServiceError, ServiceUnavailable
 from service.ids import new_id
-from service.prompts.cache import CacheKey, EnhancementCache
+from service.prompts.cache import CacheKey, enhancement_cache
 from service.prompts.chat import ChatStream, PromptModel
 from service.prompts.instructions import TEMPERATURES, Direction, system_prompt
 from service.prompts.styles import STYLES, Style, StyleName
@@ -128,7 +128,7 @@ class Enhancer:
         self.runtime = runtime
         self.settings = runtime.settings
         self._model = model
-        self.cache = EnhancementCache(self.settings.prompt_cache_entries, self.settings.prompt_cache_ttl)
+        self.cache = enhancement_cache(runtime.db, self.settings.prompt_cache_entries, self.settings.prompt_cache_ttl)
         self.limiter = rate_limiter(runtime.db)
 
     async def close(self) -> None:
@@ -211,7 +211,7 @@ class Enhancer:
             upstream.close()
         text = "".join(parts).strip()
         if text:
-            self.cache.put(plan.cache_key, text)
+            await self.cache.put(plan.cache_key, text)
         yield writer.chunk(None, "stop")
         yield DONE
 
@@ -224,7 +224,7 @@ class Enhancer:
 
     async def complete(self, plan: Plan) -> str:
         """The whole enhanced text, from the cache or the upstream (raises UpstreamError)."""
-        cached = self.cache.get(plan.cache_key)
+        cached = await self.cache.get(plan.cache_key)
         if cached is not None:
             return cached
         assert self._model is not None
@@ -235,5 +235,5 @@ class Enhancer:
             upstream.close()
         if not text:
             raise UpstreamError("upstream_empty_result", "The prompt model returned no text", transient=False)
-        self.cache.put(plan.cache_key, text)
+        await self.cache.put(plan.cache_key, text)
         return text

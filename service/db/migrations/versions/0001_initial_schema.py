@@ -19,6 +19,19 @@ depends_on: str | Sequence[str] | None = None
 
 def upgrade() -> None:
     op.create_table(
+        "prompt_cache",
+        sa.Column("key", sa.String(length=64), nullable=False),
+        sa.Column("tenant_id", sa.String(length=32), nullable=False),
+        sa.Column("text", sa.Text(), nullable=False),
+        sa.Column("created_at", sa.Float(), nullable=False),
+        sa.Column("expires_at", sa.Float(), nullable=False),
+        sa.PrimaryKeyConstraint("key", name=op.f("pk_prompt_cache")),
+    )
+    with op.batch_alter_table("prompt_cache", schema=None) as batch_op:
+        batch_op.create_index("ix_prompt_cache_created_at", ["created_at"], unique=False)
+        batch_op.create_index("ix_prompt_cache_tenant_id", ["tenant_id"], unique=False)
+
+    op.create_table(
         "rate_buckets",
         sa.Column("key", sa.String(length=200), nullable=False),
         sa.Column("tokens", sa.Float(), nullable=False),
@@ -156,3 +169,8 @@ def downgrade() -> None:
     op.drop_table("api_keys")
     op.drop_table("tenants")
     op.drop_table("rate_buckets")
+    with op.batch_alter_table("prompt_cache", schema=None) as batch_op:
+        batch_op.drop_index("ix_prompt_cache_tenant_id")
+        batch_op.drop_index("ix_prompt_cache_created_at")
+
+    op.drop_table("prompt_cache")
