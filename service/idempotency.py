@@ -10,12 +10,25 @@ from __future__ import annotations
 import hashlib
 import json
 from datetime import datetime, timedelta
+from typing import Annotated
 
+from litestar.params import HeaderParameter
 from sqlalchemy import delete, insert
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from service.db.models import IdempotencyRecord
 from service.errors import Conflict
+
+IdempotencyKey = Annotated[
+    str | None,
+    HeaderParameter(
+        name="Idempotency-Key",
+        min_length=1,
+        max_length=255,
+        description="A retry with the same key and body gets the first response back instead of acting twice; the same "
+        "key with another body is a 409",
+    ),
+]
 
 
 def fingerprint(*parts: object) -> str:

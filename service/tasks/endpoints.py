@@ -23,6 +23,7 @@ from litestar.response import Stream
 from service.bodies import read_json, validate
 from service.catalog import ModelList, model_list
 from service.errors import Conflict, InvalidInput, NotFound, UnsupportedMediaType, problem_responses
+from service.idempotency import IdempotencyKey
 from service.images.processing import FORMATS
 from service.pagination import Cursor, Limit, next_cursor
 from service.runtime import Runtime
@@ -33,15 +34,6 @@ from service.tasks.service import Submission, Upload
 from service.tenants.auth import Caller
 
 TaskId = Annotated[str, Parameter(max_length=64, description="Task id")]
-IdempotencyKey = Annotated[
-    str | None,
-    Parameter(
-        header="Idempotency-Key",
-        min_length=1,
-        max_length=255,
-        description="A retry with the same key and body returns the same task without a second debit",
-    ),
-]
 FORM_FIELDS = {"prompt", "size", "model", "quality", "n", "enhance", "style"}
 
 

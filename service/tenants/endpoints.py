@@ -12,6 +12,7 @@ from service.bodies import json_body, read_json
 from service.clock import utcnow
 from service.credits.schemas import CreditGrant, LedgerEntryOut
 from service.errors import NotFound, problem_responses
+from service.idempotency import IdempotencyKey
 from service.pagination import Cursor, Limit, next_cursor
 from service.runtime import Runtime
 from service.tenants import repository, service
@@ -26,15 +27,6 @@ from service.tenants.schemas import (
     tenant_view,
 )
 
-IdempotencyKey = Annotated[
-    str | None,
-    Parameter(
-        header="Idempotency-Key",
-        min_length=1,
-        max_length=255,
-        description="Makes a retry return the first result instead of acting twice",
-    ),
-]
 TenantId = Annotated[str, Parameter(max_length=64, description="Tenant id")]
 
 

@@ -1,0 +1,59 @@
+"""The files around the code agree with it: compose.yaml and the Dockerfile run real commands with known variables,
+`.env.example` lists every variable the settings read, and the capsule names only routes that exist."""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+import yaml
+
+from service.cli import build_parser
+
+ROOT = Path(__file__).resolve().parent.parent
+SETTINGS_SOURCE = (ROOT / "service" / "settings.py").read_text()
+READ_VARIABLES = set(re.findall(r'read\.\w+\(\s*"([A-Z0-9_]+)"', SETTINGS_SOURCE))
+EXAMPLE = (ROOT / ".env.example").read_text()
+EXAMPLE_VARIABLES = set(re.findall(r"^([A-Z0-9_]+)=", EXAMPLE, re.MULTILINE))
+COMMANDS = set(build_parser()._subparsers._group_actions[0].choices)  # type: ignore[union-attr]
+
+
+def test_env_example_lists_every_variable_the_settings_read() -> None:
+    assert len(READ_VARIABLES) > 30
+    assert READ_VARIABLES <= EXAMPLE_VARIABLES, READ_VARIABLES - EXAMPLE_VARIABLES
+    assert EXAMPLE_VARIABLES <= READ_VARIABLES, EXAMPLE_VARIABLES - READ_VARIABLES
+
+
+def test_compose_runs_the_cli_with_known_variables() -> None:
+    compose = yaml.safe_load((ROOT / "compose.yaml").read_text())
+    services = compose["services"]
+    for name in ("migrate", "api", "worker"):
+        command = services[name]["command"]
+        assert command[0] == "imagegen" and command[1] in COMMANDS, (name, command)
+        variables = set(services[name]["environment"])
+        unknown = {v for v in variables if not v.startswith("AWS_")} - READ_VARIABLES
+        assert not unknown, (name, unknown)
+        assert services[name].get("build") == "."
+    assert services["api"]["environment"]["RUN_WORKERS"] == "false"
+    assert services["api"]["environment"]["AUTO_MIGRATE"] == "false"
+    assert services["api"]["environment"]["DATABASE_URL"].startswith("postgresql+asyncpg://")
+    assert services["api"]["environment"]["STORAGE_URL"].startswith("s3://")
+
+
+def test_dockerfile_runs_the_service_as_a_non_root_user_with_a_health_check() -> None:
+    dockerfile = (ROOT / "Dockerfile").read_text()
+    assert re.search(r'^CMD \["imagegen", "serve"', dockerfile, re.MULTILINE)
+    assert re.search(r"^USER (?!root)\w+", dockerfile, re.MULTILINE)
+    assert "HEALTHCHECK" in dockerfile and "/healthz" in dockerfile
+    assert dockerfile.count("FROM ") >= 2
+
+
+def test_capsule_routes_exist_in_the_openapi_document() -> None:
+    capsule = yaml.safe_load((ROOT / "capsule.yaml").read_text())
+    spec = json.loads((ROOT / "openapi" / "openapi.json").read_text())
+    routes = [entry["name"] for entry in capsule["interfaces"]["provides"] if entry["kind"] == "http_api"]
+    assert len(routes) >= 10
+    for route in routes:
+        method, path = route.split(" ", 1)
+        assert method.lower() in spec["paths"].get(path, {}), route
