@@ -78,20 +78,26 @@ class UpstreamHTTP:
     def url(self, path: str) -> str:
         return f"{self.base_url}{path}"
 
-    async def _request_json(self, method: str, path: str, **kwargs: Any) -> Any:
-        try:
+    @contextlib.contextmanager
+    def _call(self, what: str) -> Iterator[None]:
+        """Count the call towards the upstream's health, and turn transport failures into transient UpstreamErrors."""
+        with self.health.watch():
+            try:
+                yield
+            except TimeoutError:
+                raise UpstreamError("upstream_timeout", f"{what} timed out", transient=True) from None
+            except aiohttp.ClientError as exc:
+                raise UpstreamError(
+                    "upstream_unreachable", f"{what} failed ({type(exc).__name__})", transient=True
+                ) from None
+
+    async def request_json(self, method: str, path: str, **kwargs: Any) -> Any:
+        """Send a request and decode a JSON answer, raising a classified UpstreamError on any failure."""
+        with self._call("The upstream request"):
             async with self._session.request(method, self.url(path), allow_redirects=False, **kwargs) as response:
                 if response.status >= 300:
                     raise await _error_from(response)
                 body = await response.read()
-        except UpstreamError:
-            raise
-        except TimeoutError:
-            raise UpstreamError("upstream_timeout", "The upstream did not answer in time", transient=True) from None
-        except aiohttp.ClientError as exc:
-            raise UpstreamError(
-                "upstream_unreachable", f"Could not reach the upstream ({type(exc).__name__})", transient=True
-            ) from None
         try:
             return json.loads(body)
         except ValueError:
@@ -99,37 +105,18 @@ class UpstreamHTTP:
                 "upstream_bad_response", "The upstream answered with invalid JSON", transient=True
             ) from None
 
-    async def _open_stream(self, path: str, body: dict[str, Any]) -> aiohttp.ClientResponse:
-        try:
+    async def open_stream(self, path: str, body: dict[str, Any]) -> aiohttp.ClientResponse:
+        """POST and return the response once its status says the stream has begun; the caller releases it."""
+        with self._call("The upstream stream"):
             response = await self._session.post(
                 self.url(path), json=body, allow_redirects=False, timeout=self._stream_timeout
             )
-        except TimeoutError:
-            raise UpstreamError("upstream_timeout", "The upstream did not answer in time", transient=True) from None
-        except aiohttp.ClientError as exc:
-            raise UpstreamError(
-                "upstream_unreachable", f"Could not reach the upstream ({type(exc).__name__})", transient=True
-            ) from None
-        if response.status >= 300:
-            try:
-                raise await _error_from(response)
-            finally:
-                response.release()
-        return response
-
-    async def request_json(self, method: str, path: str, **kwargs: Any) -> Any:
-        with self.health.watch():
-            return await self._request_json(method, path, **kwargs)
-
-    async def open_stream(self, path: str, body: dict[str, Any]) -> aiohttp.ClientResponse:
-        """POST and return the response once its status says the stream has begun; the caller releases it."""
-        with self.health.watch():
-            return await self._open_stream(path, body)
-
-    async def fetch_image(self, url: str, max_bytes: int) -> bytes:
-        """Download an output image, only from the upstream's origin, with no redirects and a size limit."""
-        with self.health.watch():
-            return await self._fetch_image(url, max_bytes)
+            if response.status >= 300:
+                try:
+                    raise await _error_from(response)
+                finally:
+                    response.release()
+            return response
 
     async def result_from(self, items: list[Any], max_bytes: int, upstream_ids: list[str]) -> GenerationResult:
         """Collect the images of an upstream answer's data list, and its revised prompt."""
@@ -151,13 +138,14 @@ class UpstreamHTTP:
             return await self.fetch_image(item["url"], max_bytes)
         raise UpstreamError("upstream_bad_response", "The upstream image has neither data nor a URL", transient=False)
 
-    async def _fetch_image(self, url: str, max_bytes: int) -> bytes:
+    async def fetch_image(self, url: str, max_bytes: int) -> bytes:
+        """Download an output image, only from the upstream's origin, with no redirects and a size limit."""
         absolute = urljoin(self.base_url + "/", url)
         if origin(absolute) != self._origin:
             raise UpstreamError(
                 "upstream_image_unavailable", "The upstream pointed at an image outside its own origin", transient=False
             )
-        try:
+        with self._call("The upstream image download"):
             async with self._session.get(absolute, allow_redirects=False) as response:
                 if response.status == 404 or 300 <= response.status < 400:
                     raise UpstreamError(
@@ -167,8 +155,7 @@ class UpstreamHTTP:
                     )
                 if response.status >= 300:
                     raise await _error_from(response)
-                declared = response.content_length
-                if declared is not None and declared > max_bytes:
+                if response.content_length is not None and response.content_length > max_bytes:
                     raise UpstreamError(
                         "upstream_bad_image", "The upstream image is larger than allowed", transient=False
                     )
@@ -178,14 +165,6 @@ class UpstreamHTTP:
                         "upstream_bad_image", "The upstream image is larger than allowed", transient=False
                     )
                 return data
-        except UpstreamError:
-            raise
-        except TimeoutError:
-            raise UpstreamError("upstream_timeout", "The upstream image download timed out", transient=True) from None
-        except aiohttp.ClientError as exc:
-            raise UpstreamError(
-                "upstream_unreachable", f"Could not download the upstream image ({type(exc).__name__})", transient=True
-            ) from None
 
 
 async def _error_from(response: aiohttp.ClientResponse) -> UpstreamError:
