@@ -11,7 +11,7 @@ from http import HTTPStatus
 from typing import Any
 
 import msgspec
-from litestar import MediaType, Request, Response
+from litestar import Request, Response
 from litestar.exceptions import HTTPException, ValidationException
 from litestar.openapi.datastructures import ResponseSpec
 
@@ -217,7 +217,6 @@ __all__ = [
     "Forbidden",
     "InsufficientCredits",
     "InvalidInput",
-    "MediaType",
     "NotFound",
     "PayloadTooLarge",
     "Problem",
