@@ -1,4 +1,5 @@
-"""The `imagegen` command: run the API and workers, migrate, manage tenants and credits, export the OpenAPI spec."""
+"""The `imagegen` command: run the API and workers, migrate, manage tenants and credits, audit the ledger, export the
+OpenAPI spec, and generate images on a running service."""
 
 from __future__ import annotations
 
@@ -13,6 +14,7 @@ from pathlib import Path
 import msgspec
 import uvicorn
 
+from service import client
 from service.app import create_app
 from service.credits.audit import AuditReport, audit_ledger
 from service.db.engine import Database
@@ -189,6 +191,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--output", type=Path, default=DEFAULT_SPEC)
     p.add_argument("--check", action="store_true", help="fail when the file differs from what the code generates")
     p.set_defaults(func=openapi)
+
+    p = commands.add_parser("generate", help="generate an image on a running service (key from IMAGEGEN_API_KEY)")
+    p.add_argument("prompt")
+    p.add_argument("--url", default="http://127.0.0.1:8000", help="the service (default: %(default)s)")
+    p.add_argument("--size", default="auto", help="auto, 1:1, 16:9, 9:16 or WxH")
+    p.add_argument("--n", type=int, default=1, help="number of images")
+    p.add_argument("--quality", default="auto", choices=["auto", "low", "medium", "high"])
+    p.add_argument("--model")
+    p.add_argument("--image", type=Path, help="a reference image to edit from")
+    p.add_argument("--enhance", choices=["details", "creative"], help="enhance the prompt first")
+    p.add_argument("--style", help="a style preset (GET /api/prompts/styles)")
+    p.add_argument("--out", type=Path, help="where to write the image (default: <task id>.png)")
+    p.set_defaults(func=client.run)
 
     p = commands.add_parser("offline-upstream", help="run the built-in offline upstream on its own")
     p.add_argument("--host", default="127.0.0.1")
