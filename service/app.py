@@ -16,7 +16,7 @@ from litestar.openapi.spec import Components, Link, Schema, SecurityScheme
 from litestar.routes import HTTPRoute
 from litestar.types import Message, Scope
 
-from service import health
+from service import health, observability
 from service.credits import endpoints as credits
 from service.credits.schemas import CreditGrant
 from service.errors import EXCEPTION_HANDLERS
@@ -72,6 +72,7 @@ def create_app(settings: Settings | None = None) -> Litestar:
             admin.AdminController,
             health.health,
             health.ready,
+            observability.metrics,
         ],
         dependencies={"runtime": Provide(provide_runtime, sync_to_thread=False), "caller": Provide(provide_caller)},
         exception_handlers=EXCEPTION_HANDLERS,  # type: ignore[arg-type]
@@ -79,6 +80,7 @@ def create_app(settings: Settings | None = None) -> Litestar:
         lifespan=[lifespan],
         logging_config=None,
         before_send=[add_rate_limit_headers],
+        middleware=[observability.request_observer],
         request_max_body_size=settings.max_request_body_bytes,
         multipart_form_part_limit=settings.max_reference_images + 16,
     )

@@ -20,6 +20,7 @@ from service.credits.audit import AuditReport, audit_ledger
 from service.db.engine import Database
 from service.db.migrations import upgrade
 from service.errors import ServiceError
+from service.observability import configure_logging
 from service.process import running
 from service.settings import Settings, SettingsError
 from service.tenants.service import create_tenant as create
@@ -38,7 +39,7 @@ def _settings() -> Settings:
 
 
 def _configure_logging(settings: Settings) -> None:
-    logging.basicConfig(level=settings.log_level, format="%(asctime)s %(levelname)s %(name)s %(message)s")
+    configure_logging(settings.log_level)
 
 
 def _migrate(settings: Settings) -> None:
@@ -55,7 +56,7 @@ def serve(args: argparse.Namespace) -> None:
         host=args.host,
         port=args.port,
         log_config=None,
-        access_log=True,
+        access_log=False,
         timeout_graceful_shutdown=10,
     )
 

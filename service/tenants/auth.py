@@ -90,6 +90,7 @@ async def provide_caller(request: Request[Any, Any, Any], runtime: Runtime) -> C
         raise Forbidden("This tenant is suspended", code="tenant_suspended")
     decision = await runtime.limiter.take(tenant_id, per_minute or runtime.settings.rate_limit_per_minute)
     request.state.rate_limit = decision
+    request.state.tenant_id = tenant_id
     if not decision.allowed:
         raise RateLimited(f"At most {decision.limit} requests a minute", decision.headers(), decision.retry_after)
     return Caller(tenant_id=tenant_id, key_id=key_id)

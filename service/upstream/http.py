@@ -17,6 +17,7 @@ from urllib.parse import urljoin, urlsplit
 
 import aiohttp
 
+from service.metrics import upstream_call
 from service.upstream.base import GenerationResult, UpstreamError, error_for_status
 
 MAX_ERROR_BODY = 64 * 1024
@@ -81,7 +82,7 @@ class UpstreamHTTP:
     @contextlib.contextmanager
     def _call(self, what: str) -> Iterator[None]:
         """Count the call towards the upstream's health, and turn transport failures into transient UpstreamErrors."""
-        with self.health.watch():
+        with self.health.watch(), upstream_call():
             try:
                 yield
             except TimeoutError:
