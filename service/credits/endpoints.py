@@ -35,4 +35,4 @@ async def list_ledger(caller: Caller, runtime: Runtime, limit: Limit = 20, curso
     )
 
 
-router = Router("/api", route_handlers=[get_quota, list_ledger], tags=["credits"], security=[{"tenantKey": []}])
+router = Router("/api", route_handlers=[get_quota, list_ledger], tags=["quota"], security=[{"tenantKey": []}])
