@@ -20,6 +20,7 @@ from service import health, observability
 from service.credits import endpoints as credits
 from service.credits.schemas import CreditGrant
 from service.errors import EXCEPTION_HANDLERS
+from service.playground import playground
 from service.process import running
 from service.prompts import endpoints as prompts
 from service.prompts.service import EnhanceRequest, EnhanceResult
@@ -73,6 +74,7 @@ def create_app(settings: Settings | None = None) -> Litestar:
             health.health,
             health.ready,
             observability.metrics,
+            playground,
         ],
         dependencies={"runtime": Provide(provide_runtime, sync_to_thread=False), "caller": Provide(provide_caller)},
         exception_handlers=EXCEPTION_HANDLERS,  # type: ignore[arg-type]
