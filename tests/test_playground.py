@@ -39,7 +39,7 @@ def test_the_playground_runs_the_whole_flow(
 ) -> None:
     reference = tmp_path / "reference.png"
     Image.new("RGB", (240, 160), (20, 110, 90)).save(reference, format="PNG")
-    upstream.settings(latency=0.6, token_delay=0.02)
+    upstream.settings(latency=1.5, token_delay=0.02)
     page = browser.new_page()
     page.goto(service.base_url + "/")
     expect(page).to_have_title("imagegen playground")
