@@ -138,3 +138,46 @@ def test_work_submitted_to_one_process_starts_on_a_worker_process_at_once(upstre
     finally:
         worker.stop()
         api.stop()
+
+
+def test_a_stalled_worker_that_wakes_after_a_takeover_leaves_the_images_alone(
+    upstream: Upstream, tmp_path: Path
+) -> None:
+    env = service_env(upstream, RUN_WORKERS="false", WORKER_LEASE_SECONDS="1", WORKER_POLL_SECONDS="0.1")
+    api = Service(tmp_path, env, name="api")
+    stalled = Service(tmp_path, {**env, "RUN_WORKERS": "true"}, command="worker", name="worker-1")
+    takeover: Service | None = None
+    try:
+        tenant = api.new_tenant(credits=5)
+        upstream.settings(latency=2)
+        task = tenant.submit("stall and take over")
+        tenant.wait(task["id"], statuses={"running"})
+        stalled.pause()
+        takeover = Service(tmp_path, {**env, "RUN_WORKERS": "true"}, command="worker", name="worker-2")
+        done = tenant.wait(task["id"], timeout=30)
+        assert done["status"] == "completed"
+        first = tenant.client.get(done["image"])
+        assert first.status_code == 200
+        stalled.resume()
+        # The stalled run wakes with a lapsed lease: whether it notices before or after the upstream answers, it must
+        # neither commit nor disturb the images of the run that took over (the second attempt).
+        wait_until(
+            lambda: any(
+                word in line
+                for line in stalled.log_text().splitlines()
+                if task["id"] in line
+                for word in ("abandoned", "dropped")
+            ),
+            30,
+            "the stalled run never woke",
+        )
+        assert api.stored_keys(f"results/{task['id']}/") == [f"results/{task['id']}/2-0.png"]
+        again = tenant.client.get(done["image"])
+        assert again.status_code == 200 and again.content == first.content
+        assert again.headers["etag"] == first.headers["etag"]
+        assert tenant.task(task["id"])["refunded"] == 0 and tenant.balance() == 4
+    finally:
+        stalled.resume()
+        for process in (takeover, stalled, api):
+            if process is not None:
+                process.stop()

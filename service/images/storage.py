@@ -1,8 +1,8 @@
 """Blob storage for reference and result images: a local directory by default, or an S3-compatible bucket.
 
-Keys are relative paths such as `results/<task id>/0.png`. Local writes land in a temporary file and are renamed into
-place, so a reader never sees half an image; an S3 object appears whole when its upload completes. Reads stream in
-chunks, so serving an image never holds all of it in memory.
+Keys are relative paths such as `results/<task id>/<attempt>-0.png`. Local writes land in a temporary file and are
+renamed into place, so a reader never sees half an image; an S3 object appears whole when its upload completes. Reads
+stream in chunks, so serving an image never holds all of it in memory.
 """
 
 from __future__ import annotations

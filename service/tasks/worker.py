@@ -216,6 +216,7 @@ class WorkerPool:
             log.exception("task %s: committing its outcome failed", task.id)
             settled = False
         if not settled:
+            log.info("task %s was settled elsewhere; this run's outcome is dropped", task.id)
             await asyncio.gather(*(self.runtime.store.delete(image["key"]) for image in outcome.images))
         else:
             log.info("task %s %s%s", task.id, outcome.status, f" ({outcome.error_code})" if outcome.error_code else "")
@@ -304,7 +305,9 @@ class WorkerPool:
             return self._failure(task, "upstream_empty_result", "The upstream returned no image", result.upstream_ids)
         images = []
         for index, image in enumerate(checked):
-            key = f"results/{task.id}/{index}.{EXTENSIONS[image.content_type]}"
+            # Keyed by attempt: a run that lost its lease may still be storing, and must not overwrite (or, when it
+            # then fails to commit, delete) the images of the run that took over.
+            key = f"results/{task.id}/{task.attempts}-{index}.{EXTENSIONS[image.content_type]}"
             await self.runtime.store.put(key, image.data)
             images.append(image.record(key))
         missing = task.n - len(images)
