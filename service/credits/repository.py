@@ -53,10 +53,6 @@ async def balance_of(session: AsyncSession, tenant_id: str) -> int:
     return int(await session.scalar(select(Tenant.balance).where(Tenant.id == tenant_id)) or 0)
 
 
-async def debit_of_task(session: AsyncSession, task_id: str) -> LedgerEntry | None:
-    return await session.scalar(select(LedgerEntry).where(LedgerEntry.task_id == task_id, LedgerEntry.kind == "debit"))
-
-
 async def list_entries(session: AsyncSession, tenant_id: str, *, limit: int, before: str | None) -> list[LedgerEntry]:
     statement = select(LedgerEntry).where(LedgerEntry.tenant_id == tenant_id)
     if before is not None:

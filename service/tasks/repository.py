@@ -126,12 +126,6 @@ async def release_leases(session: AsyncSession, *, owner: str, task_ids: list[st
         )
 
 
-async def set_upstream_ids(session: AsyncSession, task_id: str, owner: str, upstream_ids: list[str]) -> None:
-    await session.execute(
-        update(Task).where(Task.id == task_id, Task.lease_owner == owner).values(upstream_ids=upstream_ids)
-    )
-
-
 async def finish(
     session: AsyncSession,
     task: Task,
