@@ -5,10 +5,12 @@ from __future__ import annotations
 
 import asyncio
 import io
+import itertools
 import json
 import struct
 import time
 import zlib
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -120,16 +122,13 @@ def test_running_task_limit_queues_the_rest(service: Service, upstream: Upstream
         assert admin.patch(f"/api/admin/tenants/{tenant.id}", json={"max_running_tasks": 1}).status_code == 200
     upstream.settings(latency=0.4)
     ids = [tenant.submit(f"one at a time {i}")["id"] for i in range(3)]
-    peak = 0
-    deadline = time.monotonic() + 30
-    while time.monotonic() < deadline:
-        statuses = [tenant.task(task_id)["status"] for task_id in ids]
-        peak = max(peak, statuses.count("running"))
-        if all(status == "completed" for status in statuses):
-            break
-        time.sleep(0.05)
-    assert [tenant.task(task_id)["status"] for task_id in ids] == ["completed"] * 3
-    assert peak == 1
+    tasks = [tenant.wait(task_id) for task_id in ids]
+    assert [task["status"] for task in tasks] == ["completed"] * 3
+    runs = sorted(
+        (datetime.fromisoformat(task["started_at"]), datetime.fromisoformat(task["finished_at"])) for task in tasks
+    )
+    for (_, earlier_finished), (later_started, _) in itertools.pairwise(runs):
+        assert later_started >= earlier_finished
 
 
 async def _same_key(tenant: Tenant, count: int) -> list[httpx.Response]:
