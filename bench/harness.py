@@ -95,9 +95,15 @@ class OfflineUpstream:
 
 
 class ServiceProcess:
-    """One `imagegen` process with its own environment; `serve` is started and waited for until healthy."""
+    """One `imagegen` process with its own environment; `serve` is started and waited for until healthy.
 
-    def __init__(self, data_dir: Path, env: dict[str, str], command: str = "serve", name: str = "service") -> None:
+    `cpus` pins the process to those cores (a `taskset` list), as the benchmarks do.
+    """
+
+    def __init__(
+        self, data_dir: Path, env: dict[str, str], command: str = "serve", name: str = "service", cpus: str = ""
+    ) -> None:
+        self.cpus = cpus
         self.data_dir = data_dir
         data_dir.mkdir(parents=True, exist_ok=True)
         self.port = free_port()
@@ -115,10 +121,17 @@ class ServiceProcess:
         args = [sys.executable, "-m", "service", self.command]
         if self.command == "serve":
             args += ["--port", str(self.port)]
+        if self.cpus:
+            args = ["taskset", "-c", self.cpus, *args]
         with self.log_path.open("ab") as log:
             self.process = subprocess.Popen(args, env=self.env, stdout=log, stderr=subprocess.STDOUT, cwd=self.data_dir)
         if self.command == "serve":
             wait_until(self._healthy, 30, f"service did not start; see {self.log_path}")
+
+    @property
+    def pid(self) -> int:
+        assert self.process is not None
+        return self.process.pid
 
     def _healthy(self) -> bool:
         assert self.process is not None

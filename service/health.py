@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from typing import Literal
 
 import msgspec
@@ -10,6 +11,8 @@ from sqlalchemy import text
 
 from service.errors import ServiceUnavailable, problem_responses
 from service.runtime import Runtime
+
+log = logging.getLogger("service.health")
 
 
 class Health(msgspec.Struct):
@@ -43,7 +46,8 @@ async def ready(runtime: Runtime) -> Readiness:
     try:
         async with runtime.db.read() as session:
             await session.execute(text("SELECT 1"))
-    except Exception:
+    except Exception as exc:
+        log.warning("readiness: the database check failed (%s: %s)", type(exc).__name__, exc)
         raise ServiceUnavailable("The database is not reachable", code="database_unavailable") from None
     try:
         await runtime.store.check()

@@ -3,6 +3,7 @@ handed to request handlers as the `runtime` dependency."""
 
 from __future__ import annotations
 
+import asyncio
 from typing import TYPE_CHECKING
 
 from service.db.engine import Database
@@ -18,7 +19,7 @@ if TYPE_CHECKING:
 
 class Runtime:
     # A plain class, not a dataclass: handlers receive it as a dependency and the framework leaves such values as-is.
-    __slots__ = ("db", "enhancer", "limiter", "settings", "store", "upstream_health", "workers")
+    __slots__ = ("_watchers", "db", "enhancer", "limiter", "settings", "store", "upstream_health", "workers")
 
     def __init__(self, settings: Settings, db: Database, store: BlobStore) -> None:
         self.settings = settings
@@ -28,10 +29,23 @@ class Runtime:
         self.upstream_health = UpstreamHealth()
         self.workers: WorkerPool | None = None
         self.enhancer: Enhancer | None = None
+        self._watchers: dict[str, asyncio.Event] = {}
 
     def wake_workers(self) -> None:
         if self.workers is not None:
             self.workers.wake()
+
+    def watch(self, task_id: str) -> asyncio.Event:
+        """An event set when this process next changes the task's status (a finished run, a cancellation)."""
+        return self._watchers.setdefault(task_id, asyncio.Event())
+
+    def unwatch(self, task_id: str) -> None:
+        self._watchers.pop(task_id, None)
+
+    def task_changed(self, task_id: str) -> None:
+        event = self._watchers.pop(task_id, None)
+        if event is not None:
+            event.set()
 
     def abandon(self, task_id: str) -> None:
         """Stop waiting on the upstream for a task this process is running (it was cancelled)."""

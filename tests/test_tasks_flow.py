@@ -199,3 +199,37 @@ def jpeg() -> bytes:
     out = io.BytesIO()
     Image.new("RGB", (400, 300), (90, 30, 10)).save(out, format="JPEG")
     return out.getvalue()
+
+
+def test_prefer_wait_answers_with_the_finished_task(tenant: Tenant, upstream: Upstream) -> None:
+    upstream.settings(latency=0.2)
+    response = tenant.client.post("/api/images/generate", json={"prompt": "a quick one"}, headers={"Prefer": "wait=20"})
+    assert response.status_code == 200, response.text
+    assert response.headers["preference-applied"] == "wait=20"
+    task = response.json()
+    assert task["status"] == "completed"
+    assert response.headers["location"] == f"/api/images/tasks/{task['id']}"
+    assert tenant.client.get(task["image"]).status_code == 200
+    assert tenant.task(task["id"])["status"] == "completed"
+
+
+def test_prefer_wait_gives_up_with_the_usual_202(tenant: Tenant, upstream: Upstream) -> None:
+    upstream.settings(latency=3)
+    response = tenant.client.post(
+        "/api/images/generate", json={"prompt": "a slow one"}, headers={"Prefer": "respond-async, wait=1"}
+    )
+    assert response.status_code == 202
+    assert response.headers["preference-applied"] == "wait=1"
+    assert response.json()["status"] in ("queued", "running")
+    assert 0.9 <= response.elapsed.total_seconds() < 2.5
+
+
+def test_prefer_wait_is_capped_and_unreadable_preferences_are_ignored(tenant: Tenant, upstream: Upstream) -> None:
+    upstream.settings(latency=0.1)
+    capped = tenant.client.post("/api/images/generate", json={"prompt": "capped"}, headers={"Prefer": "wait=86400"})
+    assert capped.status_code == 200
+    assert capped.headers["preference-applied"] == "wait=60"
+    for prefer in ("wait=soon", "wait=-1", "return=minimal"):
+        ignored = tenant.client.post("/api/images/generate", json={"prompt": "ignored"}, headers={"Prefer": prefer})
+        assert ignored.status_code == 202
+        assert "preference-applied" not in ignored.headers

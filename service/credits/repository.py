@@ -4,11 +4,20 @@ from __future__ import annotations
 
 from datetime import datetime
 
-from sqlalchemy import case, func, insert, select, update
+from sqlalchemy import BigInteger, String, bindparam, case, func, insert, select, update
 from sqlalchemy.ext.asyncio import AsyncSession
 
-from service.db.models import LedgerEntry, Tenant
+from service.db.models import LedgerEntry, Tenant, UTCDateTime
 from service.ids import new_id
+
+_AMOUNT = bindparam("amount", type_=BigInteger())
+_MOVE_BALANCE = (
+    update(Tenant)
+    .where(Tenant.id == bindparam("tenant_id", type_=String()), Tenant.balance + _AMOUNT >= 0)
+    .values(balance=Tenant.balance + _AMOUNT, updated_at=bindparam("now", type_=UTCDateTime()))
+    .returning(Tenant.balance)
+)
+_APPEND = insert(LedgerEntry)
 
 
 async def post_entry(
@@ -26,12 +35,7 @@ async def post_entry(
 
     The guarded UPDATE is the whole concurrency story: it either applies atomically or matches no row.
     """
-    balance_after = await session.scalar(
-        update(Tenant)
-        .where(Tenant.id == tenant_id, Tenant.balance + amount >= 0)
-        .values(balance=Tenant.balance + amount, updated_at=now)
-        .returning(Tenant.balance)
-    )
+    balance_after = await session.scalar(_MOVE_BALANCE, {"tenant_id": tenant_id, "amount": amount, "now": now})
     if balance_after is None:
         return None
     values = {
@@ -45,7 +49,7 @@ async def post_entry(
         "reason": reason,
         "created_at": now,
     }
-    await session.execute(insert(LedgerEntry).values(**values))
+    await session.execute(_APPEND, values)
     return LedgerEntry(**values)
 
 

@@ -1,7 +1,9 @@
 """The one place that knows the database URL: engines, sessions and the SQLite specifics.
 
-On SQLite all writes go through one pooled connection whose transactions start with BEGIN IMMEDIATE, so writers
-queue in the pool instead of failing on lock upgrades; reads use their own connections under WAL.
+On SQLite the statements run on the event loop's own thread through the synchronous sqlite3 driver: a statement on
+an indexed row takes microseconds, less than handing it to a driver thread and back would cost. Writes are one
+transaction at a time on one connection (an asyncio lock queues the rest, so the loop never blocks on its own pool),
+each starting with BEGIN IMMEDIATE so it never fails on a lock upgrade; reads use their own connections under WAL.
 """
 
 from __future__ import annotations
@@ -9,20 +11,26 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import AsyncIterator, Callable
+import sqlite3
+from collections import namedtuple
+from collections.abc import AsyncIterator, Callable, Mapping
 from contextlib import asynccontextmanager
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import asyncpg
-from sqlalchemy import Insert, event, text
+from sqlalchemy import Dialect, Engine, Insert, Row, Select, create_engine, event, text
 from sqlalchemy.dialects.postgresql import insert as postgresql_insert
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.engine import make_url
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker, create_async_engine
+from sqlalchemy.pool import PoolProxiedConnection, QueuePool
 
 from service.db.models import Base
 
+AnyRow = Row[*tuple[Any, ...]]
+AnySelect = Select[*tuple[Any, ...]]
 SQLITE_BUSY_TIMEOUT_SECONDS = 30
 WORK_CHANNEL = "imagegen_work"
 LISTEN_RETRY_SECONDS = 2.0
@@ -36,30 +44,88 @@ def prepare_sqlite_directory(url: str) -> None:
         Path(parsed.database).parent.mkdir(parents=True, exist_ok=True)
 
 
+class _Prepared:
+    """A SELECT compiled once for SQLite and run on the driver's connection, its values converted as SQLAlchemy would.
+
+    The hot paths run one such statement per request; this skips the per-execution bookkeeping of a Connection.
+    """
+
+    def __init__(self, statement: AnySelect, dialect: Dialect) -> None:
+        compiled = statement.compile(dialect=dialect)
+        self.sql = compiled.string
+        self.names = list(compiled.positiontup or [])
+        columns = list(statement.selected_columns)
+        self.convert = [column.type.dialect_impl(dialect).result_processor(dialect, None) for column in columns]
+        self.row: Callable[..., Any] = namedtuple("Row", [column.key for column in columns], rename=True)  # type: ignore[misc]
+
+    def first(self, connection: sqlite3.Connection, params: Mapping[str, Any]) -> Any | None:
+        values = connection.execute(self.sql, [params[name] for name in self.names]).fetchone()
+        if values is None:
+            return None
+        converted = [
+            value if convert is None else convert(value) for convert, value in zip(self.convert, values, strict=True)
+        ]
+        return self.row(*converted)
+
+
+class _InlineCursor(sqlite3.Cursor):
+    async def _async_soft_close(self) -> None:
+        """AsyncSession awaits this on a Core result's cursor, which only async drivers have. Here the rows stay on
+        this cursor, read on the same thread while the session holds the connection, so there is nothing to do."""
+
+
+class _InlineConnection(sqlite3.Connection):
+    def cursor(self, factory: Any = _InlineCursor) -> Any:
+        return super().cursor(factory)
+
+
+@dataclass(frozen=True, slots=True)
+class _InlineBind:
+    """Lets an AsyncSession drive a synchronous engine: its calls then run to completion without leaving the thread."""
+
+    sync_engine: Engine
+
+
+def _inline_sessions(engine: Engine) -> async_sessionmaker[AsyncSession]:
+    return async_sessionmaker(bind=cast(AsyncEngine, _InlineBind(engine)), expire_on_commit=False)
+
+
 class Database:
     def __init__(self, url: str) -> None:
         self.url = url
         self.is_sqlite = make_url(url).get_backend_name() == "sqlite"
+        self._write_lock = asyncio.Lock()
+        self.engines: list[Engine] = []
         if self.is_sqlite:
             prepare_sqlite_directory(url)
-            self.writer = self._sqlite_engine(begin="BEGIN IMMEDIATE", pool_size=1, max_overflow=0)
-            self.reader = self._sqlite_engine(begin="BEGIN", pool_size=8, max_overflow=8)
+            writer = self._sqlite_engine(begin="BEGIN IMMEDIATE", pool_size=1, max_overflow=0)
+            reader = self._sqlite_engine(begin="BEGIN", pool_size=8, max_overflow=-1)
+            # Single statements on the hot paths (authentication, polling) skip the session and its transaction:
+            # one autocommit connection, held by the event loop's thread, answers each from a fresh snapshot.
+            self._statements = self._sqlite_engine(begin="", pool_size=1, max_overflow=0)
+            self._statement_connection: PoolProxiedConnection | None = None
+            self._prepared: dict[AnySelect, _Prepared] = {}
+            self.engines = [writer, reader, self._statements]
+            self._write_sessions = _inline_sessions(writer)
+            self._read_sessions = _inline_sessions(reader)
         else:
-            self.writer = create_async_engine(url, pool_size=10, max_overflow=10, pool_pre_ping=True)
-            self.reader = self.writer
-        self._write_sessions = async_sessionmaker(self.writer, expire_on_commit=False)
-        self._read_sessions = async_sessionmaker(self.reader, expire_on_commit=False)
+            self.engine: AsyncEngine = create_async_engine(url, pool_size=10, max_overflow=10, pool_pre_ping=True)
+            self._write_sessions = self._read_sessions = async_sessionmaker(self.engine, expire_on_commit=False)
 
-    def _sqlite_engine(self, *, begin: str, pool_size: int, max_overflow: int) -> AsyncEngine:
-        engine = create_async_engine(
-            self.url,
+    def _sqlite_engine(self, *, begin: str, pool_size: int, max_overflow: int) -> Engine:
+        engine = create_engine(
+            make_url(self.url).set(drivername="sqlite+pysqlite"),
+            poolclass=QueuePool,
             pool_size=pool_size,
             max_overflow=max_overflow,
-            pool_timeout=120,
-            connect_args={"timeout": SQLITE_BUSY_TIMEOUT_SECONDS},
+            connect_args={
+                "timeout": SQLITE_BUSY_TIMEOUT_SECONDS,
+                "check_same_thread": False,
+                "factory": _InlineConnection,
+            },
         )
 
-        @event.listens_for(engine.sync_engine, "connect")
+        @event.listens_for(engine, "connect")
         def on_connect(dbapi_connection: Any, _: Any) -> None:
             # Let SQLAlchemy's "begin" event issue BEGIN itself instead of the driver's implicit, deferred one.
             dbapi_connection.isolation_level = None
@@ -70,16 +136,22 @@ class Database:
             cursor.execute(f"PRAGMA busy_timeout={SQLITE_BUSY_TIMEOUT_SECONDS * 1000}")
             cursor.close()
 
-        @event.listens_for(engine.sync_engine, "begin")
-        def on_begin(connection: Any) -> None:
-            connection.exec_driver_sql(begin)
+        if begin:
+
+            @event.listens_for(engine, "begin")
+            def on_begin(connection: Any) -> None:
+                connection.exec_driver_sql(begin)
 
         return engine
 
     @asynccontextmanager
     async def write(self) -> AsyncIterator[AsyncSession]:
         """A read-write transaction, committed when the block ends without an error."""
-        async with self._write_sessions() as session, session.begin():
+        if not self.is_sqlite:
+            async with self._write_sessions() as session, session.begin():
+                yield session
+            return
+        async with self._write_lock, self._write_sessions() as session, session.begin():
             yield session
 
     @asynccontextmanager
@@ -87,6 +159,21 @@ class Database:
         """A read-only snapshot."""
         async with self._read_sessions() as session, session.begin():
             yield session
+
+    async def fetch_one(self, statement: AnySelect, params: Mapping[str, Any]) -> Any | None:
+        """The first row of one read-only statement, outside any session; its columns are attributes and positions."""
+        if not self.is_sqlite:
+            async with self.engine.connect() as connection:
+                return (await connection.execute(statement, params)).first()
+        prepared = self._prepared.get(statement)
+        if prepared is None:
+            prepared = self._prepared[statement] = _Prepared(statement, self._statements.dialect)
+        return prepared.first(self._statement_connection_(), params)
+
+    def _statement_connection_(self) -> sqlite3.Connection:
+        if self._statement_connection is None:
+            self._statement_connection = self._statements.raw_connection()
+        return cast(sqlite3.Connection, self._statement_connection.driver_connection)
 
     def insert_ignoring_conflicts(self, table: type[Base]) -> Insert:
         """INSERT … ON CONFLICT DO NOTHING, in this database's dialect."""
@@ -134,6 +221,8 @@ class Database:
             await connection.close()
 
     async def dispose(self) -> None:
-        await self.writer.dispose()
-        if self.reader is not self.writer:
-            await self.reader.dispose()
+        if self.is_sqlite:
+            for engine in self.engines:
+                engine.dispose()
+        else:
+            await self.engine.dispose()

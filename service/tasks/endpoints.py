@@ -17,7 +17,7 @@ from litestar.openapi.spec import (
     RequestBody,
     Schema,
 )
-from litestar.params import Parameter
+from litestar.params import HeaderParameter, Parameter
 from litestar.response import Stream
 
 from service.bodies import read_json, validate
@@ -34,6 +34,17 @@ from service.tasks.service import Submission, Upload
 from service.tenants.auth import Caller
 
 TaskId = Annotated[str, Parameter(max_length=64, description="Task id")]
+MAX_WAIT_SECONDS = 60
+Prefer = Annotated[
+    str | None,
+    HeaderParameter(
+        name="Prefer",
+        max_length=500,
+        description="`wait=N` (RFC 7240): hold the answer until the task has finished, for at most N seconds "
+        f"(up to {MAX_WAIT_SECONDS}). A task that finished in time comes back as 200; otherwise the answer is the "
+        "usual 202. `Preference-Applied` echoes the wait that was honoured.",
+    ),
+]
 FORM_FIELDS = {"prompt", "size", "model", "quality", "n", "enhance", "style"}
 
 
@@ -53,6 +64,17 @@ class GenerateOperation(Operation):
                         "mask": Encoding(content_type=", ".join(IMAGE_TYPES)),
                     },
                 ),
+            },
+        )
+        assert self.responses is not None
+        self.responses["200"] = OpenAPIResponse(
+            description="The task finished while the request waited (`Prefer: wait=N`)",
+            content={"application/json": OpenAPIMediaType(schema=Reference("#/components/schemas/TaskOut"))},
+            headers={
+                "Preference-Applied": OpenAPIHeader(
+                    schema=Schema(type="string"),  # type: ignore[arg-type]
+                    description="The wait that was honoured, as `wait=N`",
+                )
             },
         )
 
@@ -140,15 +162,44 @@ async def read_submission(request: Request[Any, Any, Any], settings: Settings) -
     "`mask`) for reference-image tasks. Debits the task's cost at once; failures and cancellations refund it.",
     status_code=202,
     operation_class=GenerateOperation,
-    response_headers=[ResponseHeader(name="Location", description="URL of the new task", documentation_only=True)],
+    response_headers=[
+        ResponseHeader(name="Location", description="URL of the new task", documentation_only=True),
+        ResponseHeader(
+            name="Preference-Applied", description="`wait=N` when `Prefer: wait` was honoured", documentation_only=True
+        ),
+    ],
     responses=problem_responses(401, 402, 403, 409, 413, 415, 422, 429),
 )
 async def generate_image(
-    request: Request[Any, Any, Any], caller: Caller, runtime: Runtime, idempotency_key: IdempotencyKey = None
+    request: Request[Any, Any, Any],
+    caller: Caller,
+    runtime: Runtime,
+    idempotency_key: IdempotencyKey = None,
+    prefer: Prefer = None,
 ) -> Response[TaskOut]:
     submission = await read_submission(request, runtime.settings)
     submitted = await service.submit(runtime, caller, submission, idempotency_key)
-    return Response(submitted, status_code=202, headers={"Location": f"/api/images/tasks/{submitted.id}"})
+    headers = {"Location": f"/api/images/tasks/{submitted.id}"}
+    wait = preferred_wait(prefer)
+    if wait is None:
+        return Response(submitted, status_code=202, headers=headers)
+    headers["Preference-Applied"] = f"wait={wait}"
+    finished = await service.wait_until_finished(runtime, caller, submitted.id, wait)
+    if finished is None:
+        return Response(submitted, status_code=202, headers=headers)
+    return Response(task_view(finished), status_code=200, headers=headers)
+
+
+def preferred_wait(prefer: str | None) -> int | None:
+    """The seconds asked for by `Prefer: wait=N` (RFC 7240), at most MAX_WAIT_SECONDS; None when not asked.
+
+    Preferences are hints: an unreadable one is ignored, not refused.
+    """
+    for preference in (prefer or "").split(","):
+        name, _, value = preference.partition("=")
+        if name.strip().lower() == "wait" and value.strip().isdigit():
+            return min(int(value.strip()), MAX_WAIT_SECONDS)
+    return None
 
 
 @get(
@@ -158,8 +209,7 @@ async def generate_image(
     responses=problem_responses(401, 403, 429, 404),
 )
 async def get_task(task_id: TaskId, caller: Caller, runtime: Runtime) -> TaskOut:
-    async with runtime.db.read() as session:
-        task = await repository.get_owned(session, caller.tenant_id, task_id)
+    task = await runtime.db.fetch_one(repository.OWNED_TASK, {"tenant_id": caller.tenant_id, "task_id": task_id})
     if task is None:
         raise NotFound("No such task", code="task_not_found")
     return task_view(task)
@@ -204,8 +254,7 @@ async def get_task_image(
     runtime: Runtime,
     index: Annotated[int, Parameter(ge=0, le=99, description="Which image of the task (0-based)")] = 0,
 ) -> Response[Any]:
-    async with runtime.db.read() as session:
-        task = await repository.get_owned(session, caller.tenant_id, task_id)
+    task = await runtime.db.fetch_one(repository.OWNED_TASK, {"tenant_id": caller.tenant_id, "task_id": task_id})
     if task is None:
         raise NotFound("No such task", code="task_not_found")
     if task.status != "completed":

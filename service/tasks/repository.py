@@ -6,12 +6,12 @@ from __future__ import annotations
 from datetime import datetime, timedelta
 from typing import Any
 
-from sqlalchemy import Select, and_, func, insert, or_, select, update
+from sqlalchemy import Integer, Select, String, and_, bindparam, func, insert, or_, select, update
 from sqlalchemy.ext.asyncio import AsyncSession
 from sqlalchemy.orm import aliased
 
 from service.credits import repository as ledger
-from service.db.models import Task, Tenant
+from service.db.models import Task, Tenant, UTCDateTime
 
 TERMINAL = ("completed", "failed", "cancelled")
 
@@ -20,8 +20,15 @@ def owned_tasks(tenant_id: str) -> Select[Task]:
     return select(Task).where(Task.tenant_id == tenant_id)
 
 
+OWNED_TASK = select(Task.__table__).where(Task.tenant_id == bindparam("tenant_id"), Task.id == bindparam("task_id"))
+"""One task of one tenant, as a row (the polling path reads it without a session)."""
+
+
+_INSERT = insert(Task)
+
+
 async def insert_task(session: AsyncSession, values: dict[str, Any]) -> None:
-    await session.execute(insert(Task).values(**values))
+    await session.execute(_INSERT, values)
 
 
 async def get_owned(session: AsyncSession, tenant_id: str, task_id: str) -> Task | None:
@@ -44,25 +51,43 @@ async def get_task(session: AsyncSession, task_id: str) -> Task | None:
     return await session.scalar(select(Task).where(Task.id == task_id).execution_options(populate_existing=True))
 
 
-def _claimable(now: datetime, max_attempts: int) -> Any:
-    lapsed = and_(Task.status == "running", Task.lease_expires_at < now, Task.attempts < max_attempts)
-    return or_(Task.status == "queued", lapsed)
-
-
-def _under_running_limit(now: datetime, default_limit: int) -> Any:
-    """The task's tenant runs fewer tasks (with live leases) than its limit allows."""
-    running = aliased(Task)
-    running_now = (
-        select(func.count())
-        .where(running.tenant_id == Task.tenant_id, running.status == "running", running.lease_expires_at >= now)
-        .scalar_subquery()
+_NOW = bindparam("now", type_=UTCDateTime())
+_MAX_ATTEMPTS = bindparam("max_attempts", type_=Integer())
+_running = aliased(Task)
+# A task may run when its tenant runs fewer tasks (with live leases) than its limit allows.
+_UNDER_RUNNING_LIMIT = (
+    select(func.count())
+    .where(_running.tenant_id == Task.tenant_id, _running.status == "running", _running.lease_expires_at >= _NOW)
+    .scalar_subquery()
+) < (
+    select(func.coalesce(Tenant.max_running_tasks, bindparam("default_limit", type_=Integer())))
+    .where(Tenant.id == Task.tenant_id)
+    .scalar_subquery()
+)
+_LAPSED = and_(Task.status == "running", Task.lease_expires_at < _NOW, Task.attempts < _MAX_ATTEMPTS)
+# SKIP LOCKED (PostgreSQL; SQLite serializes writers anyway): concurrent workers take different tasks.
+_NEXT_ID = (
+    select(Task.id)
+    .where(or_(and_(Task.status == "queued", _UNDER_RUNNING_LIMIT), _LAPSED))
+    .order_by(Task.id)
+    .limit(1)
+    .with_for_update(skip_locked=True)
+    .scalar_subquery()
+)
+_CLAIM = (
+    update(Task)
+    .where(Task.id == _NEXT_ID, or_(Task.status == "queued", _LAPSED))
+    .values(
+        status="running",
+        lease_owner=bindparam("owner", type_=String()),
+        lease_expires_at=bindparam("lease_until", type_=UTCDateTime()),
+        attempts=Task.attempts + 1,
+        started_at=func.coalesce(Task.started_at, _NOW),
+        updated_at=_NOW,
     )
-    limit = (
-        select(func.coalesce(Tenant.max_running_tasks, default_limit))
-        .where(Tenant.id == Task.tenant_id)
-        .scalar_subquery()
-    )
-    return running_now < limit
+    .returning(Task)
+    .execution_options(synchronize_session=False)
+)
 
 
 async def claim_next(
@@ -75,30 +100,15 @@ async def claim_next(
     default_running_limit: int,
 ) -> Task | None:
     """Take the oldest queued task whose tenant is under its running limit, or one whose worker's lease lapsed, in
-    one compare-and-set statement."""
-    candidates = or_(
-        and_(Task.status == "queued", _under_running_limit(now, default_running_limit)),
-        and_(Task.status == "running", Task.lease_expires_at < now, Task.attempts < max_attempts),
-    )
-    # SKIP LOCKED (PostgreSQL; SQLite serializes writers anyway): concurrent workers take different tasks.
-    next_id = (
-        select(Task.id).where(candidates).order_by(Task.id).limit(1).with_for_update(skip_locked=True).scalar_subquery()
-    )
-    claimed = await session.scalars(
-        update(Task)
-        .where(Task.id == next_id, _claimable(now, max_attempts))
-        .values(
-            status="running",
-            lease_owner=owner,
-            lease_expires_at=now + timedelta(seconds=lease_seconds),
-            attempts=Task.attempts + 1,
-            started_at=func.coalesce(Task.started_at, now),
-            updated_at=now,
-        )
-        .returning(Task)
-        .execution_options(synchronize_session=False)
-    )
-    return claimed.first()
+    one compare-and-set statement (built once: only its parameters change)."""
+    params = {
+        "owner": owner,
+        "now": now,
+        "lease_until": now + timedelta(seconds=lease_seconds),
+        "max_attempts": max_attempts,
+        "default_limit": default_running_limit,
+    }
+    return (await session.scalars(_CLAIM, params)).first()
 
 
 async def renew_leases(session: AsyncSession, *, owner: str, task_ids: list[str], until: datetime) -> set[str]:
@@ -174,25 +184,26 @@ async def finish(
     return True
 
 
+_FAIL_ABANDONED = (
+    update(Task)
+    .where(Task.status == "running", Task.lease_expires_at < _NOW, Task.attempts >= _MAX_ATTEMPTS)
+    .values(
+        status="failed",
+        refunded=Task.cost,
+        finished_at=_NOW,
+        updated_at=_NOW,
+        lease_owner=None,
+        lease_expires_at=None,
+        error_code="worker_lost",
+        error_message="The task's worker stopped responding too many times",
+    )
+    .returning(Task.id, Task.tenant_id, Task.cost)
+)
+
+
 async def fail_abandoned(session: AsyncSession, *, now: datetime, max_attempts: int) -> list[str]:
     """Fail and refund running tasks whose worker vanished and which have no attempts left."""
-    failed = (
-        await session.execute(
-            update(Task)
-            .where(Task.status == "running", Task.lease_expires_at < now, Task.attempts >= max_attempts)
-            .values(
-                status="failed",
-                refunded=Task.cost,
-                finished_at=now,
-                updated_at=now,
-                lease_owner=None,
-                lease_expires_at=None,
-                error_code="worker_lost",
-                error_message="The task's worker stopped responding too many times",
-            )
-            .returning(Task.id, Task.tenant_id, Task.cost)
-        )
-    ).all()
+    failed = (await session.execute(_FAIL_ABANDONED, {"now": now, "max_attempts": max_attempts})).all()
     for task_id, tenant_id, cost in failed:
         if cost > 0:
             await ledger.post_entry(

@@ -7,6 +7,7 @@ from typing import Annotated, Any, Literal
 
 import msgspec
 
+from service.db.engine import AnyRow
 from service.db.models import Task
 from service.images.sizes import SIZE_PATTERN
 from service.prompts.instructions import Direction
@@ -155,7 +156,8 @@ def image_url(task_id: str, index: int) -> str:
     return f"/api/images/tasks/{task_id}/image?index={index}"
 
 
-def task_view(task: Task, remaining_credits: int | None = None) -> TaskOut:
+def task_view(task: Task | AnyRow, remaining_credits: int | None = None) -> TaskOut:
+    """The API's view of a task, from the ORM object or a row of the tasks table."""
     completed = task.status == "completed"
     images = (
         [

@@ -4,9 +4,11 @@ commits with each status change."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 from dataclasses import dataclass
 from datetime import timedelta
+from typing import Any
 
 import msgspec
 from sqlalchemy.exc import IntegrityError
@@ -27,6 +29,7 @@ from service.tasks.schemas import GenerateRequest, TaskOut, task_view
 from service.tenants.auth import Caller
 
 IDEMPOTENCY_SCOPE = "generate"
+WAIT_RECHECK_SECONDS = 0.5
 
 
 @dataclass(frozen=True, slots=True)
@@ -239,4 +242,27 @@ async def cancel(runtime: Runtime, caller: Caller, task_id: str) -> Task:
             raise Conflict(f"The task is already {task.status}", code="task_not_cancellable")
         task = await repository.get_task(session, task_id) or task
     runtime.abandon(task_id)
+    runtime.task_changed(task_id)
     return task
+
+
+async def wait_until_finished(runtime: Runtime, caller: Caller, task_id: str, seconds: float) -> Any:
+    """The task once it is completed, failed or cancelled, or None when it is not within `seconds`.
+
+    A finish in this process wakes the wait at once; one in another process is seen by re-reading the task.
+    """
+    deadline = asyncio.get_running_loop().time() + seconds
+    params = {"tenant_id": caller.tenant_id, "task_id": task_id}
+    try:
+        while True:
+            changed = runtime.watch(task_id)
+            task = await runtime.db.fetch_one(repository.OWNED_TASK, params)
+            if task is not None and task.status in repository.TERMINAL:
+                return task
+            remaining = deadline - asyncio.get_running_loop().time()
+            if remaining <= 0:
+                return None
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(changed.wait(), min(remaining, WAIT_RECHECK_SECONDS))
+    finally:
+        runtime.unwatch(task_id)

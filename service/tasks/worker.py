@@ -219,6 +219,7 @@ class WorkerPool:
             log.info("task %s was settled elsewhere; this run's outcome is dropped", task.id)
             await asyncio.gather(*(self.runtime.store.delete(image["key"]) for image in outcome.images))
         else:
+            self.runtime.task_changed(task.id)
             log.info("task %s %s%s", task.id, outcome.status, f" ({outcome.error_code})" if outcome.error_code else "")
 
     async def _produce(self, task: Task) -> Outcome:

@@ -20,7 +20,7 @@ from litestar.connection import ASGIConnection
 from litestar.datastructures import MutableScopeHeaders
 from litestar.handlers import BaseRouteHandler
 from litestar.types import Message, Scope
-from sqlalchemy import select
+from sqlalchemy import bindparam, select
 
 from service.db.models import ApiKey, Tenant
 from service.errors import Forbidden, RateLimited, Unauthorized
@@ -29,6 +29,11 @@ from service.runtime import Runtime
 
 KEY_PREFIX = "igk_"
 _KEY = re.compile(r"^(igk_[0-9a-f]{12})\.([A-Za-z0-9_-]{43})$")
+_LIVE_KEY = (
+    select(ApiKey.id, ApiKey.salt, ApiKey.key_hash, Tenant.id, Tenant.status, Tenant.rate_limit_per_minute)
+    .join(Tenant, Tenant.id == ApiKey.tenant_id)
+    .where(ApiKey.prefix == bindparam("prefix"), ApiKey.revoked_at.is_(None))
+)
 
 
 @dataclass(frozen=True, slots=True)
@@ -75,14 +80,7 @@ async def provide_caller(request: Request[Any, Any, Any], runtime: Runtime) -> C
     if match is None:
         raise Unauthorized("The API key is not valid", code="invalid_api_key")
     prefix, secret = match.groups()
-    async with runtime.db.read() as session:
-        row = (
-            await session.execute(
-                select(ApiKey.id, ApiKey.salt, ApiKey.key_hash, Tenant.id, Tenant.status, Tenant.rate_limit_per_minute)
-                .join(Tenant, Tenant.id == ApiKey.tenant_id)
-                .where(ApiKey.prefix == prefix, ApiKey.revoked_at.is_(None))
-            )
-        ).first()
+    row = await runtime.db.fetch_one(_LIVE_KEY, {"prefix": prefix})
     if row is None or not hmac.compare_digest(salted_digest(row[1], secret), row[2]):
         raise Unauthorized("The API key is not valid", code="invalid_api_key")
     key_id, _, _, tenant_id, status, per_minute = row

@@ -16,6 +16,7 @@ from typing import Any
 from urllib.parse import urljoin, urlsplit
 
 import aiohttp
+import msgspec
 
 from service.metrics import upstream_call
 from service.upstream.base import GenerationResult, UpstreamError, error_for_status
@@ -100,8 +101,8 @@ class UpstreamHTTP:
                     raise await _error_from(response)
                 body = await response.read()
         try:
-            return json.loads(body)
-        except ValueError:
+            return msgspec.json.decode(body)
+        except msgspec.DecodeError:
             raise UpstreamError(
                 "upstream_bad_response", "The upstream answered with invalid JSON", transient=True
             ) from None

@@ -1,0 +1,780 @@
+"""The benchmark suite: every figure of the service beside its floor or peer, measured in the same run.
+
+Method (also in bench/README.md): servers under test run alone on core 0 (`taskset -c 0`); the load generator
+(`wrk`, one thread, 32 connections unless a row says otherwise), the fake upstream and this runner share core 1.
+Each figure is the median of three runs of `--seconds` each (one run in `--smoke`). The service runs on the embedded
+defaults (SQLite, local folder) with the OpenAI Images API adapter pointed at the fake upstream of bench/upstream.py,
+per-tenant limits raised so that they do not throttle the load.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import functools
+import io
+import os
+import platform
+import re
+import resource
+import shutil
+import sqlite3
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import httpx
+from PIL import Image, ImageDraw, ImageFilter
+
+from bench.harness import PostgresCluster, ServiceProcess, free_port, wait_until
+from service.images.processing import normalize_reference
+
+SERVER_CPU = "0"
+LOAD_CPU = "1"
+CONNECTIONS = 32
+ADMIN_KEY = "bench-admin-" + "k" * 24
+PEERS = Path(__file__).parent / ".peers"
+LITELLM_VERSION = "1.106.2"
+RESULTS = Path(__file__).parent / "RESULTS.md"
+
+
+@dataclass
+class Row:
+    name: str
+    figure: float | None
+    unit: str
+    baseline_name: str
+    baseline: float | None
+    target: str
+    met: bool | None
+    ratio: float | None = None
+
+    def cells(self) -> list[str]:
+        ratio = "" if self.ratio is None else f"{self.ratio:.2f}x"
+        verdict = {True: "met", False: "NOT MET", None: "not measured"}[self.met]
+        return [
+            self.name,
+            _fmt(self.figure, self.unit),
+            self.baseline_name,
+            _fmt(self.baseline, self.unit),
+            ratio,
+            self.target,
+            verdict,
+        ]
+
+
+def _fmt(value: float | None, unit: str) -> str:
+    if value is None:
+        return "-"
+    return f"{value:,.0f} {unit}" if value >= 100 else f"{value:,.2f} {unit}"
+
+
+def ratio_row(name: str, figure: float, unit: str, baseline_name: str, baseline: float, *, at_least: float) -> Row:
+    ratio = figure / baseline if baseline else None
+    met = ratio is not None and ratio >= at_least
+    return Row(name, figure, unit, baseline_name, baseline, f">= {at_least:g}x", met, ratio)
+
+
+# Load ---------------------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class Load:
+    rps: float
+    p50_ms: float
+    p99_ms: float
+    errors: int
+    requests: int
+
+
+def _ms(text: str) -> float:
+    value, unit = re.fullmatch(r"([\d.]+)(us|ms|s)", text).groups()  # type: ignore[union-attr]
+    return float(value) * {"us": 0.001, "ms": 1.0, "s": 1000.0}[unit]
+
+
+def wrk(url: str, seconds: float, *, headers: dict[str, str] | None = None, body: str | None = None) -> Load:
+    """One wrk run on the load core; a body makes it a POST."""
+    args = ["taskset", "-c", LOAD_CPU, "wrk", "-t1", f"-c{CONNECTIONS}", f"-d{max(1, round(seconds))}s", "--latency"]
+    script = None
+    if body is not None:
+        script = tempfile.NamedTemporaryFile("w", suffix=".lua", delete=False)  # noqa: SIM115
+        script.write(f'wrk.method = "POST"\nwrk.body = [[{body}]]\n')
+        script.close()
+        args += ["-s", script.name]
+    for name, value in (headers or {}).items():
+        args += ["-H", f"{name}: {value}"]
+    try:
+        out = subprocess.run([*args, url], capture_output=True, text=True, check=True, timeout=seconds + 60).stdout
+    finally:
+        if script is not None:
+            os.unlink(script.name)
+    latency = dict(re.findall(r"^\s+(50|99)%\s+(\S+)$", out, re.M))
+    errors = re.search(r"Non-2xx or 3xx responses: (\d+)", out)
+    socket_errors = re.search(r"Socket errors: connect (\d+), read (\d+), write (\d+), timeout (\d+)", out)
+    return Load(
+        rps=float(re.search(r"Requests/sec:\s+([\d.]+)", out).group(1)),  # type: ignore[union-attr]
+        p50_ms=_ms(latency["50"]),
+        p99_ms=_ms(latency["99"]),
+        requests=int(re.search(r"(\d+) requests in", out).group(1)),  # type: ignore[union-attr]
+        errors=(int(errors.group(1)) if errors else 0)
+        + (sum(map(int, socket_errors.groups())) if socket_errors else 0),
+    )
+
+
+def best_of(runs: int, measure: Callable[[], Load]) -> Load:
+    """The run with the median throughput."""
+    loads = sorted((measure() for _ in range(runs)), key=lambda load: load.rps)
+    return loads[len(loads) // 2]
+
+
+# Processes ----------------------------------------------------------------------------------------------------------
+
+
+class Server:
+    """Any server command on its own port, pinned to the server core, waited for until it answers `probe`."""
+
+    def __init__(self, command: list[str], port: int, probe: str, env: dict[str, str], log: Path) -> None:
+        self.base_url = f"http://127.0.0.1:{port}"
+        self._log = log.open("ab")
+        self.process = subprocess.Popen(
+            ["taskset", "-c", SERVER_CPU, *command],
+            env={**os.environ, **env},
+            stdout=self._log,
+            stderr=subprocess.STDOUT,
+        )
+        wait_until(lambda: self._answers(probe), 120, f"{command[:4]} did not start; see {log}", interval=0.2)
+
+    def _answers(self, probe: str) -> bool:
+        if self.process.poll() is not None:
+            raise RuntimeError(f"server exited with {self.process.returncode}; see {self._log.name}")
+        try:
+            httpx.get(self.base_url + probe, timeout=2)
+            return True
+        except httpx.TransportError:
+            return False
+
+    def stop(self) -> None:
+        self.process.terminate()
+        try:
+            self.process.wait(15)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+        self._log.close()
+
+
+def uvicorn_server(
+    target: str, env: dict[str, str], log: Path, *, factory: bool = False, cpu: str = SERVER_CPU
+) -> Server:
+    port = free_port()
+    command = [
+        sys.executable,
+        "-m",
+        "uvicorn",
+        target,
+        "--port",
+        str(port),
+        "--log-level",
+        "warning",
+        "--no-access-log",
+    ]
+    if factory:
+        command.append("--factory")
+    server = Server(command, port, "/", env, log)
+    if cpu != SERVER_CPU:
+        subprocess.run(["taskset", "-a", "-cp", cpu, str(server.process.pid)], check=True, capture_output=True)
+    return server
+
+
+def rss_mb(pid: int) -> float:
+    """Resident memory of a process and its children, in MB."""
+    total = 0
+    for task in [pid, *_children(pid)]:
+        with contextlib.suppress(FileNotFoundError), Path(f"/proc/{task}/status").open() as status:
+            for line in status:
+                if line.startswith("VmRSS:"):
+                    total += int(line.split()[1])
+    return total / 1024
+
+
+def _children(pid: int) -> list[int]:
+    found = subprocess.run(["pgrep", "-P", str(pid)], capture_output=True, text=True, check=False).stdout.split()
+    return [int(child) for child in found]
+
+
+# The suite ----------------------------------------------------------------------------------------------------------
+
+
+class Suite:
+    def __init__(self, workdir: Path, seconds: float, runs: int, smoke: bool) -> None:
+        self.workdir = workdir
+        self.seconds = seconds
+        self.runs = runs
+        self.smoke = smoke
+        self.rows: list[Row] = []
+        self.notes: list[str] = []
+        self.upstream = uvicorn_server("bench.upstream:app", {}, workdir / "upstream.log", cpu=LOAD_CPU)
+        self.upstream_url = self.upstream.base_url
+        self.litellm: Server | None = None
+
+    def close(self) -> None:
+        self.upstream.stop()
+        if self.litellm is not None:
+            self.litellm.stop()
+
+    def load(self, url: str, **kwargs: Any) -> Load:
+        return best_of(self.runs, lambda: wrk(url, self.seconds, **kwargs))
+
+    def service(self, name: str, **env: str) -> ServiceProcess:
+        settings = {
+            "ADMIN_API_KEY": ADMIN_KEY,
+            "CHATGPT2API_BASE_URL": self.upstream_url,
+            "CHATGPT2API_API_KEY": "bench-upstream-key",
+            "UPSTREAM_API": "images",
+            "PROMPT_BASE_URL": self.upstream_url + "/v1",
+            "PROMPT_MODEL": "bench",
+            "RATE_LIMIT_PER_MINUTE": "100000000",
+            "PROMPT_ENHANCE_RATE_PER_MINUTE": "100000000",
+            "MAX_RUNNING_TASKS_PER_TENANT": "64",
+            "WORKER_CONCURRENCY": "64",
+            "WORKER_POLL_SECONDS": "0.05",
+            **env,
+        }
+        return ServiceProcess(self.workdir / name, settings, name=name, cpus=SERVER_CPU)
+
+    # Rows
+
+    def poll_and_image(self, service: ServiceProcess, key: str) -> None:
+        auth = {"Authorization": f"Bearer {key}"}
+        with httpx.Client(base_url=service.base_url, headers=auth, timeout=60) as client:
+            small = client.post("/api/images/generate", json={"prompt": "a poll target"}, headers={"Prefer": "wait=30"})
+            large = client.post("/api/images/generate", json={"prompt": "large image"}, headers={"Prefer": "wait=30"})
+        small.raise_for_status()
+        large.raise_for_status()
+        floor = uvicorn_server("bench.floors:bare_litestar", {}, self.workdir / "floor.log", factory=True)
+        try:
+            bare = self.load(floor.base_url + "/ping")
+        finally:
+            floor.stop()
+        poll = self.load(f"{service.base_url}/api/images/tasks/{small.json()['id']}", headers=auth)
+        self.rows.append(
+            ratio_row(
+                "poll GET /api/images/tasks/{id}", poll.rps, "req/s", "bare Litestar GET", bare.rps, at_least=0.40
+            )
+        )
+
+        task = large.json()
+        [stored] = service.stored_keys("results/" + task["id"])
+        static = uvicorn_server(
+            "bench.floors:static_file",
+            {"BENCH_STATIC_FILE": str(Path(service.storage_url) / stored)},
+            self.workdir / "static.log",
+            factory=True,
+        )
+        try:
+            raw = self.load(static.base_url + "/")
+        finally:
+            static.stop()
+        before = rss_mb(service.pid)
+        image = self.load(service.base_url + task["image"], headers=auth)
+        after = rss_mb(service.pid)
+        size_mb = task["images"][0]["bytes"] / 1e6
+        self.rows.append(
+            ratio_row(
+                f"image GET ({size_mb:.1f} MB PNG)", image.rps, "req/s", "raw ASGI static file", raw.rps, at_least=0.70
+            )
+        )
+        growth = after - before
+        self.rows.append(
+            Row("image GET: RSS growth under load", growth, "MB", "RSS before", before, "< 32 MB", growth < 32)
+        )
+
+    def submit(self, key: str, service: ServiceProcess, label: str, at_least: float | None) -> float:
+        body = '{"prompt": "a red fox in snow"}'
+        auth = {"Authorization": f"Bearer {key}", "Content-Type": "application/json"}
+        load = best_of(
+            self.runs, lambda: wrk(service.base_url + "/api/images/generate", self.seconds, headers=auth, body=body)
+        )
+        if load.errors:
+            self.notes.append(f"{label}: {load.errors} answers were not 202")
+        code, report = service.audit()
+        if code != 0:
+            self.notes.append(f"{label}: the ledger audit failed: {report.strip()[-300:]}")
+        rate = load.rps * (load.requests - load.errors) / max(load.requests, 1)
+        if at_least is not None:
+            self.rows.append(
+                Row(
+                    label,
+                    rate,
+                    "tasks/s",
+                    "raw sqlite3 debit txn",
+                    raw_sqlite_debits(self.workdir),
+                    f">= {at_least:,.0f}/s",
+                    rate >= at_least and code == 0,
+                )
+            )
+        return rate
+
+    def submit_postgres(self) -> None:
+        if shutil.which("pg_ctl") is None and not Path("/usr/lib/postgresql").exists():
+            self.rows.append(
+                Row("submit on PostgreSQL, 2 API processes", None, "tasks/s", "1 API process", None, "> 1x", None)
+            )
+            return
+        os.environ["PATH"] += os.pathsep + os.pathsep.join(
+            str(p) for p in sorted(Path("/usr/lib/postgresql").glob("*/bin"))
+        )
+        cluster = PostgresCluster()
+        try:
+            rates = []
+            for count in (1, 2):
+                url = cluster.database(f"bench{count}")
+                services = [
+                    ServiceProcess(
+                        self.workdir / f"pg{count}-{i}",
+                        {
+                            "ADMIN_API_KEY": ADMIN_KEY,
+                            "DATABASE_URL": url,
+                            "RUN_WORKERS": "false",
+                            "RATE_LIMIT_PER_MINUTE": "100000000",
+                        },
+                        name="api",
+                    )
+                    for i in range(count)
+                ]
+                try:
+                    _, key = services[0].create_tenant(10**12)
+                    ports = [service.port for service in services]
+                    rates.append(self._submit_across(ports, key))
+                finally:
+                    for service in services:
+                        service.stop()
+            self.rows.append(
+                ratio_row(
+                    "submit on PostgreSQL, 2 API processes",
+                    rates[1],
+                    "tasks/s",
+                    "1 API process",
+                    rates[0],
+                    at_least=1.0,
+                )
+            )
+        finally:
+            cluster.stop()
+
+    def _submit_across(self, ports: list[int], key: str) -> float:
+        """Accepted submissions a second, the load spread over the processes by one client per process."""
+        body = '{"prompt": "a red fox in snow"}'
+        auth = {"Authorization": f"Bearer {key}", "Content-Type": "application/json"}
+        with _Parallel() as parallel:
+            for port in ports:
+                url = f"http://127.0.0.1:{port}/api/images/generate"
+                parallel.run(functools.partial(wrk, url, self.seconds, headers=auth, body=body))
+        return sum(load.rps for load in parallel.results)
+
+    def sync_and_end_to_end(self, service: ServiceProcess, key: str) -> None:
+        auth = {"Authorization": f"Bearer {key}", "Content-Type": "application/json", "Prefer": "wait=60"}
+        synced = self.load(service.base_url + "/api/images/generate", headers=auth, body='{"prompt": "synchronous"}')
+        if synced.errors:
+            self.notes.append(f"Prefer: wait: {synced.errors} answers were not 200")
+        litellm = self.litellm_load()
+        if litellm is None:
+            self.rows.append(
+                Row(
+                    "generate with Prefer: wait (sync)",
+                    synced.rps,
+                    "req/s",
+                    "LiteLLM proxy (sync relay)",
+                    None,
+                    ">= 10x",
+                    None,
+                )
+            )
+        else:
+            self.rows.append(
+                ratio_row(
+                    "generate with Prefer: wait (sync)",
+                    synced.rps,
+                    "req/s",
+                    "LiteLLM proxy (sync relay)",
+                    litellm.rps,
+                    at_least=10,
+                )
+            )
+
+        count = 30 if self.smoke else 300
+        upstream_ms = _latencies(
+            count, lambda client: client.post(self.upstream_url + "/v1/images/generations", json={"prompt": "x"})
+        )
+        service_ms = _latencies(
+            count,
+            lambda client: client.post(
+                service.base_url + "/api/images/generate", json={"prompt": "end to end"}, headers=auth
+            ),
+        )
+        p50 = statistics.median(service_ms)
+        self.rows.append(
+            Row(
+                "submit -> completed, p50 (one client)",
+                p50,
+                "ms",
+                "upstream round trip p50",
+                statistics.median(upstream_ms),
+                "< 15 ms",
+                p50 < 15,
+            )
+        )
+
+    def relay(self) -> None:
+        relay = uvicorn_server(
+            "bench.relay:relay", {"BENCH_UPSTREAM_URL": self.upstream_url}, self.workdir / "relay.log", factory=True
+        )
+        try:
+            raw = self.load(relay.base_url + "/relay/aiohttp")
+            ours = self.load(relay.base_url + "/relay/service")
+        finally:
+            relay.stop()
+        self.rows.append(
+            ratio_row("upstream relay, service client", ours.rps, "req/s", "raw aiohttp client", raw.rps, at_least=0.90)
+        )
+        litellm = self.litellm_load()
+        if litellm is None:
+            self.rows.append(
+                Row("upstream relay, service client", ours.rps, "req/s", "LiteLLM proxy", None, ">= 25x", None)
+            )
+        else:
+            self.rows.append(
+                ratio_row(
+                    "upstream relay, service client", ours.rps, "req/s", "LiteLLM proxy", litellm.rps, at_least=25
+                )
+            )
+
+    _litellm_figure: Load | None = None
+
+    def litellm_load(self) -> Load | None:
+        if self.smoke:
+            return None
+        if self._litellm_figure is None:
+            server = self._start_litellm()
+            body = '{"model": "bench-image", "prompt": "a lighthouse", "n": 1, "size": "1024x1024"}'
+            headers = {"Authorization": "Bearer sk-bench", "Content-Type": "application/json"}
+            self._litellm_figure = self.load(server.base_url + "/v1/images/generations", headers=headers, body=body)
+            if self._litellm_figure.errors:
+                self.notes.append(f"LiteLLM: {self._litellm_figure.errors} answers were errors")
+        return self._litellm_figure
+
+    def _start_litellm(self) -> Server:
+        python = PEERS / "litellm" / "bin" / "python"
+        if not python.exists() or _pip_version(python, "litellm") != LITELLM_VERSION:
+            print(f"installing LiteLLM {LITELLM_VERSION} into {PEERS / 'litellm'} …", flush=True)
+            subprocess.run([sys.executable, "-m", "venv", str(PEERS / "litellm")], check=True)
+            subprocess.run(
+                [str(python), "-m", "pip", "install", "-q", f"litellm[proxy]=={LITELLM_VERSION}"], check=True
+            )
+        config = self.workdir / "litellm.yaml"
+        config.write_text(
+            "model_list:\n"
+            "  - model_name: bench-image\n"
+            "    litellm_params:\n"
+            "      model: openai/gpt-image-2\n"
+            f"      api_base: {self.upstream_url}/v1\n"
+            "      api_key: bench-upstream-key\n"
+            "litellm_settings:\n"
+            "  telemetry: false\n"
+        )
+        port = free_port()
+        command = [
+            str(PEERS / "litellm" / "bin" / "litellm"),
+            "--config",
+            str(config),
+            "--port",
+            str(port),
+            "--num_workers",
+            "1",
+        ]
+        self.litellm = Server(
+            command, port, "/health/liveliness", {"LITELLM_LOG": "ERROR"}, self.workdir / "litellm.log"
+        )
+        return self.litellm
+
+    def streams(self, service: ServiceProcess, key: str) -> None:
+        first = 20 if self.smoke else 200
+        many = 50 if self.smoke else 1000
+        service_gap = asyncio.run(_first_token_gaps(service.base_url + "/api/prompts/enhance", key, first))
+        upstream_gap = asyncio.run(_first_token_gaps(self.upstream_url + "/v1/chat/completions", None, first))
+        gap = statistics.median(service_gap)
+        self.rows.append(
+            Row(
+                "enhance stream: first byte after upstream's first token, p50",
+                gap,
+                "ms",
+                "same, client on the upstream",
+                statistics.median(upstream_gap),
+                "<= 2 ms",
+                gap <= 2,
+            )
+        )
+        idle = rss_mb(service.pid)
+        peak = asyncio.run(_concurrent_streams(service.base_url + "/api/prompts/enhance", key, many, service.pid))
+        self.rows.append(
+            Row(f"{many} concurrent enhance streams: peak RSS", peak, "MB", "idle RSS", idle, "< 300 MB", peak < 300)
+        )
+
+    def normalization(self) -> None:
+        photo = synthetic_photo(4000, 3000)
+        rounds = 1 if self.smoke else 3
+        plain = min(_timed(lambda: plain_normalize(photo, 2_000_000)) for _ in range(rounds))
+        ours = min(_timed(lambda: normalize_reference(photo, "image/jpeg", 2_000_000, "image")) for _ in range(rounds))
+        prepared = normalize_reference(photo, "image/jpeg", 2_000_000, "image")
+        with Image.open(io.BytesIO(prepared.data)) as image:
+            within = image.width * image.height <= 2_000_000
+        row = ratio_row(
+            "reference normalization, 12 MP JPEG", 1 / ours, "/s", "LANCZOS + default PNG", 1 / plain, at_least=4
+        )
+        row.met = row.met and within
+        self.rows.append(row)
+
+
+def _timed(work: Callable[[], object]) -> float:
+    started = time.perf_counter()
+    work()
+    return time.perf_counter() - started
+
+
+def synthetic_photo(width: int, height: int) -> bytes:
+    """A photo-like JPEG: smooth gradients, shapes and a little grain, as a camera would give."""
+    image = Image.linear_gradient("L").resize((width, height)).convert("RGB")
+    draw = ImageDraw.Draw(image)
+    for i in range(40):
+        x, y = (i * 977) % width, (i * 613) % height
+        draw.ellipse((x, y, x + 400, y + 300), fill=((i * 50) % 255, (i * 90) % 255, (i * 130) % 255))
+    image = image.filter(ImageFilter.GaussianBlur(3))
+    grain = Image.effect_noise((width, height), 12).convert("RGB")
+    image = Image.blend(image, grain, 0.08)
+    out = io.BytesIO()
+    image.save(out, format="JPEG", quality=90)
+    return out.getvalue()
+
+
+def plain_normalize(data: bytes, max_pixels: int) -> bytes:
+    """The baseline: decode, LANCZOS-resize to fit the pixel budget, PNG at Pillow's defaults."""
+    with Image.open(io.BytesIO(data)) as image:
+        scale = (max_pixels / (image.width * image.height)) ** 0.5
+        resized = image.convert("RGB").resize(
+            (int(image.width * scale), int(image.height * scale)), Image.Resampling.LANCZOS
+        )
+    out = io.BytesIO()
+    resized.save(out, format="PNG")
+    return out.getvalue()
+
+
+def raw_sqlite_debits(workdir: Path, count: int = 5000) -> float:
+    """The floor under a submission: the same guarded debit and two inserts in raw sqlite3, in WAL mode."""
+    path = workdir / "raw.db"
+    connection = sqlite3.connect(path, isolation_level=None)
+    connection.executescript(
+        "PRAGMA journal_mode=WAL; PRAGMA synchronous=NORMAL;"
+        "CREATE TABLE IF NOT EXISTS tenants (id TEXT PRIMARY KEY, balance INTEGER);"
+        "CREATE TABLE IF NOT EXISTS tasks (id TEXT PRIMARY KEY, tenant_id TEXT, prompt TEXT, cost INTEGER);"
+        "CREATE TABLE IF NOT EXISTS ledger (id TEXT PRIMARY KEY, tenant_id TEXT, amount INTEGER, balance_after INT);"
+        "INSERT OR REPLACE INTO tenants VALUES ('t', 1000000000);"
+    )
+    started = time.perf_counter()
+    for i in range(count):
+        connection.execute("BEGIN IMMEDIATE")
+        connection.execute("INSERT INTO tasks VALUES (?, 't', 'a red fox', 1)", (f"task{i}",))
+        balance = connection.execute(
+            "UPDATE tenants SET balance = balance - 1 WHERE id = 't' AND balance >= 1 RETURNING balance"
+        ).fetchone()[0]
+        connection.execute("INSERT INTO ledger VALUES (?, 't', -1, ?)", (f"entry{i}", balance))
+        connection.execute("COMMIT")
+    elapsed = time.perf_counter() - started
+    connection.close()
+    return count / elapsed
+
+
+def _pip_version(python: Path, package: str) -> str | None:
+    found = subprocess.run([str(python), "-m", "pip", "show", package], capture_output=True, text=True, check=False)
+    match = re.search(r"^Version: (\S+)", found.stdout, re.M)
+    return match.group(1) if match else None
+
+
+def _latencies(count: int, call: Callable[[httpx.Client], httpx.Response]) -> list[float]:
+    timings = []
+    with httpx.Client(timeout=60) as client:
+        call(client).raise_for_status()
+        for _ in range(count):
+            started = time.perf_counter()
+            response = call(client)
+            timings.append((time.perf_counter() - started) * 1000)
+            if response.status_code not in (200, 202) or response.json().get("status", "completed") != "completed":
+                raise RuntimeError(f"not completed: {response.status_code} {response.text[:200]}")
+    return timings
+
+
+async def _first_token_gaps(url: str, key: str | None, count: int) -> list[float]:
+    """Per stream: when the client read the first token, less when the upstream stamped it, in ms."""
+    headers = {"Authorization": f"Bearer {key}"} if key else {}
+    gaps: list[float] = []
+    async with aiohttp.ClientSession(headers=headers) as session:
+        for i in range(count):
+            prompt = f"a harbour at night, take {i} {time.time_ns()}"
+            body: dict[str, Any] = {"prompt": prompt}
+            if key is None:
+                body = {"model": "bench", "stream": True, "messages": [{"role": "user", "content": prompt}]}
+            async with session.post(url, json=body) as response:
+                response.raise_for_status()
+                async for line in response.content:
+                    stamp = re.search(rb"t=(\d+)", line)
+                    if stamp:
+                        gaps.append((time.monotonic_ns() - int(stamp.group(1))) / 1e6)
+                        break
+    return gaps
+
+
+async def _concurrent_streams(url: str, key: str, count: int, pid: int) -> float:
+    """Hold `count` enhancement streams open at once, reading each to its end; the service's peak RSS in MB."""
+    peak = 0.0
+    done = asyncio.Event()
+
+    async def sample() -> None:
+        nonlocal peak
+        while not done.is_set():
+            peak = max(peak, rss_mb(pid))
+            await asyncio.sleep(0.1)
+
+    connector = aiohttp.TCPConnector(limit=0)
+    async with aiohttp.ClientSession(headers={"Authorization": f"Bearer {key}"}, connector=connector) as session:
+
+        async def one(i: int) -> None:
+            async with session.post(url, json={"prompt": f"a quiet street, stream {i} {time.time_ns()}"}) as response:
+                response.raise_for_status()
+                async for _ in response.content:
+                    pass
+
+        sampler = asyncio.create_task(sample())
+        results = await asyncio.gather(*(one(i) for i in range(count)), return_exceptions=True)
+        done.set()
+        await sampler
+    failures = [result for result in results if isinstance(result, BaseException)]
+    if failures:
+        raise RuntimeError(f"{len(failures)} of {count} streams failed, first: {failures[0]!r}")
+    return peak
+
+
+class _Parallel:
+    def __init__(self) -> None:
+        self.threads: list[Any] = []
+        self.results: list[Load] = []
+
+    def __enter__(self) -> _Parallel:
+        return self
+
+    def run(self, work: Callable[[], Load]) -> None:
+        thread = threading.Thread(target=lambda: self.results.append(work()))
+        thread.start()
+        self.threads.append(thread)
+
+    def __exit__(self, *_: object) -> None:
+        for thread in self.threads:
+            thread.join()
+
+
+# Report ---------------------------------------------------------------------------------------------------------------
+
+HEADER = ["figure", "service", "floor / peer", "its figure", "ratio", "target", "verdict"]
+
+
+def table(rows: list[Row]) -> str:
+    cells = [HEADER, *[row.cells() for row in rows]]
+    lines = ["| " + " | ".join(line) + " |" for line in cells]
+    lines.insert(1, "|" + "|".join("---" for _ in HEADER) + "|")
+    return "\n".join(lines)
+
+
+def machine() -> str:
+    cpu = next(
+        (
+            line.split(":", 1)[1].strip()
+            for line in Path("/proc/cpuinfo").read_text().splitlines()
+            if line.startswith("model name")
+        ),
+        platform.processor(),
+    )
+    return f"{cpu}, {os.cpu_count()} cores, {platform.system()} {platform.release()}"
+
+
+def versions(litellm: bool) -> str:
+    names = ["litestar", "uvicorn", "uvloop", "httptools", "sqlalchemy", "aiohttp", "msgspec", "pillow"]
+    found = [f"{name} {metadata.version(name)}" for name in names]
+    wrk_version = (
+        subprocess.run(["wrk", "-v"], capture_output=True, text=True, check=False).stdout.split("[")[0].strip()
+    )
+    extra = [f"LiteLLM {LITELLM_VERSION}"] if litellm else []
+    return ", ".join([f"Python {platform.python_version()}", *found, wrk_version, *extra])
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="python -m bench", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument(
+        "--smoke", action="store_true", help="seconds, not minutes: one short run of every row, no peers"
+    )
+    parser.add_argument("--seconds", type=float, help="length of each load run (default 10, smoke 1)")
+    parser.add_argument("--results", type=Path, default=RESULTS, help="markdown file the results are appended to")
+    args = parser.parse_args(argv)
+    if shutil.which("wrk") is None or shutil.which("taskset") is None:
+        print("the suite needs wrk and taskset: apt-get install wrk util-linux", file=sys.stderr)
+        return 2
+    seconds = args.seconds or (1.0 if args.smoke else 10.0)
+    runs = 1 if args.smoke else 3
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    resource.setrlimit(resource.RLIMIT_NOFILE, (max(soft, min(hard, 65536)), hard))
+    os.sched_setaffinity(0, {int(LOAD_CPU)})
+    with tempfile.TemporaryDirectory(prefix="imagegen-bench-") as folder:
+        suite = Suite(Path(folder), seconds, runs, args.smoke)
+        try:
+            run_all(suite)
+        finally:
+            suite.close()
+    stamp = datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC")
+    report = table(suite.rows)
+    print(report)
+    for note in suite.notes:
+        print(f"note: {note}")
+    mode = "smoke run" if args.smoke else f"{runs} runs of {seconds:g} s, median"
+    notes = "".join(f"- {note}\n" for note in suite.notes)
+    with args.results.open("a") as results:
+        results.write(f"\n## {stamp} ({mode})\n\n{machine()}  \n{versions(not args.smoke)}\n\n{report}\n{notes}")
+    return 0
+
+
+def run_all(suite: Suite) -> None:
+    serving = suite.service("serving")
+    try:
+        _, key = serving.create_tenant(10**12)
+        for step in (suite.poll_and_image, suite.sync_and_end_to_end, suite.streams):
+            step(serving, key)
+    finally:
+        serving.stop()
+    accepting = suite.service("accepting", RUN_WORKERS="false")
+    try:
+        _, key = accepting.create_tenant(10**12)
+        suite.submit(key, accepting, "submit POST /api/images/generate (SQLite)", 1500)
+    finally:
+        accepting.stop()
+    if not suite.smoke:
+        suite.submit_postgres()
+    suite.relay()
+    suite.normalization()
