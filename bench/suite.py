@@ -18,6 +18,7 @@ import os
 import platform
 import re
 import resource
+import secrets
 import shutil
 import sqlite3
 import statistics
@@ -47,6 +48,7 @@ ADMIN_KEY = "bench-admin-" + "k" * 24
 PEERS = Path(__file__).parent / ".peers"
 LITELLM_VERSION = "1.106.2"
 RESULTS = Path(__file__).parent / "RESULTS.md"
+LITELLM_KEY = "sk-" + secrets.token_hex(32)
 
 
 @dataclass
@@ -467,7 +469,7 @@ class Suite:
         if self._litellm_figure is None:
             server = self._start_litellm()
             body = '{"model": "bench-image", "prompt": "a lighthouse", "n": 1, "size": "1024x1024"}'
-            headers = {"Authorization": "Bearer sk-bench", "Content-Type": "application/json"}
+            headers = {"Authorization": f"Bearer {LITELLM_KEY}", "Content-Type": "application/json"}
             self._litellm_figure = self.load(server.base_url + "/v1/images/generations", headers=headers, body=body)
             if self._litellm_figure.errors:
                 self.notes.append(f"LiteLLM: {self._litellm_figure.errors} answers were errors")
@@ -491,6 +493,8 @@ class Suite:
             "      api_key: bench-upstream-key\n"
             "litellm_settings:\n"
             "  telemetry: false\n"
+            "general_settings:\n"
+            f"  master_key: {LITELLM_KEY}\n"
         )
         port = free_port()
         command = [

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import re
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import cast
 
@@ -11,10 +11,11 @@ import msgspec
 from litestar import Litestar
 from litestar.datastructures import MutableScopeHeaders, State
 from litestar.di import Provide
+from litestar.enums import ScopeType
 from litestar.openapi import OpenAPIConfig
 from litestar.openapi.spec import Components, Link, Schema, SecurityScheme
 from litestar.routes import HTTPRoute
-from litestar.types import Message, Scope
+from litestar.types import ASGIApp, Message, Receive, Scope, Send
 
 from service import health, observability
 from service.credits import endpoints as credits
@@ -29,7 +30,7 @@ from service.settings import Settings
 from service.tasks import endpoints as tasks
 from service.tasks.schemas import request_body_components
 from service.tenants import endpoints as admin
-from service.tenants.auth import add_rate_limit_headers, provide_caller
+from service.tenants.auth import provide_caller
 from service.tenants.schemas import TenantCreate, TenantUpdate
 
 API_VERSION = "1.0.0"
@@ -81,33 +82,40 @@ def create_app(settings: Settings | None = None) -> Litestar:
         openapi_config=openapi_config(),
         lifespan=[lifespan],
         logging_config=None,
-        before_send=[add_rate_limit_headers],
-        middleware=[observability.request_observer],
+        middleware=[observability.request_observer, complete_allow_header],
         request_max_body_size=settings.max_request_body_bytes,
         multipart_form_part_limit=settings.max_reference_images + 16,
     )
     _document_request_bodies(app, settings)
     _document_links(app)
-    app.before_send.append(_allow_header_for(app))
     return app
 
 
-def _allow_header_for(app: Litestar) -> Callable[[Message, Scope], Awaitable[None]]:
-    """The framework's automatic OPTIONS answer can list only some of a path's methods when they are registered one by
-    one; state them all, from the finished route table."""
-    allowed = {
-        re.sub(r"{(\w+):\w+}", r"{\1}", route.path): ", ".join(sorted(route.methods))
-        for route in app.routes
-        if isinstance(route, HTTPRoute)
-    }
+def complete_allow_header(app: ASGIApp) -> ASGIApp:
+    """ASGI middleware: the framework's automatic OPTIONS answer can list only some of a path's methods when they
+    are registered one by one; state them all, from the finished route table."""
+    allowed: dict[str, str] = {}
 
-    async def set_allow(message: Message, scope: Scope) -> None:
-        if message["type"] == "http.response.start" and scope.get("method") == "OPTIONS":
+    async def middleware(scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != ScopeType.HTTP or scope.get("method") != "OPTIONS":
+            await app(scope, receive, send)
+            return
+        if not allowed:
+            allowed.update(
+                (re.sub(r"{(\w+):\w+}", r"{\1}", route.path), ", ".join(sorted(route.methods)))
+                for route in scope["app"].routes
+                if isinstance(route, HTTPRoute)
+            )
+
+        async def send_allow(message: Message) -> None:
             methods = allowed.get(str(scope.get("path_template", "")))
-            if methods:
+            if message["type"] == "http.response.start" and methods:
                 MutableScopeHeaders.from_message(message)["Allow"] = methods
+            await send(message)
 
-    return set_allow
+        await app(scope, receive, send_allow)
+
+    return middleware
 
 
 # Which answer feeds which next call: SDK users read these, and stateful API tests follow them.

@@ -10,13 +10,14 @@ from __future__ import annotations
 import hashlib
 import json
 from datetime import datetime, timedelta
-from typing import Annotated
+from typing import Annotated, cast
 
 from litestar.params import HeaderParameter
-from sqlalchemy import delete, insert
+from sqlalchemy import String, Table, bindparam, delete, insert
 from sqlalchemy.ext.asyncio import AsyncSession
 
-from service.db.models import IdempotencyRecord
+from service.db.engine import Statements
+from service.db.models import IdempotencyRecord, UTCDateTime
 from service.errors import Conflict
 
 IdempotencyKey = Annotated[
@@ -48,8 +49,20 @@ async def recall(
     return record.response.encode()
 
 
+_RECORDS = cast(Table, IdempotencyRecord.__table__)
+_NOW = bindparam("now", type_=UTCDateTime())
+_FORGET_EXPIRED_KEY = delete(_RECORDS).where(
+    _RECORDS.c.tenant_id == bindparam("tenant_id", type_=String()),
+    _RECORDS.c.scope == bindparam("scope", type_=String()),
+    _RECORDS.c.key == bindparam("key", type_=String()),
+    _RECORDS.c.expires_at <= _NOW,
+)
+_REMEMBER = insert(_RECORDS)
+_FORGET_EXPIRED = delete(_RECORDS).where(_RECORDS.c.expires_at <= _NOW)
+
+
 async def remember(
-    session: AsyncSession,
+    statements: Statements,
     *,
     tenant_id: str,
     scope: str,
@@ -59,27 +72,18 @@ async def remember(
     now: datetime,
     ttl_seconds: float,
 ) -> None:
-    await session.execute(
-        delete(IdempotencyRecord).where(
-            IdempotencyRecord.tenant_id == tenant_id,
-            IdempotencyRecord.scope == scope,
-            IdempotencyRecord.key == key,
-            IdempotencyRecord.expires_at <= now,
-        )
-    )
-    await session.execute(
-        insert(IdempotencyRecord).values(
-            tenant_id=tenant_id,
-            scope=scope,
-            key=key,
-            request_hash=request_hash,
-            response=response.decode(),
-            created_at=now,
-            expires_at=now + timedelta(seconds=ttl_seconds),
-        )
-    )
+    await statements.rows(_FORGET_EXPIRED_KEY, {"tenant_id": tenant_id, "scope": scope, "key": key, "now": now})
+    record = {
+        "tenant_id": tenant_id,
+        "scope": scope,
+        "key": key,
+        "request_hash": request_hash,
+        "response": response.decode(),
+        "created_at": now,
+        "expires_at": now + timedelta(seconds=ttl_seconds),
+    }
+    await statements.rows(_REMEMBER, record)
 
 
-async def forget_expired(session: AsyncSession, now: datetime) -> int:
-    result = await session.execute(delete(IdempotencyRecord).where(IdempotencyRecord.expires_at <= now))
-    return int(result.rowcount or 0)  # type: ignore[attr-defined]
+async def forget_expired(statements: Statements, now: datetime) -> None:
+    await statements.rows(_FORGET_EXPIRED, {"now": now})

@@ -7,7 +7,6 @@ Request and upstream metrics are counted in this process; task and credit figure
 
 from __future__ import annotations
 
-import json
 import logging
 import re
 import time
@@ -15,6 +14,7 @@ import uuid
 from datetime import UTC, datetime
 from typing import Any
 
+import msgspec
 from litestar import Response, get
 from litestar.enums import ScopeType
 from litestar.types import ASGIApp, Message, Receive, Scope, Send
@@ -23,6 +23,7 @@ from sqlalchemy import case, func, select
 
 from service.db.models import LedgerEntry, Task
 from service.metrics import CREDITS, QUEUE_DEPTH, REGISTRY, REQUEST_SECONDS, REQUESTS, TASKS
+from service.ratelimit import Decision
 from service.runtime import Runtime
 
 REQUEST_ID = re.compile(r"^[A-Za-z0-9._-]{1,128}$")
@@ -44,7 +45,7 @@ class JsonFormatter(logging.Formatter):
         entry.update({name: getattr(record, name) for name in self.FIELDS if hasattr(record, name)})
         if record.exc_info:
             entry["error"] = self.formatException(record.exc_info)
-        return json.dumps(entry, ensure_ascii=False)
+        return msgspec.json.encode(entry).decode()
 
 
 def configure_logging(level: str) -> None:
@@ -56,7 +57,8 @@ def configure_logging(level: str) -> None:
 
 
 def request_observer(app: ASGIApp) -> ASGIApp:
-    """ASGI middleware: request id in and out, one log line and the metrics of every HTTP request."""
+    """ASGI middleware: request id in and out, rate-limit headers out, one log line and the metrics of every HTTP
+    request."""
 
     async def observe(scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != ScopeType.HTTP:
@@ -71,7 +73,13 @@ def request_observer(app: ASGIApp) -> ASGIApp:
             nonlocal status
             if message["type"] == "http.response.start":
                 status = message["status"]
-                message["headers"] = [*message.get("headers", ()), (b"x-request-id", request_id.encode())]
+                headers = [*message.get("headers", ()), (b"x-request-id", request_id.encode())]
+                decision = scope.get("state", {}).get("rate_limit")
+                if isinstance(decision, Decision):
+                    # Every answer to a tenant says where it stands against its request limit.
+                    present = {name.lower() for name, _ in headers}
+                    headers += [(name, value) for name, value in decision.raw_headers() if name not in present]
+                message["headers"] = headers
             await send(message)
 
         try:

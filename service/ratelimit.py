@@ -33,6 +33,10 @@ class Decision:
             headers["Retry-After"] = str(self.retry_after)
         return headers
 
+    def raw_headers(self) -> list[tuple[bytes, bytes]]:
+        """`headers()` as an ASGI response carries them."""
+        return [(name.lower().encode(), value.encode()) for name, value in self.headers().items()]
+
 
 class RateLimiter(Protocol):
     async def take(self, key: str, per_minute: int) -> Decision:

@@ -6,6 +6,7 @@ from litestar import Router, get
 
 from service.credits import repository
 from service.credits.schemas import LedgerPage, Quota, entry_view
+from service.db.engine import in_session
 from service.errors import problem_responses
 from service.pagination import Cursor, Limit, next_cursor
 from service.runtime import Runtime
@@ -15,7 +16,7 @@ from service.tenants.auth import Caller
 @get("/quota", operation_id="getQuota", summary="Balance and totals", responses=problem_responses(401, 403, 429))
 async def get_quota(caller: Caller, runtime: Runtime) -> Quota:
     async with runtime.db.read() as session:
-        balance = await repository.balance_of(session, caller.tenant_id)
+        balance = await repository.balance_of(in_session(session), caller.tenant_id)
         sums = await repository.totals(session, caller.tenant_id)
     return Quota(balance=balance, **sums)
 

@@ -3,25 +3,42 @@
 from __future__ import annotations
 
 from datetime import datetime
+from typing import NamedTuple
 
 from sqlalchemy import BigInteger, String, bindparam, case, func, insert, select, update
 from sqlalchemy.ext.asyncio import AsyncSession
 
-from service.db.models import LedgerEntry, Tenant, UTCDateTime
+from service.db.engine import Statements
+from service.db.models import LEDGER, TENANTS, LedgerEntry, UTCDateTime
 from service.ids import new_id
+
+
+class Entry(NamedTuple):
+    """A ledger entry as it was appended."""
+
+    id: str
+    tenant_id: str
+    kind: str
+    amount: int
+    balance_after: int
+    task_id: str | None
+    reference: str | None
+    reason: str
+    created_at: datetime
+
 
 _AMOUNT = bindparam("amount", type_=BigInteger())
 _MOVE_BALANCE = (
-    update(Tenant)
-    .where(Tenant.id == bindparam("tenant_id", type_=String()), Tenant.balance + _AMOUNT >= 0)
-    .values(balance=Tenant.balance + _AMOUNT, updated_at=bindparam("now", type_=UTCDateTime()))
-    .returning(Tenant.balance)
+    update(TENANTS)
+    .where(TENANTS.c.id == bindparam("tenant_id", type_=String()), TENANTS.c.balance + _AMOUNT >= 0)
+    .values(balance=TENANTS.c.balance + _AMOUNT, updated_at=bindparam("now", type_=UTCDateTime()))
+    .returning(TENANTS.c.balance)
 )
-_APPEND = insert(LedgerEntry)
+_APPEND = insert(LEDGER)
 
 
 async def post_entry(
-    session: AsyncSession,
+    statements: Statements,
     *,
     tenant_id: str,
     kind: str,
@@ -30,31 +47,26 @@ async def post_entry(
     now: datetime,
     task_id: str | None = None,
     reference: str | None = None,
-) -> LedgerEntry | None:
+) -> Entry | None:
     """Move the balance by `amount` and append the entry; None when it would take the balance below zero.
 
     The guarded UPDATE is the whole concurrency story: it either applies atomically or matches no row.
     """
-    balance_after = await session.scalar(_MOVE_BALANCE, {"tenant_id": tenant_id, "amount": amount, "now": now})
-    if balance_after is None:
+    moved = await statements.rows(_MOVE_BALANCE, {"tenant_id": tenant_id, "amount": amount, "now": now})
+    if not moved:
         return None
-    values = {
-        "id": new_id(),
-        "tenant_id": tenant_id,
-        "kind": kind,
-        "amount": amount,
-        "balance_after": balance_after,
-        "task_id": task_id,
-        "reference": reference,
-        "reason": reason,
-        "created_at": now,
-    }
-    await session.execute(_APPEND, values)
-    return LedgerEntry(**values)
+    [(balance_after,)] = moved
+    entry = Entry(new_id(), tenant_id, kind, amount, balance_after, task_id, reference, reason, now)
+    await statements.rows(_APPEND, entry._asdict())
+    return entry
 
 
-async def balance_of(session: AsyncSession, tenant_id: str) -> int:
-    return int(await session.scalar(select(Tenant.balance).where(Tenant.id == tenant_id)) or 0)
+_BALANCE = select(TENANTS.c.balance).where(TENANTS.c.id == bindparam("tenant_id", type_=String()))
+
+
+async def balance_of(statements: Statements, tenant_id: str) -> int:
+    found = await statements.rows(_BALANCE, {"tenant_id": tenant_id})
+    return int(found[0][0]) if found else 0
 
 
 async def list_entries(session: AsyncSession, tenant_id: str, *, limit: int, before: str | None) -> list[LedgerEntry]:

@@ -7,6 +7,7 @@ from typing import Annotated, Literal
 
 import msgspec
 
+from service.credits.repository import Entry
 from service.db.models import LedgerEntry
 
 
@@ -52,7 +53,7 @@ class CreditGrant(msgspec.Struct, forbid_unknown_fields=True):
     reason: Annotated[str, msgspec.Meta(min_length=1, max_length=500)] = "admin grant"
 
 
-def entry_view(entry: LedgerEntry) -> LedgerEntryOut:
+def entry_view(entry: LedgerEntry | Entry) -> LedgerEntryOut:
     return LedgerEntryOut(
         id=entry.id,
         kind=entry.kind,  # type: ignore[arg-type]

@@ -13,18 +13,32 @@ import contextlib
 import logging
 import sqlite3
 from collections import namedtuple
-from collections.abc import AsyncIterator, Callable, Mapping
+from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, cast
+from typing import Any, Protocol, cast
 
 import asyncpg
-from sqlalchemy import Dialect, Engine, Insert, Row, Select, create_engine, event, text
+from sqlalchemy import (
+    Dialect,
+    Engine,
+    Executable,
+    Insert,
+    Row,
+    Select,
+    String,
+    bindparam,
+    create_engine,
+    event,
+    func,
+    select,
+)
 from sqlalchemy.dialects.postgresql import insert as postgresql_insert
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
-from sqlalchemy.engine import make_url
-from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker, create_async_engine
+from sqlalchemy.engine import CursorResult, make_url
+from sqlalchemy.exc import IntegrityError
+from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, AsyncSession, async_sessionmaker, create_async_engine
 from sqlalchemy.pool import PoolProxiedConnection, QueuePool
 
 from service.db.models import Base
@@ -32,6 +46,7 @@ from service.db.models import Base
 AnyRow = Row[*tuple[Any, ...]]
 AnySelect = Select[*tuple[Any, ...]]
 SQLITE_BUSY_TIMEOUT_SECONDS = 30
+_ANNOUNCE = select(func.pg_notify(bindparam("channel", type_=String()), ""))
 WORK_CHANNEL = "imagegen_work"
 LISTEN_RETRY_SECONDS = 2.0
 log = logging.getLogger("service.db")
@@ -44,28 +59,88 @@ def prepare_sqlite_directory(url: str) -> None:
         Path(parsed.database).parent.mkdir(parents=True, exist_ok=True)
 
 
-class _Prepared:
-    """A SELECT compiled once for SQLite and run on the driver's connection, its values converted as SQLAlchemy would.
+class Statements(Protocol):
+    """Runs Core statements inside one transaction. The hot paths write through this, not through a session."""
 
-    The hot paths run one such statement per request; this skips the per-execution bookkeeping of a Connection.
+    async def rows(self, statement: Executable, params: Mapping[str, Any]) -> Sequence[Any]:
+        """The rows the statement returns (none for plain DML), each with its columns as attributes."""
+        ...
+
+
+class _AlchemyStatements:
+    def __init__(self, executor: AsyncSession | AsyncConnection) -> None:
+        self._executor = executor
+
+    async def rows(self, statement: Executable, params: Mapping[str, Any]) -> Sequence[Any]:
+        result = await self._executor.execute(statement, params)
+        return result.all() if cast(CursorResult[Any], result).returns_rows else ()
+
+
+def in_session(session: AsyncSession) -> Statements:
+    """The statements of `session`'s transaction, for code that runs inside a session."""
+    return _AlchemyStatements(session)
+
+
+class _Prepared:
+    """A Core statement compiled once for SQLite and run on the driver's connection, its parameters and results
+    converted as SQLAlchemy would convert them. This skips the per-execution bookkeeping of a Connection, which costs
+    several times what SQLite itself does on the hot paths.
+
+    An INSERT names every column of its table, so each must be given: nothing is left to column defaults.
     """
 
-    def __init__(self, statement: AnySelect, dialect: Dialect) -> None:
-        compiled = statement.compile(dialect=dialect)
+    def __init__(self, statement: Any, dialect: Dialect) -> None:
+        if isinstance(statement, Insert):
+            compiled = statement.compile(dialect=dialect, column_keys=[c.key for c in statement.table.columns])
+        else:
+            compiled = statement.compile(dialect=dialect)
         self.sql = compiled.string
         self.names = list(compiled.positiontup or [])
-        columns = list(statement.selected_columns)
-        self.convert = [column.type.dialect_impl(dialect).result_processor(dialect, None) for column in columns]
-        self.row: Callable[..., Any] = namedtuple("Row", [column.key for column in columns], rename=True)  # type: ignore[misc]
+        # Values written into the statement itself (`status == "running"`) are bound parameters with a fixed value.
+        self.fixed = {name: value for name, value in compiled.params.items() if not compiled.binds[name].required}
+        self.bind = [_processor(compiled.binds[name].type, dialect, "bind") for name in self.names]
+        columns = list(getattr(statement, "exported_columns", ()))
+        self.convert = [_processor(column.type, dialect, "result") for column in columns]
+        self.row: Callable[..., Any] | None = (
+            namedtuple("Row", [column.key for column in columns], rename=True) if columns else None
+        )
 
-    def first(self, connection: sqlite3.Connection, params: Mapping[str, Any]) -> Any | None:
-        values = connection.execute(self.sql, [params[name] for name in self.names]).fetchone()
-        if values is None:
-            return None
-        converted = [
-            value if convert is None else convert(value) for convert, value in zip(self.convert, values, strict=True)
+    def rows(self, connection: sqlite3.Connection, params: Mapping[str, Any]) -> list[Any]:
+        given = {**self.fixed, **params}
+        values = [
+            given[name] if bind is None else bind(given[name]) for name, bind in zip(self.names, self.bind, strict=True)
         ]
-        return self.row(*converted)
+        cursor = connection.execute(self.sql, values)
+        if self.row is None:
+            return []
+        return [
+            self.row(
+                *[
+                    value if convert is None else convert(value)
+                    for convert, value in zip(self.convert, found, strict=True)
+                ]
+            )
+            for found in cursor.fetchall()
+        ]
+
+
+def _processor(kind: Any, dialect: Dialect, which: str) -> Callable[[Any], Any] | None:
+    implementation = kind.dialect_impl(dialect)
+    if which == "bind":
+        return cast(Callable[[Any], Any] | None, implementation.bind_processor(dialect))
+    return cast(Callable[[Any], Any] | None, implementation.result_processor(dialect, None))
+
+
+class _SQLiteStatements:
+    def __init__(self, connection: sqlite3.Connection, prepare: Callable[[Executable], _Prepared]) -> None:
+        self._connection = connection
+        self._prepare = prepare
+
+    async def rows(self, statement: Executable, params: Mapping[str, Any]) -> Sequence[Any]:
+        try:
+            return self._prepare(statement).rows(self._connection, params)
+        except sqlite3.IntegrityError as exc:
+            raise IntegrityError(str(statement), dict(params), exc) from None
 
 
 class _InlineCursor(sqlite3.Cursor):
@@ -104,8 +179,11 @@ class Database:
             # one autocommit connection, held by the event loop's thread, answers each from a fresh snapshot.
             self._statements = self._sqlite_engine(begin="", pool_size=1, max_overflow=0)
             self._statement_connection: PoolProxiedConnection | None = None
-            self._prepared: dict[AnySelect, _Prepared] = {}
-            self.engines = [writer, reader, self._statements]
+            # Transactions of prepared statements write on a connection of their own, under the same lock.
+            self._raw_writer = self._sqlite_engine(begin="", pool_size=1, max_overflow=0)
+            self._raw_writer_connection: PoolProxiedConnection | None = None
+            self._prepared: dict[Executable, _Prepared] = {}
+            self.engines = [writer, reader, self._statements, self._raw_writer]
             self._write_sessions = _inline_sessions(writer)
             self._read_sessions = _inline_sessions(reader)
         else:
@@ -160,29 +238,54 @@ class Database:
         async with self._read_sessions() as session, session.begin():
             yield session
 
+    @asynccontextmanager
+    async def transaction(self) -> AsyncIterator[Statements]:
+        """A read-write transaction of Core statements, committed when the block ends without an error.
+
+        On SQLite the statements are prepared once and run on the driver's connection; the statements used here must
+        be built once (module constants with bound parameters), since each distinct statement is compiled and kept.
+        """
+        if not self.is_sqlite:
+            async with self.engine.begin() as connection:
+                yield _AlchemyStatements(connection)
+            return
+        async with self._write_lock:
+            if self._raw_writer_connection is None:
+                self._raw_writer_connection = self._raw_writer.raw_connection()
+            raw = cast(sqlite3.Connection, self._raw_writer_connection.driver_connection)
+            raw.execute("BEGIN IMMEDIATE")
+            try:
+                yield _SQLiteStatements(raw, self._prepare)
+            except BaseException:
+                raw.execute("ROLLBACK")
+                raise
+            raw.execute("COMMIT")
+
     async def fetch_one(self, statement: AnySelect, params: Mapping[str, Any]) -> Any | None:
         """The first row of one read-only statement, outside any session; its columns are attributes and positions."""
         if not self.is_sqlite:
             async with self.engine.connect() as connection:
                 return (await connection.execute(statement, params)).first()
+        if self._statement_connection is None:
+            self._statement_connection = self._statements.raw_connection()
+        reader = cast(sqlite3.Connection, self._statement_connection.driver_connection)
+        found = self._prepare(statement).rows(reader, params)
+        return found[0] if found else None
+
+    def _prepare(self, statement: Executable) -> _Prepared:
         prepared = self._prepared.get(statement)
         if prepared is None:
             prepared = self._prepared[statement] = _Prepared(statement, self._statements.dialect)
-        return prepared.first(self._statement_connection_(), params)
-
-    def _statement_connection_(self) -> sqlite3.Connection:
-        if self._statement_connection is None:
-            self._statement_connection = self._statements.raw_connection()
-        return cast(sqlite3.Connection, self._statement_connection.driver_connection)
+        return prepared
 
     def insert_ignoring_conflicts(self, table: type[Base]) -> Insert:
         """INSERT … ON CONFLICT DO NOTHING, in this database's dialect."""
         return (sqlite_insert if self.is_sqlite else postgresql_insert)(table).on_conflict_do_nothing()
 
-    async def announce_work(self, session: AsyncSession) -> None:
+    async def announce_work(self, statements: Statements) -> None:
         """Tell workers in other processes that a task is queued (PostgreSQL NOTIFY, delivered on commit)."""
         if not self.is_sqlite:
-            await session.execute(text("SELECT pg_notify(:channel, '')"), {"channel": WORK_CHANNEL})
+            await statements.rows(_ANNOUNCE, {"channel": WORK_CHANNEL})
 
     @asynccontextmanager
     async def work_announcements(self, wake: Callable[[], None]) -> AsyncIterator[None]:

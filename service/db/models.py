@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from datetime import UTC, datetime
-from typing import Any
+from typing import Any, cast
 
 from sqlalchemy import (
     JSON,
@@ -16,6 +16,7 @@ from sqlalchemy import (
     Integer,
     MetaData,
     String,
+    Table,
     Text,
     TypeDecorator,
     UniqueConstraint,
@@ -192,3 +193,10 @@ class CachedEnhancement(Base):
     text: Mapped[str] = mapped_column(Text)
     created_at: Mapped[float] = mapped_column(Float)
     expires_at: Mapped[float] = mapped_column(Float)
+
+
+# The tables themselves, for the statements on the hot paths: a statement built on a table (not on a mapped class)
+# runs as plain Core, without the ORM's bulk-update bookkeeping.
+TASKS = cast(Table, Task.__table__)
+TENANTS = cast(Table, Tenant.__table__)
+LEDGER = cast(Table, LedgerEntry.__table__)

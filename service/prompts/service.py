@@ -16,6 +16,7 @@ import msgspec
 
 from service.clock import utcnow
 from service.credits import repository as ledger
+from service.db.engine import in_session
 from service.errors import InsufficientCredits, InvalidInput, RateLimited, ServiceError, ServiceUnavailable
 from service.ids import new_id
 from service.prompts.cache import CacheKey, enhancement_cache
@@ -168,7 +169,7 @@ class Enhancer:
         key = f"enhance:{new_id()}"
         async with self.runtime.db.write() as session:
             entry = await ledger.post_entry(
-                session,
+                in_session(session),
                 tenant_id=plan.tenant_id,
                 kind="debit",
                 amount=-cost,
@@ -177,7 +178,9 @@ class Enhancer:
                 reference=key,
             )
             if entry is None:
-                raise InsufficientCredits(balance=await ledger.balance_of(session, plan.tenant_id), cost=cost)
+                raise InsufficientCredits(
+                    balance=await ledger.balance_of(in_session(session), plan.tenant_id), cost=cost
+                )
         return key
 
     async def refund(self, plan: Plan, charge: str | None) -> None:
@@ -185,7 +188,7 @@ class Enhancer:
             return
         async with self.runtime.db.write() as session:
             await ledger.post_entry(
-                session,
+                in_session(session),
                 tenant_id=plan.tenant_id,
                 kind="refund",
                 amount=self.settings.enhance_cost,

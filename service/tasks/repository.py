@@ -3,15 +3,16 @@ every status change is a compare-and-set on the status the caller expects."""
 
 from __future__ import annotations
 
+from collections import namedtuple
 from datetime import datetime, timedelta
 from typing import Any
 
 from sqlalchemy import Integer, Select, String, and_, bindparam, func, insert, or_, select, update
 from sqlalchemy.ext.asyncio import AsyncSession
-from sqlalchemy.orm import aliased
 
 from service.credits import repository as ledger
-from service.db.models import Task, Tenant, UTCDateTime
+from service.db.engine import Statements
+from service.db.models import TASKS, TENANTS, Task, UTCDateTime
 
 TERMINAL = ("completed", "failed", "cancelled")
 
@@ -24,11 +25,26 @@ OWNED_TASK = select(Task.__table__).where(Task.tenant_id == bindparam("tenant_id
 """One task of one tenant, as a row (the polling path reads it without a session)."""
 
 
-_INSERT = insert(Task)
+_INSERT = insert(TASKS)
+NOT_YET: dict[str, Any] = {
+    "revised_prompt": None,
+    "final_prompt": None,
+    "error_code": None,
+    "error_message": None,
+    "retries": 0,
+    "lease_owner": None,
+    "lease_expires_at": None,
+    "started_at": None,
+    "finished_at": None,
+}
+"""The columns of a new task that only its runs fill in."""
+TaskRow = namedtuple("TaskRow", [column.key for column in TASKS.columns])  # type: ignore[misc]
+"""A task's columns as attributes, for a task known from its values alone."""
 
 
-async def insert_task(session: AsyncSession, values: dict[str, Any]) -> None:
-    await session.execute(_INSERT, values)
+async def insert_task(statements: Statements, values: dict[str, Any]) -> None:
+    """Insert a new task; `values` names every column."""
+    await statements.rows(_INSERT, values)
 
 
 async def get_owned(session: AsyncSession, tenant_id: str, task_id: str) -> Task | None:
@@ -53,45 +69,45 @@ async def get_task(session: AsyncSession, task_id: str) -> Task | None:
 
 _NOW = bindparam("now", type_=UTCDateTime())
 _MAX_ATTEMPTS = bindparam("max_attempts", type_=Integer())
-_running = aliased(Task)
+_t = TASKS.c
+_running = TASKS.alias("running")
 # A task may run when its tenant runs fewer tasks (with live leases) than its limit allows.
 _UNDER_RUNNING_LIMIT = (
     select(func.count())
-    .where(_running.tenant_id == Task.tenant_id, _running.status == "running", _running.lease_expires_at >= _NOW)
+    .where(_running.c.tenant_id == _t.tenant_id, _running.c.status == "running", _running.c.lease_expires_at >= _NOW)
     .scalar_subquery()
 ) < (
-    select(func.coalesce(Tenant.max_running_tasks, bindparam("default_limit", type_=Integer())))
-    .where(Tenant.id == Task.tenant_id)
+    select(func.coalesce(TENANTS.c.max_running_tasks, bindparam("default_limit", type_=Integer())))
+    .where(TENANTS.c.id == _t.tenant_id)
     .scalar_subquery()
 )
-_LAPSED = and_(Task.status == "running", Task.lease_expires_at < _NOW, Task.attempts < _MAX_ATTEMPTS)
+_LAPSED = and_(_t.status == "running", _t.lease_expires_at < _NOW, _t.attempts < _MAX_ATTEMPTS)
 # SKIP LOCKED (PostgreSQL; SQLite serializes writers anyway): concurrent workers take different tasks.
 _NEXT_ID = (
-    select(Task.id)
-    .where(or_(and_(Task.status == "queued", _UNDER_RUNNING_LIMIT), _LAPSED))
-    .order_by(Task.id)
+    select(_t.id)
+    .where(or_(and_(_t.status == "queued", _UNDER_RUNNING_LIMIT), _LAPSED))
+    .order_by(_t.id)
     .limit(1)
     .with_for_update(skip_locked=True)
     .scalar_subquery()
 )
 _CLAIM = (
-    update(Task)
-    .where(Task.id == _NEXT_ID, or_(Task.status == "queued", _LAPSED))
+    update(TASKS)
+    .where(_t.id == _NEXT_ID, or_(_t.status == "queued", _LAPSED))
     .values(
         status="running",
         lease_owner=bindparam("owner", type_=String()),
         lease_expires_at=bindparam("lease_until", type_=UTCDateTime()),
-        attempts=Task.attempts + 1,
-        started_at=func.coalesce(Task.started_at, _NOW),
+        attempts=_t.attempts + 1,
+        started_at=func.coalesce(_t.started_at, _NOW),
         updated_at=_NOW,
     )
-    .returning(Task)
-    .execution_options(synchronize_session=False)
+    .returning(*TASKS.c)
 )
 
 
 async def claim_next(
-    session: AsyncSession,
+    statements: Statements,
     *,
     owner: str,
     now: datetime,
@@ -100,7 +116,7 @@ async def claim_next(
     default_running_limit: int,
 ) -> Task | None:
     """Take the oldest queued task whose tenant is under its running limit, or one whose worker's lease lapsed, in
-    one compare-and-set statement (built once: only its parameters change)."""
+    one compare-and-set statement (built once: only its parameters change). The task comes back detached."""
     params = {
         "owner": owner,
         "now": now,
@@ -108,7 +124,8 @@ async def claim_next(
         "max_attempts": max_attempts,
         "default_limit": default_running_limit,
     }
-    return (await session.scalars(_CLAIM, params)).first()
+    claimed = await statements.rows(_CLAIM, params)
+    return Task(**claimed[0]._asdict()) if claimed else None
 
 
 async def renew_leases(session: AsyncSession, *, owner: str, task_ids: list[str], until: datetime) -> set[str]:
@@ -136,44 +153,96 @@ async def release_leases(session: AsyncSession, *, owner: str, task_ids: list[st
         )
 
 
-async def finish(
-    session: AsyncSession,
+def _typed(name: str) -> Any:
+    """A bound parameter for the tasks column `name`, typed as that column."""
+    return bindparam(name, type_=TASKS.c[name].type)
+
+
+_TASK_ID = bindparam("task_id", type_=String())
+_ENDED = {"finished_at": _NOW, "updated_at": _NOW, "lease_owner": None, "lease_expires_at": None}
+_FINISH_RUN = (
+    update(TASKS)
+    .where(_t.id == _TASK_ID, _t.status == "running", _t.lease_owner == bindparam("owner", type_=String()))
+    .values(
+        status=_typed("status"),
+        refunded=_typed("refunded"),
+        images=_typed("images"),
+        revised_prompt=_typed("revised_prompt"),
+        final_prompt=_typed("final_prompt"),
+        retries=_t.retries + bindparam("retried", type_=Integer()),
+        upstream_ids=_typed("upstream_ids"),
+        error_code=_typed("error_code"),
+        error_message=_typed("error_message"),
+        **_ENDED,
+    )
+    .returning(_t.id)
+)
+_CANCEL = (
+    update(TASKS)
+    .where(_t.id == _TASK_ID, or_(_t.status == "queued", _t.status == "running"))
+    .values(status="cancelled", refunded=_typed("refunded"), **_ENDED)
+    .returning(_t.id)
+)
+
+
+async def finish_run(
+    statements: Statements,
     task: Task,
     *,
-    expect: tuple[str, ...],
+    owner: str,
     status: str,
     now: datetime,
-    refund: int = 0,
-    owner: str | None = None,
-    **changes: Any,
+    refund: int,
+    images: list[dict[str, Any]],
+    revised_prompt: str | None,
+    final_prompt: str | None,
+    retried: int,
+    upstream_ids: list[str],
+    error_code: str | None,
+    error_message: str | None,
 ) -> bool:
-    """Move a task to a terminal status and refund `refund` credits, in the caller's transaction.
+    """Record a run's outcome and refund `refund` credits, in the caller's transaction; False (and nothing changed)
+    when the task is no longer running under this worker's lease, because it was cancelled or taken over."""
+    params = {
+        "task_id": task.id,
+        "owner": owner,
+        "status": status,
+        "now": now,
+        "refunded": refund,
+        "images": images,
+        "revised_prompt": revised_prompt,
+        "final_prompt": final_prompt,
+        "retried": retried,
+        "upstream_ids": upstream_ids,
+        "error_code": error_code,
+        "error_message": error_message,
+    }
+    return await _end(statements, _FINISH_RUN, params, task, status=status, refund=refund, now=now)
 
-    The UPDATE matches only while the task is still in an expected status (and, for a worker, still its own), so of
-    two racing finishers exactly one wins; the loser changes nothing and gets False.
-    """
-    guard = [Task.id == task.id, Task.status.in_(expect)]
-    if owner is not None:
-        guard.append(Task.lease_owner == owner)
-    result = await session.execute(
-        update(Task)
-        .where(*guard)
-        .values(
-            status=status,
-            refunded=refund,
-            finished_at=now,
-            updated_at=now,
-            lease_owner=None,
-            lease_expires_at=None,
-            **changes,
-        )
-        .returning(Task.id)
-    )
-    if result.first() is None:
+
+async def cancel(statements: Statements, task: Task, *, now: datetime) -> bool:
+    """Cancel a queued or running task and refund what it has not refunded yet; False when it already ended."""
+    refund = task.cost - task.refunded
+    params = {"task_id": task.id, "refunded": refund, "now": now}
+    return await _end(statements, _CANCEL, params, task, status="cancelled", refund=refund, now=now)
+
+
+async def _end(
+    statements: Statements,
+    statement: Any,
+    params: dict[str, Any],
+    task: Task,
+    *,
+    status: str,
+    refund: int,
+    now: datetime,
+) -> bool:
+    """The status change is a compare-and-set: of two racing finishers exactly one matches, and only it refunds."""
+    if not await statements.rows(statement, params):
         return False
     if refund > 0:
         await ledger.post_entry(
-            session,
+            statements,
             tenant_id=task.tenant_id,
             kind="refund",
             amount=refund,
@@ -185,11 +254,11 @@ async def finish(
 
 
 _FAIL_ABANDONED = (
-    update(Task)
-    .where(Task.status == "running", Task.lease_expires_at < _NOW, Task.attempts >= _MAX_ATTEMPTS)
+    update(TASKS)
+    .where(_t.status == "running", _t.lease_expires_at < _NOW, _t.attempts >= _MAX_ATTEMPTS)
     .values(
         status="failed",
-        refunded=Task.cost,
+        refunded=_t.cost,
         finished_at=_NOW,
         updated_at=_NOW,
         lease_owner=None,
@@ -197,17 +266,17 @@ _FAIL_ABANDONED = (
         error_code="worker_lost",
         error_message="The task's worker stopped responding too many times",
     )
-    .returning(Task.id, Task.tenant_id, Task.cost)
+    .returning(_t.id, _t.tenant_id, _t.cost)
 )
 
 
-async def fail_abandoned(session: AsyncSession, *, now: datetime, max_attempts: int) -> list[str]:
+async def fail_abandoned(statements: Statements, *, now: datetime, max_attempts: int) -> list[str]:
     """Fail and refund running tasks whose worker vanished and which have no attempts left."""
-    failed = (await session.execute(_FAIL_ABANDONED, {"now": now, "max_attempts": max_attempts})).all()
+    failed = await statements.rows(_FAIL_ABANDONED, {"now": now, "max_attempts": max_attempts})
     for task_id, tenant_id, cost in failed:
         if cost > 0:
             await ledger.post_entry(
-                session,
+                statements,
                 tenant_id=tenant_id,
                 kind="refund",
                 amount=cost,

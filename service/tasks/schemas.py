@@ -7,8 +7,6 @@ from typing import Annotated, Any, Literal
 
 import msgspec
 
-from service.db.engine import AnyRow
-from service.db.models import Task
 from service.images.sizes import SIZE_PATTERN
 from service.prompts.instructions import Direction
 from service.prompts.styles import StyleName
@@ -156,8 +154,8 @@ def image_url(task_id: str, index: int) -> str:
     return f"/api/images/tasks/{task_id}/image?index={index}"
 
 
-def task_view(task: Task | AnyRow, remaining_credits: int | None = None) -> TaskOut:
-    """The API's view of a task, from the ORM object or a row of the tasks table."""
+def task_view(task: Any, remaining_credits: int | None = None) -> TaskOut:
+    """The API's view of a task: anything with the tasks table's columns as attributes (the mapped object, a row)."""
     completed = task.status == "completed"
     images = (
         [
@@ -176,15 +174,15 @@ def task_view(task: Task | AnyRow, remaining_credits: int | None = None) -> Task
     )
     return TaskOut(
         id=task.id,
-        status=task.status,  # type: ignore[arg-type]
-        mode=task.mode,  # type: ignore[arg-type]
+        status=task.status,
+        mode=task.mode,
         prompt=task.prompt,
         revised_prompt=task.revised_prompt,
         model=task.model,
         size=task.size,
-        quality=task.quality,  # type: ignore[arg-type]
+        quality=task.quality,
         n=task.n,
-        enhance=task.enhance,  # type: ignore[arg-type]
+        enhance=task.enhance,
         style=task.style,
         final_prompt=task.final_prompt,
         cost=task.cost,

@@ -17,6 +17,7 @@ from service import idempotency
 from service.catalog import task_cost
 from service.clock import utcnow
 from service.credits import repository as ledger
+from service.db.engine import in_session
 from service.db.models import Task
 from service.errors import Conflict, InsufficientCredits, InvalidInput, NotFound, PayloadTooLarge
 from service.ids import new_id
@@ -160,12 +161,13 @@ async def submit(runtime: Runtime, caller: Caller, submission: Submission, idemp
         "deadline_at": now + timedelta(seconds=settings.task_deadline),
         "created_at": now,
         "updated_at": now,
+        **repository.NOT_YET,
     }
     try:
-        async with runtime.db.write() as session:
-            await repository.insert_task(session, values)
+        async with runtime.db.transaction() as statements:
+            await repository.insert_task(statements, values)
             debit = await ledger.post_entry(
-                session,
+                statements,
                 tenant_id=caller.tenant_id,
                 kind="debit",
                 amount=-cost,
@@ -174,12 +176,12 @@ async def submit(runtime: Runtime, caller: Caller, submission: Submission, idemp
                 now=now,
             )
             if debit is None:
-                raise InsufficientCredits(balance=await ledger.balance_of(session, caller.tenant_id), cost=cost)
-            await runtime.db.announce_work(session)
-            submitted = task_view(Task(**values), debit.balance_after)
+                raise InsufficientCredits(balance=await ledger.balance_of(statements, caller.tenant_id), cost=cost)
+            await runtime.db.announce_work(statements)
+            submitted = task_view(repository.TaskRow(**values), debit.balance_after)
             if idempotency_key is not None:
                 await idempotency.remember(
-                    session,
+                    statements,
                     tenant_id=caller.tenant_id,
                     scope=IDEMPOTENCY_SCOPE,
                     key=idempotency_key,
@@ -235,8 +237,8 @@ async def cancel(runtime: Runtime, caller: Caller, task_id: str) -> Task:
         task = await repository.get_owned(session, caller.tenant_id, task_id)
         if task is None:
             raise NotFound("No such task", code="task_not_found")
-        cancelled = task.status not in repository.TERMINAL and await repository.finish(
-            session, task, expect=("queued", "running"), status="cancelled", now=now, refund=task.cost - task.refunded
+        cancelled = task.status not in repository.TERMINAL and await repository.cancel(
+            in_session(session), task, now=now
         )
         if not cancelled:
             raise Conflict(f"The task is already {task.status}", code="task_not_cancellable")

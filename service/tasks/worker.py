@@ -13,6 +13,7 @@ import logging
 import os
 import random
 import socket
+import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from datetime import timedelta
@@ -72,6 +73,7 @@ class WorkerPool:
         self._loops: list[asyncio.Task[None]] = []
         self._retries: dict[str, int] = {}
         self._next_purge = utcnow()
+        self._next_sweep = 0.0
 
     def wake(self) -> None:
         self._wake.set()
@@ -109,14 +111,18 @@ class WorkerPool:
         while True:
             self._wake.clear()
             try:
-                while len(self._runs) < self.settings.worker_concurrency:
-                    task = await self._claim()
-                    if task is None:
+                while free := self.settings.worker_concurrency - len(self._runs):
+                    claimed = await self._claim(free)
+                    for task in claimed:
+                        run = asyncio.create_task(self._run(task), name=f"task-{task.id}")
+                        self._runs.add(run)
+                        run.add_done_callback(self._run_done)
+                    if len(claimed) < free:
                         break
-                    run = asyncio.create_task(self._run(task), name=f"task-{task.id}")
-                    self._runs.add(run)
-                    run.add_done_callback(self._run_done)
-                await self._fail_abandoned()
+                if time.monotonic() >= self._next_sweep:
+                    # Lapsed leases need no haste: a sweep a poll interval is plenty, however busy the pool.
+                    self._next_sweep = time.monotonic() + self.settings.idle_poll_seconds
+                    await self._fail_abandoned()
             except Exception:
                 log.exception("claiming tasks failed")
             with contextlib.suppress(TimeoutError):
@@ -128,24 +134,31 @@ class WorkerPool:
         self._runs.discard(run)
         self._wake.set()
 
-    async def _claim(self) -> Task | None:
-        async with self.runtime.db.write() as session:
-            return await repository.claim_next(
-                session,
-                owner=self.owner,
-                now=utcnow(),
-                lease_seconds=self.settings.lease_seconds,
-                max_attempts=self.settings.max_attempts,
-                default_running_limit=self.settings.max_running_tasks,
-            )
+    async def _claim(self, most: int) -> list[Task]:
+        """Up to `most` tasks, claimed one statement each in one transaction."""
+        claimed: list[Task] = []
+        async with self.runtime.db.transaction() as statements:
+            while len(claimed) < most:
+                task = await repository.claim_next(
+                    statements,
+                    owner=self.owner,
+                    now=utcnow(),
+                    lease_seconds=self.settings.lease_seconds,
+                    max_attempts=self.settings.max_attempts,
+                    default_running_limit=self.settings.max_running_tasks,
+                )
+                if task is None:
+                    break
+                claimed.append(task)
+        return claimed
 
     async def _fail_abandoned(self) -> None:
         now = utcnow()
-        async with self.runtime.db.write() as session:
-            failed = await repository.fail_abandoned(session, now=now, max_attempts=self.settings.max_attempts)
+        async with self.runtime.db.transaction() as statements:
+            failed = await repository.fail_abandoned(statements, now=now, max_attempts=self.settings.max_attempts)
             if now >= self._next_purge:
                 self._next_purge = now + timedelta(seconds=PURGE_INTERVAL_SECONDS)
-                await idempotency.forget_expired(session, now)
+                await idempotency.forget_expired(statements, now)
         for task_id in failed:
             log.warning("task %s failed: its worker was lost too often", task_id)
 
@@ -194,11 +207,10 @@ class WorkerPool:
 
     async def _settle(self, task: Task, outcome: Outcome) -> None:
         try:
-            async with self.runtime.db.write() as session:
-                settled = await repository.finish(
-                    session,
+            async with self.runtime.db.transaction() as statements:
+                settled = await repository.finish_run(
+                    statements,
                     task,
-                    expect=("running",),
                     owner=self.owner,
                     status=outcome.status,
                     now=utcnow(),
@@ -206,7 +218,7 @@ class WorkerPool:
                     images=outcome.images,
                     revised_prompt=outcome.revised_prompt,
                     final_prompt=outcome.final_prompt,
-                    retries=Task.retries + outcome.retries,
+                    retried=outcome.retries,
                     upstream_ids=outcome.upstream_ids,
                     error_code=outcome.error_code,
                     error_message=outcome.error_message,

@@ -17,14 +17,11 @@ from typing import Any
 
 from litestar import Request
 from litestar.connection import ASGIConnection
-from litestar.datastructures import MutableScopeHeaders
 from litestar.handlers import BaseRouteHandler
-from litestar.types import Message, Scope
 from sqlalchemy import bindparam, select
 
 from service.db.models import ApiKey, Tenant
 from service.errors import Forbidden, RateLimited, Unauthorized
-from service.ratelimit import Decision
 from service.runtime import Runtime
 
 KEY_PREFIX = "igk_"
@@ -92,16 +89,6 @@ async def provide_caller(request: Request[Any, Any, Any], runtime: Runtime) -> C
     if not decision.allowed:
         raise RateLimited(f"At most {decision.limit} requests a minute", decision.headers(), decision.retry_after)
     return Caller(tenant_id=tenant_id, key_id=key_id)
-
-
-async def add_rate_limit_headers(message: Message, scope: Scope) -> None:
-    """Every answer to a tenant says where it stands against its request limit."""
-    decision = scope.get("state", {}).get("rate_limit")
-    if message["type"] == "http.response.start" and isinstance(decision, Decision):
-        headers = MutableScopeHeaders.from_message(message)
-        for name, value in decision.headers().items():
-            if name not in headers:
-                headers[name] = value
 
 
 async def admin_guard(connection: ASGIConnection[Any, Any, Any, Any], _: BaseRouteHandler) -> None:

@@ -9,7 +9,7 @@ from service import idempotency
 from service.clock import utcnow
 from service.credits import repository as ledger
 from service.credits.schemas import LedgerEntryOut, entry_view
-from service.db.engine import Database
+from service.db.engine import Database, in_session
 from service.db.models import Tenant
 from service.errors import Conflict, InvalidInput, NotFound
 from service.tenants import repository
@@ -25,7 +25,12 @@ async def create_tenant(db: Database, name: str, credits: int) -> tuple[Tenant, 
         await repository.insert_key(session, tenant.id, key, now)
         if credits > 0:
             await ledger.post_entry(
-                session, tenant_id=tenant.id, kind="grant", amount=credits, reason="initial credits", now=now
+                in_session(session),
+                tenant_id=tenant.id,
+                kind="grant",
+                amount=credits,
+                reason="initial credits",
+                now=now,
             )
             tenant.balance = credits
     return tenant, key.plain
@@ -69,7 +74,7 @@ async def grant_credits(
                 if previous is not None:
                     return msgspec.json.decode(previous, type=LedgerEntryOut)
             entry = await ledger.post_entry(
-                session,
+                in_session(session),
                 tenant_id=tenant_id,
                 kind="grant" if amount > 0 else "adjust",
                 amount=amount,
@@ -77,7 +82,7 @@ async def grant_credits(
                 now=now,
             )
             if entry is None:
-                balance = await ledger.balance_of(session, tenant_id)
+                balance = await ledger.balance_of(in_session(session), tenant_id)
                 raise Conflict(
                     f"Deducting {-amount} credits would take the balance ({balance}) below zero",
                     code="balance_too_low",
@@ -86,7 +91,7 @@ async def grant_credits(
             view = entry_view(entry)
             if idempotency_key is not None:
                 await idempotency.remember(
-                    session,
+                    in_session(session),
                     tenant_id=tenant_id,
                     scope=scope,
                     key=idempotency_key,
