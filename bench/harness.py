@@ -202,10 +202,10 @@ class ServiceProcess:
     def query(self, sql: str, *params: Any) -> list[tuple[Any, ...]]:
         return query(self.database_url, sql, *params)
 
-    def audit(self) -> tuple[int, str]:
-        """`imagegen audit --expect-finished` on this process's database: its exit code and report."""
+    def audit(self, *, expect_finished: bool = True) -> tuple[int, str]:
+        """`imagegen audit [--expect-finished]` on this process's database: its exit code and report."""
         result = subprocess.run(
-            [sys.executable, "-m", "service", "audit", "--expect-finished"],
+            [sys.executable, "-m", "service", "audit", *(["--expect-finished"] if expect_finished else [])],
             env=self.env,
             cwd=self.data_dir,
             capture_output=True,

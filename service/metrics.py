@@ -26,6 +26,9 @@ QUEUE_DEPTH = Gauge("imagegen_queue_depth", "Tasks waiting for a worker", regist
 CREDITS = Gauge("imagegen_credits", "Credits moved by the ledger since the start, by kind", ["kind"], registry=REGISTRY)
 
 
+_UPSTREAM_OK = UPSTREAM_CALLS.labels("ok")
+
+
 @contextmanager
 def upstream_call() -> Iterator[None]:
     """Time one upstream call and count its outcome (`ok` or the error code)."""
@@ -37,5 +40,5 @@ def upstream_call() -> Iterator[None]:
         outcome = str(getattr(exc, "code", type(exc).__name__))
         raise
     finally:
-        UPSTREAM_CALLS.labels(outcome).inc()
+        (_UPSTREAM_OK if outcome == "ok" else UPSTREAM_CALLS.labels(outcome)).inc()
         UPSTREAM_SECONDS.observe(time.perf_counter() - started)

@@ -8,9 +8,9 @@ Request and upstream metrics are counted in this process; task and credit figure
 from __future__ import annotations
 
 import logging
+import os
 import re
 import time
-import uuid
 from datetime import UTC, datetime
 from typing import Any
 
@@ -65,7 +65,7 @@ def request_observer(app: ASGIApp) -> ASGIApp:
             await app(scope, receive, send)
             return
         given = dict(scope["headers"]).get(b"x-request-id", b"").decode("latin-1")
-        request_id = given if REQUEST_ID.match(given) else uuid.uuid4().hex
+        request_id = given if REQUEST_ID.match(given) else os.urandom(16).hex()
         started = time.perf_counter()
         status = 500
 

@@ -192,7 +192,21 @@ def test_mask_travels_with_its_reference_image(service: Service, tenant: Tenant)
     assert task["status"] == "completed", task
     assert task["size"] == "9:16"
     stored = service.stored_keys(f"references/{task['id']}/")
-    assert stored == [f"references/{task['id']}/0.png", f"references/{task['id']}/mask.png"]
+    # A JPEG photo stays a JPEG; a mask is always a lossless PNG.
+    assert stored == [f"references/{task['id']}/0.jpg", f"references/{task['id']}/mask.png"]
+    assert service.stored(stored[0]).startswith(b"\xff\xd8\xff")
+    assert service.stored(stored[1]).startswith(b"\x89PNG")
+
+
+def test_a_jpeg_mask_is_stored_as_png(service: Service, tenant: Tenant) -> None:
+    response = tenant.client.post(
+        "/api/images/generate",
+        data={"prompt": "mask given as a photo"},
+        files=[("image", ("photo.jpg", jpeg(), "image/jpeg")), ("mask", ("mask.jpg", jpeg(), "image/jpeg"))],
+    )
+    assert response.status_code == 202, response.text
+    mask = service.stored(f"references/{response.json()['id']}/mask.png")
+    assert Image.open(io.BytesIO(mask)).format == "PNG"
 
 
 def jpeg() -> bytes:

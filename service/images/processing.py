@@ -17,6 +17,8 @@ from service.errors import InvalidInput, PayloadTooLarge, UnsupportedMediaType
 from service.upstream.base import UpstreamError
 
 FORMATS = {"PNG": "image/png", "JPEG": "image/jpeg", "WEBP": "image/webp"}
+EXTENSIONS = {"image/png": "png", "image/jpeg": "jpg", "image/webp": "webp"}
+JPEG_QUALITY = 90
 # A part may be declared as any accepted image type (clients often guess from the file name) or generically (a part
 # without a type defaults to text/plain); the bytes decide the format. Declared as anything else, it is refused.
 UNDECLARED_TYPES = {"", "application/octet-stream", "binary/octet-stream", "text/plain"}
@@ -78,8 +80,14 @@ def _open_checked(data: bytes, field: str) -> Image.Image:
     return image
 
 
-def normalize_reference(data: bytes, declared_type: str, max_pixels: int, field: str = "image") -> PreparedImage:
-    """Decode, orient, strip metadata, convert to RGB(A), downscale to at most `max_pixels`, re-encode as PNG."""
+def normalize_reference(
+    data: bytes, declared_type: str, max_pixels: int, field: str = "image", *, lossless: bool = False
+) -> PreparedImage:
+    """Decode, orient, strip metadata, convert to RGB(A), downscale to at most `max_pixels`, and re-encode.
+
+    A JPEG photo stays a JPEG (quality 90): it was lossy already, and a PNG of it is several times larger and slower
+    to make. Everything else, and anything `lossless` (a mask), becomes a PNG, keeping any transparency.
+    """
     if not data:
         raise InvalidInput(f"{field}: the file is empty", code="empty_file", field=field)
     detected = sniff_format(data)
@@ -111,9 +119,14 @@ def normalize_reference(data: bytes, declared_type: str, max_pixels: int, field:
         size = (max(1, math.floor(image.width * scale)), max(1, math.floor(image.height * scale)))
         image = image.resize(size, Image.Resampling.LANCZOS)
     out = io.BytesIO()
-    image.save(out, format="PNG", compress_level=1)
+    if detected == "JPEG" and image.mode == "RGB" and not lossless:
+        image.save(out, format="JPEG", quality=JPEG_QUALITY)
+        content_type = "image/jpeg"
+    else:
+        image.save(out, format="PNG", compress_level=1)
+        content_type = "image/png"
     encoded = out.getvalue()
-    return PreparedImage(encoded, "image/png", image.width, image.height, hashlib.sha256(encoded).hexdigest())
+    return PreparedImage(encoded, content_type, image.width, image.height, hashlib.sha256(encoded).hexdigest())
 
 
 def _has_alpha(image: Image.Image) -> bool:

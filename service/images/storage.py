@@ -63,12 +63,21 @@ class LocalBlobStore:
         return await asyncio.to_thread(self._path(key).read_bytes)
 
     async def stream(self, key: str) -> AsyncIterator[bytes]:
-        file = await asyncio.to_thread(self._path(key).open, "rb")
+        """The file a chunk at a time: read on the event loop when the chunk is in the page cache (the usual case for
+        images the service wrote recently), in a thread when the read would wait for the disk."""
+        fd = await asyncio.to_thread(os.open, self._path(key), os.O_RDONLY)
         try:
-            while chunk := await asyncio.to_thread(file.read, CHUNK_BYTES):
+            offset = 0
+            while True:
+                chunk = _cached_chunk(fd, offset)
+                if chunk is None:
+                    chunk = await asyncio.to_thread(os.pread, fd, CHUNK_BYTES, offset)
+                if not chunk:
+                    return
                 yield chunk
+                offset += len(chunk)
         finally:
-            file.close()
+            os.close(fd)
 
     async def delete(self, key: str) -> None:
         await asyncio.to_thread(self._path(key).unlink, missing_ok=True)
@@ -121,6 +130,17 @@ class S3BlobStore:
             raise OSError(f"bucket {self.bucket} is not reachable ({type(exc).__name__})") from None
         except botocore.exceptions.ClientError as exc:
             raise OSError(f"bucket {self.bucket} is not reachable ({exc.response['Error'].get('Code')})") from None
+
+
+def _cached_chunk(fd: int, offset: int) -> bytes | None:
+    """The chunk at `offset` if reading it needs no disk access (b"" at the end), else None."""
+    buffer = bytearray(CHUNK_BYTES)
+    try:
+        read = os.preadv(fd, [buffer], offset, os.RWF_NOWAIT)
+    except OSError:
+        # Not cached (EAGAIN), or a file system without non-blocking reads: let a thread wait for the disk.
+        return None
+    return bytes(buffer) if read == CHUNK_BYTES else bytes(buffer[:read])
 
 
 def open_store(storage_url: str) -> BlobStore:

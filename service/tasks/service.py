@@ -21,7 +21,7 @@ from service.db.engine import in_session
 from service.db.models import Task
 from service.errors import Conflict, InsufficientCredits, InvalidInput, NotFound, PayloadTooLarge
 from service.ids import new_id
-from service.images.processing import PreparedImage, normalize_reference
+from service.images.processing import EXTENSIONS, PreparedImage, normalize_reference
 from service.images.sizes import InvalidSize, normalize_size
 from service.prompts.service import EnhanceRequest
 from service.runtime import Runtime
@@ -129,6 +129,7 @@ async def submit(runtime: Runtime, caller: Caller, submission: Submission, idemp
             submission.mask.content_type,
             settings.max_reference_pixels,
             "mask",
+            lossless=True,
         )
 
     task_id = new_id()
@@ -219,9 +220,11 @@ async def _replay(runtime: Runtime, caller: Caller, key: str, fingerprint: str) 
 async def _store_inputs(
     runtime: Runtime, task_id: str, references: list[PreparedImage], mask: PreparedImage | None
 ) -> list[dict[str, object]]:
-    named = [(f"references/{task_id}/{i}.png", image) for i, image in enumerate(references)]
+    named = [
+        (f"references/{task_id}/{i}.{EXTENSIONS[image.content_type]}", image) for i, image in enumerate(references)
+    ]
     if mask is not None:
-        named.append((f"references/{task_id}/mask.png", mask))
+        named.append((f"references/{task_id}/mask.{EXTENSIONS[mask.content_type]}", mask))
     await asyncio.gather(*(runtime.store.put(key, image.data) for key, image in named))
     return [image.record(key) for key, image in named]
 

@@ -25,7 +25,7 @@ from service import idempotency
 from service.clock import utcnow
 from service.db.models import Task
 from service.ids import new_id
-from service.images.processing import PreparedImage, inspect_output
+from service.images.processing import EXTENSIONS, PreparedImage, inspect_output
 from service.images.sizes import expected_aspect
 from service.prompts.service import EnhanceRequest, style_suffix
 from service.prompts.styles import STYLES
@@ -37,7 +37,6 @@ log = logging.getLogger("service.worker")
 T = TypeVar("T")
 
 PURGE_INTERVAL_SECONDS = 60
-EXTENSIONS = {"image/png": "png", "image/jpeg": "jpg", "image/webp": "webp"}
 
 
 @dataclass(slots=True)
@@ -288,7 +287,9 @@ class WorkerPool:
     async def _request_for(self, task: Task, prompt: str) -> GenerationRequest:
         store = self.runtime.store
         references = [
-            ImageInput(await store.get(item["key"]), item["content_type"], f"reference-{i}.png")
+            ImageInput(
+                await store.get(item["key"]), item["content_type"], f"reference-{i}.{EXTENSIONS[item['content_type']]}"
+            )
             for i, item in enumerate(task.references)
         ]
         mask = (

@@ -1,0 +1,49 @@
+"""The benchmark suite, in its smoke form: every row is measured and reported, so the suite cannot rot. The figures
+themselves are not judged here (that is what `python -m bench` and bench/RESULTS.md are for)."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import TEST_DATABASE
+
+ROWS = [
+    "poll GET /api/images/tasks/{id}",
+    "image GET (2.0 MB PNG)",
+    "image GET: RSS growth under load",
+    "generate with Prefer: wait (sync)",
+    "submit -> completed, p50 (one client)",
+    "enhance stream: first byte after upstream's first token, p50",
+    "50 concurrent enhance streams: peak RSS",
+    "submit POST /api/images/generate (SQLite)",
+    "upstream relay, service client",
+    "reference normalization, 12 MP JPEG",
+]
+
+
+@pytest.mark.skipif(TEST_DATABASE != "sqlite", reason="the benchmark smoke run needs no database of the tests")
+@pytest.mark.timeout(600)
+def test_the_smoke_run_measures_and_reports_every_row(tmp_path: Path) -> None:
+    results = tmp_path / "RESULTS.md"
+    run = subprocess.run(
+        [sys.executable, "-m", "bench", "--smoke", "--results", str(results)],
+        capture_output=True,
+        text=True,
+        timeout=540,
+        check=False,
+    )
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+    cells = [[cell.strip() for cell in line.strip("|").split("|")] for line in run.stdout.splitlines()]
+    measured = {row[0]: row[1] for row in cells if len(row) == 7}
+    for row in ROWS:
+        assert row in measured, f"{row!r} missing from:\n{run.stdout}"
+        assert measured[row] != "-", f"{row!r} was not measured:\n{run.stdout}"
+    # Nothing went wrong under the load: every answer was the expected one and the ledger balances.
+    assert "note:" not in run.stdout, run.stdout
+    written = results.read_text()
+    assert "(smoke run)" in written and "| figure | service |" in written
+    assert all(row in written for row in ROWS)
