@@ -121,7 +121,9 @@ def wrk(url: str, seconds: float, *, headers: dict[str, str] | None = None, body
     finally:
         if script is not None:
             os.unlink(script.name)
-    latency = dict(re.findall(r"^\s+(50|99)%\s+(\S+)$", out, re.M)) or {"50": "0us", "99": "0us"}
+    latency = {"50": "0us", "99": "0us", **dict(re.findall(r"^\s+(50|99)%\s+(\S+)\s*$", out, re.M))}
+    if os.environ.get("BENCH_DEBUG"):
+        print(out, file=sys.stderr)
     errors = re.search(r"Non-2xx or 3xx responses: (\d+)", out)
     socket_errors = re.search(r"Socket errors: connect (\d+), read (\d+), write (\d+), timeout (\d+)", out)
     return Load(

@@ -9,7 +9,8 @@ import time
 from dataclasses import dataclass
 from typing import Protocol
 
-from sqlalchemy import case, select, update
+from sqlalchemy import case, func
+from sqlalchemy.dialects.postgresql import insert as postgresql_insert
 
 from service.db.engine import Database
 from service.db.models import RateBucket
@@ -74,27 +75,27 @@ class SharedRateLimiter:
         self._db = db
 
     async def take(self, key: str, per_minute: int) -> Decision:
+        """One upsert decides, spends and reports, so the bucket's row is locked for one statement only."""
         rate = per_minute / 60.0
         now = time.time()
-        refilled = case(
-            (RateBucket.tokens + (now - RateBucket.stamp) * rate > per_minute, float(per_minute)),
-            else_=RateBucket.tokens + (now - RateBucket.stamp) * rate,
+        full = float(per_minute)
+        refilled = func.least(full, RateBucket.tokens + (now - RateBucket.stamp) * rate)
+        spend = (
+            postgresql_insert(RateBucket)
+            .values(key=key, tokens=full - 1, stamp=now, allowed=True)
+            .on_conflict_do_update(
+                index_elements=[RateBucket.key],
+                set_={
+                    "tokens": case((refilled >= 1, refilled - 1), else_=refilled),
+                    "stamp": now,
+                    "allowed": refilled >= 1,
+                },
+            )
+            .returning(RateBucket.tokens, RateBucket.allowed)
         )
-        async with self._db.write() as session:
-            await session.execute(
-                self._db.insert_ignoring_conflicts(RateBucket).values(key=key, tokens=float(per_minute), stamp=now)
-            )
-            spent = await session.scalar(
-                update(RateBucket)
-                .where(RateBucket.key == key, refilled >= 1)
-                .values(tokens=refilled - 1, stamp=now)
-                .returning(RateBucket.tokens)
-            )
-            if spent is None:
-                tokens = float(await session.scalar(select(refilled).where(RateBucket.key == key)) or 0.0)
-        if spent is not None:
-            return _decision(True, per_minute, float(spent), rate)
-        return _decision(False, per_minute, tokens, rate)
+        async with self._db.transaction() as statements:
+            [(tokens, allowed)] = await statements.rows(spend, {})
+        return _decision(bool(allowed), per_minute, float(tokens), rate)
 
 
 def _decision(allowed: bool, per_minute: int, tokens: float, rate: float) -> Decision:
