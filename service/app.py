@@ -13,7 +13,7 @@ from litestar.datastructures import MutableScopeHeaders, State
 from litestar.di import Provide
 from litestar.enums import ScopeType
 from litestar.openapi import OpenAPIConfig
-from litestar.openapi.spec import Components, Link, Schema, SecurityScheme
+from litestar.openapi.spec import Components, Link, OpenAPIResponse, Schema, SecurityScheme
 from litestar.routes import HTTPRoute
 from litestar.types import ASGIApp, Message, Receive, Scope, Send
 
@@ -87,7 +87,7 @@ def create_app(settings: Settings | None = None) -> Litestar:
         multipart_form_part_limit=settings.max_reference_images + 16,
     )
     _document_request_bodies(app, settings)
-    _document_links(app)
+    _document_responses(app)
     return app
 
 
@@ -141,8 +141,16 @@ LINKS: dict[tuple[str, str, str], dict[str, tuple[str, dict[str, str]]]] = {
 }
 
 
-def _document_links(app: Litestar) -> None:
+def _document_responses(app: Litestar) -> None:
+    """Response headers in a fixed order, and the links that say which answer feeds which next call."""
     paths = app.openapi_schema.paths or {}
+    for item in paths.values():
+        for method in ("get", "put", "post", "delete", "patch"):
+            operation = getattr(item, method)
+            for response in (operation.responses or {}).values() if operation else ():
+                if isinstance(response, OpenAPIResponse) and response.headers:
+                    # The framework keeps a route's response headers in a set: give the document one fixed order.
+                    response.headers = dict(sorted(response.headers.items()))
     for (path, method, status), links in LINKS.items():
         operation = getattr(paths[path], method)
         operation.responses[status].links = {
