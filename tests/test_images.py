@@ -35,10 +35,17 @@ def png_declaring(width: int, height: int) -> bytes:
 def test_large_photo_is_downscaled_with_its_aspect_kept() -> None:
     photo = encode(Image.new("RGB", (4000, 3000), (200, 10, 10)), "JPEG")
     prepared = normalize_reference(photo, "image/jpeg", 2_000_000)
-    assert prepared.content_type == "image/png"
+    assert prepared.content_type == "image/jpeg"  # a photo stays a photo
     assert prepared.width * prepared.height <= 2_000_000
     assert prepared.width / prepared.height == pytest.approx(4 / 3, rel=0.01)
     assert Image.open(io.BytesIO(prepared.data)).size == (prepared.width, prepared.height)
+
+
+def test_a_jpeg_asked_to_be_lossless_becomes_a_png() -> None:
+    photo = encode(Image.new("RGB", (640, 480), (10, 200, 10)), "JPEG")
+    prepared = normalize_reference(photo, "image/jpeg", 2_000_000, "mask", lossless=True)
+    assert prepared.content_type == "image/png"
+    assert Image.open(io.BytesIO(prepared.data)).format == "PNG"
 
 
 def test_exif_orientation_is_applied_and_metadata_stripped() -> None:
