@@ -18,8 +18,11 @@ from litestar.routes import HTTPRoute
 from litestar.types import ASGIApp, Message, Receive, Scope, Send
 
 from service import health, observability
+from service.cors import cors
 from service.credits import endpoints as credits
 from service.credits.schemas import CreditGrant
+from service.endusers import endpoints as end_users
+from service.endusers.endpoints import EndUserTokenRequest
 from service.errors import EXCEPTION_HANDLERS
 from service.playground import playground
 from service.process import running
@@ -51,6 +54,13 @@ def openapi_config() -> OpenAPIConfig:
             security_schemes={
                 "tenantKey": SecurityScheme(type="http", scheme="bearer", description=f"A tenant API key: {bearer}"),
                 "adminKey": SecurityScheme(type="http", scheme="bearer", description=f"ADMIN_API_KEY: {bearer}"),
+                "endUserToken": SecurityScheme(
+                    type="http",
+                    scheme="bearer",
+                    bearer_format="iget_<payload>.<signature>",
+                    description="A short-lived token for one end user, minted with POST /api/end-user-tokens and "
+                    "sent from the browser as `Authorization: Bearer <token>`",
+                ),
             },
         ),
         use_handler_docstrings=False,
@@ -71,6 +81,8 @@ def create_app(settings: Settings | None = None) -> Litestar:
             tasks.router,
             prompts.router,
             credits.router,
+            credits.end_user_router,
+            end_users.router,
             admin.AdminController,
             health.health,
             health.ready,
@@ -82,7 +94,7 @@ def create_app(settings: Settings | None = None) -> Litestar:
         openapi_config=openapi_config(),
         lifespan=[lifespan],
         logging_config=None,
-        middleware=[observability.request_observer, complete_allow_header],
+        middleware=[observability.request_observer, cors, complete_allow_header],
         request_max_body_size=settings.max_request_body_bytes,
         multipart_form_part_limit=settings.max_reference_images + 16,
     )
@@ -163,7 +175,7 @@ def _document_request_bodies(app: Litestar, settings: Settings) -> None:
     `service.bodies`) and the enhancement's JSON answer."""
     components = app.openapi_schema.components
     _, bodies = msgspec.json.schema_components(
-        [TenantCreate, TenantUpdate, CreditGrant, EnhanceRequest, EnhanceResult],
+        [TenantCreate, TenantUpdate, CreditGrant, EnhanceRequest, EnhanceResult, EndUserTokenRequest],
         ref_template="#/components/schemas/{name}",
     )
     extra = {**request_body_components(settings), **bodies}

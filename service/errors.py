@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import logging
 from http import HTTPStatus
-from typing import Any
+from typing import Any, Literal
 
 import msgspec
 from litestar import Request, Response
@@ -31,6 +31,8 @@ class Problem(msgspec.Struct, omit_defaults=True):
     field: str | None = None
     balance: int | None = None
     cost: int | None = None
+    # On 402: whose credits fell short, `tenant` or the end user's allowance (`user`).
+    account: Literal["tenant", "user"] | None = None
     retry_after: int | None = None
 
 
@@ -84,8 +86,13 @@ class UnsupportedMediaType(ServiceError):
 class InsufficientCredits(ServiceError):
     status, code = 402, "insufficient_credits"
 
-    def __init__(self, *, balance: int, cost: int) -> None:
-        super().__init__(f"This task costs {cost} credits and the balance is {balance}.", balance=balance, cost=cost)
+    def __init__(self, *, balance: int | None, cost: int, account: str = "tenant") -> None:
+        if balance is None:  # an end user is not told the tenant's balance
+            detail = f"This costs {cost} credits and the service's credits for this app have run out."
+        else:
+            whose = "the end user's allowance" if account == "user" else "the balance"
+            detail = f"This costs {cost} credits and {whose} is {balance}."
+        super().__init__(detail, balance=balance, cost=cost, account=account)
 
 
 class ServiceUnavailable(ServiceError):

@@ -14,6 +14,7 @@ from service.prompts.service import Enhancer
 from service.runtime import Runtime
 from service.settings import Settings
 from service.tasks.worker import WorkerPool
+from service.tenants.tokens import TokenSigner, shared_secret
 from service.upstream import open_image_upstream
 from service.upstream.offline import OfflineUpstream
 
@@ -24,6 +25,7 @@ async def running(settings: Settings, *, workers: bool) -> AsyncIterator[Runtime
     runtime = Runtime(settings=settings, db=db, store=open_store(settings.storage_url))
     async with contextlib.AsyncExitStack() as stack:
         stack.push_async_callback(db.dispose)
+        runtime.tokens = TokenSigner(await shared_secret(db, settings.end_user_token_secret))
         base_url, api_key = settings.upstream_base_url, settings.upstream_api_key
         if base_url is None or api_key is None:
             api_key = secrets.token_urlsafe(24)

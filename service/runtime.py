@@ -15,11 +15,12 @@ from service.upstream.http import UpstreamHealth
 if TYPE_CHECKING:
     from service.prompts.service import Enhancer
     from service.tasks.worker import WorkerPool
+    from service.tenants.tokens import TokenSigner
 
 
 class Runtime:
     # A plain class, not a dataclass: handlers receive it as a dependency and the framework leaves such values as-is.
-    __slots__ = ("_watchers", "db", "enhancer", "limiter", "settings", "store", "upstream_health", "workers")
+    __slots__ = ("_watchers", "db", "enhancer", "limiter", "settings", "store", "tokens", "upstream_health", "workers")
 
     def __init__(self, settings: Settings, db: Database, store: BlobStore) -> None:
         self.settings = settings
@@ -29,6 +30,7 @@ class Runtime:
         self.upstream_health = UpstreamHealth()
         self.workers: WorkerPool | None = None
         self.enhancer: Enhancer | None = None
+        self.tokens: TokenSigner | None = None
         self._watchers: dict[str, asyncio.Event] = {}
 
     def wake_workers(self) -> None:

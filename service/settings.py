@@ -28,6 +28,7 @@ class Settings:
     database_url: str = ""
     storage_url: str = ""
     admin_api_key: str | None = None
+    end_user_token_secret: str | None = field(default=None, repr=False)
     log_level: str = "INFO"
     auto_migrate: bool = True
 
@@ -111,6 +112,7 @@ class Settings:
             database_url=read.text("DATABASE_URL", f"sqlite+aiosqlite:///{data_dir / 'imagegen.db'}"),
             storage_url=read.text("STORAGE_URL", str(data_dir / "images")),
             admin_api_key=read.optional_text("ADMIN_API_KEY"),
+            end_user_token_secret=read.optional_text("END_USER_TOKEN_SECRET"),
             log_level=read.choice("LOG_LEVEL", "INFO", ("DEBUG", "INFO", "WARNING", "ERROR"), upper=True),
             auto_migrate=read.boolean("AUTO_MIGRATE", True),
             upstream_base_url=base_url,
@@ -150,6 +152,8 @@ class Settings:
             max_output_image_mb=read.number("MAX_OUTPUT_IMAGE_MB", 32.0, minimum=0.1),
         )
         _check_urls(settings)
+        if settings.end_user_token_secret is not None and len(settings.end_user_token_secret) < 32:
+            raise SettingsError("END_USER_TOKEN_SECRET: use at least 32 characters")
         return settings
 
 

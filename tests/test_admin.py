@@ -20,9 +20,13 @@ def test_tenant_lifecycle(service: Service) -> None:
             "balance",
             "rate_limit_per_minute",
             "max_running_tasks",
+            "daily_grant",
+            "balance_cap",
+            "cors_origins",
             "created_at",
         }
         assert (tenant["name"], tenant["status"], tenant["balance"]) == ("Globex", "active", 25)
+        assert (tenant["daily_grant"], tenant["balance_cap"], tenant["cors_origins"]) == (10, 100, [])
         assert body["api_key"].startswith("igk_")
 
         assert admin.get(f"/api/admin/tenants/{tenant['id']}").json() == tenant

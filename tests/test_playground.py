@@ -1,5 +1,6 @@
 """The playground page in headless Chromium (the distribution's), through the whole flow: key, streamed enhancement,
-style, size, reference image, generation, live status, the image, credits and recent tasks."""
+style, size, reference image, generation, live status, the image, credits and recent tasks; and an end user's
+token with its daily check-in."""
 
 from __future__ import annotations
 
@@ -82,4 +83,34 @@ def test_the_playground_shows_problems(browser: Browser, service: Service) -> No
     page.fill("#key", "igk_000000000000.not-a-real-key-not-a-real-key-not-a-real-key-")
     page.click("#connect")
     expect(page.locator("#error")).to_contain_text("401")
+    page.close()
+
+
+def test_the_playground_runs_in_end_user_mode(
+    browser: Browser, service: Service, tenant: Tenant, upstream: Upstream, tmp_path: Path
+) -> None:
+    minted = tenant.client.post("/api/end-user-tokens", json={"user": "browser-user-1"})
+    assert minted.status_code == 201, minted.text
+    upstream.settings(latency=0.3)
+    page = browser.new_page()
+    page.goto(service.base_url + "/")
+    page.fill("#key", minted.json()["token"])
+    page.click("#connect")
+    expect(page.locator("#credits-label")).to_have_text("Allowance")
+    expect(page.locator("#credits")).to_have_text("0")
+    expect(page.locator("#check-in")).to_be_visible()
+    page.click("#check-in")
+    expect(page.locator("#check-in-result")).to_have_text("+10 credits")
+    expect(page.locator("#credits")).to_have_text("10")
+    page.click("#check-in")
+    expect(page.locator("#check-in-result")).to_have_text("Already checked in today")
+
+    page.fill("#prompt", "a paper boat on a puddle")
+    page.click("#generate")
+    expect(page.locator("#status")).to_have_text("completed", timeout=20_000)
+    expect(page.locator("#image")).to_be_visible()
+    expect(page.locator("#credits")).to_have_text("9")
+    expect(page.locator("#tasks tr")).to_have_count(1)
+    assert page.locator("#error").inner_text() == ""
+    page.screenshot(path=str(tmp_path / "playground-end-user.png"), full_page=True)
     page.close()

@@ -7,6 +7,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import httpx
+
 from tests.conftest import ADMIN_KEY, Service, Upstream, service_env
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -18,6 +20,12 @@ def test_schemathesis_finds_nothing(upstream: Upstream, tmp_path: Path) -> None:
     service = Service(tmp_path / "service", service_env(upstream, **limits))
     try:
         _, tenant_key = service.create_tenant(credits=10_000_000, name="schemathesis")
+        minted = httpx.post(
+            f"{service.base_url}/api/end-user-tokens",
+            json={"user": "schemathesis-user", "ttl_seconds": 86_400},
+            headers={"Authorization": f"Bearer {tenant_key}"},
+        )
+        assert minted.status_code == 201, minted.text
         command = [
             sys.executable,
             "-m",
@@ -36,7 +44,12 @@ def test_schemathesis_finds_nothing(upstream: Upstream, tmp_path: Path) -> None:
         ]
         result = subprocess.run(
             command,
-            env={**os.environ, "ST_TENANT_KEY": tenant_key, "ST_ADMIN_KEY": ADMIN_KEY},
+            env={
+                **os.environ,
+                "ST_TENANT_KEY": tenant_key,
+                "ST_ADMIN_KEY": ADMIN_KEY,
+                "ST_END_USER_TOKEN": minted.json()["token"],
+            },
             cwd=tmp_path,
             capture_output=True,
             text=True,

@@ -154,7 +154,7 @@ def test_quota_and_models(service: Service) -> None:
     tenant = service.new_tenant(credits=7)
     tenant.wait(tenant.submit(quality="high")["id"])
     quota = tenant.client.get("/api/quota").json()
-    assert quota == {"balance": 5, "granted": 7, "adjusted": 0, "spent": 2, "refunded": 0}
+    assert quota == {"balance": 5, "granted": 7, "adjusted": 0, "spent": 2, "refunded": 0, "allowance": None}
     models = tenant.client.get("/api/models").json()["data"]
     assert models[0]["id"] == "gpt-image-2" and models[0]["default"] is True
     assert models[0]["price_per_image"] == {"auto": 1, "low": 1, "medium": 1, "high": 2}

@@ -1,7 +1,9 @@
 """The ledger audit: checks the invariants of DESIGN §3 against the database and counts any credit lost or doubled.
 
-For every tenant, balance = sum of its ledger entries. For every task, exactly one debit equal to its cost; a failed or
-cancelled task exactly one refund equal to its cost; a completed task a refund only for images it did not deliver.
+For every tenant, balance = sum of its ledger entries on the tenant account; for every end user, allowance = sum of
+their entries on the user account. For every task, exactly one debit equal to its cost; a failed or cancelled task
+exactly one refund equal to its cost; a completed task a refund only for images it did not deliver. A task an end user
+submitted has the same on the user account as on the tenant account.
 Run it with `imagegen audit`; the soak benchmark and the crash tests use it too.
 """
 
@@ -10,10 +12,11 @@ from __future__ import annotations
 from collections import Counter
 from dataclasses import dataclass, field
 
-from sqlalchemy import case, func, select
+from sqlalchemy import and_, case, func, select
 
+from service.credits.repository import TENANT, USER
 from service.db.engine import Database
-from service.db.models import LedgerEntry, Task, Tenant
+from service.db.models import EndUser, LedgerEntry, Task, Tenant
 
 
 @dataclass
@@ -26,6 +29,7 @@ class AuditReport:
     refunded: int = 0
     expected_balance: int = 0
     actual_balance: int = 0
+    end_users: int = 0
     lost_credits: int = 0
     doubled_credits: int = 0
     problems: list[str] = field(default_factory=list)
@@ -50,6 +54,7 @@ class AuditReport:
             f"credits refunded:  {self.refunded}",
             f"balance expected:  {self.expected_balance}",
             f"balance actual:    {self.actual_balance}",
+            f"end users:         {self.end_users}",
             f"lost credits:      {self.lost_credits}",
             f"doubled credits:   {self.doubled_credits}",
             *(f"problem: {problem}" for problem in self.problems[:50]),
@@ -72,9 +77,15 @@ async def audit_ledger(db: Database) -> AuditReport:
         tasks = list(await session.scalars(select(Task)))
         entries = (
             await session.execute(
-                select(LedgerEntry.task_id, LedgerEntry.kind, func.count(), func.sum(LedgerEntry.amount))
+                select(
+                    LedgerEntry.task_id,
+                    LedgerEntry.kind,
+                    LedgerEntry.account,
+                    func.count(),
+                    func.sum(LedgerEntry.amount),
+                )
                 .where(LedgerEntry.task_id.is_not(None))
-                .group_by(LedgerEntry.task_id, LedgerEntry.kind)
+                .group_by(LedgerEntry.task_id, LedgerEntry.kind, LedgerEntry.account)
             )
         ).all()
         sums = (
@@ -85,14 +96,30 @@ async def audit_ledger(db: Database) -> AuditReport:
                     ),
                     func.coalesce(func.sum(case((LedgerEntry.kind == "debit", -LedgerEntry.amount), else_=0)), 0),
                     func.coalesce(func.sum(case((LedgerEntry.kind == "refund", LedgerEntry.amount), else_=0)), 0),
-                )
+                ).where(LedgerEntry.account == TENANT)
             )
         ).one()
         balances = (
             await session.execute(
                 select(Tenant.id, Tenant.balance, func.coalesce(func.sum(LedgerEntry.amount), 0))
-                .outerjoin(LedgerEntry, LedgerEntry.tenant_id == Tenant.id)
+                .outerjoin(LedgerEntry, and_(LedgerEntry.tenant_id == Tenant.id, LedgerEntry.account == TENANT))
                 .group_by(Tenant.id, Tenant.balance)
+            )
+        ).all()
+        allowances = (
+            await session.execute(
+                select(
+                    EndUser.tenant_id, EndUser.end_user, EndUser.balance, func.coalesce(func.sum(LedgerEntry.amount), 0)
+                )
+                .outerjoin(
+                    LedgerEntry,
+                    and_(
+                        LedgerEntry.tenant_id == EndUser.tenant_id,
+                        LedgerEntry.end_user == EndUser.end_user,
+                        LedgerEntry.account == USER,
+                    ),
+                )
+                .group_by(EndUser.tenant_id, EndUser.end_user, EndUser.balance)
             )
         ).all()
 
@@ -106,37 +133,55 @@ async def audit_ledger(db: Database) -> AuditReport:
             report.lost_credits += max(difference, 0)
             report.doubled_credits += max(-difference, 0)
 
-    by_task: dict[tuple[str, str], tuple[int, int]] = {
-        (str(task_id), kind): (int(count), int(amount)) for task_id, kind, count, amount in entries
+    report.end_users = len(allowances)
+    for tenant_id, end_user, balance, ledger_sum in allowances:
+        if balance != ledger_sum:
+            report.problems.append(
+                f"end user {end_user} of tenant {tenant_id}: allowance {balance} but its ledger sums to {ledger_sum}"
+            )
+            difference = int(ledger_sum) - int(balance)
+            report.lost_credits += max(difference, 0)
+            report.doubled_credits += max(-difference, 0)
+
+    by_task: dict[tuple[str, str, str], tuple[int, int]] = {
+        (str(task_id), kind, account): (int(count), int(amount)) for task_id, kind, account, count, amount in entries
     }
     for task in tasks:
         report.tasks_by_status[task.status] += 1
         if task.error_code:
             report.errors[task.error_code] += 1
         report.retries += task.retries
-        _check_task(report, task, by_task)
+        _check_task(report, task, by_task, TENANT)
+        if task.end_user is not None:
+            _check_task(report, task, by_task, USER)
+        elif any((task.id, kind, USER) in by_task for kind in ("debit", "refund")):
+            report.problems.append(f"task {task.id} has no end user yet moved an allowance")
     return report
 
 
-def _check_task(report: AuditReport, task: Task, by_task: dict[tuple[str, str], tuple[int, int]]) -> None:
-    debits, debited = by_task.get((task.id, "debit"), (0, 0))
-    refunds, refunded = by_task.get((task.id, "refund"), (0, 0))
+def _check_task(
+    report: AuditReport, task: Task, by_task: dict[tuple[str, str, str], tuple[int, int]], account: str
+) -> None:
+    """The task's debit and refunds on one account: the tenant's, or the allowance of the end user who submitted it."""
+    debits, debited = by_task.get((task.id, "debit", account), (0, 0))
+    refunds, refunded = by_task.get((task.id, "refund", account), (0, 0))
+    on = "" if account == TENANT else f" on the allowance of {task.end_user}"
     if debits != 1 or -debited != task.cost:
-        report.problems.append(f"task {task.id}: {debits} debit(s) of {-debited} for a cost of {task.cost}")
+        report.problems.append(f"task {task.id}: {debits} debit(s) of {-debited} for a cost of {task.cost}{on}")
         report.doubled_credits += max(-debited - task.cost, 0)
     if refunds > 1:
-        report.problems.append(f"task {task.id}: {refunds} refunds")
+        report.problems.append(f"task {task.id}: {refunds} refunds{on}")
     if refunded != task.refunded:
-        report.problems.append(f"task {task.id}: refunded {task.refunded} but its ledger refunds {refunded}")
+        report.problems.append(f"task {task.id}: refunded {task.refunded} but its ledger refunds {refunded}{on}")
     owed = expected_refund(task)
     if owed is None:
         if refunded:
-            report.problems.append(f"task {task.id} is {task.status} yet was refunded {refunded}")
+            report.problems.append(f"task {task.id} is {task.status} yet was refunded {refunded}{on}")
             report.doubled_credits += refunded
         return
     if refunded < owed:
-        report.problems.append(f"task {task.id} ({task.status}): refunded {refunded} of the {owed} owed")
+        report.problems.append(f"task {task.id} ({task.status}): refunded {refunded} of the {owed} owed{on}")
         report.lost_credits += owed - refunded
     elif refunded > owed:
-        report.problems.append(f"task {task.id} ({task.status}): refunded {refunded}, more than the {owed} owed")
+        report.problems.append(f"task {task.id} ({task.status}): refunded {refunded}, more than the {owed} owed{on}")
         report.doubled_credits += refunded - owed

@@ -1,35 +1,85 @@
-"""Tenant routes for credits: `GET /api/quota` and `GET /api/quota/ledger`."""
+"""Quota routes: `GET /api/quota`, `GET /api/quota/ledger` and an end user's `POST /api/quota/check-in`."""
 
 from __future__ import annotations
 
-from litestar import Router, get
+from typing import Annotated
+
+from litestar import Router, get, post
+from litestar.params import Parameter
 
 from service.credits import repository
-from service.credits.schemas import LedgerPage, Quota, entry_view
+from service.credits.schemas import Allowance, CheckIn, LedgerPage, Quota, entry_view
 from service.db.engine import in_session
-from service.errors import problem_responses
+from service.endusers import service as allowances
+from service.errors import Forbidden, problem_responses
 from service.pagination import Cursor, Limit, next_cursor
 from service.runtime import Runtime
-from service.tenants.auth import Caller
+from service.tenants.auth import END_USER_TOO, Caller, tenant_key_only
+from service.tenants.tokens import USER_PATTERN
 
 
-@get("/quota", operation_id="getQuota", summary="Balance and totals", responses=problem_responses(401, 403, 429))
+@get(
+    "/quota",
+    operation_id="getQuota",
+    summary="Balance and totals (with an end-user token: that end user's allowance)",
+    responses=problem_responses(401, 403, 429),
+    security=END_USER_TOO,
+)
 async def get_quota(caller: Caller, runtime: Runtime) -> Quota:
+    if caller.end_user is not None:
+        balance, allowance = await allowances.allowance(runtime.db, caller.tenant_id, caller.end_user)
+        async with runtime.db.read() as session:
+            sums = await repository.totals(session, caller.tenant_id, caller.end_user)
+        return _quota(balance, sums, allowance)
     async with runtime.db.read() as session:
         balance = await repository.balance_of(in_session(session), caller.tenant_id)
         sums = await repository.totals(session, caller.tenant_id)
-    return Quota(balance=balance, **sums)
+    return _quota(balance, sums, None)
+
+
+def _quota(balance: int, sums: dict[str, int], allowance: Allowance | None) -> Quota:
+    return Quota(
+        balance=balance,
+        granted=sums["granted"],
+        adjusted=sums["adjusted"],
+        spent=sums["spent"],
+        refunded=sums["refunded"],
+        allowance=allowance,
+    )
+
+
+@post(
+    "/quota/check-in",
+    operation_id="checkIn",
+    summary="An end user's daily check-in: adds the day's grant once per UTC day, up to the cap",
+    status_code=200,
+    responses=problem_responses(401, 403, 429),
+)
+async def check_in(caller: Caller, runtime: Runtime) -> CheckIn:
+    if caller.end_user is None:
+        raise Forbidden("Check-in is for end users: send an end-user token", code="end_user_only")
+    return await allowances.check_in(runtime.db, caller.tenant_id, caller.end_user)
+
+
+EndUserFilter = Annotated[
+    str | None, Parameter(pattern=USER_PATTERN, description="Only the entries for this end user (both accounts)")
+]
 
 
 @get(
     "/quota/ledger",
     operation_id="listLedgerEntries",
     summary="Ledger entries, newest first",
-    responses=problem_responses(401, 403, 429),
+    responses=problem_responses(401, 403, 422, 429),
+    guards=[tenant_key_only],
 )
-async def list_ledger(caller: Caller, runtime: Runtime, limit: Limit = 20, cursor: Cursor = None) -> LedgerPage:
+async def list_ledger(
+    caller: Caller, runtime: Runtime, limit: Limit = 20, cursor: Cursor = None, user: EndUserFilter = None
+) -> LedgerPage:
     async with runtime.db.read() as session:
-        entries = await repository.list_entries(session, caller.tenant_id, limit=limit + 1, before=cursor)
+        entries = await repository.list_entries(
+            session, caller.tenant_id, limit=limit + 1, before=cursor, end_user=user
+        )
     page = entries[:limit]
     return LedgerPage(
         items=[entry_view(entry) for entry in page], next_cursor=next_cursor([e.id for e in entries], limit)
@@ -37,3 +87,4 @@ async def list_ledger(caller: Caller, runtime: Runtime, limit: Limit = 20, curso
 
 
 router = Router("/api", route_handlers=[get_quota, list_ledger], tags=["quota"], security=[{"tenantKey": []}])
+end_user_router = Router("/api", route_handlers=[check_in], tags=["quota"], security=END_USER_TOO)

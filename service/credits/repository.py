@@ -5,11 +5,12 @@ from __future__ import annotations
 from datetime import datetime
 from typing import NamedTuple
 
-from sqlalchemy import BigInteger, String, bindparam, case, func, insert, select, update
+from sqlalchemy import BigInteger, String, and_, bindparam, case, func, insert, select, update
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from service.db.engine import Statements
-from service.db.models import LEDGER, TENANTS, LedgerEntry, UTCDateTime
+from service.db.models import END_USERS, LEDGER, TENANTS, LedgerEntry, UTCDateTime
+from service.errors import InsufficientCredits
 from service.ids import new_id
 
 
@@ -18,6 +19,8 @@ class Entry(NamedTuple):
 
     id: str
     tenant_id: str
+    account: str
+    end_user: str | None
     kind: str
     amount: int
     balance_after: int
@@ -34,7 +37,20 @@ _MOVE_BALANCE = (
     .values(balance=TENANTS.c.balance + _AMOUNT, updated_at=bindparam("now", type_=UTCDateTime()))
     .returning(TENANTS.c.balance)
 )
+_MOVE_ALLOWANCE = (
+    update(END_USERS)
+    .where(
+        # Not named after the columns: an UPDATE keeps those names for its SET clause.
+        END_USERS.c.tenant_id == bindparam("of_tenant", type_=String()),
+        END_USERS.c.end_user == bindparam("of_user", type_=String()),
+        END_USERS.c.balance + _AMOUNT >= 0,
+    )
+    .values(balance=END_USERS.c.balance + _AMOUNT, updated_at=bindparam("now", type_=UTCDateTime()))
+    .returning(END_USERS.c.balance)
+)
 _APPEND = insert(LEDGER)
+TENANT = "tenant"
+USER = "user"
 
 
 async def post_entry(
@@ -47,18 +63,95 @@ async def post_entry(
     now: datetime,
     task_id: str | None = None,
     reference: str | None = None,
+    end_user: str | None = None,
+    account: str = TENANT,
 ) -> Entry | None:
-    """Move the balance by `amount` and append the entry; None when it would take the balance below zero.
+    """Move a balance by `amount` and append the entry; None when it would take the balance below zero.
 
-    The guarded UPDATE is the whole concurrency story: it either applies atomically or matches no row.
+    `account` says whose balance: the tenant's, or (`user`) the allowance of `end_user`. The guarded UPDATE is the
+    whole concurrency story: it either applies atomically or matches no row.
     """
-    moved = await statements.rows(_MOVE_BALANCE, {"tenant_id": tenant_id, "amount": amount, "now": now})
+    if account == USER:
+        moved = await statements.rows(
+            _MOVE_ALLOWANCE, {"of_tenant": tenant_id, "of_user": end_user, "amount": amount, "now": now}
+        )
+    else:
+        moved = await statements.rows(_MOVE_BALANCE, {"tenant_id": tenant_id, "amount": amount, "now": now})
     if not moved:
         return None
     [(balance_after,)] = moved
-    entry = Entry(new_id(), tenant_id, kind, amount, balance_after, task_id, reference, reason, now)
+    entry = Entry(new_id(), tenant_id, account, end_user, kind, amount, balance_after, task_id, reference, reason, now)
     await statements.rows(_APPEND, entry._asdict())
     return entry
+
+
+async def charge(
+    statements: Statements,
+    *,
+    tenant_id: str,
+    end_user: str | None,
+    cost: int,
+    reason: str,
+    now: datetime,
+    task_id: str | None = None,
+    reference: str | None = None,
+) -> Entry:
+    """Debit `cost` from the tenant and, when an end user spends it, from their allowance too, in the caller's
+    transaction; 402 naming the account that falls short (the caller's rollback undoes the other). The entry returned
+    is the spender's own: the allowance's for an end user, whose answers never show the tenant's balance."""
+
+    async def debit(account: str) -> Entry | None:
+        return await post_entry(
+            statements,
+            tenant_id=tenant_id,
+            end_user=end_user,
+            account=account,
+            kind="debit",
+            amount=-cost,
+            reason=reason,
+            now=now,
+            task_id=task_id,
+            reference=reference,
+        )
+
+    entry = await debit(TENANT)
+    if entry is None:
+        balance = None if end_user is not None else await balance_of(statements, tenant_id)
+        raise InsufficientCredits(balance=balance, cost=cost, account=TENANT)
+    if end_user is None:
+        return entry
+    allowance = await debit(USER)
+    if allowance is None:
+        balance, _ = await allowance_of(statements, tenant_id, end_user)
+        raise InsufficientCredits(balance=balance, cost=cost, account=USER)
+    return allowance
+
+
+async def credit_back(
+    statements: Statements,
+    *,
+    tenant_id: str,
+    end_user: str | None,
+    amount: int,
+    reason: str,
+    now: datetime,
+    task_id: str | None = None,
+    reference: str | None = None,
+) -> None:
+    """Refund `amount` to every account `charge` debited."""
+    for account in (TENANT, USER) if end_user is not None else (TENANT,):
+        await post_entry(
+            statements,
+            tenant_id=tenant_id,
+            end_user=end_user,
+            account=account,
+            kind="refund",
+            amount=amount,
+            reason=reason,
+            now=now,
+            task_id=task_id,
+            reference=reference,
+        )
 
 
 _BALANCE = select(TENANTS.c.balance).where(TENANTS.c.id == bindparam("tenant_id", type_=String()))
@@ -69,15 +162,37 @@ async def balance_of(statements: Statements, tenant_id: str) -> int:
     return int(found[0][0]) if found else 0
 
 
-async def list_entries(session: AsyncSession, tenant_id: str, *, limit: int, before: str | None) -> list[LedgerEntry]:
+_ALLOWANCE = select(END_USERS.c.balance, END_USERS.c.checked_in_on).where(
+    END_USERS.c.tenant_id == bindparam("tenant_id", type_=String()),
+    END_USERS.c.end_user == bindparam("end_user", type_=String()),
+)
+
+
+async def allowance_of(statements: Statements, tenant_id: str, end_user: str) -> tuple[int, str | None]:
+    """An end user's allowance and the UTC day they last checked in (0 and None before they first did)."""
+    found = await statements.rows(_ALLOWANCE, {"tenant_id": tenant_id, "end_user": end_user})
+    return (int(found[0][0]), found[0][1]) if found else (0, None)
+
+
+async def list_entries(
+    session: AsyncSession, tenant_id: str, *, limit: int, before: str | None, end_user: str | None = None
+) -> list[LedgerEntry]:
+    """The tenant's entries, newest first; only those for `end_user` (on both accounts) when given."""
     statement = select(LedgerEntry).where(LedgerEntry.tenant_id == tenant_id)
+    if end_user is not None:
+        statement = statement.where(LedgerEntry.end_user == end_user)
     if before is not None:
         statement = statement.where(LedgerEntry.id < before)
     return list(await session.scalars(statement.order_by(LedgerEntry.id.desc()).limit(limit)))
 
 
-async def totals(session: AsyncSession, tenant_id: str) -> dict[str, int]:
-    """Sums of the tenant's entries by kind (debits as positive amounts spent)."""
+async def totals(session: AsyncSession, tenant_id: str, end_user: str | None = None) -> dict[str, int]:
+    """Sums by kind (debits as positive amounts spent) of the tenant's account, or of `end_user`'s allowance."""
+    account = (
+        LedgerEntry.account == TENANT
+        if end_user is None
+        else and_(LedgerEntry.account == USER, LedgerEntry.end_user == end_user)
+    )
     row = (
         await session.execute(
             select(
@@ -85,7 +200,7 @@ async def totals(session: AsyncSession, tenant_id: str) -> dict[str, int]:
                 func.coalesce(func.sum(case((LedgerEntry.kind == "adjust", LedgerEntry.amount), else_=0)), 0),
                 func.coalesce(func.sum(case((LedgerEntry.kind == "debit", -LedgerEntry.amount), else_=0)), 0),
                 func.coalesce(func.sum(case((LedgerEntry.kind == "refund", LedgerEntry.amount), else_=0)), 0),
-            ).where(LedgerEntry.tenant_id == tenant_id)
+            ).where(LedgerEntry.tenant_id == tenant_id, account)
         )
     ).one()
     return {"granted": int(row[0]), "adjusted": int(row[1]), "spent": int(row[2]), "refunded": int(row[3])}

@@ -12,9 +12,12 @@ from service.db.models import LedgerEntry
 
 
 class LedgerEntryOut(msgspec.Struct):
-    """One ledger entry. `amount` is signed: debits are negative."""
+    """One ledger entry. `amount` is signed: debits are negative. `account` says whose balance it moved: the
+    tenant's, or the allowance of the end user `end_user` (an end user's spending moves both)."""
 
     id: str
+    account: Literal["tenant", "user"]
+    end_user: str | None
     kind: Literal["grant", "debit", "refund", "adjust"]
     amount: int
     balance_after: int
@@ -28,14 +31,35 @@ class LedgerPage(msgspec.Struct):
     next_cursor: str | None
 
 
+class Allowance(msgspec.Struct):
+    """An end user's side of the quota: what a check-in grants, up to what, and when the next one opens."""
+
+    end_user: str
+    daily_grant: int
+    balance_cap: int
+    checked_in_today: bool
+    next_check_in_at: datetime
+
+
 class Quota(msgspec.Struct):
-    """The balance and what moved it: totals granted, adjusted by the admin, spent on tasks, and refunded."""
+    """The balance and what moved it: totals granted, adjusted by the admin, spent, and refunded. With a tenant key,
+    the tenant's balance; with an end-user token, that end user's allowance, and `allowance` says how it refills."""
 
     balance: int
     granted: int
     adjusted: int
     spent: int
     refunded: int
+    allowance: Allowance | None = None
+
+
+class CheckIn(msgspec.Struct):
+    """The outcome of a check-in. The second one of a UTC day changes nothing and says so."""
+
+    already_checked_in: bool
+    granted: int
+    balance: int
+    next_check_in_at: datetime
 
 
 class CreditGrant(msgspec.Struct, forbid_unknown_fields=True):
@@ -56,6 +80,8 @@ class CreditGrant(msgspec.Struct, forbid_unknown_fields=True):
 def entry_view(entry: LedgerEntry | Entry) -> LedgerEntryOut:
     return LedgerEntryOut(
         id=entry.id,
+        account=entry.account,  # type: ignore[arg-type]
+        end_user=entry.end_user,
         kind=entry.kind,  # type: ignore[arg-type]
         amount=entry.amount,
         balance_after=entry.balance_after,

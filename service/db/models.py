@@ -72,8 +72,45 @@ class Tenant(Base):
     # Per-tenant limits; NULL means the service-wide default.
     rate_limit_per_minute: Mapped[int | None] = mapped_column(Integer, nullable=True)
     max_running_tasks: Mapped[int | None] = mapped_column(Integer, nullable=True)
+    # What each of the tenant's end users may spend: a daily grant at check-in, up to a cap.
+    daily_grant: Mapped[int] = mapped_column(BigInteger, default=10, server_default="10")
+    balance_cap: Mapped[int] = mapped_column(BigInteger, default=100, server_default="100")
     created_at: Mapped[datetime] = mapped_column(UTCDateTime())
     updated_at: Mapped[datetime] = mapped_column(UTCDateTime())
+
+
+class TenantOrigin(Base):
+    """A browser origin the tenant's end users may call the API from (CORS)."""
+
+    __tablename__ = "tenant_origins"
+    __table_args__ = (Index("ix_tenant_origins_origin", "origin"),)
+
+    tenant_id: Mapped[str] = mapped_column(ForeignKey("tenants.id"), primary_key=True)
+    origin: Mapped[str] = mapped_column(String(255), primary_key=True)
+
+
+class EndUser(Base):
+    """One end user of a tenant (the tenant's own identifier) and the allowance they may spend."""
+
+    __tablename__ = "end_users"
+    __table_args__ = (CheckConstraint("balance >= 0", name="balance_not_negative"),)
+
+    tenant_id: Mapped[str] = mapped_column(ForeignKey("tenants.id"), primary_key=True)
+    end_user: Mapped[str] = mapped_column(String(256), primary_key=True)
+    balance: Mapped[int] = mapped_column(BigInteger, default=0)
+    # The UTC day (YYYY-MM-DD) of the last check-in.
+    checked_in_on: Mapped[str | None] = mapped_column(String(10), nullable=True)
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime())
+    updated_at: Mapped[datetime] = mapped_column(UTCDateTime())
+
+
+class ServiceSecret(Base):
+    """Secrets the processes of one deployment share, made once: the key that signs end-user tokens."""
+
+    __tablename__ = "service_secrets"
+
+    name: Mapped[str] = mapped_column(String(64), primary_key=True)
+    value: Mapped[str] = mapped_column(String(128))
 
 
 class ApiKey(Base):
@@ -94,11 +131,14 @@ class Task(Base):
         Index("ix_tasks_tenant_id_id", "tenant_id", "id"),
         Index("ix_tasks_status_lease", "status", "lease_expires_at"),
         Index("ix_tasks_tenant_id_status", "tenant_id", "status"),
+        Index("ix_tasks_tenant_id_end_user_id", "tenant_id", "end_user", "id"),
         CheckConstraint("refunded >= 0 AND refunded <= cost", name="refund_within_cost"),
     )
 
     id: Mapped[str] = mapped_column(String(32), primary_key=True)
     tenant_id: Mapped[str] = mapped_column(ForeignKey("tenants.id"))
+    # The end user who submitted it with an end-user token; null when the tenant's key did.
+    end_user: Mapped[str | None] = mapped_column(String(256), nullable=True)
     status: Mapped[str] = mapped_column(String(16))
     mode: Mapped[str] = mapped_column(String(8))
     prompt: Mapped[str] = mapped_column(Text)
@@ -137,16 +177,21 @@ class LedgerEntry(Base):
 
     __tablename__ = "ledger_entries"
     __table_args__ = (
-        # One debit and at most one refund per task: the database refuses a second.
-        UniqueConstraint("task_id", "kind", name="uq_ledger_entries_task_kind"),
+        # One debit and at most one refund per task and account: the database refuses a second.
+        UniqueConstraint("task_id", "kind", "account", name="uq_ledger_entries_task_kind_account"),
         # An operation outside tasks (an enhancement, say) names its entries, so its refund can happen only once.
-        UniqueConstraint("tenant_id", "reference", name="uq_ledger_entries_tenant_reference"),
+        UniqueConstraint("tenant_id", "account", "reference", name="uq_ledger_entries_tenant_account_reference"),
         Index("ix_ledger_entries_tenant_id_id", "tenant_id", "id"),
+        Index("ix_ledger_entries_tenant_id_end_user_id", "tenant_id", "end_user", "id"),
         CheckConstraint("balance_after >= 0", name="balance_after_not_negative"),
     )
 
     id: Mapped[str] = mapped_column(String(32), primary_key=True)
     tenant_id: Mapped[str] = mapped_column(ForeignKey("tenants.id"))
+    # Whose balance the entry moves: the tenant's, or the allowance of its end user `end_user`.
+    account: Mapped[str] = mapped_column(String(8), default="tenant", server_default="tenant")
+    # The end user the entry is for (on both accounts); null for the tenant's own operations.
+    end_user: Mapped[str | None] = mapped_column(String(256), nullable=True)
     kind: Mapped[str] = mapped_column(String(16))
     amount: Mapped[int] = mapped_column(BigInteger)
     balance_after: Mapped[int] = mapped_column(BigInteger)
@@ -204,3 +249,5 @@ class CachedEnhancement(Base):
 TASKS = cast(Table, Task.__table__)
 TENANTS = cast(Table, Tenant.__table__)
 LEDGER = cast(Table, LedgerEntry.__table__)
+END_USERS = cast(Table, EndUser.__table__)
+TENANT_ORIGINS = cast(Table, TenantOrigin.__table__)

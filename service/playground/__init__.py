@@ -1,4 +1,5 @@
-"""The playground: one plain HTML page (no build step) that talks to the API with a tenant's key, served at `/`."""
+"""The playground: one plain HTML page (no build step) that talks to the API with a tenant's key or an end user's
+token, served at `/`."""
 
 from __future__ import annotations
 

@@ -23,7 +23,7 @@ from service.errors import problem_responses
 from service.prompts.service import CacheCleared, EnhanceRequest, EnhanceResult, UpstreamFailed
 from service.prompts.styles import StyleList, style_list
 from service.runtime import Runtime
-from service.tenants.auth import Caller
+from service.tenants.auth import END_USER_TOO, Caller, tenant_key_only
 from service.upstream.base import UpstreamError
 
 EVENT_STREAM = "text/event-stream"
@@ -80,12 +80,13 @@ def _wants_json(request: Request[Any, Any, Any]) -> bool:
     status_code=200,
     operation_class=EnhanceOperation,
     responses=problem_responses(401, 402, 403, 422, 429, 502, 503),
+    security=END_USER_TOO,
 )
 async def enhance_prompt(request: Request[Any, Any, Any], caller: Caller, runtime: Runtime) -> Response[Any]:
     data = await read_json(request, EnhanceRequest)
     enhancer = runtime.enhancer
     assert enhancer is not None
-    plan = enhancer.plan(caller.tenant_id, data)
+    plan = enhancer.plan(caller.tenant_id, data, caller.end_user)
     await enhancer.admit(caller.tenant_id)
     cached = await enhancer.cache.get(plan.cache_key)
     style = plan.style.name if plan.style else None
@@ -119,7 +120,13 @@ async def enhance_prompt(request: Request[Any, Any, Any], caller: Caller, runtim
     )
 
 
-@get("/prompts/styles", operation_id="listStyles", summary="Style presets", responses=problem_responses(401, 403, 429))
+@get(
+    "/prompts/styles",
+    operation_id="listStyles",
+    summary="Style presets",
+    responses=problem_responses(401, 403, 429),
+    security=END_USER_TOO,
+)
 async def list_styles(caller: Caller) -> StyleList:
     return style_list()
 
@@ -130,6 +137,7 @@ async def list_styles(caller: Caller) -> StyleList:
     summary="Forget this tenant's cached enhancements",
     status_code=200,
     responses=problem_responses(401, 403, 429),
+    guards=[tenant_key_only],
 )
 async def clear_cache(caller: Caller, runtime: Runtime) -> CacheCleared:
     assert runtime.enhancer is not None

@@ -17,7 +17,7 @@ import msgspec
 from service.clock import utcnow
 from service.credits import repository as ledger
 from service.db.engine import in_session
-from service.errors import InsufficientCredits, InvalidInput, RateLimited, ServiceError, ServiceUnavailable
+from service.errors import InvalidInput, RateLimited, ServiceError, ServiceUnavailable
 from service.ids import new_id
 from service.prompts.cache import CacheKey, enhancement_cache
 from service.prompts.chat import ChatStream, PromptModel
@@ -78,6 +78,7 @@ class Plan:
     direction: str
     model: str
     style: Style | None
+    end_user: str | None = None
 
     @property
     def cache_key(self) -> CacheKey:
@@ -136,7 +137,7 @@ class Enhancer:
         if self._model is not None:
             await self._model.close()
 
-    def plan(self, tenant_id: str, request: EnhanceRequest) -> Plan:
+    def plan(self, tenant_id: str, request: EnhanceRequest, end_user: str | None = None) -> Plan:
         prompt = request.prompt.strip()
         if not prompt:
             raise InvalidInput("prompt must not be empty", code="empty_prompt", field="prompt")
@@ -145,7 +146,7 @@ class Enhancer:
             raise ServiceUnavailable(
                 "No prompt model is configured (set PROMPT_MODEL)", code="prompt_model_not_configured"
             )
-        return Plan(tenant_id, prompt, request.direction, request.model or self._model.model or "", style)
+        return Plan(tenant_id, prompt, request.direction, request.model or self._model.model or "", style, end_user)
 
     async def admit(self, tenant_id: str) -> None:
         decision = await self.limiter.take(f"enhance:{tenant_id}", self.settings.enhance_rate_per_minute)
@@ -168,29 +169,25 @@ class Enhancer:
             return None
         key = f"enhance:{new_id()}"
         async with self.runtime.db.write() as session:
-            entry = await ledger.post_entry(
+            await ledger.charge(
                 in_session(session),
                 tenant_id=plan.tenant_id,
-                kind="debit",
-                amount=-cost,
+                end_user=plan.end_user,
+                cost=cost,
                 reason="prompt enhancement",
                 now=utcnow(),
                 reference=key,
             )
-            if entry is None:
-                raise InsufficientCredits(
-                    balance=await ledger.balance_of(in_session(session), plan.tenant_id), cost=cost
-                )
         return key
 
     async def refund(self, plan: Plan, charge: str | None) -> None:
         if charge is None:
             return
         async with self.runtime.db.write() as session:
-            await ledger.post_entry(
+            await ledger.credit_back(
                 in_session(session),
                 tenant_id=plan.tenant_id,
-                kind="refund",
+                end_user=plan.end_user,
                 amount=self.settings.enhance_cost,
                 reason="refund: prompt enhancement failed",
                 now=utcnow(),

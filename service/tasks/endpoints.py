@@ -31,7 +31,7 @@ from service.settings import Settings
 from service.tasks import repository, service
 from service.tasks.schemas import GenerateRequest, TaskOut, TaskPage, TaskStatus, task_view
 from service.tasks.service import Submission, Upload
-from service.tenants.auth import Caller
+from service.tenants.auth import END_USER_TOO, Caller
 
 TaskId = Annotated[str, Parameter(max_length=64, description="Task id")]
 MAX_WAIT_SECONDS = 60
@@ -209,7 +209,7 @@ def preferred_wait(prefer: str | None) -> int | None:
     responses=problem_responses(401, 403, 429, 404),
 )
 async def get_task(task_id: TaskId, caller: Caller, runtime: Runtime) -> TaskOut:
-    task = await runtime.db.fetch_one(repository.OWNED_TASK, {"tenant_id": caller.tenant_id, "task_id": task_id})
+    task = await repository.find_owned(runtime.db, caller.tenant_id, caller.end_user, task_id)
     if task is None:
         raise NotFound("No such task", code="task_not_found")
     return task_view(task)
@@ -222,7 +222,9 @@ async def list_tasks(
     caller: Caller, runtime: Runtime, limit: Limit = 20, cursor: Cursor = None, status: TaskStatus | None = None
 ) -> TaskPage:
     async with runtime.db.read() as session:
-        tasks = await repository.list_owned(session, caller.tenant_id, limit=limit + 1, before=cursor, status=status)
+        tasks = await repository.list_owned(
+            session, caller.tenant_id, caller.end_user, limit=limit + 1, before=cursor, status=status
+        )
     page = tasks[:limit]
     return TaskPage(
         items=[task_view(task) for task in page], next_cursor=next_cursor([task.id for task in tasks], limit)
@@ -254,7 +256,7 @@ async def get_task_image(
     runtime: Runtime,
     index: Annotated[int, Parameter(ge=0, le=99, description="Which image of the task (0-based)")] = 0,
 ) -> Response[Any]:
-    task = await runtime.db.fetch_one(repository.OWNED_TASK, {"tenant_id": caller.tenant_id, "task_id": task_id})
+    task = await repository.find_owned(runtime.db, caller.tenant_id, caller.end_user, task_id)
     if task is None:
         raise NotFound("No such task", code="task_not_found")
     if task.status != "completed":
@@ -293,5 +295,6 @@ router = Router(
     "/api",
     route_handlers=[generate_image, get_task, list_tasks, cancel_task, get_task_image, list_models],
     tags=["images"],
-    security=[{"tenantKey": []}],
+    # An end user's token works on every task route, on that end user's own tasks only.
+    security=[{"tenantKey": []}, *END_USER_TOO],
 )

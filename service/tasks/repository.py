@@ -1,5 +1,5 @@
-"""Task queries. Every tenant-facing read goes through `owned_tasks`, so a tenant only ever sees its own tasks;
-every status change is a compare-and-set on the status the caller expects."""
+"""Task queries. Every tenant-facing read is scoped to the tenant, and for an end user to their own tasks, so no caller
+ever sees another's; every status change is a compare-and-set on the status the caller expects."""
 
 from __future__ import annotations
 
@@ -11,18 +11,27 @@ from sqlalchemy import Integer, Select, String, and_, bindparam, func, insert, o
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from service.credits import repository as ledger
-from service.db.engine import Statements
+from service.db.engine import Database, Statements
 from service.db.models import TASKS, TENANTS, Task, UTCDateTime
 
 TERMINAL = ("completed", "failed", "cancelled")
 
 
-def owned_tasks(tenant_id: str) -> Select[Task]:
-    return select(Task).where(Task.tenant_id == tenant_id)
+def owned_tasks(tenant_id: str, end_user: str | None) -> Select[Task]:
+    """The tasks a caller may see: all of the tenant's with its key, only their own with an end user's token."""
+    statement = select(Task).where(Task.tenant_id == tenant_id)
+    return statement if end_user is None else statement.where(Task.end_user == end_user)
 
 
-OWNED_TASK = select(Task.__table__).where(Task.tenant_id == bindparam("tenant_id"), Task.id == bindparam("task_id"))
-"""One task of one tenant, as a row (the polling path reads it without a session)."""
+_OWNED_BY_TENANT = select(TASKS).where(TASKS.c.tenant_id == bindparam("tenant_id"), TASKS.c.id == bindparam("task_id"))
+_OWNED_BY_END_USER = _OWNED_BY_TENANT.where(TASKS.c.end_user == bindparam("end_user"))
+
+
+async def find_owned(db: Database, tenant_id: str, end_user: str | None, task_id: str) -> Any | None:
+    """One task the caller may see, as a row (the polling path reads it without a session)."""
+    if end_user is None:
+        return await db.fetch_one(_OWNED_BY_TENANT, {"tenant_id": tenant_id, "task_id": task_id})
+    return await db.fetch_one(_OWNED_BY_END_USER, {"tenant_id": tenant_id, "task_id": task_id, "end_user": end_user})
 
 
 _INSERT = insert(TASKS)
@@ -47,14 +56,14 @@ async def insert_task(statements: Statements, values: dict[str, Any]) -> None:
     await statements.rows(_INSERT, values)
 
 
-async def get_owned(session: AsyncSession, tenant_id: str, task_id: str) -> Task | None:
-    return await session.scalar(owned_tasks(tenant_id).where(Task.id == task_id))
+async def get_owned(session: AsyncSession, tenant_id: str, end_user: str | None, task_id: str) -> Task | None:
+    return await session.scalar(owned_tasks(tenant_id, end_user).where(Task.id == task_id))
 
 
 async def list_owned(
-    session: AsyncSession, tenant_id: str, *, limit: int, before: str | None, status: str | None
+    session: AsyncSession, tenant_id: str, end_user: str | None, *, limit: int, before: str | None, status: str | None
 ) -> list[Task]:
-    statement = owned_tasks(tenant_id)
+    statement = owned_tasks(tenant_id, end_user)
     if before is not None:
         statement = statement.where(Task.id < before)
     if status is not None:
@@ -241,10 +250,10 @@ async def _end(
     if not await statements.rows(statement, params):
         return False
     if refund > 0:
-        await ledger.post_entry(
+        await ledger.credit_back(
             statements,
             tenant_id=task.tenant_id,
-            kind="refund",
+            end_user=task.end_user,
             amount=refund,
             task_id=task.id,
             reason=f"refund: task {status}",
@@ -266,19 +275,19 @@ _FAIL_ABANDONED = (
         error_code="worker_lost",
         error_message="The task's worker stopped responding too many times",
     )
-    .returning(_t.id, _t.tenant_id, _t.cost)
+    .returning(_t.id, _t.tenant_id, _t.end_user, _t.cost)
 )
 
 
 async def fail_abandoned(statements: Statements, *, now: datetime, max_attempts: int) -> list[str]:
     """Fail and refund running tasks whose worker vanished and which have no attempts left."""
     failed = await statements.rows(_FAIL_ABANDONED, {"now": now, "max_attempts": max_attempts})
-    for task_id, tenant_id, cost in failed:
+    for task_id, tenant_id, end_user, cost in failed:
         if cost > 0:
-            await ledger.post_entry(
+            await ledger.credit_back(
                 statements,
                 tenant_id=tenant_id,
-                kind="refund",
+                end_user=end_user,
                 amount=cost,
                 task_id=task_id,
                 reason="refund: task failed",

@@ -140,6 +140,7 @@ async def submit(runtime: Runtime, caller: Caller, submission: Submission, idemp
     values = {
         "id": task_id,
         "tenant_id": caller.tenant_id,
+        "end_user": caller.end_user,
         "status": "queued",
         "mode": "image" if references else "text",
         "prompt": prompt,
@@ -167,17 +168,15 @@ async def submit(runtime: Runtime, caller: Caller, submission: Submission, idemp
     try:
         async with runtime.db.transaction() as statements:
             await repository.insert_task(statements, values)
-            debit = await ledger.post_entry(
+            debit = await ledger.charge(
                 statements,
                 tenant_id=caller.tenant_id,
-                kind="debit",
-                amount=-cost,
+                end_user=caller.end_user,
+                cost=cost,
                 task_id=task_id,
                 reason=f"task {task_id}",
                 now=now,
             )
-            if debit is None:
-                raise InsufficientCredits(balance=await ledger.balance_of(statements, caller.tenant_id), cost=cost)
             await runtime.db.announce_work(statements)
             submitted = task_view(repository.TaskRow(**values), debit.balance_after)
             if idempotency_key is not None:
@@ -237,7 +236,7 @@ async def cancel(runtime: Runtime, caller: Caller, task_id: str) -> Task:
     """Cancel a queued or running task and refund what it has not refunded yet, in one transaction."""
     now = utcnow()
     async with runtime.db.write() as session:
-        task = await repository.get_owned(session, caller.tenant_id, task_id)
+        task = await repository.get_owned(session, caller.tenant_id, caller.end_user, task_id)
         if task is None:
             raise NotFound("No such task", code="task_not_found")
         cancelled = task.status not in repository.TERMINAL and await repository.cancel(
@@ -257,11 +256,10 @@ async def wait_until_finished(runtime: Runtime, caller: Caller, task_id: str, se
     A finish in this process wakes the wait at once; one in another process is seen by re-reading the task.
     """
     deadline = asyncio.get_running_loop().time() + seconds
-    params = {"tenant_id": caller.tenant_id, "task_id": task_id}
     try:
         while True:
             changed = runtime.watch(task_id)
-            task = await runtime.db.fetch_one(repository.OWNED_TASK, params)
+            task = await repository.find_owned(runtime.db, caller.tenant_id, caller.end_user, task_id)
             if task is not None and task.status in repository.TERMINAL:
                 return task
             remaining = deadline - asyncio.get_running_loop().time()

@@ -23,6 +23,7 @@ from sqlalchemy import bindparam, select
 from service.db.models import ApiKey, Tenant
 from service.errors import Forbidden, RateLimited, Unauthorized
 from service.runtime import Runtime
+from service.tenants.tokens import TOKEN_PREFIX
 
 KEY_PREFIX = "igk_"
 _KEY = re.compile(r"^(igk_[0-9a-f]{12})\.([A-Za-z0-9_-]{43})$")
@@ -31,6 +32,10 @@ _LIVE_KEY = (
     .join(Tenant, Tenant.id == ApiKey.tenant_id)
     .where(ApiKey.prefix == bindparam("prefix"), ApiKey.revoked_at.is_(None))
 )
+
+
+# OpenAPI security of a route an end-user token may call, added to the tenant key its router asks for.
+END_USER_TOO: list[dict[str, list[str]]] = [{"endUserToken": []}]
 
 
 @dataclass(frozen=True, slots=True)
@@ -43,10 +48,12 @@ class IssuedKey:
 
 @dataclass(frozen=True, slots=True)
 class Caller:
-    """The authenticated tenant behind a request."""
+    """The authenticated tenant behind a request, and the end user when it came with an end-user token."""
 
     tenant_id: str
     key_id: str
+    key_prefix: str
+    end_user: str | None = None
 
 
 def issue_key() -> IssuedKey:
@@ -73,14 +80,30 @@ def bearer_token(connection: ASGIConnection[Any, Any, Any, Any]) -> str:
 
 
 async def provide_caller(request: Request[Any, Any, Any], runtime: Runtime) -> Caller:
-    match = _KEY.match(bearer_token(request))
-    if match is None:
-        raise Unauthorized("The API key is not valid", code="invalid_api_key")
-    prefix, secret = match.groups()
-    row = await runtime.db.fetch_one(_LIVE_KEY, {"prefix": prefix})
-    if row is None or not hmac.compare_digest(salted_digest(row[1], secret), row[2]):
-        raise Unauthorized("The API key is not valid", code="invalid_api_key")
+    """The caller of a tenant route: a tenant key, or an end-user token minted with one of the tenant's live keys."""
+    token = bearer_token(request)
+    end_user = None
+    if token.startswith(TOKEN_PREFIX):
+        assert runtime.tokens is not None
+        claims = runtime.tokens.verify(token, check_expiry=False)
+        # Known from a genuine token even when it has expired: the browser may read the 401 (CORS).
+        request.state.tenant_id = claims.tenant_id
+        runtime.tokens.check_expiry(claims)
+        row = await runtime.db.fetch_one(_LIVE_KEY, {"prefix": claims.key_prefix})
+        # The key that minted the token was revoked (or never was this tenant's): the token goes with it.
+        if row is None or row[3] != claims.tenant_id:
+            raise Unauthorized("The end-user token is not valid", code="invalid_token")
+        end_user, prefix = claims.end_user, claims.key_prefix
+    else:
+        match = _KEY.match(token)
+        if match is None:
+            raise Unauthorized("The API key is not valid", code="invalid_api_key")
+        prefix, secret = match.groups()
+        row = await runtime.db.fetch_one(_LIVE_KEY, {"prefix": prefix})
+        if row is None or not hmac.compare_digest(salted_digest(row[1], secret), row[2]):
+            raise Unauthorized("The API key is not valid", code="invalid_api_key")
     key_id, _, _, tenant_id, status, per_minute = row
+    request.state.tenant_id = tenant_id
     if status != "active":
         raise Forbidden("This tenant is suspended", code="tenant_suspended")
     decision = await runtime.limiter.take(tenant_id, per_minute or runtime.settings.rate_limit_per_minute)
@@ -88,11 +111,19 @@ async def provide_caller(request: Request[Any, Any, Any], runtime: Runtime) -> C
     request.state.tenant_id = tenant_id
     if not decision.allowed:
         raise RateLimited(f"At most {decision.limit} requests a minute", decision.headers(), decision.retry_after)
-    return Caller(tenant_id=tenant_id, key_id=key_id)
+    return Caller(tenant_id=tenant_id, key_id=key_id, key_prefix=prefix, end_user=end_user)
+
+
+async def tenant_key_only(connection: ASGIConnection[Any, Any, Any, Any], _: BaseRouteHandler) -> None:
+    """Guard for the routes an end user never reaches: minting tokens, the ledger, the tenant's prompt cache."""
+    if bearer_token(connection).startswith(TOKEN_PREFIX):
+        raise Forbidden("This route needs the tenant's API key, not an end-user token", code="end_user_forbidden")
 
 
 async def admin_guard(connection: ASGIConnection[Any, Any, Any, Any], _: BaseRouteHandler) -> None:
     token = bearer_token(connection)
+    if token.startswith(TOKEN_PREFIX):
+        raise Forbidden("End-user tokens never reach the admin API", code="end_user_forbidden")
     expected = connection.app.state.runtime.settings.admin_api_key
     # Compare digests so the comparison takes the same time whatever the lengths.
     if expected is None or not hmac.compare_digest(_digest(token), _digest(expected)):

@@ -48,15 +48,16 @@ class AdminController(Controller):
     async def create_tenant(self, request: Request[Any, Any, Any], runtime: Runtime) -> TenantCreated:
         data = await read_json(request, TenantCreate)
         tenant, api_key = await service.create_tenant(runtime.db, data.name, data.credits)
-        return TenantCreated(tenant=tenant_view(tenant), api_key=api_key)
+        return TenantCreated(tenant=tenant_view(tenant, []), api_key=api_key)
 
     @get("/tenants", operation_id="listTenants", summary="Tenants, newest first", responses=problem_responses(401))
     async def list_tenants(self, runtime: Runtime, limit: Limit = 20, cursor: Cursor = None) -> TenantPage:
         async with runtime.db.read() as session:
             tenants = await repository.list_tenants(session, limit=limit + 1, before=cursor)
-        page = tenants[:limit]
+            page = tenants[:limit]
+            origins = await repository.origins_of(session, [tenant.id for tenant in page])
         return TenantPage(
-            items=[tenant_view(t) for t in page],
+            items=[tenant_view(t, origins[t.id]) for t in page],
             next_cursor=next_cursor([tenant.id for tenant in tenants], limit),
         )
 
@@ -66,9 +67,10 @@ class AdminController(Controller):
     async def get_tenant(self, tenant_id: TenantId, runtime: Runtime) -> TenantOut:
         async with runtime.db.read() as session:
             tenant = await repository.get_tenant(session, tenant_id)
+            origins = await repository.origins_of(session, [tenant_id])
         if tenant is None:
             raise NotFound("No such tenant", code="tenant_not_found")
-        return tenant_view(tenant)
+        return tenant_view(tenant, origins[tenant_id])
 
     @patch(
         "/tenants/{tenant_id:str}",
@@ -82,9 +84,10 @@ class AdminController(Controller):
         async with runtime.db.write() as session:
             changes = {name: value for name, value in msgspec.structs.asdict(data).items() if value is not None}
             tenant = await repository.update_tenant(session, tenant_id, changes, utcnow())
+            origins = await repository.origins_of(session, [tenant_id])
         if tenant is None:
             raise NotFound("No such tenant", code="tenant_not_found")
-        return tenant_view(tenant)
+        return tenant_view(tenant, origins[tenant_id])
 
     @post(
         "/tenants/{tenant_id:str}/api-keys",

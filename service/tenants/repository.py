@@ -4,10 +4,10 @@ from __future__ import annotations
 
 from datetime import datetime
 
-from sqlalchemy import insert, select, update
+from sqlalchemy import delete, insert, select, update
 from sqlalchemy.ext.asyncio import AsyncSession
 
-from service.db.models import ApiKey, Tenant
+from service.db.models import ApiKey, Tenant, TenantOrigin
 from service.ids import new_id
 from service.tenants.auth import IssuedKey
 
@@ -43,8 +43,29 @@ async def list_tenants(session: AsyncSession, *, limit: int, before: str | None)
 async def update_tenant(
     session: AsyncSession, tenant_id: str, changes: dict[str, object], now: datetime
 ) -> Tenant | None:
+    origins = changes.pop("cors_origins", None)
     await session.execute(update(Tenant).where(Tenant.id == tenant_id).values(**changes, updated_at=now))
-    return await get_tenant(session, tenant_id)
+    tenant = await get_tenant(session, tenant_id)
+    if tenant is not None and isinstance(origins, list):
+        await session.execute(delete(TenantOrigin).where(TenantOrigin.tenant_id == tenant_id))
+        # Browsers send origins in lower case; a repeated one is kept once.
+        distinct = sorted({str(origin).lower() for origin in origins})
+        if distinct:
+            await session.execute(insert(TenantOrigin), [{"tenant_id": tenant_id, "origin": o} for o in distinct])
+    return tenant
+
+
+async def origins_of(session: AsyncSession, tenant_ids: list[str]) -> dict[str, list[str]]:
+    """The browser origins each tenant allows, sorted."""
+    rows = await session.execute(
+        select(TenantOrigin.tenant_id, TenantOrigin.origin)
+        .where(TenantOrigin.tenant_id.in_(tenant_ids))
+        .order_by(TenantOrigin.origin)
+    )
+    found: dict[str, list[str]] = {tenant_id: [] for tenant_id in tenant_ids}
+    for tenant_id, origin in rows:
+        found[tenant_id].append(origin)
+    return found
 
 
 async def revoke_key(session: AsyncSession, key_id: str, now: datetime) -> bool:

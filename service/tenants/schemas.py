@@ -21,6 +21,9 @@ class TenantOut(msgspec.Struct):
     balance: int
     rate_limit_per_minute: int | None
     max_running_tasks: int | None
+    daily_grant: int
+    balance_cap: int
+    cors_origins: list[str]
     created_at: datetime
 
 
@@ -40,12 +43,37 @@ PerMinute = Annotated[int, msgspec.Meta(ge=1, le=1_000_000, description="Request
 Running = Annotated[int, msgspec.Meta(ge=1, le=10_000, description="Tasks running at once; more wait in the queue")]
 
 
+DailyGrant = Annotated[
+    int, msgspec.Meta(ge=0, le=10**9, description="Credits each end user gets at their daily check-in")
+]
+BalanceCap = Annotated[
+    int, msgspec.Meta(ge=0, le=10**12, description="The most a check-in tops an end user's allowance up to")
+]
+Origin = Annotated[
+    str,
+    msgspec.Meta(
+        pattern=r"^[hH][tT][tT][pP][sS]?://[A-Za-z0-9.-]+(:[0-9]{1,5})?$",
+        max_length=255,
+        description="A browser origin: scheme, host and optional port, no path",
+    ),
+]
+Origins = Annotated[
+    list[Origin],
+    msgspec.Meta(
+        max_length=50, description="The browser origins end users may call the API from (CORS); replaces the list"
+    ),
+]
+
+
 class TenantUpdate(msgspec.Struct, forbid_unknown_fields=True):
     """The fields to change; those left out stay as they are."""
 
     status: TenantStatus | None = None
     rate_limit_per_minute: PerMinute | None = None
     max_running_tasks: Running | None = None
+    daily_grant: DailyGrant | None = None
+    balance_cap: BalanceCap | None = None
+    cors_origins: Origins | None = None
 
 
 class TenantPage(msgspec.Struct):
@@ -60,7 +88,7 @@ class ApiKeyCreated(msgspec.Struct):
     api_key: str
 
 
-def tenant_view(tenant: Tenant) -> TenantOut:
+def tenant_view(tenant: Tenant, cors_origins: list[str]) -> TenantOut:
     return TenantOut(
         id=tenant.id,
         name=tenant.name,
@@ -68,5 +96,8 @@ def tenant_view(tenant: Tenant) -> TenantOut:
         balance=tenant.balance,
         rate_limit_per_minute=tenant.rate_limit_per_minute,
         max_running_tasks=tenant.max_running_tasks,
+        daily_grant=tenant.daily_grant,
+        balance_cap=tenant.balance_cap,
+        cors_origins=cors_origins,
         created_at=tenant.created_at,
     )

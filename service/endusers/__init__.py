@@ -1,0 +1,1 @@
+"""End users of a tenant: the browser tokens a tenant mints for them, and their daily allowance."""
