@@ -94,10 +94,12 @@ def create_app(settings: Settings | None = None) -> Litestar:
         openapi_config=openapi_config(),
         lifespan=[lifespan],
         logging_config=None,
-        middleware=[observability.request_observer, cors, complete_allow_header],
+        middleware=[cors, complete_allow_header],
         request_max_body_size=settings.max_request_body_bytes,
         multipart_form_part_limit=settings.max_reference_images + 16,
     )
+    # Outside the router, so that answers no route handles (404, 405) are logged, counted and given a request id too.
+    app.asgi_handler = observability.request_observer(app.asgi_handler)
     _document_request_bodies(app, settings)
     _document_responses(app)
     return app

@@ -47,3 +47,16 @@ def test_metrics_count_requests_tasks_upstream_calls_and_credits(service: Servic
     assert value(r'imagegen_credits\{kind="debited"\}') >= 1
     assert value(r'imagegen_upstream_calls_total\{outcome="ok"\}') >= 1
     assert value(r'imagegen_http_request_seconds_count\{method="GET",route="/api/images/tasks/\{task_id\}"\}') >= 1
+
+
+def test_answers_no_route_handles_are_logged_counted_and_given_an_id(service: Service) -> None:
+    missing = httpx.get(f"{service.base_url}/api/no-such-route", headers={"X-Request-ID": "probe-missing-route"})
+    assert missing.status_code == 404 and missing.headers["x-request-id"] == "probe-missing-route"
+    wrong = httpx.request("PROPFIND", f"{service.base_url}/api/quota", headers={"X-Request-ID": "probe-wrong-method"})
+    assert wrong.status_code == 405 and wrong.headers["x-request-id"] == "probe-wrong-method"
+    lines = [json.loads(line) for line in service.log_text().splitlines() if line.startswith("{")]
+    logged = {line.get("request_id"): line for line in lines if line.get("message") == "request"}
+    assert logged["probe-missing-route"]["status"] == 404 and logged["probe-missing-route"]["route"] == "unmatched"
+    assert logged["probe-wrong-method"]["status"] == 405
+    metrics = httpx.get(f"{service.base_url}/metrics").text
+    assert re.search(r'imagegen_http_requests_total\{[^}]*route="unmatched"[^}]*status="404"[^}]*\} [1-9]', metrics)
