@@ -25,9 +25,9 @@ import statistics
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from importlib import metadata
@@ -122,8 +122,6 @@ def wrk(url: str, seconds: float, *, headers: dict[str, str] | None = None, body
         if script is not None:
             os.unlink(script.name)
     latency = {"50": "0us", "99": "0us", **dict(re.findall(r"^\s+(50|99)%\s+(\S+)\s*$", out, re.M))}
-    if os.environ.get("BENCH_DEBUG"):
-        print(out, file=sys.stderr)
     errors = re.search(r"Non-2xx or 3xx responses: (\d+)", out)
     socket_errors = re.search(r"Socket errors: connect (\d+), read (\d+), write (\d+), timeout (\d+)", out)
     return Load(
@@ -303,7 +301,7 @@ class Suite:
             Row("image GET: RSS growth under load", growth, "MB", "RSS before", before, "< 32 MB", growth < 32)
         )
 
-    def submit(self, key: str, service: ServiceProcess, label: str, at_least: float | None) -> float:
+    def submit(self, key: str, service: ServiceProcess, label: str, at_least: float) -> None:
         body = '{"prompt": "a red fox in snow"}'
         auth = {"Authorization": f"Bearer {key}", "Content-Type": "application/json"}
         load = best_of(
@@ -315,19 +313,18 @@ class Suite:
         if code != 0:
             self.notes.append(f"{label}: the ledger audit failed: {report.strip()[-300:]}")
         rate = load.rps * (load.requests - load.errors) / max(load.requests, 1)
-        if at_least is not None:
-            self.rows.append(
-                Row(
-                    label,
-                    rate,
-                    "tasks/s",
-                    "raw sqlite3 debit txn",
-                    raw_sqlite_debits(self.workdir),
-                    f">= {at_least:,.0f}/s",
-                    rate >= at_least and code == 0,
-                )
+        floor = raw_sqlite_debits(self.workdir)
+        self.rows.append(
+            Row(
+                label,
+                rate,
+                "tasks/s",
+                "raw sqlite3 debit txn",
+                floor,
+                f">= {at_least:,.0f}/s",
+                rate >= at_least and code == 0,
             )
-        return rate
+        )
 
     def submit_postgres(self) -> None:
         if shutil.which("pg_ctl") is None and not Path("/usr/lib/postgresql").exists():
@@ -380,11 +377,10 @@ class Suite:
         """Accepted submissions a second, the load spread over the processes by one client per process."""
         body = '{"prompt": "a red fox in snow"}'
         auth = {"Authorization": f"Bearer {key}", "Content-Type": "application/json"}
-        with _Parallel() as parallel:
-            for port in ports:
-                url = f"http://127.0.0.1:{port}/api/images/generate"
-                parallel.run(functools.partial(wrk, url, self.seconds, headers=auth, body=body))
-        return sum(load.rps for load in parallel.results)
+        urls = [f"http://127.0.0.1:{port}/api/images/generate" for port in ports]
+        with ThreadPoolExecutor(len(urls)) as pool:
+            loads = list(pool.map(functools.partial(wrk, seconds=self.seconds, headers=auth, body=body), urls))
+        return sum(load.rps for load in loads)
 
     def sync_and_end_to_end(self, service: ServiceProcess, key: str) -> None:
         auth = {"Authorization": f"Bearer {key}", "Content-Type": "application/json", "Prefer": "wait=60"}
@@ -681,24 +677,6 @@ async def _concurrent_streams(url: str, key: str, count: int, pid: int) -> float
     if failures:
         raise RuntimeError(f"{len(failures)} of {count} streams failed, first: {failures[0]!r}")
     return peak
-
-
-class _Parallel:
-    def __init__(self) -> None:
-        self.threads: list[Any] = []
-        self.results: list[Load] = []
-
-    def __enter__(self) -> _Parallel:
-        return self
-
-    def run(self, work: Callable[[], Load]) -> None:
-        thread = threading.Thread(target=lambda: self.results.append(work()))
-        thread.start()
-        self.threads.append(thread)
-
-    def __exit__(self, *_: object) -> None:
-        for thread in self.threads:
-            thread.join()
 
 
 # Report ---------------------------------------------------------------------------------------------------------------

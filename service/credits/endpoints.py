@@ -26,15 +26,12 @@ from service.tenants.tokens import USER_PATTERN
     security=END_USER_TOO,
 )
 async def get_quota(caller: Caller, runtime: Runtime) -> Quota:
-    if caller.end_user is not None:
-        balance, allowance = await allowances.allowance(runtime.db, caller.tenant_id, caller.end_user)
-        async with runtime.db.read() as session:
-            sums = await repository.totals(session, caller.tenant_id, caller.end_user)
-        return _quota(balance, sums, allowance)
     async with runtime.db.read() as session:
+        if caller.end_user is not None:
+            balance, allowance = await allowances.allowance(session, caller.tenant_id, caller.end_user)
+            return _quota(balance, await repository.totals(session, caller.tenant_id, caller.end_user), allowance)
         balance = await repository.balance_of(in_session(session), caller.tenant_id)
-        sums = await repository.totals(session, caller.tenant_id)
-    return _quota(balance, sums, None)
+        return _quota(balance, await repository.totals(session, caller.tenant_id), None)
 
 
 def _quota(balance: int, sums: dict[str, int], allowance: Allowance | None) -> Quota:
@@ -70,7 +67,7 @@ EndUserFilter = Annotated[
     "/quota/ledger",
     operation_id="listLedgerEntries",
     summary="Ledger entries, newest first",
-    responses=problem_responses(401, 403, 422, 429),
+    responses=problem_responses(401, 403, 429),
     guards=[tenant_key_only],
 )
 async def list_ledger(

@@ -25,7 +25,6 @@ from sqlalchemy import (
     Engine,
     Executable,
     Insert,
-    Row,
     Select,
     String,
     bindparam,
@@ -43,7 +42,6 @@ from sqlalchemy.pool import PoolProxiedConnection, QueuePool
 
 from service.db.models import Base
 
-AnyRow = Row[*tuple[Any, ...]]
 AnySelect = Select[*tuple[Any, ...]]
 SQLITE_BUSY_TIMEOUT_SECONDS = 30
 _ANNOUNCE = select(func.pg_notify(bindparam("channel", type_=String()), ""))

@@ -5,6 +5,7 @@ from __future__ import annotations
 from datetime import UTC, datetime, time, timedelta
 
 from sqlalchemy import or_, select, update
+from sqlalchemy.ext.asyncio import AsyncSession
 
 from service.clock import utcnow
 from service.credits import repository as ledger
@@ -65,14 +66,13 @@ async def check_in(db: Database, tenant_id: str, end_user: str) -> CheckIn:
     return CheckIn(already_checked_in=False, granted=granted, balance=marked + granted, next_check_in_at=next_day(now))
 
 
-async def allowance(db: Database, tenant_id: str, end_user: str) -> tuple[int, Allowance]:
-    """An end user's balance, and how it refills."""
+async def allowance(session: AsyncSession, tenant_id: str, end_user: str) -> tuple[int, Allowance]:
+    """An end user's balance, and how it refills, read in the caller's session."""
     now = utcnow()
-    async with db.read() as session:
-        balance, checked_in_on = await ledger.allowance_of(in_session(session), tenant_id, end_user)
-        grant, cap = (
-            await session.execute(select(Tenant.daily_grant, Tenant.balance_cap).where(Tenant.id == tenant_id))
-        ).one()
+    balance, checked_in_on = await ledger.allowance_of(in_session(session), tenant_id, end_user)
+    grant, cap = (
+        await session.execute(select(Tenant.daily_grant, Tenant.balance_cap).where(Tenant.id == tenant_id))
+    ).one()
     today = checked_in_on == now.date().isoformat()
     return balance, Allowance(
         end_user=end_user,

@@ -7,10 +7,12 @@ from typing import Annotated, Any
 import msgspec
 from litestar import Controller, Request, delete, get, patch, post
 from litestar.params import Parameter
+from sqlalchemy.ext.asyncio import AsyncSession
 
 from service.bodies import json_body, read_json
 from service.clock import utcnow
 from service.credits.schemas import CreditGrant, LedgerEntryOut
+from service.db.models import Tenant
 from service.errors import NotFound, problem_responses
 from service.idempotency import IdempotencyKey
 from service.pagination import Cursor, Limit, next_cursor
@@ -66,11 +68,7 @@ class AdminController(Controller):
     )
     async def get_tenant(self, tenant_id: TenantId, runtime: Runtime) -> TenantOut:
         async with runtime.db.read() as session:
-            tenant = await repository.get_tenant(session, tenant_id)
-            origins = await repository.origins_of(session, [tenant_id])
-        if tenant is None:
-            raise NotFound("No such tenant", code="tenant_not_found")
-        return tenant_view(tenant, origins[tenant_id])
+            return await _found(session, await repository.get_tenant(session, tenant_id))
 
     @patch(
         "/tenants/{tenant_id:str}",
@@ -83,11 +81,7 @@ class AdminController(Controller):
         data = await read_json(request, TenantUpdate)
         async with runtime.db.write() as session:
             changes = {name: value for name, value in msgspec.structs.asdict(data).items() if value is not None}
-            tenant = await repository.update_tenant(session, tenant_id, changes, utcnow())
-            origins = await repository.origins_of(session, [tenant_id])
-        if tenant is None:
-            raise NotFound("No such tenant", code="tenant_not_found")
-        return tenant_view(tenant, origins[tenant_id])
+            return await _found(session, await repository.update_tenant(session, tenant_id, changes, utcnow()))
 
     @post(
         "/tenants/{tenant_id:str}/api-keys",
@@ -135,3 +129,11 @@ class AdminController(Controller):
             idempotency_key=idempotency_key,
             idempotency_ttl=runtime.settings.idempotency_ttl,
         )
+
+
+async def _found(session: AsyncSession, tenant: Tenant | None) -> TenantOut:
+    """The tenant's view with its origins, or 404."""
+    if tenant is None:
+        raise NotFound("No such tenant", code="tenant_not_found")
+    origins = await repository.origins_of(session, [tenant.id])
+    return tenant_view(tenant, origins[tenant.id])
