@@ -70,6 +70,25 @@ class Settings:
     max_images_per_task: int = 4
     max_prompt_chars: int = 4000
     max_output_image_mb: float = 32.0
+    max_reference_pixels_in: int = 40_000_000
+    decode_concurrency: int = 2
+
+    prompt_models: tuple[str, ...] = ()
+    prompt_max_output_tokens: int = 600
+
+    metrics_token: str | None = field(default=None, repr=False)
+    end_user_rate_limit_per_minute: int = 60
+    end_user_max_running_tasks: int = 2
+
+    header_timeout: float = 10.0
+    keep_alive_timeout: float = 75.0
+    max_connections: int = 2048
+    stream_idle_seconds: float = 60.0
+
+    upstream_cooldown_seconds: float = 30.0
+
+    gc_interval_seconds: float = 3600.0
+    reference_retention_hours: float = 168.0
 
     @property
     def is_offline(self) -> bool:
@@ -150,6 +169,20 @@ class Settings:
             max_images_per_task=read.integer("MAX_IMAGES_PER_TASK", 4, minimum=1, maximum=4),
             max_prompt_chars=read.integer("MAX_PROMPT_CHARS", 4000, minimum=1, maximum=4000),
             max_output_image_mb=read.number("MAX_OUTPUT_IMAGE_MB", 32.0, minimum=0.1),
+            max_reference_pixels_in=read.integer("MAX_REFERENCE_PIXELS_IN", 40_000_000, minimum=4096),
+            decode_concurrency=read.integer("DECODE_CONCURRENCY", 2, minimum=1),
+            prompt_models=tuple(read.csv("PROMPT_MODELS")),
+            prompt_max_output_tokens=read.integer("PROMPT_MAX_OUTPUT_TOKENS", 600, minimum=16),
+            metrics_token=read.optional_text("METRICS_TOKEN"),
+            end_user_rate_limit_per_minute=read.integer("END_USER_RATE_LIMIT_PER_MINUTE", 60, minimum=1),
+            end_user_max_running_tasks=read.integer("END_USER_MAX_RUNNING_TASKS", 2, minimum=1),
+            header_timeout=read.number("HTTP_HEADER_TIMEOUT_SECONDS", 10.0, minimum=0.1),
+            keep_alive_timeout=read.number("HTTP_KEEP_ALIVE_SECONDS", 75.0, minimum=0.1),
+            max_connections=read.integer("HTTP_MAX_CONNECTIONS", 2048, minimum=1),
+            stream_idle_seconds=read.number("STREAM_IDLE_SECONDS", 60.0, minimum=0.1),
+            upstream_cooldown_seconds=read.number("UPSTREAM_COOLDOWN_SECONDS", 30.0, minimum=0.0),
+            gc_interval_seconds=read.number("GC_INTERVAL_SECONDS", 3600.0, minimum=0.0),
+            reference_retention_hours=read.number("REFERENCE_RETENTION_HOURS", 168.0, minimum=0.0),
         )
         _check_urls(settings)
         if settings.end_user_token_secret is not None and len(settings.end_user_token_secret) < 32:
