@@ -551,6 +551,79 @@ class Suite:
         row.met = row.met and within
         self.rows.append(row)
 
+    def bombs(self) -> None:
+        """What hostile uploads cost: 10 concurrent submissions of 4 references + a mask at the largest accepted size
+        (the service's peak RSS), then the same at 64 Mpx, which must be refused from their headers, quickly."""
+        service = self.service("bombs", RUN_WORKERS="false")
+        try:
+            _, key = service.create_tenant(10**9)
+            largest, bomb = (_flat_png(8000, 5000), _flat_png(8000, 8000))
+            idle = rss_mb(service.pid)
+            peak, accepted = asyncio.run(_upload_storm(service.base_url, key, largest, service.pid, expect=202))
+            _, refused = asyncio.run(_upload_storm(service.base_url, key, bomb, service.pid, expect=413))
+        finally:
+            service.stop()
+        self.rows.append(
+            Row("10 x (4 refs + mask) at 40 Mpx: peak RSS", peak, "MB", "idle RSS", idle, "< 600 MB", peak < 600)
+        )
+        slowest = max(refused)
+        self.rows.append(
+            Row(
+                "64 Mpx uploads refused (413), slowest of 10 concurrent",
+                slowest,
+                "ms",
+                "slowest 40 Mpx acceptance",
+                max(accepted),
+                "< 50 ms",
+                slowest < 50,
+            )
+        )
+
+
+def _flat_png(width: int, height: int) -> bytes:
+    """A large PNG that compresses to little: a bomb's shape (few bytes in, many pixels out)."""
+    image = Image.new("RGB", (width, height), (200, 180, 160))
+    ImageDraw.Draw(image).ellipse((width // 4, height // 4, width * 3 // 4, height * 3 // 4), fill=(20, 40, 90))
+    out = io.BytesIO()
+    image.save(out, format="PNG", compress_level=9)
+    return out.getvalue()
+
+
+async def _upload_storm(url: str, key: str, image: bytes, pid: int, *, expect: int) -> tuple[float, list[float]]:
+    """Ten concurrent submissions of four copies of `image` and a mask; the peak RSS seen meanwhile (MB) and each
+    answer's time (ms). Raises when an answer is not `expect`."""
+    peak = 0.0
+    done = asyncio.Event()
+
+    async def sample() -> None:
+        nonlocal peak
+        while not done.is_set():
+            peak = max(peak, rss_mb(pid))
+            await asyncio.sleep(0.02)
+
+    async with aiohttp.ClientSession(headers={"Authorization": f"Bearer {key}"}) as session:
+
+        async def one(i: int) -> float:
+            form = aiohttp.FormData()
+            form.add_field("prompt", f"a bomb, {i}")
+            for n in range(4):
+                form.add_field("image", image, filename=f"ref-{n}.png", content_type="image/png")
+            form.add_field("mask", image, filename="mask.png", content_type="image/png")
+            started = time.perf_counter()
+            async with session.post(url + "/api/images/generate", data=form) as response:
+                await response.read()
+                if response.status != expect:
+                    raise RuntimeError(f"expected {expect}, got {response.status}: {await response.text()}")
+            return (time.perf_counter() - started) * 1000
+
+        sampler = asyncio.create_task(sample())
+        try:
+            times = await asyncio.gather(*(one(i) for i in range(10)))
+        finally:
+            done.set()
+            await sampler
+    return peak, list(times)
+
 
 def _timed(work: Callable[[], object]) -> float:
     started = time.perf_counter()
@@ -767,3 +840,4 @@ def run_all(suite: Suite) -> None:
         suite.submit_postgres()
     suite.relay()
     suite.normalization()
+    suite.bombs()

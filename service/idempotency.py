@@ -32,6 +32,15 @@ IdempotencyKey = Annotated[
 ]
 
 
+def caller_scope(scope: str, end_user: str | None) -> str:
+    """The key space of one caller: the tenant's key has the plain scope, and each end user one of their own (named
+    by a digest of their id, to fit the column), so nobody can replay, or probe for, another caller's keys."""
+    if end_user is None:
+        return scope
+    digest = hashlib.sha256(end_user.encode()).hexdigest()
+    return f"{scope}:{digest}"[:32]
+
+
 def fingerprint(*parts: object) -> str:
     """What makes two requests the same request."""
     return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()

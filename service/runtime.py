@@ -20,7 +20,18 @@ if TYPE_CHECKING:
 
 class Runtime:
     # A plain class, not a dataclass: handlers receive it as a dependency and the framework leaves such values as-is.
-    __slots__ = ("_watchers", "db", "enhancer", "limiter", "settings", "store", "tokens", "upstream_health", "workers")
+    __slots__ = (
+        "_watchers",
+        "db",
+        "decodes",
+        "enhancer",
+        "limiter",
+        "settings",
+        "store",
+        "tokens",
+        "upstream_health",
+        "workers",
+    )
 
     def __init__(self, settings: Settings, db: Database, store: BlobStore) -> None:
         self.settings = settings
@@ -28,6 +39,8 @@ class Runtime:
         self.store = store
         self.limiter = rate_limiter(db)
         self.upstream_health = UpstreamHealth()
+        # Images this process decodes at once (uploads and upstream output): what bounds the memory decoding costs.
+        self.decodes = asyncio.Semaphore(settings.decode_concurrency)
         self.workers: WorkerPool | None = None
         self.enhancer: Enhancer | None = None
         self.tokens: TokenSigner | None = None

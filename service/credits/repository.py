@@ -8,7 +8,7 @@ from typing import NamedTuple
 from sqlalchemy import BigInteger, String, and_, bindparam, case, func, insert, select, update
 from sqlalchemy.ext.asyncio import AsyncSession
 
-from service.db.engine import Statements
+from service.db.engine import Database, Statements
 from service.db.models import END_USERS, LEDGER, TENANTS, LedgerEntry, UTCDateTime
 from service.errors import InsufficientCredits
 from service.ids import new_id
@@ -172,6 +172,30 @@ async def allowance_of(statements: Statements, tenant_id: str, end_user: str) ->
     """An end user's allowance and the UTC day they last checked in (0 and None before they first did)."""
     found = await statements.rows(_ALLOWANCE, {"tenant_id": tenant_id, "end_user": end_user})
     return (int(found[0][0]), found[0][1]) if found else (0, None)
+
+
+_AFFORDABLE = select(
+    TENANTS.c.balance,
+    select(END_USERS.c.balance)
+    .where(
+        END_USERS.c.tenant_id == bindparam("tenant_id", type_=String()),
+        END_USERS.c.end_user == bindparam("end_user", type_=String()),
+    )
+    .scalar_subquery(),
+).where(TENANTS.c.id == bindparam("tenant_id", type_=String()))
+
+
+async def ensure_affordable(db: Database, *, tenant_id: str, end_user: str | None, cost: int) -> None:
+    """402, as `charge` would answer, when the balances read now cannot cover `cost`: a cheap early refusal before
+    costly work. Only the guarded debit in `charge` decides; this check may pass and the debit still fail."""
+    row = await db.fetch_one(_AFFORDABLE, {"tenant_id": tenant_id, "end_user": end_user or ""})
+    tenant_balance = int(row[0]) if row is not None else 0
+    if tenant_balance < cost:
+        raise InsufficientCredits(balance=None if end_user is not None else tenant_balance, cost=cost, account=TENANT)
+    if end_user is not None:
+        allowance = int(row[1] or 0) if row is not None else 0
+        if allowance < cost:
+            raise InsufficientCredits(balance=allowance, cost=cost, account=USER)
 
 
 async def list_entries(

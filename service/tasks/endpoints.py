@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import logging
+import re
 from dataclasses import dataclass
 from typing import Annotated, Any
 
@@ -33,16 +35,18 @@ from service.tasks.schemas import GenerateRequest, TaskOut, TaskPage, TaskStatus
 from service.tasks.service import Submission, Upload
 from service.tenants.auth import END_USER_TOO, Caller
 
+log = logging.getLogger("service.tasks")
+
 TaskId = Annotated[str, Parameter(max_length=64, description="Task id")]
 MAX_WAIT_SECONDS = 60
 Prefer = Annotated[
     str | None,
     HeaderParameter(
         name="Prefer",
-        max_length=500,
         description="`wait=N` (RFC 7240): hold the answer until the task has finished, for at most N seconds "
         f"(up to {MAX_WAIT_SECONDS}). A task that finished in time comes back as 200; otherwise the answer is the "
-        "usual 202. `Preference-Applied` echoes the wait that was honoured.",
+        "usual 202. `Preference-Applied` echoes the wait that was honoured. Preferences are hints: one that cannot be "
+        "read is ignored, never refused.",
     ),
 ]
 FORM_FIELDS = {"prompt", "size", "model", "quality", "n", "enhance", "style"}
@@ -184,21 +188,31 @@ async def generate_image(
     if wait is None:
         return Response(submitted, status_code=202, headers=headers)
     headers["Preference-Applied"] = f"wait={wait}"
-    finished = await service.wait_until_finished(runtime, caller, submitted.id, wait)
+    try:
+        finished = await service.wait_until_finished(runtime, caller, submitted.id, wait)
+    except Exception:
+        # The task is accepted and paid for: whatever went wrong while waiting, the client gets the usual 202 (and
+        # can poll), never an error that would make it submit and pay again.
+        log.exception("waiting for task %s failed; answering 202", submitted.id)
+        finished = None
     if finished is None:
         return Response(submitted, status_code=202, headers=headers)
     return Response(task_view(finished), status_code=200, headers=headers)
 
 
+_WAIT = re.compile(r'\s*wait\s*=\s*"?([0-9]{1,9})"?\s*', re.IGNORECASE | re.ASCII)
+
+
 def preferred_wait(prefer: str | None) -> int | None:
     """The seconds asked for by `Prefer: wait=N` (RFC 7240), at most MAX_WAIT_SECONDS; None when not asked.
 
-    Preferences are hints: an unreadable one is ignored, not refused.
+    Preferences are hints: an unreadable one is ignored, not refused. Only ASCII digits count (`str.isdigit` would
+    take `²`, which `int` then refuses), and a preference's parameters after `;` are ignored.
     """
     for preference in (prefer or "").split(","):
-        name, _, value = preference.partition("=")
-        if name.strip().lower() == "wait" and value.strip().isdigit():
-            return min(int(value.strip()), MAX_WAIT_SECONDS)
+        match = _WAIT.fullmatch(preference.split(";", 1)[0])
+        if match is not None:
+            return min(int(match.group(1)), MAX_WAIT_SECONDS)
     return None
 
 

@@ -21,7 +21,7 @@ from service.db.engine import in_session
 from service.db.models import Task
 from service.errors import Conflict, InsufficientCredits, InvalidInput, NotFound, PayloadTooLarge
 from service.ids import new_id
-from service.images.processing import EXTENSIONS, PreparedImage, normalize_reference
+from service.images.processing import EXTENSIONS, PreparedImage, normalize_reference, read_header
 from service.images.sizes import InvalidSize, normalize_size
 from service.prompts.service import EnhanceRequest
 from service.runtime import Runtime
@@ -69,13 +69,47 @@ def _check_uploads(runtime: Runtime, submission: Submission) -> None:
         )
     if submission.mask is not None and not submission.references:
         raise InvalidInput("a mask needs a reference image", code="mask_without_image", field="mask")
-    for upload in [*submission.references, *([submission.mask] if submission.mask else [])]:
+    for upload in _uploads(submission):
         if len(upload.data) > settings.max_reference_bytes:
             raise PayloadTooLarge(
                 f"{upload.field}: each file may be at most {settings.max_reference_upload_mb:g} MiB",
                 code="file_too_large",
                 field=upload.field,
             )
+
+
+def _uploads(submission: Submission) -> list[Upload]:
+    return [*submission.references, *([submission.mask] if submission.mask else [])]
+
+
+async def _prepare_uploads(
+    runtime: Runtime, caller: Caller, submission: Submission, cost: int
+) -> tuple[list[PreparedImage], PreparedImage | None]:
+    """Normalize the reference images and the mask, once the caller is known to afford the task.
+
+    Decoding is the costly part of a submission (memory above all), so a caller who cannot pay is refused before any
+    of it, and the process decodes at most `DECODE_CONCURRENCY` images at a time. The debit itself still decides.
+    """
+    if not submission.references:
+        return [], None
+    await ledger.ensure_affordable(runtime.db, tenant_id=caller.tenant_id, end_user=caller.end_user, cost=cost)
+    settings = runtime.settings
+
+    async def normalize(upload: Upload, *, lossless: bool = False) -> PreparedImage:
+        async with runtime.decodes:
+            return await asyncio.to_thread(
+                normalize_reference,
+                upload.data,
+                upload.content_type,
+                settings.max_reference_pixels,
+                upload.field,
+                lossless=lossless,
+                max_pixels_in=settings.max_reference_pixels_in,
+            )
+
+    references = list(await asyncio.gather(*(normalize(upload) for upload in submission.references)))
+    mask = await normalize(submission.mask, lossless=True) if submission.mask is not None else None
+    return references, mask
 
 
 def request_hash(submission: Submission, prompt: str, model: str) -> str:
@@ -103,6 +137,9 @@ async def submit(runtime: Runtime, caller: Caller, submission: Submission, idemp
     except InvalidSize as exc:
         raise InvalidInput(str(exc), code="invalid_size", field="size") from None
     _check_uploads(runtime, submission)
+    for upload in _uploads(submission):
+        # From the header alone: an image that would cost too much to decode is refused before it is decoded.
+        read_header(upload.data, upload.content_type, settings.max_reference_pixels_in, upload.field)
     if request.enhance is not None and runtime.enhancer is not None:
         # Fail now, not in the worker, when no prompt model could run the enhancement.
         runtime.enhancer.plan(caller.tenant_id, EnhanceRequest(prompt=prompt, direction=request.enhance))
@@ -113,30 +150,13 @@ async def submit(runtime: Runtime, caller: Caller, submission: Submission, idemp
         if replay is not None:
             return replay
 
-    references = await asyncio.gather(
-        *(
-            asyncio.to_thread(
-                normalize_reference, upload.data, upload.content_type, settings.max_reference_pixels, upload.field
-            )
-            for upload in submission.references
-        )
-    )
-    mask = None
-    if submission.mask is not None:
-        mask = await asyncio.to_thread(
-            normalize_reference,
-            submission.mask.data,
-            submission.mask.content_type,
-            settings.max_reference_pixels,
-            "mask",
-            lossless=True,
-        )
+    enhance_cost = settings.enhance_cost if request.enhance else 0
+    cost = task_cost(settings, request.quality, request.n) + enhance_cost
+    references, mask = await _prepare_uploads(runtime, caller, submission, cost)
 
     task_id = new_id()
     stored = await _store_inputs(runtime, task_id, references, mask)
     now = utcnow()
-    enhance_cost = settings.enhance_cost if request.enhance else 0
-    cost = task_cost(settings, request.quality, request.n) + enhance_cost
     values = {
         "id": task_id,
         "tenant_id": caller.tenant_id,
@@ -183,7 +203,7 @@ async def submit(runtime: Runtime, caller: Caller, submission: Submission, idemp
                 await idempotency.remember(
                     statements,
                     tenant_id=caller.tenant_id,
-                    scope=IDEMPOTENCY_SCOPE,
+                    scope=idempotency.caller_scope(IDEMPOTENCY_SCOPE, caller.end_user),
                     key=idempotency_key,
                     request_hash=fingerprint,
                     response=msgspec.json.encode(submitted),
@@ -208,7 +228,7 @@ async def _replay(runtime: Runtime, caller: Caller, key: str, fingerprint: str) 
         body = await idempotency.recall(
             session,
             tenant_id=caller.tenant_id,
-            scope=IDEMPOTENCY_SCOPE,
+            scope=idempotency.caller_scope(IDEMPOTENCY_SCOPE, caller.end_user),
             key=key,
             request_hash=fingerprint,
             now=utcnow(),
