@@ -25,6 +25,7 @@ async def running(settings: Settings, *, workers: bool) -> AsyncIterator[Runtime
     runtime = Runtime(settings=settings, db=db, store=open_store(settings.storage_url))
     async with contextlib.AsyncExitStack() as stack:
         stack.push_async_callback(db.dispose)
+        stack.callback(runtime.decoder.shutdown, wait=False, cancel_futures=True)
         runtime.tokens = TokenSigner(await shared_secret(db, settings.end_user_token_secret))
         base_url, api_key = settings.upstream_base_url, settings.upstream_api_key
         if base_url is None or api_key is None:

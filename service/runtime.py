@@ -4,7 +4,10 @@ handed to request handlers as the `runtime` dependency."""
 from __future__ import annotations
 
 import asyncio
-from typing import TYPE_CHECKING
+import functools
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from service.db.engine import Database
 from service.images.storage import BlobStore
@@ -17,13 +20,15 @@ if TYPE_CHECKING:
     from service.tasks.worker import WorkerPool
     from service.tenants.tokens import TokenSigner
 
+T = TypeVar("T")
+
 
 class Runtime:
     # A plain class, not a dataclass: handlers receive it as a dependency and the framework leaves such values as-is.
     __slots__ = (
         "_watchers",
         "db",
-        "decodes",
+        "decoder",
         "enhancer",
         "limiter",
         "settings",
@@ -39,12 +44,18 @@ class Runtime:
         self.store = store
         self.limiter = rate_limiter(db)
         self.upstream_health = UpstreamHealth()
-        # Images this process decodes at once (uploads and upstream output): what bounds the memory decoding costs.
-        self.decodes = asyncio.Semaphore(settings.decode_concurrency)
+        # The threads that decode images (uploads and upstream output), as many as may decode at once: what bounds
+        # the memory decoding costs. Their own threads, too: each thread's allocator keeps what a decode freed, so a
+        # decode on any of the default executor's threads would leave its pixels' worth behind on each of them.
+        self.decoder = ThreadPoolExecutor(settings.decode_concurrency, thread_name_prefix="decode")
         self.workers: WorkerPool | None = None
         self.enhancer: Enhancer | None = None
         self.tokens: TokenSigner | None = None
         self._watchers: dict[str, asyncio.Event] = {}
+
+    async def decode(self, work: Callable[..., T], *args: Any, **kwargs: Any) -> T:
+        """Run Pillow work on the decoder threads; callers beyond their number wait their turn."""
+        return await asyncio.get_running_loop().run_in_executor(self.decoder, functools.partial(work, *args, **kwargs))
 
     def wake_workers(self) -> None:
         if self.workers is not None:

@@ -96,16 +96,15 @@ async def _prepare_uploads(
     settings = runtime.settings
 
     async def normalize(upload: Upload, *, lossless: bool = False) -> PreparedImage:
-        async with runtime.decodes:
-            return await asyncio.to_thread(
-                normalize_reference,
-                upload.data,
-                upload.content_type,
-                settings.max_reference_pixels,
-                upload.field,
-                lossless=lossless,
-                max_pixels_in=settings.max_reference_pixels_in,
-            )
+        return await runtime.decode(
+            normalize_reference,
+            upload.data,
+            upload.content_type,
+            settings.max_reference_pixels,
+            upload.field,
+            lossless=lossless,
+            max_pixels_in=settings.max_reference_pixels_in,
+        )
 
     references = list(await asyncio.gather(*(normalize(upload) for upload in submission.references)))
     mask = await normalize(submission.mask, lossless=True) if submission.mask is not None else None
