@@ -27,7 +27,7 @@ class Runtime:
         self.db = db
         self.store = store
         self.limiter = rate_limiter(db)
-        self.upstream_health = UpstreamHealth()
+        self.upstream_health = UpstreamHealth(cooldown_seconds=settings.upstream_cooldown_seconds)
         self.workers: WorkerPool | None = None
         self.enhancer: Enhancer | None = None
         self.tokens: TokenSigner | None = None
