@@ -227,8 +227,8 @@ def error_text(payload: Any) -> str:
         return error
     if isinstance(error, dict):
         message = str(error.get("message") or "")
-        extra = [str(error[key]) for key in ("type", "code") if error.get(key) and str(error[key]) not in message]
-        return " ".join([*([message] if message else []), *(f"({item})" for item in extra)])
+        extra = dict.fromkeys(str(error[key]) for key in ("type", "code") if error.get(key))
+        return " ".join([*([message] if message else []), *(f"({item})" for item in extra if item not in message)])
     return ""
 
 
