@@ -51,6 +51,8 @@ FAULT_NAMES = frozenset(
 )
 # Faults that answer any image submission and any chat completion, as an upstream that cannot serve anyone would.
 REFUSAL_FAULTS = ("quota_429", "quota_429_detail", "quota_403_detail", "auth_401", "auth_403", "leaky_error")
+# The refusals after which a service holds all work back from the upstream for a cool-down.
+BLOCKING_FAULTS = frozenset(REFUSAL_FAULTS) - {"leaky_error"}
 QUOTA_MESSAGE = "You exceeded your current quota, please check your plan and billing details."
 NO_ACCOUNTS_MESSAGE = "insufficient_quota: no available image accounts"
 AUTH_MESSAGE = "Incorrect API key provided"
