@@ -43,6 +43,17 @@ def wait_until(predicate: Callable[[], T], timeout: float, message: str, interva
     raise AssertionError(f"timed out after {timeout}s: {message}")
 
 
+DEFAULT_OFFLINE_SETTINGS: dict[str, float | bool | str | None] = {
+    "latency": 0,
+    "token_delay": 0,
+    "chunk_size": 0,
+    "chunk_pause": 0,
+    "noise": False,
+    "tasks_answer": "url",
+    "images_answer": None,
+}
+
+
 class OfflineUpstream:
     """`imagegen offline-upstream` as its own process, driven over its control routes."""
 
@@ -81,8 +92,20 @@ class OfflineUpstream:
     def injected(self) -> dict[str, int]:
         return dict(self.control.get("/_offline/faults").json()["injected"])
 
-    def settings(self, **values: float) -> None:
+    def settings(self, **values: float | bool | str | None) -> None:
+        """latency, token_delay, chunk_size, chunk_pause, noise, tasks_answer, images_answer (see the server)."""
         self.control.put("/_offline/settings", json=values).raise_for_status()
+
+    def reset_settings(self) -> None:
+        self.settings(**DEFAULT_OFFLINE_SETTINGS)
+
+    def received(self) -> list[dict[str, Any]]:
+        """The recent image requests the upstream received: path, prompt, model, n, size and number of images."""
+        return list(self.control.get("/_offline/received").json()["items"])
+
+    def served(self) -> list[dict[str, Any]]:
+        """The recent images the upstream served whole: prompt, index, via (url or b64_json), bytes and sha256."""
+        return list(self.control.get("/_offline/served").json()["items"])
 
     def stats(self) -> dict[str, int]:
         return dict(self.control.get("/_offline/stats").json()["requests"])

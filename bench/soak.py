@@ -23,10 +23,11 @@ from pathlib import Path
 import httpx
 
 from bench.harness import OfflineUpstream, ServiceProcess
-from service.upstream.offline import FAULT_NAMES
+from service.upstream.offline import BLOCKING_FAULTS, FAULT_NAMES
 
-# Every fault an image task can meet upstream; the chat faults concern enhancement, which the soak does not drive.
-FAULTS = tuple(sorted(FAULT_NAMES - {"chat_500", "chat_midstream_error"}))
+# Every fault an image task can meet upstream; the chat faults concern enhancement, which the soak does not drive,
+# and a blocking refusal (no quota, key refused) would hold every worker back for a cool-down instead of testing tasks.
+FAULTS = tuple(sorted(FAULT_NAMES - {"chat_500", "chat_midstream_error"} - BLOCKING_FAULTS))
 TERMINAL = {"completed", "failed", "cancelled"}
 
 

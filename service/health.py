@@ -20,7 +20,8 @@ class Health(msgspec.Struct):
 
 
 class Readiness(msgspec.Struct):
-    """`upstream` is `degraded` after a run of failed upstream calls; reads and cancellations keep working."""
+    """`upstream` is `degraded` after a run of failed upstream calls, or at once when the upstream says it cannot
+    serve (`upstream_quota_exhausted`, `upstream_auth_failed`); reads and cancellations keep working."""
 
     status: Literal["ready"]
     database: Literal["ok"]

@@ -43,7 +43,7 @@ class Runtime:
         self.db = db
         self.store = store
         self.limiter = rate_limiter(db)
-        self.upstream_health = UpstreamHealth()
+        self.upstream_health = UpstreamHealth(cooldown_seconds=settings.upstream_cooldown_seconds)
         # The threads that decode images (uploads and upstream output), as many as may decode at once: what bounds
         # the memory decoding costs. Their own threads, too: each thread's allocator keeps what a decode freed, so a
         # decode on any of the default executor's threads would leave its pixels' worth behind on each of them.

@@ -163,7 +163,7 @@ def _clear_faults(request: pytest.FixtureRequest) -> Iterator[None]:
     if "upstream" in request.fixturenames:
         server: Upstream = request.getfixturevalue("upstream")
         server.faults()
-        server.settings(latency=0, token_delay=0)
+        server.reset_settings()
 
 
 @pytest.fixture(scope="module")

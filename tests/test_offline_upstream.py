@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import hashlib
 import io
 import json
 import signal
@@ -22,7 +23,14 @@ import httpx
 import pytest
 from PIL import Image
 
-from service.upstream.offline import OfflineUpstream, draw_image
+from service.upstream.offline import (
+    AUTH_MESSAGE,
+    LEAKY_MESSAGE,
+    NO_ACCOUNTS_MESSAGE,
+    QUOTA_MESSAGE,
+    OfflineUpstream,
+    draw_image,
+)
 
 API_KEY = "offline-test-key"
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -380,8 +388,139 @@ def test_unknown_fault_names_are_refused_and_delete_clears_everything(client: ht
 
 
 def test_settings_report_their_current_values(client: httpx.Client) -> None:
-    assert client.put("/_offline/settings", json={"token_delay": 0.5}).json() == {"latency": 0.0, "token_delay": 0.5}
+    assert client.put("/_offline/settings", json={"token_delay": 0.5}).json() == {
+        "latency": 0.0,
+        "token_delay": 0.5,
+        "chunk_size": 0,
+        "chunk_pause": 0.0,
+        "noise": False,
+        "tasks_answer": "url",
+        "images_answer": None,
+    }
     assert client.put("/_offline/settings", json={"latency": -1}).status_code == 400
+
+
+@pytest.mark.parametrize(
+    "body",
+    [
+        {"chunk_size": -1},
+        {"chunk_size": 1.5},
+        {"chunk_pause": "slow"},
+        {"noise": 1},
+        {"tasks_answer": None},
+        {"images_answer": "png"},
+        {"colour": "red"},
+    ],
+)
+def test_bad_settings_are_refused_and_change_nothing(client: httpx.Client, body: dict[str, Any]) -> None:
+    before = client.get("/_offline/settings").json()
+    assert client.put("/_offline/settings", json={**body, "latency": 1}).status_code == 400
+    assert client.get("/_offline/settings").json() == before
+
+
+def test_files_can_be_served_in_pieces_and_as_big_noise_images(client: httpx.Client) -> None:
+    client.put("/_offline/settings", json={"chunk_size": 65536, "chunk_pause": 0.01, "noise": True})
+    submit(client, "noisy", "static", size="1:1")
+    (item,) = finished_task(client, "noisy")["data"]
+    with client.stream("GET", item["url"]) as response:
+        pieces = [bytes(piece) for piece in response.iter_raw()]
+    image = b"".join(pieces)
+    assert len(image) > 2_500_000 and len(pieces) > 1
+    assert png_size(image) == (1024, 1024)
+    (served,) = client.get("/_offline/served").json()["items"]
+    assert served == {
+        "prompt": "static",
+        "index": 0,
+        "via": "url",
+        "bytes": len(image),
+        "sha256": hashlib.sha256(image).hexdigest(),
+    }
+
+
+@pytest.mark.parametrize("shape", ["url", "b64_json", "both"])
+def test_answer_shapes_per_protocol(client: httpx.Client, shape: str) -> None:
+    client.put("/_offline/settings", json={"tasks_answer": shape, "images_answer": shape})
+    submit(client, f"shaped-{shape}", "a shaped answer")
+    (task_item,) = finished_task(client, f"shaped-{shape}")["data"]
+    (images_item,) = client.post("/v1/images/generations", json={"prompt": "a shaped answer"}).json()["data"]
+    expected = draw_image("a shaped answer", 1024, 1024)
+    for item in (task_item, images_item):
+        assert ("url" in item) == (shape != "b64_json")
+        assert ("b64_json" in item) == (shape != "url")
+        if "b64_json" in item:
+            assert base64.b64decode(item["b64_json"]) == expected
+        if "url" in item:
+            assert client.get(item["url"]).content == expected
+
+
+def test_received_lists_what_image_requests_asked_for(client: httpx.Client) -> None:
+    submit(client, "asked", "a kettle", n=2, size="16:9", model="gpt-image-1")
+    files = [("image", ("a.png", draw_image("source", 64, 64), "image/png"))] * 2
+    client.post("/v1/images/edits", data={"prompt": "paint it blue", "size": "auto"}, files=files)
+    assert client.get("/_offline/received").json()["items"] == [
+        {
+            "path": "/api/image-tasks/generations",
+            "prompt": "a kettle",
+            "model": "gpt-image-1",
+            "n": 2,
+            "size": "16:9",
+            "images": 0,
+        },
+        {
+            "path": "/v1/images/edits",
+            "prompt": "paint it blue",
+            "model": "gpt-image-2",
+            "n": 1,
+            "size": "auto",
+            "images": 2,
+        },
+    ]
+
+
+REFUSAL_ANSWERS = [
+    (
+        "quota_429",
+        429,
+        {"error": {"message": QUOTA_MESSAGE, "type": "insufficient_quota", "code": "insufficient_quota"}},
+        None,
+    ),
+    ("quota_429_detail", 429, {"detail": {"error": NO_ACCOUNTS_MESSAGE}}, None),
+    ("quota_403_detail", 403, {"detail": {"error": NO_ACCOUNTS_MESSAGE}}, None),
+    (
+        "auth_401",
+        401,
+        {"detail": {"error": AUTH_MESSAGE}},
+        {"error": {"message": AUTH_MESSAGE, "type": "invalid_request_error", "code": "invalid_api_key"}},
+    ),
+    (
+        "auth_403",
+        403,
+        {"detail": {"error": AUTH_MESSAGE}},
+        {"error": {"message": AUTH_MESSAGE, "type": "invalid_request_error", "code": "invalid_api_key"}},
+    ),
+    (
+        "leaky_error",
+        400,
+        {"detail": {"error": LEAKY_MESSAGE}},
+        {"error": {"message": LEAKY_MESSAGE, "type": "invalid_request_error", "code": "render_failed"}},
+    ),
+]
+
+
+@pytest.mark.parametrize(("fault", "status", "task_body", "openai_body"), REFUSAL_ANSWERS)
+def test_refusal_faults_answer_every_image_and_chat_request_in_the_protocol_shape(
+    client: httpx.Client, fault: str, status: int, task_body: dict[str, Any], openai_body: dict[str, Any] | None
+) -> None:
+    set_faults(client, {"fault": fault})
+    openai_body = openai_body or task_body
+    answers = [
+        (submit(client, "refused", "p"), task_body),
+        (client.post("/v1/images/generations", json={"prompt": "p"}), openai_body),
+        (client.post("/v1/chat/completions", json=chat_body("p", stream=False)), openai_body),
+    ]
+    for response, body in answers:
+        assert (response.status_code, response.json()) == (status, body)
+    assert injected(client) == {fault: 3}
 
 
 def test_stats_count_requests_by_route(client: httpx.Client) -> None:

@@ -20,7 +20,7 @@ from litestar.response import Stream
 
 from service.bodies import read_json
 from service.errors import problem_responses
-from service.prompts.service import CacheCleared, EnhanceRequest, EnhanceResult, UpstreamFailed
+from service.prompts.service import CacheCleared, EnhanceRequest, EnhanceResult, UpstreamFailed, enhancement_error
 from service.prompts.styles import StyleList, style_list
 from service.runtime import Runtime
 from service.tenants.auth import END_USER_TOO, Caller, tenant_key_only
@@ -96,7 +96,7 @@ async def enhance_prompt(request: Request[Any, Any, Any], caller: Caller, runtim
             text = cached if cached is not None else await enhancer.complete(plan)
         except UpstreamError as exc:
             await enhancer.refund(plan, charge)
-            raise UpstreamFailed(exc.message, code=exc.code) from None
+            raise UpstreamFailed(enhancement_error(plan, exc), code=exc.code) from None
         result = EnhanceResult(
             prompt=text,
             model=plan.model,

@@ -25,7 +25,7 @@ from service.prompts.instructions import TEMPERATURES, Direction, system_prompt
 from service.prompts.styles import STYLES, Style, StyleName
 from service.ratelimit import rate_limiter
 from service.runtime import Runtime
-from service.upstream.base import UpstreamError
+from service.upstream.base import UpstreamError, caller_text
 
 
 class EnhanceRequest(msgspec.Struct, forbid_unknown_fields=True):
@@ -62,6 +62,11 @@ def find_style(name: str | None) -> Style | None:
     if style is None:
         raise InvalidInput(f"unknown style {name!r}; see GET /api/prompts/styles", code="unknown_style", field="style")
     return style
+
+
+def enhancement_error(plan: Plan, exc: UpstreamError) -> str:
+    """What the caller of a failed enhancement is told: the upstream's text, cleaned."""
+    return caller_text(exc.message, subject=f"enhancement for tenant {plan.tenant_id} failed ({exc.code})")
 
 
 def style_suffix(prompt: str, style: Style | None) -> str:
@@ -160,7 +165,7 @@ class Enhancer:
         try:
             return await self._model.open(plan.messages(), plan.model, TEMPERATURES[plan.direction])
         except UpstreamError as exc:
-            raise UpstreamFailed(exc.message, code=exc.code) from None
+            raise UpstreamFailed(enhancement_error(plan, exc), code=exc.code) from None
 
     async def charge(self, plan: Plan) -> str | None:
         """Debit the enhancement's price; returns the key its refund would use, or None when it is free."""
@@ -204,7 +209,7 @@ class Enhancer:
                 yield writer.chunk(delta)
         except UpstreamError as exc:
             await self.refund(plan, charge)
-            yield ChunkWriter.error(exc.code, exc.message)
+            yield ChunkWriter.error(exc.code, enhancement_error(plan, exc))
             yield DONE
             return
         finally:

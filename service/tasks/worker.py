@@ -31,7 +31,14 @@ from service.prompts.service import EnhanceRequest, style_suffix
 from service.prompts.styles import STYLES
 from service.runtime import Runtime
 from service.tasks import repository
-from service.upstream.base import GenerationRequest, GenerationResult, ImageInput, ImageUpstream, UpstreamError
+from service.upstream.base import (
+    GenerationRequest,
+    GenerationResult,
+    ImageInput,
+    ImageUpstream,
+    UpstreamError,
+    caller_text,
+)
 
 log = logging.getLogger("service.worker")
 T = TypeVar("T")
@@ -110,7 +117,7 @@ class WorkerPool:
         while True:
             self._wake.clear()
             try:
-                while free := self.settings.worker_concurrency - len(self._runs):
+                while not self._cooling_down() and (free := self.settings.worker_concurrency - len(self._runs)):
                     claimed = await self._claim(free)
                     for task in claimed:
                         run = asyncio.create_task(self._run(task), name=f"task-{task.id}")
@@ -126,8 +133,15 @@ class WorkerPool:
                 log.exception("claiming tasks failed")
             with contextlib.suppress(TimeoutError):
                 # Work submitted through another process, and lapsed leases, are found by polling; in-process
-                # submissions wake the pool at once.
-                await asyncio.wait_for(self._wake.wait(), timeout=self.settings.idle_poll_seconds)
+                # submissions wake the pool at once. A cool-down ends by time alone, so the wait ends with it.
+                cooldown = self.runtime.upstream_health.cooldown_left()
+                idle = self.settings.idle_poll_seconds
+                await asyncio.wait_for(self._wake.wait(), timeout=min(idle, cooldown) if cooldown else idle)
+
+    def _cooling_down(self) -> bool:
+        """While the upstream cools down after saying it cannot serve, new tasks stay queued rather than each
+        meeting the same refusal; tasks already running finish or fail on their own."""
+        return self.runtime.upstream_health.cooldown_left() > 0
 
     def _run_done(self, run: asyncio.Task[None]) -> None:
         self._runs.discard(run)
@@ -241,6 +255,8 @@ class WorkerPool:
             request = await self._request_for(task, final_prompt)
             result = await self._with_retries(task, lambda: self.upstream.generate(request))
         except UpstreamError as exc:
+            if exc.blocking:
+                self.runtime.upstream_health.block(exc.code)
             return self._failure(task, exc.code, exc.message)
         outcome = await self._keep_images(task, result)
         outcome.final_prompt = final_prompt
@@ -297,7 +313,7 @@ class WorkerPool:
         )
         return GenerationRequest(
             task_id=task.id,
-            prompt=task.prompt,
+            prompt=prompt,
             model=task.model,
             size=task.size,
             quality=task.quality,
@@ -310,7 +326,7 @@ class WorkerPool:
         aspect = expected_aspect(task.size)
         try:
             checked: list[PreparedImage] = [
-                await asyncio.to_thread(inspect_output, data, self.settings.max_output_bytes, aspect)
+                await self.runtime.decode(inspect_output, data, self.settings.max_output_bytes, aspect)
                 for data in result.images[: task.n]
             ]
         except UpstreamError as exc:
@@ -337,6 +353,8 @@ class WorkerPool:
 
     @staticmethod
     def _failure(task: Task, code: str, message: str, upstream_ids: list[str] | None = None) -> Outcome:
+        """A failed, fully refunded outcome; the message may carry upstream text, so the caller sees it cleaned."""
+        shown = caller_text(message, subject=f"task {task.id} failed ({code})")
         return Outcome(
-            status="failed", refund=task.cost, error_code=code, error_message=message, upstream_ids=upstream_ids or []
+            status="failed", refund=task.cost, error_code=code, error_message=shown, upstream_ids=upstream_ids or []
         )

@@ -11,6 +11,7 @@ import base64
 import binascii
 import contextlib
 import json
+import time
 from collections.abc import Iterator
 from typing import Any
 from urllib.parse import urljoin, urlsplit
@@ -23,31 +24,52 @@ from service.upstream.base import GenerationResult, UpstreamError, error_for_sta
 
 MAX_ERROR_BODY = 64 * 1024
 MAX_JSON_BODY = 256 * 1024 * 1024
+DOWNLOAD_PIECE = 256 * 1024
 
 
 class UpstreamHealth:
     """What the last upstream calls of this process say: degraded after a run of transient failures (timeouts,
-    refused connections, 5xx, 429), healthy again at the first success."""
+    refused connections, 5xx, 429), or at once when the upstream says it cannot serve (no quota, our key refused);
+    healthy again at the first success.
 
-    def __init__(self, failures_to_degrade: int = 3) -> None:
+    A blocking error also starts a cool-down of `cooldown_seconds`: while it runs the worker pool claims no new tasks,
+    so queued work waits instead of each task meeting the same refusal.
+    """
+
+    def __init__(self, failures_to_degrade: int = 3, cooldown_seconds: float = 30.0) -> None:
         self._failures_to_degrade = failures_to_degrade
+        self._cooldown_seconds = cooldown_seconds
         self._consecutive_failures = 0
+        self._blocked = False
+        self._cool_until = 0.0
         self.last_error: str | None = None
 
     @property
     def degraded(self) -> bool:
-        return self._consecutive_failures >= self._failures_to_degrade
+        return self._blocked or self._consecutive_failures >= self._failures_to_degrade
+
+    def cooldown_left(self) -> float:
+        """Seconds until work may go to the upstream again; 0 when it may now."""
+        return max(0.0, self._cool_until - time.monotonic())
+
+    def block(self, code: str) -> None:
+        self._blocked = True
+        self.last_error = code
+        self._cool_until = time.monotonic() + self._cooldown_seconds
 
     @contextlib.contextmanager
     def watch(self) -> Iterator[None]:
         try:
             yield
         except UpstreamError as exc:
-            if exc.transient:
+            if exc.blocking:
+                self.block(exc.code)
+            elif exc.transient:
                 self._consecutive_failures += 1
                 self.last_error = exc.code
             raise
         self._consecutive_failures = 0
+        self._blocked = False
         self.last_error = None
 
 
@@ -158,33 +180,56 @@ class UpstreamHTTP:
                 if response.status >= 300:
                     raise await _error_from(response)
                 if response.content_length is not None and response.content_length > max_bytes:
-                    raise UpstreamError(
-                        "upstream_bad_image", "The upstream image is larger than allowed", transient=False
-                    )
-                data = await response.content.read(max_bytes + 1)
-                if len(data) > max_bytes:
-                    raise UpstreamError(
-                        "upstream_bad_image", "The upstream image is larger than allowed", transient=False
-                    )
-                return data
+                    raise _too_large()
+                return await _read_whole(response, max_bytes)
+
+
+async def _read_whole(response: aiohttp.ClientResponse, max_bytes: int) -> bytes:
+    """The whole body, however many pieces it arrives in, failing as soon as it grows past `max_bytes`.
+
+    The session's total timeout bounds the whole download; a body cut short raises a payload error (transient).
+    """
+    body = bytearray()
+    async for piece in response.content.iter_chunked(DOWNLOAD_PIECE):
+        body += piece
+        if len(body) > max_bytes:
+            raise _too_large()
+    return bytes(body)
+
+
+def _too_large() -> UpstreamError:
+    return UpstreamError("upstream_bad_image", "The upstream image is larger than allowed", transient=False)
 
 
 async def _error_from(response: aiohttp.ClientResponse) -> UpstreamError:
     message = ""
     try:
         body = await asyncio.wait_for(response.content.read(MAX_ERROR_BODY), timeout=5)
-        payload = json.loads(body)
-        error = payload.get("error") if isinstance(payload, dict) else None
-        if isinstance(error, dict):
-            message = str(error.get("message") or error.get("code") or "")
-        elif isinstance(error, str):
-            message = error
-        elif isinstance(payload, dict) and isinstance(payload.get("detail"), str):
-            message = payload["detail"]
+        message = error_text(json.loads(body))
     except (ValueError, TimeoutError, aiohttp.ClientError):
         pass
     retry_after = _retry_after(response.headers.get("Retry-After"))
-    return error_for_status(response.status, message[:300], retry_after)
+    return error_for_status(response.status, message, retry_after)
+
+
+def error_text(payload: Any) -> str:
+    """The text of an upstream error body in the shapes upstreams use: OpenAI's `{"error": {"message", "type",
+    "code"}}` (type and code kept, since `insufficient_quota` may be only there), `{"error": "..."}`,
+    `{"detail": "..."}` and chatgpt2api's `{"detail": {"error": "..."}}`."""
+    if not isinstance(payload, dict):
+        return ""
+    error = payload.get("error")
+    if error is None and "detail" in payload:
+        error = payload["detail"]
+        if isinstance(error, dict) and "error" in error and not isinstance(error.get("message"), str):
+            error = error["error"]
+    if isinstance(error, str):
+        return error
+    if isinstance(error, dict):
+        message = str(error.get("message") or "")
+        extra = dict.fromkeys(str(error[key]) for key in ("type", "code") if error.get(key))
+        return " ".join([*([message] if message else []), *(f"({item})" for item in extra if item not in message)])
+    return ""
 
 
 def _retry_after(value: str | None) -> float | None:

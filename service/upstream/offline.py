@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import contextlib
+import functools
 import hashlib
 import hmac
 import io
@@ -16,7 +17,7 @@ import re
 import secrets
 import signal
 import time
-from collections import Counter
+from collections import Counter, deque
 from collections.abc import Awaitable, Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -40,8 +41,31 @@ FAULT_NAMES = frozenset(
         "short_result",
         "chat_500",
         "chat_midstream_error",
+        "quota_429",
+        "quota_429_detail",
+        "quota_403_detail",
+        "auth_401",
+        "auth_403",
+        "leaky_error",
     }
 )
+# Faults that answer any image submission and any chat completion, as an upstream that cannot serve anyone would.
+REFUSAL_FAULTS = ("quota_429", "quota_429_detail", "quota_403_detail", "auth_401", "auth_403", "leaky_error")
+# The refusals after which a service holds all work back from the upstream for a cool-down.
+BLOCKING_FAULTS = frozenset(REFUSAL_FAULTS) - {"leaky_error"}
+QUOTA_MESSAGE = "You exceeded your current quota, please check your plan and billing details."
+NO_ACCOUNTS_MESSAGE = "insufficient_quota: no available image accounts"
+AUTH_MESSAGE = "Incorrect API key provided"
+LEAKY_MESSAGE = (
+    "Generation failed at https://images.internal.example.com/v1/render?token=abc (backend gpu-07.cluster.local:8443)"
+    " using key sk-proj-4f9a8b7c6d5e4f3a2b1c0d9e8f7a6b5c\n"
+    "Traceback (most recent call last):\n"
+    '  File "/srv/app/render.py", line 42, in render\n'
+    "    raise RuntimeError(detail)\n"
+    "RuntimeError: renderer crashed"
+)
+ANSWER_SHAPES = ("url", "b64_json", "both")
+RECENT = 200
 MODELS = ("gpt-image-2", "gpt-image-1", "gpt-5.5")
 DEFAULT_IMAGE_MODEL = "gpt-image-2"
 DEFAULT_CHAT_MODEL = "gpt-5.5"
@@ -125,6 +149,7 @@ class ImageOutcome:
     height: int
     corrupt: bool = False
     unreachable: bool = False
+    noise: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -134,11 +159,20 @@ class StoredImage:
     height: int
     index: int
     corrupt: bool
+    noise: bool = False
 
     def render(self) -> bytes:
-        if self.corrupt:
-            return NOT_AN_IMAGE
-        return draw_image(self.prompt, self.width, self.height, self.index)
+        return _render(self)
+
+
+@functools.lru_cache(maxsize=16)
+def _render(image: StoredImage) -> bytes:
+    """Rendered once per image: a big noise image is polled and downloaded more than once."""
+    if image.corrupt:
+        return NOT_AN_IMAGE
+    if image.noise:
+        return draw_noise_image(image.prompt, image.width, image.height, image.index)
+    return draw_image(image.prompt, image.width, image.height, image.index)
 
 
 @dataclass(frozen=True, slots=True)
@@ -179,6 +213,17 @@ def draw_image(prompt: str, width: int, height: int, index: int = 0) -> bytes:
     pen = ImageDraw.Draw(canvas)
     _draw_shapes(pen, digest, width, height)
     _draw_caption(pen, prompt, width, height)
+    buffer = io.BytesIO()
+    canvas.save(buffer, "PNG", compress_level=1)
+    return buffer.getvalue()
+
+
+def draw_noise_image(prompt: str, width: int, height: int, index: int = 0) -> bytes:
+    """A PNG of seeded noise with the prompt's caption: noise does not compress, so 1024x1024 makes ~3 MB, the size of
+    a real upstream's photographs."""
+    seed = hashlib.sha256(f"{prompt}\x00{index}".encode()).digest()
+    canvas = Image.frombytes("RGB", (width, height), random.Random(seed).randbytes(width * height * 3))
+    _draw_caption(ImageDraw.Draw(canvas), prompt, width, height)
     buffer = io.BytesIO()
     canvas.save(buffer, "PNG", compress_level=1)
     return buffer.getvalue()
@@ -405,15 +450,73 @@ def _chunk(completion_id: str, created: int, model: str, delta: dict[str, str], 
     return f"data: {json.dumps(chunk)}\n\n".encode()
 
 
+@dataclass(slots=True)
+class ServingSettings:
+    """How the server behaves like a real one beyond latency: files served in pieces with pauses between them, big
+    noise images, and the shape of a finished answer per protocol (`images_answer` None follows `response_format`)."""
+
+    chunk_size: int = 0
+    chunk_pause: float = 0.0
+    noise: bool = False
+    tasks_answer: str = "url"
+    images_answer: str | None = None
+
+    def update(self, body: dict[str, Any]) -> None:
+        if "chunk_size" in body:
+            value = body["chunk_size"]
+            if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+                raise _BadRequest("chunk_size must be a non-negative integer (0 serves files whole)")
+            self.chunk_size = value
+        if "chunk_pause" in body:
+            self.chunk_pause = _seconds(body["chunk_pause"], "chunk_pause")
+        if "noise" in body:
+            if not isinstance(body["noise"], bool):
+                raise _BadRequest("noise must be a boolean")
+            self.noise = body["noise"]
+        if "tasks_answer" in body:
+            self.tasks_answer = _answer_shape(body["tasks_answer"], "tasks_answer", optional=False) or "url"
+        if "images_answer" in body:
+            self.images_answer = _answer_shape(body["images_answer"], "images_answer", optional=True)
+
+    def as_json(self) -> dict[str, Any]:
+        return {
+            "chunk_size": self.chunk_size,
+            "chunk_pause": self.chunk_pause,
+            "noise": self.noise,
+            "tasks_answer": self.tasks_answer,
+            "images_answer": self.images_answer,
+        }
+
+
+def _answer_shape(value: object, name: str, *, optional: bool) -> str | None:
+    if value is None and optional:
+        return None
+    if value not in ANSWER_SHAPES:
+        raise _BadRequest(f"{name} must be one of {', '.join(ANSWER_SHAPES)}{' or null' if optional else ''}")
+    return str(value)
+
+
+SETTING_NAMES = frozenset(
+    {"latency", "token_delay", "chunk_size", "chunk_pause", "noise", "tasks_answer", "images_answer"}
+)
+
+
 class OfflineUpstream:
-    """The offline upstream server; every route, control routes included, requires the bearer key."""
+    """The offline upstream server; every route, control routes included, requires the bearer key.
+
+    Besides its fault switches it keeps, for tests to read, the recent image requests it received (`/_offline/received`)
+    and the recent images it served with their sha256 (`/_offline/served`).
+    """
 
     def __init__(self, api_key: str, *, latency: float = 0.0, token_delay: float = 0.0) -> None:
         self._api_key = api_key.encode()
         self.latency = latency
         self.token_delay = token_delay
+        self.serving = ServingSettings()
         self.faults = FaultBoard()
         self.requests: Counter[str] = Counter()
+        self.received: deque[dict[str, Any]] = deque(maxlen=RECENT)
+        self.served: deque[dict[str, Any]] = deque(maxlen=RECENT)
         self._tasks: dict[str, Task] = {}
         self._files: dict[str, StoredImage] = {}
         self._runner: web.AppRunner | None = None
@@ -469,6 +572,8 @@ class OfflineUpstream:
         app.router.add_put("/_offline/settings", self._put_settings)
         app.router.add_get("/_offline/settings", self._get_settings)
         app.router.add_get("/_offline/stats", self._get_stats)
+        app.router.add_get("/_offline/received", self._get_received)
+        app.router.add_get("/_offline/served", self._get_served)
         return app
 
     @web.middleware
@@ -505,8 +610,20 @@ class OfflineUpstream:
             return False
         return True
 
-    async def _submit_fault(self, prompt: str) -> web.Response | None:
+    def _refusal(self, prompt: str, *, task_api: bool) -> web.Response | None:
+        """The answer of an upstream that cannot serve anyone (no quota, our key refused) or that fails with a wordy
+        error, in the shape of the protocol asked: OpenAI's `{"error": {...}}` or the task API's
+        `{"detail": {"error": "..."}}`."""
+        for fault in REFUSAL_FAULTS:
+            if self.faults.fires(fault, [prompt]):
+                return _refusal_response(fault, task_api=task_api)
+        return None
+
+    async def _submit_fault(self, prompt: str, *, task_api: bool) -> web.Response | None:
         """The response a failing upstream gives at submission, or None to accept the request."""
+        refusal = self._refusal(prompt, task_api=task_api)
+        if refusal is not None:
+            return refusal
         if self.faults.fires("submit_timeout", [prompt]):
             await self._pause(SUBMIT_HANG_SECONDS)
             return _json_error(503, "The upstream is shutting down", "server_error", "unavailable")
@@ -530,35 +647,61 @@ class OfflineUpstream:
             height=height,
             corrupt=self.faults.fires("bad_image", prompts),
             unreachable=self.faults.fires("image_404", prompts),
+            noise=self.serving.noise,
         )
 
     def _store_images(self, prompt: str, outcome: ImageOutcome) -> list[str]:
         names = [f"{secrets.token_hex(12)}.png" for _ in range(outcome.count)]
         if not outcome.unreachable:
             for index, name in enumerate(names):
-                self._files[name] = StoredImage(prompt, outcome.width, outcome.height, index, outcome.corrupt)
+                self._files[name] = StoredImage(
+                    prompt, outcome.width, outcome.height, index, outcome.corrupt, outcome.noise
+                )
         return names
 
     def _file_url(self, name: str) -> str:
         return f"{self.base_url}/files/{name}"
 
+    def _receive(self, request: web.Request, order: ImageRequest) -> ImageRequest:
+        """Note what arrived, for a test to compare with what the service meant to send."""
+        self.received.append(
+            {
+                "path": request.path,
+                "prompt": order.prompt,
+                "model": order.model,
+                "n": order.n,
+                "size": order.size,
+                "images": len(order.source_images),
+            }
+        )
+        return order
+
+    def _serve(self, image: StoredImage, data: bytes, via: str) -> None:
+        """Note an image as served whole, with its digest, for a test to compare with what the service kept."""
+        digest = hashlib.sha256(data).hexdigest()
+        self.served.append(
+            {"prompt": image.prompt, "index": image.index, "via": via, "bytes": len(data), "sha256": digest}
+        )
+
     async def _submit_task_generation(self, request: web.Request) -> web.Response:
-        return await self._submit_task(_image_request(await _json_object(request), tasks_api=True), "generate")
+        order = _image_request(await _json_object(request), tasks_api=True)
+        return await self._submit_task(self._receive(request, order), "generate")
 
     async def _submit_task_edit(self, request: web.Request) -> web.Response:
         fields, images = await _multipart_form(request)
-        return await self._submit_task(_image_request(fields, tasks_api=True, images=images), "edit")
+        order = _image_request(fields, tasks_api=True, images=images)
+        return await self._submit_task(self._receive(request, order), "edit")
 
     async def _submit_task(self, order: ImageRequest, mode: str) -> web.Response:
-        refusal = await self._submit_fault(order.prompt)
+        refusal = await self._submit_fault(order.prompt, task_api=True)
         if refusal is not None:
             return refusal
         assert order.client_task_id is not None
         existing = self._tasks.get(order.client_task_id)
         if existing is not None:
-            return web.json_response(self._task_json(existing, time.time()))
+            return web.json_response(await self._task_json(existing, time.time()))
         task = self._new_task(order, mode)
-        return web.json_response(self._task_json(task, task.created_at, queued=True))
+        return web.json_response(await self._task_json(task, task.created_at, queued=True))
 
     def _new_task(self, order: ImageRequest, mode: str) -> Task:
         assert order.client_task_id is not None
@@ -582,7 +725,7 @@ class OfflineUpstream:
             self._tasks[task.id] = task
         return task
 
-    def _task_json(self, task: Task, now: float, *, queued: bool = False) -> dict[str, Any]:
+    async def _task_json(self, task: Task, now: float, *, queued: bool = False) -> dict[str, Any]:
         status = "queued" if queued else task.status(now)
         finished = status in {"success", "error"}
         body: dict[str, Any] = {
@@ -595,7 +738,9 @@ class OfflineUpstream:
             "updated_at": _iso(task.ready_at if finished else task.created_at),
         }
         if status == "success":
-            body["data"] = [{"url": self._file_url(name), "revised_prompt": task.prompt} for name in task.file_names]
+            body["data"] = [
+                await self._answer_item(name, task.prompt, self.serving.tasks_answer) for name in task.file_names
+            ]
         elif status == "error":
             body["error"] = TASK_FAILURE_MESSAGE
         return body
@@ -611,35 +756,63 @@ class OfflineUpstream:
         now = time.time()
         return web.json_response(
             {
-                "items": [self._task_json(task, now) for task in found],
+                "items": [await self._task_json(task, now) for task in found],
                 "missing_ids": [task_id for task_id in ids if task_id not in self._tasks],
             }
         )
 
-    async def _serve_file(self, request: web.Request) -> web.Response:
+    async def _answer_item(self, name: str, prompt: str, shape: str) -> dict[str, Any]:
+        """One entry of a finished answer's `data`: the image by URL, inline, or both (a stored file hidden by
+        `image_404` can only be given by URL)."""
+        item: dict[str, Any] = {"revised_prompt": prompt}
+        image = self._files.get(name)
+        if shape in {"url", "both"} or image is None:
+            item["url"] = self._file_url(name)
+        if shape in {"b64_json", "both"} and image is not None:
+            item["b64_json"] = await self._encoded(image)
+        return item
+
+    async def _serve_file(self, request: web.Request) -> web.StreamResponse:
         image = self._files.get(request.match_info["name"])
         if image is None:
             return _json_error(404, "File not found", "invalid_request_error", "not_found")
-        return web.Response(body=await asyncio.to_thread(image.render), content_type="image/png")
+        data = await asyncio.to_thread(image.render)
+        piece = self.serving.chunk_size
+        if not piece:
+            self._serve(image, data, "url")
+            return web.Response(body=data, content_type="image/png")
+        response = web.StreamResponse(headers={"Content-Type": "image/png"})
+        response.content_length = len(data)
+        await response.prepare(request)
+        for start in range(0, len(data), piece):
+            if start and not await self._pause(self.serving.chunk_pause):
+                return response
+            await response.write(data[start : start + piece])
+        await response.write_eof()
+        self._serve(image, data, "url")
+        return response
 
     async def _images_generation(self, request: web.Request) -> web.Response:
-        return await self._generate_images(_image_request(await _json_object(request), tasks_api=False))
+        order = _image_request(await _json_object(request), tasks_api=False)
+        return await self._generate_images(self._receive(request, order))
 
     async def _images_edit(self, request: web.Request) -> web.Response:
         fields, images = await _multipart_form(request)
-        return await self._generate_images(_image_request(fields, tasks_api=False, images=images))
+        return await self._generate_images(
+            self._receive(request, _image_request(fields, tasks_api=False, images=images))
+        )
 
     async def _generate_images(self, order: ImageRequest) -> web.Response:
-        refusal = await self._submit_fault(order.prompt)
+        refusal = await self._submit_fault(order.prompt, task_api=False)
         if refusal is not None:
             return refusal
         outcome = self._image_outcome(order)
         if not await self._pause(self.latency):
             return _json_error(503, "The upstream is shutting down", "server_error", "unavailable")
-        if order.response_format == "url":
+        shape = self.serving.images_answer or order.response_format
+        if shape != "b64_json":
             data = [
-                {"url": self._file_url(name), "revised_prompt": order.prompt}
-                for name in self._store_images(order.prompt, outcome)
+                await self._answer_item(name, order.prompt, shape) for name in self._store_images(order.prompt, outcome)
             ]
         else:
             data = [
@@ -651,11 +824,12 @@ class OfflineUpstream:
     @staticmethod
     def _transient_images(prompt: str, outcome: ImageOutcome) -> Iterable[StoredImage]:
         for index in range(outcome.count):
-            yield StoredImage(prompt, outcome.width, outcome.height, index, outcome.corrupt)
+            yield StoredImage(prompt, outcome.width, outcome.height, index, outcome.corrupt, outcome.noise)
 
-    @staticmethod
-    async def _encoded(image: StoredImage) -> str:
-        return base64.b64encode(await asyncio.to_thread(image.render)).decode()
+    async def _encoded(self, image: StoredImage) -> str:
+        data = await asyncio.to_thread(image.render)
+        self._serve(image, data, "b64_json")
+        return base64.b64encode(data).decode()
 
     async def _chat_completion(self, request: web.Request) -> web.StreamResponse:
         body = await _json_object(request)
@@ -664,6 +838,9 @@ class OfflineUpstream:
         stream = body.get("stream", False)
         if not isinstance(stream, bool):
             raise _BadRequest("stream must be a boolean")
+        refusal = self._refusal(prompt, task_api=False)
+        if refusal is not None:
+            return refusal
         if self.faults.fires("chat_500", [prompt]):
             return _server_error()
         text = enhance_prompt(prompt, creative=creative, style=style)
@@ -737,18 +914,40 @@ class OfflineUpstream:
 
     async def _put_settings(self, request: web.Request) -> web.Response:
         body = await _json_object(request)
-        if set(body) - {"latency", "token_delay"}:
-            raise _BadRequest("Settings are latency and token_delay")
+        if set(body) - SETTING_NAMES:
+            raise _BadRequest(f"Settings are {', '.join(sorted(SETTING_NAMES))}")
         updates = {name: _seconds(body[name], name) for name in ("latency", "token_delay") if name in body}
+        serving = ServingSettings(**self.serving.as_json())
+        serving.update(body)
+        self.serving = serving
         self.latency = updates.get("latency", self.latency)
         self.token_delay = updates.get("token_delay", self.token_delay)
         return await self._get_settings(request)
 
     async def _get_settings(self, request: web.Request) -> web.Response:
-        return web.json_response({"latency": self.latency, "token_delay": self.token_delay})
+        return web.json_response({"latency": self.latency, "token_delay": self.token_delay, **self.serving.as_json()})
 
     async def _get_stats(self, request: web.Request) -> web.Response:
         return web.json_response({"requests": dict(self.requests)})
+
+    async def _get_received(self, request: web.Request) -> web.Response:
+        return web.json_response({"items": list(self.received)})
+
+    async def _get_served(self, request: web.Request) -> web.Response:
+        return web.json_response({"items": list(self.served)})
+
+
+def _refusal_response(fault: str, *, task_api: bool) -> web.Response:
+    if fault == "quota_429":
+        return _json_error(429, QUOTA_MESSAGE, "insufficient_quota", "insufficient_quota")
+    if fault in {"quota_429_detail", "quota_403_detail"}:
+        return web.json_response({"detail": {"error": NO_ACCOUNTS_MESSAGE}}, status=int(fault[6:9]))
+    status = {"auth_401": 401, "auth_403": 403}.get(fault, 400)
+    message = AUTH_MESSAGE if status != 400 else LEAKY_MESSAGE
+    if task_api:
+        return web.json_response({"detail": {"error": message}}, status=status)
+    kind = "invalid_request_error"
+    return _json_error(status, message, kind, "invalid_api_key" if status != 400 else "render_failed")
 
 
 def _seconds(value: object, name: str) -> float:

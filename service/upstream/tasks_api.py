@@ -14,7 +14,7 @@ from typing import Any
 
 import aiohttp
 
-from service.upstream.base import GenerationRequest, GenerationResult, UpstreamError
+from service.upstream.base import QUOTA_MARKER, GenerationRequest, GenerationResult, UpstreamError
 from service.upstream.http import UpstreamHTTP
 
 log = logging.getLogger("service.upstream.tasks")
@@ -46,8 +46,7 @@ class TasksUpstream:
         if task.get("status") not in TERMINAL:
             task = await self._wait(request.task_id)
         if task.get("status") == "error":
-            message = str(task.get("error") or "the upstream task failed")[:300]
-            raise UpstreamError("upstream_task_failed", f"The upstream task failed: {message}", transient=False)
+            raise _task_error(task.get("error"))
         data = task.get("data")
         return await self._http.result_from(
             data if isinstance(data, list) else [], self._max_image_bytes, upstream_ids=[str(task.get("id"))]
@@ -143,3 +142,13 @@ class TasksUpstream:
             future.set_exception(error)
         else:
             future.set_result(task or {})
+
+
+def _task_error(error: object) -> UpstreamError:
+    """The error of an upstream task that ended in `error`; one that ran out of quota blocks the upstream."""
+    message = str(error or "the upstream task failed")[:2000]
+    if QUOTA_MARKER in message.lower():
+        return UpstreamError(
+            "upstream_quota_exhausted", f"The upstream has no quota left: {message}", transient=False, blocking=True
+        )
+    return UpstreamError("upstream_task_failed", f"The upstream task failed: {message}", transient=False)
