@@ -9,6 +9,7 @@ import json
 import logging
 import signal
 import sys
+from datetime import timedelta
 from pathlib import Path
 
 import msgspec
@@ -16,10 +17,13 @@ import uvicorn
 
 from service import client
 from service.app import create_app
+from service.clock import utcnow
 from service.credits.audit import AuditReport, audit_ledger
 from service.db.engine import Database
 from service.db.migrations import upgrade
 from service.errors import ServiceError
+from service.images.storage import open_store
+from service.images.sweep import SweepReport, default_grace_seconds, sweep
 from service.observability import configure_logging
 from service.process import running
 from service.settings import Settings, SettingsError
@@ -136,6 +140,33 @@ def audit(args: argparse.Namespace) -> None:
         raise SystemExit(1)
 
 
+def gc(args: argparse.Namespace) -> None:
+    settings = _settings()
+    _configure_logging(settings)
+    if settings.auto_migrate:
+        _migrate(settings)
+    grace = default_grace_seconds(settings) if args.grace_seconds is None else args.grace_seconds
+    if grace < 0:
+        print("imagegen: --grace-seconds must not be negative", file=sys.stderr)
+        raise SystemExit(2)
+
+    async def run() -> SweepReport:
+        db = Database(settings.database_url)
+        try:
+            return await sweep(
+                db,
+                open_store(settings.storage_url),
+                now=utcnow(),
+                retention=timedelta(hours=settings.reference_retention_hours),
+                grace=timedelta(seconds=grace),
+                dry_run=args.dry_run,
+            )
+        finally:
+            await db.dispose()
+
+    print("\n".join(asyncio.run(run()).lines()))
+
+
 def openapi(args: argparse.Namespace) -> None:
     # Generated from the defaults, never from the caller's environment, so the document is the same everywhere.
     app = create_app(Settings.from_mapping({}))
@@ -187,6 +218,16 @@ def build_parser() -> argparse.ArgumentParser:
     p = commands.add_parser("audit", help="check the ledger's invariants; exits 1 on any lost or doubled credit")
     p.add_argument("--expect-finished", action="store_true", help="also fail while any task is queued or running")
     p.set_defaults(func=audit)
+
+    p = commands.add_parser("gc", help="delete stored images no task needs: orphans, and references past retention")
+    p.add_argument("--dry-run", action="store_true", help="only report what would be deleted")
+    p.add_argument(
+        "--grace-seconds",
+        type=float,
+        help="delete unreferenced objects only once older than this (default: twice TASK_DEADLINE_SECONDS, "
+        "at least an hour)",
+    )
+    p.set_defaults(func=gc)
 
     p = commands.add_parser("openapi", help="write the OpenAPI document")
     p.add_argument("--output", type=Path, default=DEFAULT_SPEC)

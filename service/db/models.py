@@ -21,6 +21,7 @@ from sqlalchemy import (
     Text,
     TypeDecorator,
     UniqueConstraint,
+    text,
     true,
 )
 from sqlalchemy.dialects.postgresql import JSONB
@@ -125,6 +126,9 @@ class ApiKey(Base):
     revoked_at: Mapped[datetime | None] = mapped_column(UTCDateTime(), nullable=True)
 
 
+_REFERENCES_KEPT = text("mode = 'image' AND references_deleted_at IS NULL")
+
+
 class Task(Base):
     __tablename__ = "tasks"
     __table_args__ = (
@@ -132,6 +136,10 @@ class Task(Base):
         Index("ix_tasks_status_lease", "status", "lease_expires_at"),
         Index("ix_tasks_tenant_id_status", "tenant_id", "status"),
         Index("ix_tasks_tenant_id_end_user_id", "tenant_id", "end_user", "id"),
+        # Finished image tasks whose references are still stored, for the retention sweep.
+        Index(
+            "ix_tasks_references_kept", "finished_at", sqlite_where=_REFERENCES_KEPT, postgresql_where=_REFERENCES_KEPT
+        ),
         CheckConstraint("refunded >= 0 AND refunded <= cost", name="refund_within_cost"),
     )
 
@@ -170,6 +178,8 @@ class Task(Base):
     updated_at: Mapped[datetime] = mapped_column(UTCDateTime())
     started_at: Mapped[datetime | None] = mapped_column(UTCDateTime(), nullable=True)
     finished_at: Mapped[datetime | None] = mapped_column(UTCDateTime(), nullable=True)
+    # When the storage sweep deleted the reference images (and mask) of this finished task; their records stay.
+    references_deleted_at: Mapped[datetime | None] = mapped_column(UTCDateTime(), nullable=True)
 
 
 class LedgerEntry(Base):

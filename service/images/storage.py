@@ -11,6 +11,8 @@ import asyncio
 import os
 import tempfile
 from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Protocol
 from urllib.parse import urlsplit
@@ -20,6 +22,15 @@ import botocore.config
 import botocore.exceptions
 
 CHUNK_BYTES = 256 * 1024
+LIST_PAGE = 1000
+TEMPORARY_PREFIX = ".incoming-"
+
+
+@dataclass(frozen=True, slots=True)
+class StoredObject:
+    key: str
+    size: int
+    modified_at: datetime
 
 
 class BlobStore(Protocol):
@@ -30,6 +41,10 @@ class BlobStore(Protocol):
     def stream(self, key: str) -> AsyncIterator[bytes]: ...
 
     async def delete(self, key: str) -> None: ...
+
+    def list(self, prefix: str = "") -> AsyncIterator[list[StoredObject]]:
+        """Everything stored under `prefix`, a page at a time, in no particular order."""
+        ...
 
     async def check(self) -> None: ...
 
@@ -46,8 +61,14 @@ class LocalBlobStore:
 
     def _write(self, key: str, data: bytes) -> None:
         path = self._path(key)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, temporary = tempfile.mkstemp(dir=path.parent, prefix=".incoming-")
+        while True:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            try:
+                fd, temporary = tempfile.mkstemp(dir=path.parent, prefix=TEMPORARY_PREFIX)
+                break
+            except FileNotFoundError:
+                # The sweep removed the (empty) folder between our mkdir and this file: make it again.
+                continue
         try:
             with os.fdopen(fd, "wb") as file:
                 file.write(data)
@@ -79,8 +100,40 @@ class LocalBlobStore:
         finally:
             os.close(fd)
 
+    def _remove(self, key: str) -> None:
+        """Delete the file, then its folders while they are empty, so deleted tasks leave no empty folders behind."""
+        path = self._path(key)
+        path.unlink(missing_ok=True)
+        folder = path.parent
+        while folder != self.root and folder.is_relative_to(self.root):
+            try:
+                folder.rmdir()
+            except OSError:
+                return
+            folder = folder.parent
+
     async def delete(self, key: str) -> None:
-        await asyncio.to_thread(self._path(key).unlink, missing_ok=True)
+        await asyncio.to_thread(self._remove, key)
+
+    def _scan(self, prefix: str) -> list[StoredObject]:
+        found = []
+        for folder, _, files in os.walk(self.root):
+            for name in files:
+                path = Path(folder, name)
+                key = path.relative_to(self.root).as_posix()
+                if not key.startswith(prefix):
+                    continue
+                try:
+                    status = path.stat()
+                except FileNotFoundError:
+                    continue  # deleted while we looked
+                found.append(StoredObject(key, status.st_size, datetime.fromtimestamp(status.st_mtime, UTC)))
+        return found
+
+    async def list(self, prefix: str = "") -> AsyncIterator[list[StoredObject]]:
+        found = await asyncio.to_thread(self._scan, prefix)
+        for start in range(0, len(found), LIST_PAGE):
+            yield found[start : start + LIST_PAGE]
 
     async def check(self) -> None:
         """Readiness: the directory exists and is writable."""
@@ -121,6 +174,20 @@ class S3BlobStore:
 
     async def delete(self, key: str) -> None:
         await asyncio.to_thread(self._client.delete_object, Bucket=self.bucket, Key=self._key(key))
+
+    async def list(self, prefix: str = "") -> AsyncIterator[list[StoredObject]]:
+        """One ListObjectsV2 page at a time, keys relative to this store's prefix."""
+        strip = len(self.prefix) + 1 if self.prefix else 0
+        request = {"Bucket": self.bucket, "Prefix": self._key(prefix), "MaxKeys": LIST_PAGE}
+        while True:
+            page = await asyncio.to_thread(self._client.list_objects_v2, **request)
+            yield [
+                StoredObject(item["Key"][strip:], int(item["Size"]), item["LastModified"].astimezone(UTC))
+                for item in page.get("Contents", [])
+            ]
+            if not page.get("IsTruncated"):
+                return
+            request["ContinuationToken"] = page["NextContinuationToken"]
 
     async def check(self) -> None:
         """Readiness: the bucket exists and these credentials reach it."""

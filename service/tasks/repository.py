@@ -45,6 +45,7 @@ NOT_YET: dict[str, Any] = {
     "lease_expires_at": None,
     "started_at": None,
     "finished_at": None,
+    "references_deleted_at": None,
 }
 """The columns of a new task that only its runs fill in."""
 TaskRow = namedtuple("TaskRow", [column.key for column in TASKS.columns])  # type: ignore[misc]
@@ -74,6 +75,16 @@ async def list_owned(
 async def get_task(session: AsyncSession, task_id: str) -> Task | None:
     """Unscoped read, for workers only."""
     return await session.scalar(select(Task).where(Task.id == task_id).execution_options(populate_existing=True))
+
+
+_SETTLED_IMAGES = select(TASKS.c.images).where(TASKS.c.id == bindparam("task_id", type_=String())).with_for_update()
+
+
+async def settled_images(statements: Statements, task_id: str) -> list[dict[str, Any]] | None:
+    """The images the task's row holds now, None when there is no such task. The row is locked (PostgreSQL), so the
+    answer waits for any transaction still writing it, such as a settle whose commit was cut off mid-way."""
+    found = await statements.rows(_SETTLED_IMAGES, {"task_id": task_id})
+    return list(found[0].images) if found else None
 
 
 _NOW = bindparam("now", type_=UTCDateTime())
@@ -294,3 +305,43 @@ async def fail_abandoned(statements: Statements, *, now: datetime, max_attempts:
                 now=now,
             )
     return [row[0] for row in failed]
+
+
+_STORAGE_VIEW = select(
+    TASKS.c.id, TASKS.c.status, TASKS.c.images, TASKS.c.references, TASKS.c.mask, TASKS.c.references_deleted_at
+)
+
+
+async def stored_by(session: AsyncSession, task_ids: list[str]) -> dict[str, Any]:
+    """The rows of these tasks, with the columns that say which stored objects each one needs, by id."""
+    if not task_ids:
+        return {}
+    rows = await session.execute(_STORAGE_VIEW.where(TASKS.c.id.in_(task_ids)))
+    return {row.id: row for row in rows}
+
+
+_REFERENCES_KEPT = and_(_t.mode == "image", _t.references_deleted_at.is_(None))
+
+
+async def references_past_retention(
+    session: AsyncSession, *, finished_before: datetime, after: str, limit: int
+) -> list[Any]:
+    """Finished image tasks (id above `after`, oldest ids first) whose references are still stored and which ended
+    before `finished_before`: (id, references, mask) rows. Only finished tasks have a `finished_at`."""
+    rows = await session.execute(
+        select(_t.id, _t.references, _t.mask)
+        .where(_REFERENCES_KEPT, _t.finished_at < finished_before, _t.id > after)
+        .order_by(_t.id)
+        .limit(limit)
+    )
+    return list(rows)
+
+
+async def mark_references_deleted(session: AsyncSession, task_ids: list[str], *, now: datetime) -> None:
+    """Record that these finished tasks' references are gone, so nothing reads them and nothing offers them."""
+    if task_ids:
+        await session.execute(
+            update(TASKS)
+            .where(_t.id.in_(task_ids), _REFERENCES_KEPT, _t.finished_at.is_not(None))
+            .values(references_deleted_at=now)
+        )

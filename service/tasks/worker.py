@@ -25,6 +25,7 @@ from service import idempotency
 from service.clock import utcnow
 from service.db.models import Task
 from service.ids import new_id
+from service.images import sweep
 from service.images.processing import EXTENSIONS, PreparedImage, inspect_output
 from service.images.sizes import expected_aspect
 from service.prompts.service import EnhanceRequest, style_suffix
@@ -44,6 +45,7 @@ log = logging.getLogger("service.worker")
 T = TypeVar("T")
 
 PURGE_INTERVAL_SECONDS = 60
+REREAD_SECONDS = 30.0
 
 
 @dataclass(slots=True)
@@ -95,6 +97,8 @@ class WorkerPool:
             asyncio.create_task(self._keep_leases(), name="worker-leases"),
             asyncio.create_task(self._hear_announcements(), name="worker-announcements"),
         ]
+        if self.settings.gc_interval_seconds > 0:
+            self._loops.append(asyncio.create_task(self._sweep_storage(), name="worker-storage-sweep"))
 
     async def _hear_announcements(self) -> None:
         async with self.runtime.db.work_announcements(self.wake):
@@ -175,6 +179,26 @@ class WorkerPool:
         for task_id in failed:
             log.warning("task %s failed: its worker was lost too often", task_id)
 
+    async def _sweep_storage(self) -> None:
+        """Every GC_INTERVAL_SECONDS, delete the stored images no task needs (see `service.images.sweep`). The first
+        sweep waits a random part of the interval, so worker processes started together do not sweep together."""
+        interval = self.settings.gc_interval_seconds
+        await asyncio.sleep(random.uniform(0, interval))
+        while True:
+            try:
+                report = await sweep.sweep(
+                    self.runtime.db,
+                    self.runtime.store,
+                    now=utcnow(),
+                    retention=timedelta(hours=self.settings.reference_retention_hours),
+                    grace=timedelta(seconds=sweep.default_grace_seconds(self.settings)),
+                )
+            except Exception:
+                log.exception("the storage sweep failed")
+            else:
+                log.info("storage sweep: %s", "; ".join(report.lines()))
+            await asyncio.sleep(interval)
+
     async def _keep_leases(self) -> None:
         while True:
             await asyncio.sleep(self.settings.lease_seconds / 3)
@@ -237,15 +261,40 @@ class WorkerPool:
                     error_message=outcome.error_message,
                 )
         except Exception:
-            # The lease lapses and the task is run again (the task API resumes the same upstream task).
             log.exception("task %s: committing its outcome failed", task.id)
-            settled = False
+            await self._after_failed_commit(task, outcome)
+            return
         if not settled:
             log.info("task %s was settled elsewhere; this run's outcome is dropped", task.id)
-            await asyncio.gather(*(self.runtime.store.delete(image["key"]) for image in outcome.images))
+            await self._delete_images(outcome)
         else:
             self.runtime.task_changed(task.id)
             log.info("task %s %s%s", task.id, outcome.status, f" ({outcome.error_code})" if outcome.error_code else "")
+
+    async def _after_failed_commit(self, task: Task, outcome: Outcome) -> None:
+        """An error at commit is ambiguous: the commit may have reached the database and succeeded before the
+        connection died. Only a fresh read of the task tells, so the run's images are deleted only when that read
+        proves the task does not hold them; when the read fails too they stay, and the storage sweep takes them once
+        they are truly orphaned. Had the commit failed, the lease lapses and the task runs again (the task API resumes
+        the same upstream task)."""
+        if not outcome.images:
+            return
+        try:
+            async with asyncio.timeout(REREAD_SECONDS), self.runtime.db.transaction() as statements:
+                held = await repository.settled_images(statements, task.id)
+        except Exception:
+            log.exception("task %s: re-reading it after the failed commit failed; its images are left", task.id)
+            return
+        ours = {image["key"] for image in outcome.images}
+        if held is not None and ours & {image["key"] for image in held}:
+            log.warning("task %s: its outcome was committed after all; its images are kept", task.id)
+            self.runtime.task_changed(task.id)
+            return
+        log.info("task %s: its outcome was not committed; this run's images are deleted", task.id)
+        await self._delete_images(outcome)
+
+    async def _delete_images(self, outcome: Outcome) -> None:
+        await asyncio.gather(*(self.runtime.store.delete(image["key"]) for image in outcome.images))
 
     async def _produce(self, task: Task) -> Outcome:
         if task.deadline_at <= utcnow():
