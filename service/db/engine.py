@@ -257,7 +257,14 @@ class Database:
             except BaseException:
                 raw.execute("ROLLBACK")
                 raise
-            raw.execute("COMMIT")
+            try:
+                raw.execute("COMMIT")
+            except BaseException:
+                # A COMMIT that failed (the database busy past its timeout, a full disk) leaves the transaction
+                # open on this connection: end it, or every later transaction here would fail to begin.
+                if raw.in_transaction:
+                    raw.execute("ROLLBACK")
+                raise
 
     async def fetch_one(self, statement: AnySelect, params: Mapping[str, Any]) -> Any | None:
         """The first row of one read-only statement, outside any session; its columns are attributes and positions."""
