@@ -28,6 +28,8 @@ def test_request_ids_are_echoed_or_made(service: Service, tenant: Tenant) -> Non
 
 def test_every_log_line_is_json_and_requests_name_their_tenant(service: Service, tenant: Tenant) -> None:
     tenant.client.get("/api/quota", headers={"X-Request-ID": "find-me-in-the-log"})
+    # The line is written once the answer went out, so it may follow the answer by a moment.
+    wait_until(lambda: "find-me-in-the-log" in service.log_text(), 5, "the request was not logged")
     lines = [json.loads(line) for line in service.log_text().splitlines() if line.strip()]
     assert all({"time", "level", "logger", "message"} <= set(line) for line in lines)
     [access] = [line for line in lines if line.get("request_id") == "find-me-in-the-log"]
@@ -60,6 +62,8 @@ def test_answers_no_route_handles_are_logged_counted_and_given_an_id(service: Se
     assert missing.status_code == 404 and missing.headers["x-request-id"] == "probe-missing-route"
     wrong = httpx.request("PROPFIND", f"{service.base_url}/api/quota", headers={"X-Request-ID": "probe-wrong-method"})
     assert wrong.status_code == 405 and wrong.headers["x-request-id"] == "probe-wrong-method"
+    probes = ("probe-missing-route", "probe-wrong-method")
+    wait_until(lambda: all(probe in service.log_text() for probe in probes), 5, "the requests were not logged")
     lines = [json.loads(line) for line in service.log_text().splitlines() if line.startswith("{")]
     logged = {line.get("request_id"): line for line in lines if line.get("message") == "request"}
     assert logged["probe-missing-route"]["status"] == 404 and logged["probe-missing-route"]["route"] == "unmatched"

@@ -350,3 +350,23 @@ def test_an_upstream_cut_mid_stream_refunds_once(bounded: Service, upstream: Ups
     # The response's own settling after the stream ended finds the refund made and adds none.
     tenant.client.get("/api/quota")
     assert moves(tenant) == [("debit", -BOUNDED_COST), ("refund", BOUNDED_COST)]
+
+
+def test_an_end_user_who_leaves_mid_stream_is_refunded_on_both_accounts(bounded: Service, upstream: Upstream) -> None:
+    tenant = bounded.new_tenant(credits=10)
+    token = tenant.client.post("/api/end-user-tokens", json={"user": "reader_0001"}).json()["token"]
+    with httpx.Client(base_url=bounded.base_url, headers={"Authorization": f"Bearer {token}"}, timeout=30) as user:
+        assert user.post("/api/quota/check-in").json()["balance"] == 10
+        upstream.settings(token_delay=0.3)
+        with user.stream("POST", ENHANCE, json={"prompt": "a quiet library"}) as response:
+            assert response.status_code == 200
+            assert next(line for line in response.iter_lines() if line.startswith("data: "))
+        wait_until(lambda: user.get("/api/quota").json()["balance"] == 10, 5, "the allowance was not refunded")
+    assert tenant.balance() == 10
+    entries = tenant.client.get("/api/quota/ledger", params={"user": "reader_0001"}).json()["items"]
+    assert sorted((e["account"], e["kind"], e["amount"]) for e in entries if e["kind"] != "grant") == [
+        ("tenant", "debit", -BOUNDED_COST),
+        ("tenant", "refund", BOUNDED_COST),
+        ("user", "debit", -BOUNDED_COST),
+        ("user", "refund", BOUNDED_COST),
+    ]
