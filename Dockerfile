@@ -12,6 +12,8 @@ RUN pip install --no-cache-dir /wheels/*.whl && rm -rf /wheels
 USER imagegen
 WORKDIR /home/imagegen
 ENV DATA_DIR=/home/imagegen/data PYTHONUNBUFFERED=1
+# /metrics asks for `Authorization: Bearer <METRICS_TOKEN>` when it is set: docker run -e METRICS_TOKEN=… (empty: open).
+ENV METRICS_TOKEN=""
 VOLUME ["/home/imagegen/data"]
 EXPOSE 8000
 HEALTHCHECK --interval=15s --timeout=3s --start-period=20s \

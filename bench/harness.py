@@ -110,6 +110,10 @@ class OfflineUpstream:
     def stats(self) -> dict[str, int]:
         return dict(self.control.get("/_offline/stats").json()["requests"])
 
+    def chat_requests(self) -> list[dict[str, Any]]:
+        """The chat completion requests the upstream received lately (model, max_tokens, … and the user prompt)."""
+        return list(self.control.get("/_offline/chat-requests").json()["requests"])
+
     def stop(self) -> None:
         self.control.close()
         self.process.terminate()

@@ -54,6 +54,9 @@ def openapi_config() -> OpenAPIConfig:
             security_schemes={
                 "tenantKey": SecurityScheme(type="http", scheme="bearer", description=f"A tenant API key: {bearer}"),
                 "adminKey": SecurityScheme(type="http", scheme="bearer", description=f"ADMIN_API_KEY: {bearer}"),
+                "metricsToken": SecurityScheme(
+                    type="http", scheme="bearer", description=f"METRICS_TOKEN, when it is set: {bearer}"
+                ),
                 "endUserToken": SecurityScheme(
                     type="http",
                     scheme="bearer",

@@ -1,5 +1,5 @@
-"""Prometheus metrics of this process: requests, upstream calls, and the task and credit figures `/metrics` fills in
-from the database when it is scraped."""
+"""Prometheus metrics: requests, upstream calls, tasks and credits counted by this process as their transactions
+commit, and the deployment's tasks by status, read from the database in the background (see `observability`)."""
 
 from __future__ import annotations
 
@@ -8,6 +8,8 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+from service.db.engine import after_commit
 
 REGISTRY = CollectorRegistry()
 REQUESTS = Counter("imagegen_http_requests", "HTTP requests answered", ["method", "route", "status"], registry=REGISTRY)
@@ -21,12 +23,40 @@ UPSTREAM_SECONDS = Histogram(
     registry=REGISTRY,
     buckets=(0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120),
 )
-TASKS = Gauge("imagegen_tasks", "Tasks by status", ["status"], registry=REGISTRY)
-QUEUE_DEPTH = Gauge("imagegen_queue_depth", "Tasks waiting for a worker", registry=REGISTRY)
-CREDITS = Gauge("imagegen_credits", "Credits moved by the ledger since the start, by kind", ["kind"], registry=REGISTRY)
+TASKS = Gauge(
+    "imagegen_tasks", "Tasks of the whole deployment by status, read at most every 15 s", ["status"], registry=REGISTRY
+)
+QUEUE_DEPTH = Gauge("imagegen_queue_depth", "Tasks of the whole deployment waiting for a worker", registry=REGISTRY)
+CREDITS = Counter(
+    "imagegen_credits",
+    "Credits debited from and refunded to tenants' balances by this process's committed transactions",
+    ["kind"],
+    registry=REGISTRY,
+)
+TASKS_SUBMITTED = Counter("imagegen_tasks_submitted", "Tasks this process accepted", registry=REGISTRY)
+TASKS_FINISHED = Counter(
+    "imagegen_tasks_finished", "Tasks this process finished, by final status", ["status"], registry=REGISTRY
+)
+_DEBITED, _REFUNDED = CREDITS.labels("debited"), CREDITS.labels("refunded")
 
 
 _UPSTREAM_OK = UPSTREAM_CALLS.labels("ok")
+
+
+def count_credits(kind: str, amount: int) -> None:
+    """Count a move of a tenant's balance when its transaction commits: debits and refunds, each once."""
+    if kind == "debit":
+        after_commit(lambda: _DEBITED.inc(-amount))
+    elif kind == "refund":
+        after_commit(lambda: _REFUNDED.inc(amount))
+
+
+def count_submitted() -> None:
+    after_commit(TASKS_SUBMITTED.inc)
+
+
+def count_finished(status: str) -> None:
+    after_commit(TASKS_FINISHED.labels(status).inc)
 
 
 @contextmanager

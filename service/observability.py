@@ -1,12 +1,17 @@
 """What operators see: one JSON log line per request (with its request id and tenant, never a secret), an
 `X-Request-ID` on every answer, and Prometheus metrics at `/metrics`.
 
-Request and upstream metrics are counted in this process; task and credit figures are read from the database when
-`/metrics` is scraped, so every process reports the same totals.
+Requests, upstream calls, submitted and finished tasks and credits are counted by this process (credits and tasks
+when the transaction that moved them commits). Tasks by status and the queue depth are the whole deployment's, read
+from the database in the background at most every `TASK_FIGURES_SECONDS`: a scrape itself never queries. With
+`METRICS_TOKEN` set, `/metrics` asks for it as a bearer token.
 """
 
 from __future__ import annotations
 
+import asyncio
+import hashlib
+import hmac
 import logging
 import os
 import re
@@ -15,19 +20,23 @@ from datetime import UTC, datetime
 from typing import Any
 
 import msgspec
-from litestar import Response, get
+from litestar import Request, Response, get
+from litestar.datastructures import State
 from litestar.enums import ScopeType
 from litestar.types import ASGIApp, Message, Receive, Scope, Send
 from prometheus_client import generate_latest
-from sqlalchemy import case, func, select
+from sqlalchemy import func, select
 
-from service.db.models import LedgerEntry, Task
-from service.metrics import CREDITS, QUEUE_DEPTH, REGISTRY, REQUEST_SECONDS, REQUESTS, TASKS
+from service.db.engine import Database
+from service.db.models import Task
+from service.errors import Unauthorized, problem_responses
+from service.metrics import QUEUE_DEPTH, REGISTRY, REQUEST_SECONDS, REQUESTS, TASKS
 from service.ratelimit import Decision
 from service.runtime import Runtime
 
 REQUEST_ID = re.compile(r"^[A-Za-z0-9._-]{1,128}$")
 access_log = logging.getLogger("service.access")
+log = logging.getLogger("service.metrics")
 
 
 class JsonFormatter(logging.Formatter):
@@ -106,28 +115,71 @@ def request_observer(app: ASGIApp) -> ASGIApp:
     return observe
 
 
+TASK_FIGURES_SECONDS = 15.0
+STATUSES = ("queued", "running", "completed", "failed", "cancelled")
+_BY_STATUS = select(Task.status, func.count()).group_by(Task.status)
+
+
+class TaskFigures:
+    """The deployment's tasks by status, kept in the gauges and re-read in the background when a scrape finds them
+    older than `TASK_FIGURES_SECONDS`; only the first scrape of a process waits for them."""
+
+    def __init__(self, db: Database) -> None:
+        self._db = db
+        self._read_at: float | None = None
+        self._reading: asyncio.Task[None] | None = None
+
+    async def refresh(self) -> None:
+        now = time.monotonic()
+        if self._reading is not None or (self._read_at is not None and now - self._read_at < TASK_FIGURES_SECONDS):
+            return
+        first = self._read_at is None
+        self._read_at = now
+        self._reading = asyncio.create_task(self._read(), name="metrics-task-figures")
+        if first:
+            await asyncio.shield(self._reading)
+
+    async def _read(self) -> None:
+        try:
+            async with self._db.read() as session:
+                by_status = dict((await session.execute(_BY_STATUS)).tuples().all())
+            for status in STATUSES:
+                TASKS.labels(status).set(by_status.get(status, 0))
+            QUEUE_DEPTH.set(by_status.get("queued", 0))
+        except Exception:
+            log.exception("reading the task figures for /metrics failed")
+        finally:
+            self._reading = None
+
+
+def _check_metrics_token(request: Request[Any, Any, Any], expected: str | None) -> None:
+    """With `METRICS_TOKEN` set, only `Authorization: Bearer <METRICS_TOKEN>` may scrape; compared in constant
+    time (as digests, so that lengths do not show either)."""
+    if expected is None:
+        return
+    scheme, _, token = request.headers.get("authorization", "").partition(" ")
+    given = token.strip() if scheme.lower() == "bearer" else ""
+    if not hmac.compare_digest(hashlib.sha256(given.encode()).digest(), hashlib.sha256(expected.encode()).digest()):
+        raise Unauthorized(
+            "Send the metrics token as `Authorization: Bearer <METRICS_TOKEN>`", code="invalid_metrics_token"
+        )
+
+
 @get(
     "/metrics",
     operation_id="metrics",
     summary="Prometheus metrics",
+    description="Needs `Authorization: Bearer <METRICS_TOKEN>` when `METRICS_TOKEN` is set.",
     tags=["health"],
     media_type="text/plain",
     include_in_schema=True,
+    responses=problem_responses(401),
+    security=[{"metricsToken": []}, {}],
 )
-async def metrics(runtime: Runtime) -> Response[bytes]:
-    async with runtime.db.read() as session:
-        by_status = dict((await session.execute(select(Task.status, func.count()).group_by(Task.status))).all())
-        debited, refunded = (
-            await session.execute(
-                select(
-                    func.coalesce(func.sum(case((LedgerEntry.kind == "debit", -LedgerEntry.amount), else_=0)), 0),
-                    func.coalesce(func.sum(case((LedgerEntry.kind == "refund", LedgerEntry.amount), else_=0)), 0),
-                )
-            )
-        ).one()
-    for status in ("queued", "running", "completed", "failed", "cancelled"):
-        TASKS.labels(status).set(by_status.get(status, 0))
-    QUEUE_DEPTH.set(by_status.get("queued", 0))
-    CREDITS.labels("debited").set(debited)
-    CREDITS.labels("refunded").set(refunded)
+async def metrics(request: Request[Any, Any, Any], runtime: Runtime, state: State) -> Response[bytes]:
+    _check_metrics_token(request, runtime.settings.metrics_token)
+    figures = state.get("task_figures")
+    if not isinstance(figures, TaskFigures):
+        figures = state["task_figures"] = TaskFigures(runtime.db)
+    await figures.refresh()
     return Response(generate_latest(REGISTRY), media_type="text/plain; version=0.0.4; charset=utf-8")

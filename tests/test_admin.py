@@ -20,6 +20,8 @@ def test_tenant_lifecycle(service: Service) -> None:
             "balance",
             "rate_limit_per_minute",
             "max_running_tasks",
+            "end_user_rate_limit_per_minute",
+            "end_user_max_running_tasks",
             "daily_grant",
             "balance_cap",
             "cors_origins",

@@ -4,6 +4,7 @@ daily check-in, the ledger per user, and CORS per tenant."""
 from __future__ import annotations
 
 import asyncio
+import itertools
 import secrets
 import time
 from collections import Counter
@@ -330,3 +331,60 @@ def test_cors_follows_each_tenants_origins(service: Service) -> None:
         headers={"Origin": APP_ORIGIN, "Authorization": "Bearer iget_e30.AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA"},
     )
     assert forged.status_code == 401 and "access-control-allow-origin" not in forged.headers
+
+
+def test_an_end_user_has_a_request_limit_of_its_own(service: Service) -> None:
+    tenant = service.new_tenant()
+    with service.admin() as admin:
+        updated = admin.patch(f"/api/admin/tenants/{tenant.id}", json={"end_user_rate_limit_per_minute": 3})
+        assert updated.status_code == 200, updated.text
+        view = updated.json()
+        assert (view["end_user_rate_limit_per_minute"], view["end_user_max_running_tasks"]) == (3, None)
+        assert admin.get(f"/api/admin/tenants/{tenant.id}").json() == view
+        assert admin.patch(f"/api/admin/tenants/{tenant.id}", json={"end_user_max_running_tasks": 0}).status_code in (
+            400,
+            422,
+        )
+    alice, bob = EndUser(tenant, user_id()), EndUser(tenant, user_id())
+    for left in (2, 1, 0):
+        answer = alice.client.get("/api/quota")
+        assert answer.status_code == 200, answer.text
+        assert (answer.headers["ratelimit-limit"], answer.headers["ratelimit-remaining"]) == ("3", str(left))
+    limited = alice.client.get("/api/quota")
+    assert limited.status_code == 429, limited.text
+    assert limited.headers["content-type"] == "application/problem+json"
+    assert limited.json()["code"] == "rate_limited"
+    assert int(limited.headers["retry-after"]) >= 1
+    assert (limited.headers["ratelimit-limit"], limited.headers["ratelimit-remaining"]) == ("3", "0")
+    assert int(limited.headers["ratelimit-reset"]) >= 1
+    # The rest of the tenant is untouched: another end user, and the tenant's own key.
+    assert bob.client.get("/api/quota").status_code == 200
+    tenant_answer = tenant.client.get("/api/quota")
+    assert tenant_answer.status_code == 200 and tenant_answer.headers["ratelimit-limit"] == "600"
+    with service.admin() as admin:
+        reset = admin.patch(f"/api/admin/tenants/{tenant.id}", json={"end_user_rate_limit_per_minute": None})
+        assert reset.json()["end_user_rate_limit_per_minute"] is None
+
+
+def test_an_end_users_tasks_past_its_running_limit_wait_while_others_run(service: Service, upstream: Upstream) -> None:
+    tenant = service.new_tenant(credits=100)
+    with service.admin() as admin:
+        updated = admin.patch(f"/api/admin/tenants/{tenant.id}", json={"end_user_max_running_tasks": 1})
+        assert updated.json()["end_user_max_running_tasks"] == 1
+    alice, bob = EndUser(tenant, user_id()), EndUser(tenant, user_id())
+    alice.check_in()
+    bob.check_in()
+    upstream.settings(latency=0.8)
+    submitted = [alice.submit(f"queued behind the others {i}") for i in range(3)]
+    assert [response.status_code for response in submitted] == [202, 202, 202]
+    other = bob.submit("runs meanwhile")
+    assert other.status_code == 202, other.text
+    tasks = [alice.wait(response.json()["id"]) for response in submitted]
+    bobs = bob.wait(other.json()["id"])
+    assert {task["status"] for task in [*tasks, bobs]} == {"completed"}
+    runs = sorted((datetime.fromisoformat(t["started_at"]), datetime.fromisoformat(t["finished_at"])) for t in tasks)
+    # Alice's runs follow one another: none starts before the one before it finished.
+    for (_, finished), (started, _) in itertools.pairwise(runs):
+        assert started >= finished, runs
+    # Bob's task did not wait for Alice's queue: it started before her last one could.
+    assert datetime.fromisoformat(bobs["started_at"]) < runs[-1][0]

@@ -4,10 +4,15 @@ from __future__ import annotations
 
 import json
 import re
+import secrets
+from collections.abc import Iterator
 
 import httpx
+import pytest
 
-from tests.conftest import Service, Tenant
+from tests.conftest import Service, Tenant, Upstream, service_env, wait_until
+
+METRICS_TOKEN = "metrics-" + secrets.token_hex(16)
 
 
 def test_request_ids_are_echoed_or_made(service: Service, tenant: Tenant) -> None:
@@ -23,6 +28,8 @@ def test_request_ids_are_echoed_or_made(service: Service, tenant: Tenant) -> Non
 
 def test_every_log_line_is_json_and_requests_name_their_tenant(service: Service, tenant: Tenant) -> None:
     tenant.client.get("/api/quota", headers={"X-Request-ID": "find-me-in-the-log"})
+    # The line is written once the answer went out, so it may follow the answer by a moment.
+    wait_until(lambda: "find-me-in-the-log" in service.log_text(), 5, "the request was not logged")
     lines = [json.loads(line) for line in service.log_text().splitlines() if line.strip()]
     assert all({"time", "level", "logger", "message"} <= set(line) for line in lines)
     [access] = [line for line in lines if line.get("request_id") == "find-me-in-the-log"]
@@ -42,9 +49,10 @@ def test_metrics_count_requests_tasks_upstream_calls_and_credits(service: Servic
         return float(match.group(1))
 
     assert value(r'imagegen_http_requests_total\{method="POST",route="/api/images/generate",status="202"\}') >= 1
-    assert value(r'imagegen_tasks\{status="completed"\}') >= 1
+    assert value(r'imagegen_tasks\{status="completed"\}') >= 0
     assert value(r"imagegen_queue_depth") >= 0
-    assert value(r'imagegen_credits\{kind="debited"\}') >= 1
+    assert value(r'imagegen_tasks_finished_total\{status="completed"\}') >= 1
+    assert value(r'imagegen_credits_total\{kind="debited"\}') >= 1
     assert value(r'imagegen_upstream_calls_total\{outcome="ok"\}') >= 1
     assert value(r'imagegen_http_request_seconds_count\{method="GET",route="/api/images/tasks/\{task_id\}"\}') >= 1
 
@@ -54,9 +62,86 @@ def test_answers_no_route_handles_are_logged_counted_and_given_an_id(service: Se
     assert missing.status_code == 404 and missing.headers["x-request-id"] == "probe-missing-route"
     wrong = httpx.request("PROPFIND", f"{service.base_url}/api/quota", headers={"X-Request-ID": "probe-wrong-method"})
     assert wrong.status_code == 405 and wrong.headers["x-request-id"] == "probe-wrong-method"
+    probes = ("probe-missing-route", "probe-wrong-method")
+    wait_until(lambda: all(probe in service.log_text() for probe in probes), 5, "the requests were not logged")
     lines = [json.loads(line) for line in service.log_text().splitlines() if line.startswith("{")]
     logged = {line.get("request_id"): line for line in lines if line.get("message") == "request"}
     assert logged["probe-missing-route"]["status"] == 404 and logged["probe-missing-route"]["route"] == "unmatched"
     assert logged["probe-wrong-method"]["status"] == 405
     metrics = httpx.get(f"{service.base_url}/metrics").text
     assert re.search(r'imagegen_http_requests_total\{[^}]*route="unmatched"[^}]*status="404"[^}]*\} [1-9]', metrics)
+
+
+@pytest.fixture(scope="module")
+def guarded(upstream: Upstream, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Service]:
+    process = Service(tmp_path_factory.mktemp("guarded"), service_env(upstream, METRICS_TOKEN=METRICS_TOKEN))
+    yield process
+    process.stop()
+
+
+def scrape(service: Service) -> dict[str, float]:
+    """The samples of one scrape with the metrics token, by name and labels as written."""
+    response = httpx.get(f"{service.base_url}/metrics", headers={"Authorization": f"Bearer {METRICS_TOKEN}"})
+    assert response.status_code == 200, response.text
+    samples = {}
+    for line in response.text.splitlines():
+        if line and not line.startswith("#"):
+            name, _, number = line.rpartition(" ")
+            samples[name] = float(number)
+    return samples
+
+
+def test_metrics_need_the_token_when_one_is_set(guarded: Service) -> None:
+    url = f"{guarded.base_url}/metrics"
+    for headers in (
+        {},
+        {"Authorization": "Bearer wrong-token"},
+        {"Authorization": f"Bearer {METRICS_TOKEN}x"},
+        {"Authorization": f"Basic {METRICS_TOKEN}"},
+    ):
+        refused = httpx.get(url, headers=headers)
+        assert refused.status_code == 401, headers
+        assert refused.headers["content-type"] == "application/problem+json"
+        assert refused.json()["code"] == "invalid_metrics_token"
+        assert METRICS_TOKEN not in refused.text
+    allowed = httpx.get(url, headers={"Authorization": f"Bearer {METRICS_TOKEN}"})
+    assert allowed.status_code == 200 and "imagegen_http_requests_total" in allowed.text
+    assert allowed.headers["content-type"].startswith("text/plain")
+
+
+def _submit_as(client: httpx.Client, prompt: str) -> str:
+    response = client.post("/api/images/generate", json={"prompt": prompt})
+    assert response.status_code == 202, response.text
+    return str(response.json()["id"])
+
+
+def test_credits_are_counted_once_for_tenants_and_their_end_users(guarded: Service, upstream: Upstream) -> None:
+    debited, refunded = 'imagegen_credits_total{kind="debited"}', 'imagegen_credits_total{kind="refunded"}'
+    completed, failed = (f'imagegen_tasks_finished_total{{status="{status}"}}' for status in ("completed", "failed"))
+    submitted = "imagegen_tasks_submitted_total"
+    before = scrape(guarded)
+    tenant = guarded.new_tenant(credits=50)
+    minted = tenant.client.post("/api/end-user-tokens", json={"user": "metrics_user_1"})
+    assert minted.status_code == 201, minted.text
+    with httpx.Client(
+        base_url=guarded.base_url, headers={"Authorization": f"Bearer {minted.json()['token']}"}, timeout=30
+    ) as user:
+        assert user.post("/api/quota/check-in").status_code == 200
+        upstream.faults({"fault": "submit_400", "match": "refused-upstream"})
+        ids = [
+            _submit_as(tenant.client, "counted by key"),
+            _submit_as(tenant.client, "refused-upstream by key"),
+            _submit_as(user, "counted for a user"),
+            _submit_as(user, "refused-upstream for a user"),
+        ]
+        tasks = [tenant.wait(task_id) for task_id in ids]
+    assert [task["status"] for task in tasks] == ["completed", "failed", "completed", "failed"]
+    # 4 credits spent, 2 of them refunded: the end user's spending moved two accounts but counts once.
+    assert tenant.balance() == 48
+
+    def moved() -> dict[str, float]:
+        after = scrape(guarded)
+        return {name: after[name] - before.get(name, 0) for name in (debited, refunded, completed, failed, submitted)}
+
+    expected = {debited: 4, refunded: 2, completed: 2, failed: 2, submitted: 4}
+    wait_until(lambda: moved() == expected, 5, f"the counters moved by {moved()}, not {expected}")

@@ -11,6 +11,8 @@ from typing import Any
 import httpx
 import pytest
 
+from service.prompts.service import CHARS_PER_TOKEN
+from service.upstream.offline import enhance_prompt
 from tests.conftest import Service, Tenant, Upstream, service_env, wait_until
 
 ENHANCE = "/api/prompts/enhance"
@@ -247,3 +249,124 @@ def test_a_separate_prompt_endpoint_and_a_missing_prompt_model(upstream: Upstrea
         assert tenant.generate("a harbour", enhance="details").status_code == 503
     finally:
         unconfigured.stop()
+
+
+BOUNDED_COST = 3
+BOUNDED_TOKENS = 16
+BOUNDED_PROMPT_CHARS = 200
+
+
+@pytest.fixture(scope="module")
+def bounded(upstream: Upstream, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Service]:
+    """A priced service with extra prompt models, a low output cap and a short prompt limit."""
+    env = service_env(
+        upstream,
+        PROMPT_ENHANCE_COST=str(BOUNDED_COST),
+        PROMPT_MODELS="llama3.2, qwen3",
+        PROMPT_MAX_OUTPUT_TOKENS=str(BOUNDED_TOKENS),
+        MAX_PROMPT_CHARS=str(BOUNDED_PROMPT_CHARS),
+    )
+    process = Service(tmp_path_factory.mktemp("bounded"), env)
+    yield process
+    process.stop()
+
+
+def received(upstream: Upstream, prompt: str) -> list[dict[str, Any]]:
+    """The chat requests the upstream received for `prompt`."""
+    return [request for request in upstream.chat_requests() if request["prompt"] == prompt]
+
+
+def moves(tenant: Tenant) -> list[tuple[str, int]]:
+    return sorted((entry["kind"], entry["amount"]) for entry in tenant.ledger() if entry["kind"] != "grant")
+
+
+def test_only_configured_prompt_models_are_accepted(bounded: Service, upstream: Upstream) -> None:
+    tenant = bounded.new_tenant(credits=20)
+    refused = tenant.client.post(ENHANCE, json={"prompt": "an unlisted model", "model": "gpt-4o"})
+    assert refused.status_code == 422, refused.text
+    assert refused.headers["content-type"] == "application/problem+json"
+    problem = refused.json()
+    assert (problem["code"], problem["field"]) == ("unknown_prompt_model", "model")
+    assert all(name in problem["detail"] for name in ("gpt-5.5", "llama3.2", "qwen3"))
+    assert received(upstream, "an unlisted model") == []
+    assert tenant.balance() == 20 and moves(tenant) == []
+
+    listed = tenant.client.post(
+        ENHANCE, json={"prompt": "a listed model", "model": "qwen3"}, headers={"Accept": "application/json"}
+    )
+    assert listed.status_code == 200 and listed.json()["model"] == "qwen3"
+    assert [request["model"] for request in received(upstream, "a listed model")] == ["qwen3"]
+
+    too_long = "x" * (BOUNDED_PROMPT_CHARS + 1)
+    for response in (
+        tenant.client.post(ENHANCE, json={"prompt": too_long}),
+        tenant.generate(too_long, enhance="details"),
+    ):
+        assert response.status_code == 422 and response.json()["code"] == "prompt_too_long", response.text
+    assert received(upstream, too_long) == []
+    assert tenant.balance() == 20 - BOUNDED_COST
+
+
+def test_the_upstream_is_asked_for_max_tokens_and_a_longer_answer_is_cut(bounded: Service, upstream: Upstream) -> None:
+    tenant = bounded.new_tenant(credits=20)
+    prompt = "a lighthouse on a cliff at dusk with gulls"
+    full = enhance_prompt(prompt, creative=False)
+    cap = BOUNDED_TOKENS * CHARS_PER_TOKEN
+    assert len(full) > cap  # the offline upstream ignores max_tokens and writes on
+    response, frames, _ = read_stream(tenant, {"prompt": prompt})
+    assert response.status_code == 200 and frames[-1] == "[DONE]"
+    text = text_of(frames)
+    assert 0 < len(text) <= cap and full.startswith(text)
+    assert frames[-2]["choices"][0]["finish_reason"] == "length"
+    [asked] = received(upstream, prompt)
+    assert (asked["max_tokens"], asked["stream"], asked["model"]) == (BOUNDED_TOKENS, True, "gpt-5.5")
+    # A cut answer is charged (the model did write it) but not cached.
+    assert tenant.balance() == 20 - BOUNDED_COST
+    assert moves(tenant) == [("debit", -BOUNDED_COST)]
+    whole = tenant.client.post(ENHANCE, json={"prompt": prompt}, headers={"Accept": "application/json"})
+    assert whole.headers["x-cache"] == "miss"
+    assert len(whole.json()["prompt"]) <= cap and full.startswith(whole.json()["prompt"])
+
+
+def test_a_client_that_leaves_mid_stream_gets_its_credits_back_once(bounded: Service, upstream: Upstream) -> None:
+    tenant = bounded.new_tenant(credits=10)
+    upstream.settings(token_delay=0.3)
+    with tenant.client.stream("POST", ENHANCE, json={"prompt": "a long walk"}) as response:
+        assert response.status_code == 200
+        lines = response.iter_lines()
+        assert next(line for line in lines if line.startswith("data: "))
+        assert tenant.balance() == 10 - BOUNDED_COST
+    wait_until(lambda: tenant.balance() == 10, 5, "the enhancement was not refunded")
+    assert moves(tenant) == [("debit", -BOUNDED_COST), ("refund", BOUNDED_COST)]
+
+
+def test_an_upstream_cut_mid_stream_refunds_once(bounded: Service, upstream: Upstream) -> None:
+    tenant = bounded.new_tenant(credits=10)
+    upstream.faults({"fault": "chat_midstream_error", "match": "snapped"})
+    response, frames, _ = read_stream(tenant, {"prompt": "a snapped cable"})
+    assert response.status_code == 200 and frames[-1] == "[DONE]"
+    assert frames[-2]["error"]["code"] == "upstream_stream_broken"
+    wait_until(lambda: tenant.balance() == 10, 5, "the enhancement was not refunded")
+    # The response's own settling after the stream ended finds the refund made and adds none.
+    tenant.client.get("/api/quota")
+    assert moves(tenant) == [("debit", -BOUNDED_COST), ("refund", BOUNDED_COST)]
+
+
+def test_an_end_user_who_leaves_mid_stream_is_refunded_on_both_accounts(bounded: Service, upstream: Upstream) -> None:
+    tenant = bounded.new_tenant(credits=10)
+    token = tenant.client.post("/api/end-user-tokens", json={"user": "reader_0001"}).json()["token"]
+    with httpx.Client(base_url=bounded.base_url, headers={"Authorization": f"Bearer {token}"}, timeout=30) as user:
+        assert user.post("/api/quota/check-in").json()["balance"] == 10
+        upstream.settings(token_delay=0.3)
+        with user.stream("POST", ENHANCE, json={"prompt": "a quiet library"}) as response:
+            assert response.status_code == 200
+            assert next(line for line in response.iter_lines() if line.startswith("data: "))
+        wait_until(lambda: user.get("/api/quota").json()["balance"] == 10, 5, "the allowance was not refunded")
+    assert tenant.balance() == 10
+    entries = tenant.client.get("/api/quota/ledger", params={"user": "reader_0001"}).json()["items"]
+    assert sorted((e["account"], e["kind"], e["amount"]) for e in entries if e["kind"] != "grant") == [
+        ("tenant", "debit", -BOUNDED_COST),
+        ("tenant", "refund", BOUNDED_COST),
+        ("user", "debit", -BOUNDED_COST),
+        ("user", "refund", BOUNDED_COST),
+    ]

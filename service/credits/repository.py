@@ -12,6 +12,7 @@ from service.db.engine import Database, Statements
 from service.db.models import END_USERS, LEDGER, TENANTS, LedgerEntry, UTCDateTime
 from service.errors import InsufficientCredits
 from service.ids import new_id
+from service.metrics import count_credits
 
 
 class Entry(NamedTuple):
@@ -80,6 +81,9 @@ async def post_entry(
     if not moved:
         return None
     [(balance_after,)] = moved
+    if account == TENANT:
+        # The tenant's account only: an end user's spending moves both, and is one spending.
+        count_credits(kind, amount)
     entry = Entry(new_id(), tenant_id, account, end_user, kind, amount, balance_after, task_id, reference, reason, now)
     await statements.rows(_APPEND, entry._asdict())
     return entry

@@ -13,8 +13,9 @@ import contextlib
 import logging
 import sqlite3
 from collections import namedtuple
-from collections.abc import AsyncIterator, Callable, Mapping, Sequence
+from collections.abc import AsyncIterator, Callable, Iterator, Mapping, Sequence
 from contextlib import asynccontextmanager
+from contextvars import ContextVar
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol, cast
@@ -48,6 +49,31 @@ _ANNOUNCE = select(func.pg_notify(bindparam("channel", type_=String()), ""))
 WORK_CHANNEL = "imagegen_work"
 LISTEN_RETRY_SECONDS = 2.0
 log = logging.getLogger("service.db")
+_ON_COMMIT: ContextVar[list[Callable[[], None]] | None] = ContextVar("on_commit", default=None)
+
+
+def after_commit(callback: Callable[[], None]) -> None:
+    """Call `callback` once the write transaction running in this task commits (never if it rolls back); at once
+    outside one. Counters use it so that what they count is what the database kept."""
+    pending = _ON_COMMIT.get()
+    if pending is None:
+        callback()
+    else:
+        pending.append(callback)
+
+
+@contextlib.contextmanager
+def _committing() -> Iterator[None]:
+    """The scope of one write transaction for `after_commit`: its callbacks run when the block ends without an
+    error, that is once the transaction inside it committed."""
+    pending: list[Callable[[], None]] = []
+    token = _ON_COMMIT.set(pending)
+    try:
+        yield
+    finally:
+        _ON_COMMIT.reset(token)
+    for callback in pending:
+        callback()
 
 
 def prepare_sqlite_directory(url: str) -> None:
@@ -223,12 +249,13 @@ class Database:
     @asynccontextmanager
     async def write(self) -> AsyncIterator[AsyncSession]:
         """A read-write transaction, committed when the block ends without an error."""
-        if not self.is_sqlite:
-            async with self._write_sessions() as session, session.begin():
+        with _committing():
+            if not self.is_sqlite:
+                async with self._write_sessions() as session, session.begin():
+                    yield session
+                return
+            async with self._write_lock, self._write_sessions() as session, session.begin():
                 yield session
-            return
-        async with self._write_lock, self._write_sessions() as session, session.begin():
-            yield session
 
     @asynccontextmanager
     async def read(self) -> AsyncIterator[AsyncSession]:
@@ -243,6 +270,12 @@ class Database:
         On SQLite the statements are prepared once and run on the driver's connection; the statements used here must
         be built once (module constants with bound parameters), since each distinct statement is compiled and kept.
         """
+        with _committing():
+            async with self._raw_transaction() as statements:
+                yield statements
+
+    @asynccontextmanager
+    async def _raw_transaction(self) -> AsyncIterator[Statements]:
         if not self.is_sqlite:
             async with self.engine.begin() as connection:
                 yield _AlchemyStatements(connection)

@@ -73,6 +73,9 @@ class Tenant(Base):
     # Per-tenant limits; NULL means the service-wide default.
     rate_limit_per_minute: Mapped[int | None] = mapped_column(Integer, nullable=True)
     max_running_tasks: Mapped[int | None] = mapped_column(Integer, nullable=True)
+    # The same two limits for each of the tenant's end users on their own; NULL means the service-wide default.
+    end_user_rate_limit_per_minute: Mapped[int | None] = mapped_column(Integer, nullable=True)
+    end_user_max_running_tasks: Mapped[int | None] = mapped_column(Integer, nullable=True)
     # What each of the tenant's end users may spend: a daily grant at check-in, up to a cap.
     daily_grant: Mapped[int] = mapped_column(BigInteger, default=10, server_default="10")
     balance_cap: Mapped[int] = mapped_column(BigInteger, default=100, server_default="100")

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import json
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator
 
 import aiohttp
 
@@ -19,7 +19,7 @@ class ChatStream:
     def __init__(self, response: aiohttp.ClientResponse) -> None:
         self._response = response
 
-    async def deltas(self) -> AsyncIterator[str]:
+    async def deltas(self) -> AsyncGenerator[str, None]:
         finished = False
         try:
             async for raw in self._response.content:
@@ -65,8 +65,15 @@ class PromptModel:
         self._http = http
         self.model = model
 
-    async def open(self, messages: list[dict[str, str]], model: str, temperature: float) -> ChatStream:
-        body = {"model": model, "messages": messages, "temperature": temperature, "stream": True}
+    async def open(self, messages: list[dict[str, str]], model: str, temperature: float, max_tokens: int) -> ChatStream:
+        """Start a streamed completion of at most `max_tokens` tokens (the upstream is asked; the caller enforces)."""
+        body = {
+            "model": model,
+            "messages": messages,
+            "temperature": temperature,
+            "max_tokens": max_tokens,
+            "stream": True,
+        }
         return ChatStream(await self._http.open_stream("/chat/completions", body))
 
     async def close(self) -> None:

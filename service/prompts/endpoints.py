@@ -6,6 +6,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from litestar import Request, Response, Router, delete, get, post
+from litestar.background_tasks import BackgroundTask
 from litestar.openapi.spec import (
     OpenAPIHeader,
     OpenAPIMediaType,
@@ -20,7 +21,14 @@ from litestar.response import Stream
 
 from service.bodies import read_json
 from service.errors import problem_responses
-from service.prompts.service import CacheCleared, EnhanceRequest, EnhanceResult, UpstreamFailed, enhancement_error
+from service.prompts.service import (
+    CacheCleared,
+    Charge,
+    EnhanceRequest,
+    EnhanceResult,
+    UpstreamFailed,
+    enhancement_error,
+)
 from service.prompts.styles import StyleList, style_list
 from service.runtime import Runtime
 from service.tenants.auth import END_USER_TOO, Caller, tenant_key_only
@@ -31,6 +39,7 @@ STREAM_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
 FRAMES = (
     "Server-Sent Events. Each `data:` frame is an OpenAI `chat.completion.chunk` whose `choices[0].delta.content` "
     'carries the next piece of text; an error after the stream began is a frame `{"error": {"code", "message"}}`; '
+    'the last chunk\'s `finish_reason` is `"length"` when the answer was cut at the output limit, else `"stop"`; '
     "the stream always ends with `data: [DONE]`."
 )
 
@@ -91,12 +100,16 @@ async def enhance_prompt(request: Request[Any, Any, Any], caller: Caller, runtim
     cached = await enhancer.cache.get(plan.cache_key)
     style = plan.style.name if plan.style else None
     if _wants_json(request):
-        charge = None if cached is not None else await enhancer.charge(plan)
+        charge = Charge(None) if cached is not None else await enhancer.charge(plan)
         try:
             text = cached if cached is not None else await enhancer.complete(plan)
         except UpstreamError as exc:
-            await enhancer.refund(plan, charge)
+            await enhancer.settle(plan, charge, finished=False)
             raise UpstreamFailed(enhancement_error(plan, exc), code=exc.code) from None
+        except BaseException:
+            await enhancer.settle(plan, charge, finished=False)
+            raise
+        await enhancer.settle(plan, charge, finished=True)
         result = EnhanceResult(
             prompt=text,
             model=plan.model,
@@ -112,11 +125,15 @@ async def enhance_prompt(request: Request[Any, Any, Any], caller: Caller, runtim
     charge = await enhancer.charge(plan)
     try:
         upstream = await enhancer.open(plan)
-    except UpstreamFailed:
-        await enhancer.refund(plan, charge)
+    except BaseException:
+        await enhancer.settle(plan, charge, finished=False)
         raise
     return Stream(
-        enhancer.stream(plan, upstream, charge), media_type=EVENT_STREAM, headers={**STREAM_HEADERS, "X-Cache": "miss"}
+        enhancer.stream(plan, upstream, charge),
+        media_type=EVENT_STREAM,
+        headers={**STREAM_HEADERS, "X-Cache": "miss"},
+        # Runs once the response ends, also when its client left mid-stream (or before the stream began).
+        background=BackgroundTask(enhancer.settle_unfinished, plan, charge, upstream),
     )
 
 

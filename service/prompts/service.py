@@ -1,17 +1,22 @@
 """Enhancing a prompt: validation, cache, rate limit, the credits it costs, and the stream of chunks a client reads.
 
 Errors before the upstream answers become problem+json responses; errors after the stream began become one error
-frame followed by `[DONE]`. A failed or interrupted enhancement is refunded (when it cost anything) and never cached.
+frame followed by `[DONE]`. A failed or interrupted enhancement is refunded (when it cost anything) exactly once and
+never cached. The model must be one of the configured prompt models, and the answer is bounded: the upstream is asked
+for at most `PROMPT_MAX_OUTPUT_TOKENS` tokens, and the text relayed stops at `CHARS_PER_TOKEN` characters a token
+of that, ending the stream with `finish_reason: "length"` when an upstream writes on past it.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import Annotated, Any
 
+import anyio
 import msgspec
 
 from service.clock import utcnow
@@ -49,6 +54,34 @@ class EnhanceResult(msgspec.Struct):
 
 class CacheCleared(msgspec.Struct):
     cleared: int
+
+
+CHARS_PER_TOKEN = 4
+"""How many characters of text one token of `PROMPT_MAX_OUTPUT_TOKENS` may carry: about what an English token holds
+on average, so an upstream that ignores `max_tokens` is cut off near where it should have stopped."""
+
+
+class OutputBudget:
+    """The characters an enhancement may still relay; `exceeded` once more arrived than it allows."""
+
+    def __init__(self, max_tokens: int) -> None:
+        self.left = max_tokens * CHARS_PER_TOKEN
+        self.exceeded = False
+
+    def take(self, delta: str) -> str:
+        """The part of `delta` within the budget."""
+        piece = delta[: self.left]
+        self.left -= len(piece)
+        self.exceeded = self.exceeded or len(piece) < len(delta)
+        return piece
+
+
+@dataclass(slots=True)
+class Charge:
+    """What an enhancement debited (`reference` None when it was free), settled once: kept or refunded."""
+
+    reference: str | None
+    settled: bool = False
 
 
 class UpstreamFailed(ServiceError):
@@ -142,16 +175,35 @@ class Enhancer:
         if self._model is not None:
             await self._model.close()
 
+    @property
+    def models(self) -> tuple[str, ...]:
+        """The prompt models a request may name: the default one, then `PROMPT_MODELS`."""
+        default = [self._model.model] if self._model is not None and self._model.model else []
+        return tuple(dict.fromkeys([*default, *self.settings.prompt_models]))
+
     def plan(self, tenant_id: str, request: EnhanceRequest, end_user: str | None = None) -> Plan:
         prompt = request.prompt.strip()
         if not prompt:
             raise InvalidInput("prompt must not be empty", code="empty_prompt", field="prompt")
+        if len(prompt) > self.settings.max_prompt_chars:
+            raise InvalidInput(
+                f"prompt is longer than {self.settings.max_prompt_chars} characters",
+                code="prompt_too_long",
+                field="prompt",
+            )
         style = find_style(request.style)
         if self._model is None or not (request.model or self._model.model):
             raise ServiceUnavailable(
                 "No prompt model is configured (set PROMPT_MODEL)", code="prompt_model_not_configured"
             )
-        return Plan(tenant_id, prompt, request.direction, request.model or self._model.model or "", style, end_user)
+        model = request.model or self._model.model or ""
+        if model not in self.models:
+            raise InvalidInput(
+                f"unknown prompt model {model!r}; the prompt models are: {', '.join(self.models)}",
+                code="unknown_prompt_model",
+                field="model",
+            )
+        return Plan(tenant_id, prompt, request.direction, model, style, end_user)
 
     async def admit(self, tenant_id: str) -> None:
         decision = await self.limiter.take(f"enhance:{tenant_id}", self.settings.enhance_rate_per_minute)
@@ -161,17 +213,22 @@ class Enhancer:
             )
 
     async def open(self, plan: Plan) -> ChatStream:
-        assert self._model is not None
         try:
-            return await self._model.open(plan.messages(), plan.model, TEMPERATURES[plan.direction])
+            return await self._upstream(plan)
         except UpstreamError as exc:
             raise UpstreamFailed(enhancement_error(plan, exc), code=exc.code) from None
 
-    async def charge(self, plan: Plan) -> str | None:
-        """Debit the enhancement's price; returns the key its refund would use, or None when it is free."""
+    async def _upstream(self, plan: Plan) -> ChatStream:
+        assert self._model is not None
+        return await self._model.open(
+            plan.messages(), plan.model, TEMPERATURES[plan.direction], self.settings.prompt_max_output_tokens
+        )
+
+    async def charge(self, plan: Plan) -> Charge:
+        """Debit the enhancement's price, to be settled with `settle`."""
         cost = self.settings.enhance_cost
         if cost == 0:
-            return None
+            return Charge(None)
         key = f"enhance:{new_id()}"
         async with self.runtime.db.write() as session:
             await ledger.charge(
@@ -183,41 +240,63 @@ class Enhancer:
                 now=utcnow(),
                 reference=key,
             )
-        return key
+        return Charge(key)
 
-    async def refund(self, plan: Plan, charge: str | None) -> None:
-        if charge is None:
+    async def settle(self, plan: Plan, charge: Charge, *, finished: bool) -> None:
+        """Keep the price of a finished enhancement, refund one that did not finish; only the first call counts.
+
+        The refund is shielded: it also runs when the stream it settles was cancelled because its client left.
+        """
+        if charge.settled:
             return
-        async with self.runtime.db.write() as session:
-            await ledger.credit_back(
-                in_session(session),
-                tenant_id=plan.tenant_id,
-                end_user=plan.end_user,
-                amount=self.settings.enhance_cost,
-                reason="refund: prompt enhancement failed",
-                now=utcnow(),
-                reference=f"{charge}:refund",
-            )
+        charge.settled = True
+        if finished or charge.reference is None:
+            return
+        with anyio.CancelScope(shield=True):
+            async with self.runtime.db.write() as session:
+                await ledger.credit_back(
+                    in_session(session),
+                    tenant_id=plan.tenant_id,
+                    end_user=plan.end_user,
+                    amount=self.settings.enhance_cost,
+                    reason="refund: prompt enhancement did not finish",
+                    now=utcnow(),
+                    reference=f"{charge.reference}:refund",
+                )
 
-    async def stream(self, plan: Plan, upstream: ChatStream, charge: str | None) -> AsyncIterator[bytes]:
-        """Re-emit each upstream delta at once; cache the text only when the stream finished."""
+    async def settle_unfinished(self, plan: Plan, charge: Charge, upstream: ChatStream) -> None:
+        """Run after a stream's response: when its client left before the stream ended (or began), close the upstream
+        and refund; after a stream that ended, nothing is left to do."""
+        upstream.close()
+        await self.settle(plan, charge, finished=False)
+
+    async def stream(self, plan: Plan, upstream: ChatStream, charge: Charge) -> AsyncIterator[bytes]:
+        """Re-emit each upstream delta at once, up to the output budget; cache the text only when the upstream
+        finished within it. A client that leaves stops this at its next pause; `settle_unfinished` then refunds."""
         writer = ChunkWriter(plan.model)
+        budget = OutputBudget(self.settings.prompt_max_output_tokens)
         parts: list[str] = []
         try:
-            async for delta in upstream.deltas():
-                parts.append(delta)
-                yield writer.chunk(delta)
+            async with contextlib.aclosing(upstream.deltas()) as deltas:
+                async for delta in deltas:
+                    piece = budget.take(delta)
+                    if piece:
+                        parts.append(piece)
+                        yield writer.chunk(piece)
+                    if budget.exceeded:
+                        break
         except UpstreamError as exc:
-            await self.refund(plan, charge)
+            await self.settle(plan, charge, finished=False)
             yield ChunkWriter.error(exc.code, enhancement_error(plan, exc))
             yield DONE
             return
         finally:
             upstream.close()
+        await self.settle(plan, charge, finished=True)
         text = "".join(parts).strip()
-        if text:
+        if text and not budget.exceeded:
             await self.cache.put(plan.cache_key, text)
-        yield writer.chunk(None, "stop")
+        yield writer.chunk(None, "length" if budget.exceeded else "stop")
         yield DONE
 
     @staticmethod
@@ -228,17 +307,25 @@ class Enhancer:
         yield DONE
 
     async def complete(self, plan: Plan) -> str:
-        """The whole enhanced text, from the cache or the upstream (raises UpstreamError)."""
+        """The whole enhanced text, from the cache or the upstream (raises UpstreamError), cut at the output budget
+        (a cut text is not cached)."""
         cached = await self.cache.get(plan.cache_key)
         if cached is not None:
             return cached
-        assert self._model is not None
-        upstream = await self._model.open(plan.messages(), plan.model, TEMPERATURES[plan.direction])
+        upstream = await self._upstream(plan)
+        budget = OutputBudget(self.settings.prompt_max_output_tokens)
+        parts: list[str] = []
         try:
-            text = "".join([delta async for delta in upstream.deltas()]).strip()
+            async with contextlib.aclosing(upstream.deltas()) as deltas:
+                async for delta in deltas:
+                    parts.append(budget.take(delta))
+                    if budget.exceeded:
+                        break
         finally:
             upstream.close()
+        text = "".join(parts).strip()
         if not text:
             raise UpstreamError("upstream_empty_result", "The prompt model returned no text", transient=False)
-        await self.cache.put(plan.cache_key, text)
+        if not budget.exceeded:
+            await self.cache.put(plan.cache_key, text)
         return text

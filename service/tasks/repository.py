@@ -13,6 +13,7 @@ from sqlalchemy.ext.asyncio import AsyncSession
 from service.credits import repository as ledger
 from service.db.engine import Database, Statements
 from service.db.models import TASKS, TENANTS, Task, UTCDateTime
+from service.metrics import count_finished, count_submitted
 
 TERMINAL = ("completed", "failed", "cancelled")
 
@@ -55,6 +56,7 @@ TaskRow = namedtuple("TaskRow", [column.key for column in TASKS.columns])  # typ
 async def insert_task(statements: Statements, values: dict[str, Any]) -> None:
     """Insert a new task; `values` names every column."""
     await statements.rows(_INSERT, values)
+    count_submitted()
 
 
 async def get_owned(session: AsyncSession, tenant_id: str, end_user: str | None, task_id: str) -> Task | None:
@@ -101,11 +103,33 @@ _UNDER_RUNNING_LIMIT = (
     .where(TENANTS.c.id == _t.tenant_id)
     .scalar_subquery()
 )
+_user_running = TASKS.alias("user_running")
+# An end user's task may run when that end user runs fewer tasks than the tenant's per-end-user limit allows.
+_UNDER_END_USER_LIMIT = or_(
+    _t.end_user.is_(None),
+    (
+        select(func.count())
+        .where(
+            _user_running.c.tenant_id == _t.tenant_id,
+            _user_running.c.end_user == _t.end_user,
+            _user_running.c.status == "running",
+            _user_running.c.lease_expires_at >= _NOW,
+        )
+        .scalar_subquery()
+    )
+    < (
+        select(
+            func.coalesce(TENANTS.c.end_user_max_running_tasks, bindparam("default_end_user_limit", type_=Integer()))
+        )
+        .where(TENANTS.c.id == _t.tenant_id)
+        .scalar_subquery()
+    ),
+)
 _LAPSED = and_(_t.status == "running", _t.lease_expires_at < _NOW, _t.attempts < _MAX_ATTEMPTS)
 # SKIP LOCKED (PostgreSQL; SQLite serializes writers anyway): concurrent workers take different tasks.
 _NEXT_ID = (
     select(_t.id)
-    .where(or_(and_(_t.status == "queued", _UNDER_RUNNING_LIMIT), _LAPSED))
+    .where(or_(and_(_t.status == "queued", _UNDER_RUNNING_LIMIT, _UNDER_END_USER_LIMIT), _LAPSED))
     .order_by(_t.id)
     .limit(1)
     .with_for_update(skip_locked=True)
@@ -134,15 +158,18 @@ async def claim_next(
     lease_seconds: float,
     max_attempts: int,
     default_running_limit: int,
+    default_end_user_running_limit: int,
 ) -> Task | None:
-    """Take the oldest queued task whose tenant is under its running limit, or one whose worker's lease lapsed, in
-    one compare-and-set statement (built once: only its parameters change). The task comes back detached."""
+    """Take the oldest queued task whose tenant (and end user, for an end user's task) is under its running limit, or
+    one whose worker's lease lapsed, in one compare-and-set statement (built once: only its parameters change). The
+    task comes back detached."""
     params = {
         "owner": owner,
         "now": now,
         "lease_until": now + timedelta(seconds=lease_seconds),
         "max_attempts": max_attempts,
         "default_limit": default_running_limit,
+        "default_end_user_limit": default_end_user_running_limit,
     }
     claimed = await statements.rows(_CLAIM, params)
     return Task(**claimed[0]._asdict()) if claimed else None
@@ -260,6 +287,7 @@ async def _end(
     """The status change is a compare-and-set: of two racing finishers exactly one matches, and only it refunds."""
     if not await statements.rows(statement, params):
         return False
+    count_finished(status)
     if refund > 0:
         await ledger.credit_back(
             statements,
@@ -294,6 +322,7 @@ async def fail_abandoned(statements: Statements, *, now: datetime, max_attempts:
     """Fail and refund running tasks whose worker vanished and which have no attempts left."""
     failed = await statements.rows(_FAIL_ABANDONED, {"now": now, "max_attempts": max_attempts})
     for task_id, tenant_id, end_user, cost in failed:
+        count_finished("failed")
         if cost > 0:
             await ledger.credit_back(
                 statements,

@@ -163,6 +163,7 @@ class WorkerPool:
                     lease_seconds=self.settings.lease_seconds,
                     max_attempts=self.settings.max_attempts,
                     default_running_limit=self.settings.max_running_tasks,
+                    default_end_user_running_limit=self.settings.end_user_max_running_tasks,
                 )
                 if task is None:
                     break

@@ -22,13 +22,22 @@ from sqlalchemy import bindparam, select
 
 from service.db.models import ApiKey, Tenant
 from service.errors import Forbidden, RateLimited, Unauthorized
+from service.ratelimit import Decision
 from service.runtime import Runtime
 from service.tenants.tokens import TOKEN_PREFIX
 
 KEY_PREFIX = "igk_"
 _KEY = re.compile(r"^(igk_[0-9a-f]{12})\.([A-Za-z0-9_-]{43})$")
 _LIVE_KEY = (
-    select(ApiKey.id, ApiKey.salt, ApiKey.key_hash, Tenant.id, Tenant.status, Tenant.rate_limit_per_minute)
+    select(
+        ApiKey.id,
+        ApiKey.salt,
+        ApiKey.key_hash,
+        Tenant.id,
+        Tenant.status,
+        Tenant.rate_limit_per_minute,
+        Tenant.end_user_rate_limit_per_minute,
+    )
     .join(Tenant, Tenant.id == ApiKey.tenant_id)
     .where(ApiKey.prefix == bindparam("prefix"), ApiKey.revoked_at.is_(None))
 )
@@ -102,16 +111,34 @@ async def provide_caller(request: Request[Any, Any, Any], runtime: Runtime) -> C
         row = await runtime.db.fetch_one(_LIVE_KEY, {"prefix": prefix})
         if row is None or not hmac.compare_digest(salted_digest(row[1], secret), row[2]):
             raise Unauthorized("The API key is not valid", code="invalid_api_key")
-    key_id, _, _, tenant_id, status, per_minute = row
+    key_id, _, _, tenant_id, status, per_minute, end_user_per_minute = row
     request.state.tenant_id = tenant_id
     if status != "active":
         raise Forbidden("This tenant is suspended", code="tenant_suspended")
-    decision = await runtime.limiter.take(tenant_id, per_minute or runtime.settings.rate_limit_per_minute)
-    request.state.rate_limit = decision
-    request.state.tenant_id = tenant_id
-    if not decision.allowed:
-        raise RateLimited(f"At most {decision.limit} requests a minute", decision.headers(), decision.retry_after)
+    settings = runtime.settings
+    decision = None
+    if end_user is not None:
+        # The end user's own bucket first: a user over their limit spends nothing of the tenant's.
+        own = end_user_per_minute or settings.end_user_rate_limit_per_minute
+        decision = await runtime.limiter.take(end_user_bucket(tenant_id, end_user), own)
+        _admit(request, decision, "requests a minute for this end user")
+    shared = await runtime.limiter.take(tenant_id, per_minute or settings.rate_limit_per_minute)
+    # The headers describe the tenant's limit when it refuses, else whichever is nearer: the end user's or the tenant's.
+    nearer = decision is not None and shared.allowed and decision.remaining <= shared.remaining
+    _admit(request, decision if nearer and decision is not None else shared, "requests a minute")
     return Caller(tenant_id=tenant_id, key_id=key_id, key_prefix=prefix, end_user=end_user)
+
+
+def end_user_bucket(tenant_id: str, end_user: str) -> str:
+    """The rate-limit bucket of one end user of one tenant; the id is hashed to fit the bucket key's length."""
+    return f"user:{tenant_id}:{hashlib.sha256(end_user.encode()).hexdigest()[:32]}"
+
+
+def _admit(request: Request[Any, Any, Any], decision: Decision, what: str) -> None:
+    """Record the decision whose `RateLimit-*` headers the answer carries; 429 when it refused."""
+    request.state.rate_limit = decision
+    if not decision.allowed:
+        raise RateLimited(f"At most {decision.limit} {what}", decision.headers(), decision.retry_after)
 
 
 async def tenant_key_only(connection: ASGIConnection[Any, Any, Any, Any], _: BaseRouteHandler) -> None:

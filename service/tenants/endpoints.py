@@ -80,7 +80,7 @@ class AdminController(Controller):
     async def update_tenant(self, request: Request[Any, Any, Any], tenant_id: TenantId, runtime: Runtime) -> TenantOut:
         data = await read_json(request, TenantUpdate)
         async with runtime.db.write() as session:
-            changes = {name: value for name, value in msgspec.structs.asdict(data).items() if value is not None}
+            changes = _changes(data)
             return await _found(session, await repository.update_tenant(session, tenant_id, changes, utcnow()))
 
     @post(
@@ -129,6 +129,15 @@ class AdminController(Controller):
             idempotency_key=idempotency_key,
             idempotency_ttl=runtime.settings.idempotency_ttl,
         )
+
+
+def _changes(data: TenantUpdate) -> dict[str, object]:
+    """The columns a PATCH sets: the fields it names, where null returns an end-user limit to its default."""
+    return {
+        name: value
+        for name, value in msgspec.structs.asdict(data).items()
+        if value is not msgspec.UNSET and (value is not None or name.startswith("end_user_"))
+    }
 
 
 async def _found(session: AsyncSession, tenant: Tenant | None) -> TenantOut:

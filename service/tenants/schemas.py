@@ -21,6 +21,8 @@ class TenantOut(msgspec.Struct):
     balance: int
     rate_limit_per_minute: int | None
     max_running_tasks: int | None
+    end_user_rate_limit_per_minute: int | None
+    end_user_max_running_tasks: int | None
     daily_grant: int
     balance_cap: int
     cors_origins: list[str]
@@ -41,6 +43,22 @@ class TenantCreated(msgspec.Struct):
 
 PerMinute = Annotated[int, msgspec.Meta(ge=1, le=1_000_000, description="Requests a minute to tenant routes")]
 Running = Annotated[int, msgspec.Meta(ge=1, le=10_000, description="Tasks running at once; more wait in the queue")]
+EndUserPerMinute = Annotated[
+    int,
+    msgspec.Meta(
+        ge=1,
+        le=1_000_000,
+        description="Requests a minute each end user may make on their own, within the tenant's",
+    ),
+]
+EndUserRunning = Annotated[
+    int,
+    msgspec.Meta(
+        ge=1,
+        le=10_000,
+        description="Tasks each end user may have running at once, more wait queued",
+    ),
+]
 
 
 DailyGrant = Annotated[
@@ -66,11 +84,15 @@ Origins = Annotated[
 
 
 class TenantUpdate(msgspec.Struct, forbid_unknown_fields=True):
-    """The fields to change; those left out stay as they are."""
+    """The fields to change; those left out stay as they are. The end users' limits also take null, which returns
+    them to the service-wide defaults (`END_USER_RATE_LIMIT_PER_MINUTE`, `END_USER_MAX_RUNNING_TASKS`)."""
 
     status: TenantStatus | None = None
     rate_limit_per_minute: PerMinute | None = None
     max_running_tasks: Running | None = None
+    # Left out: unchanged; null: back to the service-wide default.
+    end_user_rate_limit_per_minute: EndUserPerMinute | msgspec.UnsetType | None = msgspec.UNSET
+    end_user_max_running_tasks: EndUserRunning | msgspec.UnsetType | None = msgspec.UNSET
     daily_grant: DailyGrant | None = None
     balance_cap: BalanceCap | None = None
     cors_origins: Origins | None = None
@@ -96,6 +118,8 @@ def tenant_view(tenant: Tenant, cors_origins: list[str]) -> TenantOut:
         balance=tenant.balance,
         rate_limit_per_minute=tenant.rate_limit_per_minute,
         max_running_tasks=tenant.max_running_tasks,
+        end_user_rate_limit_per_minute=tenant.end_user_rate_limit_per_minute,
+        end_user_max_running_tasks=tenant.end_user_max_running_tasks,
         daily_grant=tenant.daily_grant,
         balance_cap=tenant.balance_cap,
         cors_origins=cors_origins,

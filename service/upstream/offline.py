@@ -76,6 +76,8 @@ SUBMIT_HANG_SECONDS = 60.0
 MAX_IMAGES = 10
 MIN_SIDE, MAX_SIDE = 64, 4096
 MIDSTREAM_FRAMES = 3
+# How many chat requests `/_offline/chat-requests` remembers.
+CHAT_REQUESTS_KEPT = 200
 
 _RATIO_SIZES = {"1:1": (1024, 1024), "16:9": (1536, 864), "9:16": (864, 1536)}
 _SQUARE = (1024, 1024)
@@ -517,6 +519,7 @@ class OfflineUpstream:
         self.requests: Counter[str] = Counter()
         self.received: deque[dict[str, Any]] = deque(maxlen=RECENT)
         self.served: deque[dict[str, Any]] = deque(maxlen=RECENT)
+        self.chat_requests: deque[dict[str, Any]] = deque(maxlen=CHAT_REQUESTS_KEPT)
         self._tasks: dict[str, Task] = {}
         self._files: dict[str, StoredImage] = {}
         self._runner: web.AppRunner | None = None
@@ -574,6 +577,7 @@ class OfflineUpstream:
         app.router.add_get("/_offline/stats", self._get_stats)
         app.router.add_get("/_offline/received", self._get_received)
         app.router.add_get("/_offline/served", self._get_served)
+        app.router.add_get("/_offline/chat-requests", self._get_chat_requests)
         return app
 
     @web.middleware
@@ -834,6 +838,7 @@ class OfflineUpstream:
     async def _chat_completion(self, request: web.Request) -> web.StreamResponse:
         body = await _json_object(request)
         prompt, creative, style = _chat_prompt(body.get("messages"))
+        self._record_chat_request(body, prompt)
         model = _optional_text(body, "model") or DEFAULT_CHAT_MODEL
         stream = body.get("stream", False)
         if not isinstance(stream, bool):
@@ -935,6 +940,15 @@ class OfflineUpstream:
 
     async def _get_served(self, request: web.Request) -> web.Response:
         return web.json_response({"items": list(self.served)})
+
+    def _record_chat_request(self, body: dict[str, Any], prompt: str) -> None:
+        """Keep what a chat request asked for, so a test can see the limits the service sent."""
+        asked = {name: body.get(name) for name in ("model", "max_tokens", "temperature", "stream")}
+        self.chat_requests.append({**asked, "prompt": prompt})
+
+    async def _get_chat_requests(self, request: web.Request) -> web.Response:
+        """The latest chat completion requests received, oldest first."""
+        return web.json_response({"requests": list(self.chat_requests)})
 
 
 def _refusal_response(fault: str, *, task_api: bool) -> web.Response:
