@@ -113,7 +113,7 @@ class BoundedHttpProtocol(HttpToolsProtocol):
     def _headers_overdue(self) -> None:
         self._header_deadline = None
         if self._awaiting_request() and not self.transport.is_closing():
-            log.info("closed a connection whose request headers took over %s s", self.header_timeout)
+            log.debug("closed a connection whose request headers took over %s s", self.header_timeout)
             self.transport.close()
 
     def _writer_stalled(self) -> None:
