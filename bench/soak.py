@@ -3,9 +3,12 @@ faults, cancel some on the way, then audit every task and every credit.
 
     python -m bench.soak --tasks 2000 --fault-rate 0.1
 
-Prints, per protocol, the tasks by status, the retries, the credits granted, debited and refunded, the expected and
-actual balance, and the credits lost or doubled (both must be 0), plus the faults the upstream injected. Exits 1 when
-anything is lost, doubled or left unfinished.
+Like a real client, it retries a request that meets a connection error (submissions carry an `Idempotency-Key`, so a
+retried one is never debited twice; reads and cancellations are safe to repeat), and goes on to the audit whatever
+happens. Prints, per protocol, the connection errors met and the requests retried, the tasks by status, the task
+retries, the credits granted, debited and refunded, the expected and actual balance, and the credits lost or doubled
+(both must be 0), plus the faults the upstream injected. Exits 1 when anything is lost, doubled or left unfinished, or
+a request was given up.
 """
 
 from __future__ import annotations
@@ -19,6 +22,7 @@ import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import httpx
 
@@ -36,6 +40,9 @@ class Load:
     accepted: int = 0
     refused: int = 0
     cancel_requests: int = 0
+    connection_errors: int = 0
+    retries: int = 0
+    abandoned: int = 0
 
 
 def service_env(upstream: OfflineUpstream, protocol: str, admin_key: str) -> dict[str, str]:
@@ -56,13 +63,36 @@ def service_env(upstream: OfflineUpstream, protocol: str, admin_key: str) -> dic
     }
 
 
+RETRY_ATTEMPTS = 5
+
+
+class GaveUp(Exception):
+    """A request met a connection error on every attempt; its outcome is unknown (the audit still checks it)."""
+
+
+async def call(client: httpx.AsyncClient, load: Load, method: str, url: str, **kwargs: Any) -> httpx.Response:
+    """What a real client does: retry a request that met a connection error, with a short growing pause.
+
+    Only safe requests come here: GETs, cancellations (cancelling twice is cancelling once) and submissions that carry
+    an `Idempotency-Key` (a retry gets the first answer back and is never debited twice).
+    """
+    for attempt in range(RETRY_ATTEMPTS):
+        if attempt:
+            load.retries += 1
+            await asyncio.sleep(0.05 * 2**attempt)
+        try:
+            return await client.request(method, url, **kwargs)
+        except httpx.TransportError:
+            load.connection_errors += 1
+    raise GaveUp(f"{method} {url}")
+
+
 async def drive(
-    service: ServiceProcess, keys: list[str], args: argparse.Namespace
-) -> tuple[Load, list[tuple[str, str]]]:
-    """Submit `tasks` tasks spread over the tenants, cancelling some; the load and every accepted (key, task id)."""
+    service: ServiceProcess, keys: list[str], args: argparse.Namespace, load: Load
+) -> list[tuple[str, str]]:
+    """Submit `tasks` tasks spread over the tenants, cancelling some; every accepted (key, task id)."""
     tasks, concurrency, cancel_rate = args.tasks, args.concurrency, args.cancel_rate
     rng = random.Random(args.seed)
-    load = Load()
     accepted: list[tuple[str, str]] = []
     gate = asyncio.Semaphore(concurrency)
     limits = httpx.Limits(max_connections=concurrency)
@@ -77,26 +107,32 @@ async def drive(
                 "quality": rng.choice(("auto", "high")),
                 "size": rng.choice(("1:1", "16:9", "9:16", "auto")),
             }
-            async with gate:
-                response = await client.post("/api/images/generate", json=body, headers=headers)
-            if response.status_code == 402:
-                load.refused += 1
-                return
-            response.raise_for_status()
-            task_id = response.json()["id"]
-            load.accepted += 1
-            accepted.append((key, task_id))
-            if rng.random() < cancel_rate:
-                await asyncio.sleep(rng.uniform(0, 0.5))
-                load.cancel_requests += 1
+            submit_headers = {**headers, "Idempotency-Key": f"soak-{number}"}
+            try:
                 async with gate:
-                    await client.post(f"/api/images/tasks/{task_id}/cancel", headers=headers)
+                    response = await call(
+                        client, load, "POST", "/api/images/generate", json=body, headers=submit_headers
+                    )
+                if response.status_code == 402:
+                    load.refused += 1
+                    return
+                response.raise_for_status()
+                task_id = response.json()["id"]
+                load.accepted += 1
+                accepted.append((key, task_id))
+                if rng.random() < cancel_rate:
+                    await asyncio.sleep(rng.uniform(0, 0.5))
+                    load.cancel_requests += 1
+                    async with gate:
+                        await call(client, load, "POST", f"/api/images/tasks/{task_id}/cancel", headers=headers)
+            except (GaveUp, httpx.HTTPStatusError):
+                load.abandoned += 1
 
         await asyncio.gather(*(one(number) for number in range(tasks)))
-    return load, accepted
+    return accepted
 
 
-async def wait_finished(service: ServiceProcess, accepted: list[tuple[str, str]], seconds: float) -> int:
+async def wait_finished(service: ServiceProcess, accepted: list[tuple[str, str]], seconds: float, load: Load) -> int:
     """Poll until every accepted task is terminal; the number still unfinished after `seconds`."""
     deadline = time.monotonic() + seconds
     pending = list(accepted)
@@ -104,8 +140,14 @@ async def wait_finished(service: ServiceProcess, accepted: list[tuple[str, str]]
         while pending and time.monotonic() < deadline:
             still: list[tuple[str, str]] = []
             for key, task_id in pending:
-                response = await client.get(f"/api/images/tasks/{task_id}", headers={"Authorization": f"Bearer {key}"})
-                if response.json()["status"] not in TERMINAL:
+                try:
+                    response = await call(
+                        client, load, "GET", f"/api/images/tasks/{task_id}", headers={"Authorization": f"Bearer {key}"}
+                    )
+                except GaveUp:
+                    still.append((key, task_id))
+                    continue
+                if response.status_code != 200 or response.json()["status"] not in TERMINAL:
                     still.append((key, task_id))
             pending = still
             if pending:
@@ -121,8 +163,9 @@ def soak_protocol(protocol: str, upstream: OfflineUpstream, workdir: Path, args:
         per_tenant = int(args.tasks / args.tenants * 2.4 * 0.9) + 1
         keys = [service.create_tenant(per_tenant, f"soak-{index}")[1] for index in range(args.tenants)]
         started = time.monotonic()
-        load, accepted = asyncio.run(drive(service, keys, args))
-        unfinished = asyncio.run(wait_finished(service, accepted, args.timeout))
+        load = Load()
+        accepted = asyncio.run(drive(service, keys, args, load))
+        unfinished = asyncio.run(wait_finished(service, accepted, args.timeout, load))
         elapsed = time.monotonic() - started
         code, report = service.audit()
     finally:
@@ -131,9 +174,12 @@ def soak_protocol(protocol: str, upstream: OfflineUpstream, workdir: Path, args:
     print(f"accepted:          {load.accepted}")
     print(f"refused (402):     {load.refused}")
     print(f"cancel requests:   {load.cancel_requests}")
+    print(f"connection errors: {load.connection_errors}")
+    print(f"request retries:   {load.retries}")
+    print(f"requests given up: {load.abandoned}")
     print(f"unfinished:        {unfinished}")
     print(report.rstrip())
-    return code == 0 and unfinished == 0
+    return code == 0 and unfinished == 0 and load.abandoned == 0
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -18,6 +18,7 @@ import uvicorn
 from service import client
 from service.app import create_app
 from service.clock import utcnow
+from service.connections import bounded_protocol, concurrency_limit, is_loopback
 from service.credits.audit import AuditReport, audit_ledger
 from service.db.engine import Database
 from service.db.migrations import upgrade
@@ -50,9 +51,30 @@ def _migrate(settings: Settings) -> None:
     upgrade(settings.database_url)
 
 
+ADMIN_KEY_FLOOR = 32
+
+
+def _check_admin_key(settings: Settings, host: str) -> None:
+    """A short admin key is a guessable one: refuse it where others can reach the service, warn on loopback."""
+    key = settings.admin_api_key
+    if key is None or len(key) >= ADMIN_KEY_FLOOR:
+        return
+    if not is_loopback(host):
+        print(
+            f"imagegen: configuration error: ADMIN_API_KEY: use at least {ADMIN_KEY_FLOOR} characters when serving "
+            f"on {host} (a shorter key is accepted on loopback only)",
+            file=sys.stderr,
+        )
+        raise SystemExit(2)
+    logging.getLogger("service.cli").warning(
+        "ADMIN_API_KEY is shorter than %d characters: accepted on loopback only", ADMIN_KEY_FLOOR
+    )
+
+
 def serve(args: argparse.Namespace) -> None:
     settings = _settings()
     _configure_logging(settings)
+    _check_admin_key(settings, args.host)
     if settings.auto_migrate:
         _migrate(settings)
     uvicorn.run(
@@ -62,6 +84,8 @@ def serve(args: argparse.Namespace) -> None:
         log_config=None,
         access_log=False,
         timeout_graceful_shutdown=10,
+        http=bounded_protocol(settings),
+        limit_concurrency=concurrency_limit(settings),
     )
 
 
