@@ -27,7 +27,7 @@ from service.errors import EXCEPTION_HANDLERS
 from service.playground import playground
 from service.process import running
 from service.prompts import endpoints as prompts
-from service.prompts.service import EnhanceRequest, EnhanceResult
+from service.prompts.service import EnhanceRequest, EnhanceResult, prompt_models
 from service.runtime import Runtime
 from service.settings import Settings
 from service.tasks import endpoints as tasks
@@ -183,6 +183,10 @@ def _document_request_bodies(app: Litestar, settings: Settings) -> None:
         [TenantCreate, TenantUpdate, CreditGrant, EnhanceRequest, EnhanceResult, EndUserTokenRequest],
         ref_template="#/components/schemas/{name}",
     )
+    enhance = bodies["EnhanceRequest"]["properties"]
+    enhance["prompt"]["maxLength"] = settings.max_prompt_chars
+    named_model = next(option for option in enhance["model"]["anyOf"] if option.get("type") == "string")
+    named_model["enum"] = list(prompt_models(settings))
     extra = {**request_body_components(settings), **bodies}
     schemas = {**(components.schemas or {}), **cast(dict[str, Schema], extra)}
     components.schemas = dict(sorted(schemas.items()))

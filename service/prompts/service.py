@@ -30,6 +30,7 @@ from service.prompts.instructions import TEMPERATURES, Direction, system_prompt
 from service.prompts.styles import STYLES, Style, StyleName
 from service.ratelimit import rate_limiter
 from service.runtime import Runtime
+from service.settings import Settings
 from service.upstream.base import UpstreamError, caller_text
 
 
@@ -86,6 +87,12 @@ class Charge:
 
 class UpstreamFailed(ServiceError):
     status, code = 502, "upstream_failed"
+
+
+def prompt_models(settings: Settings) -> tuple[str, ...]:
+    """The prompt models a request may name: the default one, then `PROMPT_MODELS`."""
+    default = [settings.prompt_model_name] if settings.prompt_model_name else []
+    return tuple(dict.fromkeys([*default, *settings.prompt_models]))
 
 
 def find_style(name: str | None) -> Style | None:
@@ -177,9 +184,7 @@ class Enhancer:
 
     @property
     def models(self) -> tuple[str, ...]:
-        """The prompt models a request may name: the default one, then `PROMPT_MODELS`."""
-        default = [self._model.model] if self._model is not None and self._model.model else []
-        return tuple(dict.fromkeys([*default, *self.settings.prompt_models]))
+        return prompt_models(self.settings)
 
     def plan(self, tenant_id: str, request: EnhanceRequest, end_user: str | None = None) -> Plan:
         prompt = request.prompt.strip()
