@@ -77,14 +77,15 @@ def serve(args: argparse.Namespace) -> None:
     _check_admin_key(settings, args.host)
     if settings.auto_migrate:
         _migrate(settings)
+    app = create_app(settings)
     uvicorn.run(
-        create_app(settings),
+        app,
         host=args.host,
         port=args.port,
         log_config=None,
         access_log=False,
         timeout_graceful_shutdown=10,
-        http=bounded_protocol(settings),
+        http=bounded_protocol(settings, app),
         limit_concurrency=concurrency_limit(settings),
     )
 

@@ -30,6 +30,8 @@ import logging
 import socket
 from typing import Any
 
+from litestar import Litestar
+from litestar.routes import HTTPRoute
 from uvicorn._types import ASGISendEvent
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol, RequestResponseCycle
 
@@ -45,6 +47,9 @@ class BoundedHttpProtocol(HttpToolsProtocol):
     header_timeout: float = 10.0
     keep_alive_timeout: float = 75.0
     stream_idle_seconds: float = 60.0
+    # The paths whose answers may be event streams: only their requests are watched for one, so that every other
+    # request (polls, downloads, submissions) pays nothing for it.
+    stream_paths: frozenset[str] = frozenset()
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
@@ -66,7 +71,7 @@ class BoundedHttpProtocol(HttpToolsProtocol):
         self._cancel_header_deadline()
         previous = self.cycle
         super().on_headers_complete()
-        if self.cycle is not previous:
+        if self.cycle is not previous and self.scope["path"] in self.stream_paths:
             self._watch_for_event_stream(self.cycle)
 
     def connection_lost(self, exc: Exception | None) -> None:
@@ -128,8 +133,8 @@ class BoundedHttpProtocol(HttpToolsProtocol):
             self.transport.abort()
 
 
-def bounded_protocol(settings: Settings) -> type[BoundedHttpProtocol]:
-    """The protocol class for `uvicorn.run(http=…)`, with this configuration's limits."""
+def bounded_protocol(settings: Settings, app: Litestar) -> type[BoundedHttpProtocol]:
+    """The protocol class for `uvicorn.run(http=…)`, with this configuration's limits and `app`'s streaming paths."""
     return type(
         "ConfiguredHttpProtocol",
         (BoundedHttpProtocol,),
@@ -137,7 +142,18 @@ def bounded_protocol(settings: Settings) -> type[BoundedHttpProtocol]:
             "header_timeout": settings.header_timeout,
             "keep_alive_timeout": settings.keep_alive_timeout,
             "stream_idle_seconds": settings.stream_idle_seconds,
+            "stream_paths": event_stream_paths(app),
         },
+    )
+
+
+def event_stream_paths(app: Litestar) -> frozenset[str]:
+    """The paths of the routes that answer `text/event-stream` (they have no path parameters)."""
+    return frozenset(
+        route.path
+        for route in app.routes
+        if isinstance(route, HTTPRoute)
+        and any(str(handler.media_type).startswith("text/event-stream") for handler in route.route_handlers)
     )
 
 
