@@ -1,4 +1,4 @@
-"""Soak: drive thousands of tasks through the service on both upstream protocols while the offline upstream injects
+"""Soak: drive thousands of tasks through the service on both upstream protocols while the fake upstream injects
 faults, cancel some on the way, then audit every task and every credit.
 
     python -m bench.soak --tasks 2000 --fault-rate 0.1
@@ -26,8 +26,8 @@ from typing import Any
 
 import httpx
 
-from bench.harness import OfflineUpstream, ServiceProcess
-from service.upstream.offline import BLOCKING_FAULTS, FAULT_NAMES
+from testing.harness import FakeUpstreamProcess, ServiceProcess
+from testing.upstream import BLOCKING_FAULTS, FAULT_NAMES
 
 # Every fault an image task can meet upstream; the chat faults concern enhancement, which the soak does not drive,
 # and a blocking refusal (no quota, key refused) would hold every worker back for a cool-down instead of testing tasks.
@@ -45,7 +45,7 @@ class Load:
     abandoned: int = 0
 
 
-def service_env(upstream: OfflineUpstream, protocol: str, admin_key: str) -> dict[str, str]:
+def service_env(upstream: FakeUpstreamProcess, protocol: str, admin_key: str) -> dict[str, str]:
     return {
         "ADMIN_API_KEY": admin_key,
         "CHATGPT2API_BASE_URL": upstream.base_url,
@@ -155,7 +155,7 @@ async def wait_finished(service: ServiceProcess, accepted: list[tuple[str, str]]
     return len(pending)
 
 
-def soak_protocol(protocol: str, upstream: OfflineUpstream, workdir: Path, args: argparse.Namespace) -> bool:
+def soak_protocol(protocol: str, upstream: FakeUpstreamProcess, workdir: Path, args: argparse.Namespace) -> bool:
     admin_key = secrets.token_hex(16)
     service = ServiceProcess(workdir / protocol, service_env(upstream, protocol, admin_key))
     try:
@@ -198,7 +198,7 @@ def main(argv: list[str] | None = None) -> int:
 
     with tempfile.TemporaryDirectory(prefix="imagegen-soak-") as tmp:
         workdir = Path(tmp)
-        upstream = OfflineUpstream(workdir / "upstream.log")
+        upstream = FakeUpstreamProcess(workdir / "upstream.log")
         try:
             upstream.faults(*({"fault": fault, "rate": args.fault_rate / len(FAULTS)} for fault in FAULTS))
             results = [

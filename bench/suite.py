@@ -3,8 +3,8 @@
 Method (also in bench/README.md): servers under test run alone on core 0 (`taskset -c 0`); the load generator
 (`wrk`, one thread, 32 connections unless a row says otherwise), the fake upstream and this runner share core 1.
 Each figure is the median of three runs of `--seconds` each (one run in `--smoke`). The service runs on the embedded
-defaults (SQLite, local folder) with the OpenAI Images API adapter pointed at the fake upstream of bench/upstream.py,
-per-tenant limits raised so that they do not throttle the load.
+defaults (SQLite, local folder) with the OpenAI Images API adapter pointed at the fake upstream in its bench mode
+(`python -m testing.upstream --bench`), per-tenant limits raised so that they do not throttle the load.
 """
 
 from __future__ import annotations
@@ -38,8 +38,8 @@ import aiohttp
 import httpx
 from PIL import Image, ImageDraw, ImageFilter
 
-from bench.harness import PostgresCluster, ServiceProcess, free_port, wait_until
 from service.images.processing import normalize_reference
+from testing.harness import PostgresCluster, ServiceProcess, free_port, wait_until
 
 SERVER_CPU = "0"
 LOAD_CPU = "1"
@@ -198,6 +198,15 @@ def uvicorn_server(
     return server
 
 
+def fake_upstream(log: Path) -> Server:
+    """The fake upstream in its bench mode, on the load core: precomputed answers, nothing computed per request."""
+    port = free_port()
+    command = [sys.executable, "-m", "testing.upstream", "--bench", "--port", str(port)]
+    server = Server(command, port, "/", {}, log)
+    subprocess.run(["taskset", "-a", "-cp", LOAD_CPU, str(server.process.pid)], check=True, capture_output=True)
+    return server
+
+
 def rss_mb(pid: int) -> float:
     """Resident memory of a process and its children, in MB."""
     total = 0
@@ -225,7 +234,7 @@ class Suite:
         self.smoke = smoke
         self.rows: list[Row] = []
         self.notes: list[str] = []
-        self.upstream = uvicorn_server("bench.upstream:app", {}, workdir / "upstream.log", cpu=LOAD_CPU)
+        self.upstream = fake_upstream(workdir / "upstream.log")
         self.upstream_url = self.upstream.base_url
         self.litellm: Server | None = None
 

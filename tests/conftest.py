@@ -1,8 +1,9 @@
-"""Test harness: the service and the offline upstream run as real processes on loopback, on a real SQLite file, or
+"""Test harness: the service and the fake upstream run as real processes on loopback, on a real SQLite file, or
 on a throwaway PostgreSQL cluster when IMAGEGEN_TEST_DATABASE=postgresql.
 
-`Upstream` is the offline upstream server with its fault switches; `Service` is `imagegen serve` (or `worker`)
-started with a given environment; `Tenant` is an HTTP client holding one tenant's key.
+`Upstream` is the fake upstream (testing/upstream.py: the product's offline upstream with fault switches, knobs and
+recorders); `Service` is `imagegen serve` (or `worker`) started with a given environment; `Tenant` is an HTTP client
+holding one tenant's key.
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ from typing import Any
 import httpx
 import pytest
 
-from bench.harness import OfflineUpstream, PostgresCluster, S3Server, ServiceProcess, wait_until
+from testing.harness import FakeUpstreamProcess, PostgresCluster, S3Server, ServiceProcess, wait_until
 
 ADMIN_KEY = "admin-" + secrets.token_hex(16)
 TERMINAL = {"completed", "failed", "cancelled"}
@@ -58,8 +59,8 @@ def _data_servers(tmp_path_factory: pytest.TempPathFactory) -> Iterator[None]:
         _s3.pop().stop()
 
 
-class Upstream(OfflineUpstream):
-    """The offline upstream server, with its fault switches."""
+class Upstream(FakeUpstreamProcess):
+    """The fake upstream server, with its fault switches."""
 
 
 class Service(ServiceProcess):

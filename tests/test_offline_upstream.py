@@ -1,4 +1,5 @@
-"""Tests of the offline upstream over real loopback HTTP: both image protocols, chat streaming and every fault switch.
+"""Tests of the offline upstream over real loopback HTTP: both image protocols and chat streaming, as the product runs
+them, and the tests' fake built on it (testing/upstream.py) with every fault switch, knob, recorder and its bench mode.
 
 The server runs on its own event loop in a background thread; the tests drive it with a synchronous httpx client.
 """
@@ -16,6 +17,7 @@ import sys
 import threading
 import time
 from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -23,23 +25,17 @@ import httpx
 import pytest
 from PIL import Image
 
-from service.upstream.offline import (
-    AUTH_MESSAGE,
-    LEAKY_MESSAGE,
-    NO_ACCOUNTS_MESSAGE,
-    QUOTA_MESSAGE,
-    OfflineUpstream,
-    draw_image,
-)
+from service.upstream.offline import OfflineUpstream, draw_image
+from testing.upstream import AUTH_MESSAGE, LEAKY_MESSAGE, NO_ACCOUNTS_MESSAGE, QUOTA_MESSAGE, FakeUpstream
 
 API_KEY = "offline-test-key"
 REPO_ROOT = Path(__file__).resolve().parents[1]
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 
 
-@pytest.fixture
-def base_url() -> Iterator[str]:
-    upstream = OfflineUpstream(API_KEY)
+@contextmanager
+def running(upstream: OfflineUpstream) -> Iterator[str]:
+    """The server on its own event loop in a thread, at the URL given, stopped on exit."""
     loop = asyncio.new_event_loop()
     thread = threading.Thread(target=loop.run_forever, name="offline-upstream", daemon=True)
     thread.start()
@@ -54,8 +50,24 @@ def base_url() -> Iterator[str]:
 
 
 @pytest.fixture
+def base_url() -> Iterator[str]:
+    with running(FakeUpstream(API_KEY)) as url:
+        yield url
+
+
+@pytest.fixture
 def client(base_url: str) -> Iterator[httpx.Client]:
     with httpx.Client(base_url=base_url, headers={"Authorization": f"Bearer {API_KEY}"}, timeout=5) as session:
+        yield session
+
+
+@pytest.fixture
+def product() -> Iterator[httpx.Client]:
+    """The product's own offline upstream, as `imagegen serve` runs it (here with half a second of latency)."""
+    with (
+        running(OfflineUpstream(API_KEY, latency=0.5)) as url,
+        httpx.Client(base_url=url, headers={"Authorization": f"Bearer {API_KEY}"}, timeout=5) as session,
+    ):
         yield session
 
 
@@ -105,6 +117,78 @@ def chat_body(prompt: str, *, stream: bool, system: str = "Improve image prompts
 
 def sse_payloads(lines: list[str]) -> list[str]:
     return [line.removeprefix("data: ") for line in lines if line.startswith("data: ")]
+
+
+CONTROL_ROUTES = [
+    ("PUT", "/_offline/faults"),
+    ("GET", "/_offline/faults"),
+    ("DELETE", "/_offline/faults"),
+    ("PUT", "/_offline/settings"),
+    ("GET", "/_offline/settings"),
+    ("GET", "/_offline/stats"),
+    ("GET", "/_offline/received"),
+    ("GET", "/_offline/served"),
+    ("GET", "/_offline/chat-requests"),
+]
+
+
+def test_the_product_upstream_has_no_control_routes(product: httpx.Client) -> None:
+    for method, path in CONTROL_ROUTES:
+        response = product.request(method, path, json={"rules": [{"fault": "submit_500"}], "latency": 0})
+        assert response.status_code == 404, (method, path, response.text)
+    assert submit(product, "unfaulted").status_code == 200
+
+
+def test_the_product_upstream_draws_task_and_images_api_answers(product: httpx.Client) -> None:
+    submitted = submit(product, "product-1", "a lighthouse at dusk", n=2, size="16:9")
+    assert submitted.status_code == 200
+    assert submitted.json()["status"] == "queued"
+    task = finished_task(product, "product-1")
+    assert task["status"] == "success"
+    for index, item in enumerate(task["data"]):
+        assert set(item) == {"url", "revised_prompt"}
+        assert product.get(item["url"]).content == draw_image("a lighthouse at dusk", 1536, 864, index)
+    answer = product.post("/v1/images/generations", json={"prompt": "a teapot", "size": "640x320"}).json()
+    (item,) = answer["data"]
+    assert base64.b64decode(item["b64_json"]) == draw_image("a teapot", 640, 320)
+    by_url = product.post("/v1/images/generations", json={"prompt": "a teapot", "response_format": "url"}).json()
+    assert product.get(by_url["data"][0]["url"]).content == draw_image("a teapot", 1024, 1024)
+
+
+def test_the_product_upstream_enhances_prompts_whole_and_streamed(product: httpx.Client) -> None:
+    whole = product.post("/v1/chat/completions", json=chat_body("a quiet harbour", stream=False)).json()
+    text = whole["choices"][0]["message"]["content"]
+    assert text.startswith("a quiet harbour, ")
+    with product.stream("POST", "/v1/chat/completions", json=chat_body("a quiet harbour", stream=True)) as response:
+        payloads = sse_payloads([line for line in response.iter_lines() if line])
+    assert payloads[-1] == "[DONE]"
+    chunks = [json.loads(payload) for payload in payloads[:-1]]
+    assert chunks[-1]["choices"][0]["finish_reason"] == "stop"
+    assert "".join(chunk["choices"][0]["delta"].get("content", "") for chunk in chunks).strip() == text
+
+
+def test_bench_mode_answers_with_precomputed_bodies_and_stamps_the_first_token() -> None:
+    with running(FakeUpstream("", bench=True)) as url, httpx.Client(base_url=url, timeout=10) as client:
+        small = client.post("/v1/images/generations", json={"prompt": "a lighthouse"})
+        again = client.post("/v1/images/generations", json={"prompt": "something else", "n": 3})
+        large = client.post("/v1/images/generations", json={"prompt": "large poster"})
+        before = time.monotonic_ns()
+        with client.stream("POST", "/v1/chat/completions", json=chat_body("p", stream=True)) as response:
+            payloads = sse_payloads([line for line in response.iter_lines() if line])
+        unknown = client.get("/_offline/faults")
+    assert small.status_code == 200 and small.headers["content-type"] == "application/json"
+    assert small.content == again.content
+    assert 20_000 < len(small.content) < 40_000
+    assert len(large.content) > 2_000_000
+    (item,) = small.json()["data"]
+    assert base64.b64decode(item["b64_json"]).startswith(PNG_SIGNATURE)
+    assert payloads[-1] == "[DONE]"
+    words = [json.loads(payload)["choices"][0]["delta"]["content"] for payload in payloads[:-1]]
+    stamp = int(words[0].removeprefix("t=").strip())
+    assert before <= stamp <= time.monotonic_ns()
+    assert len(words) == 21
+    # Bench mode serves the fast answers only: no control routes, no faults.
+    assert unknown.status_code == 404
 
 
 @pytest.mark.parametrize(

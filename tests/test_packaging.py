@@ -11,9 +11,11 @@ import sys
 import zipfile
 from pathlib import Path
 
+import pytest
 import yaml
 
 from service.cli import build_parser
+from testing.upstream import FAULT_NAMES
 
 ROOT = Path(__file__).resolve().parent.parent
 SETTINGS_SOURCE = (ROOT / "service" / "settings.py").read_text()
@@ -85,6 +87,9 @@ def test_the_wheel_the_dockerfile_installs_can_migrate_and_serve_the_playground(
         names = set(archive.namelist())
         archive.extractall(tmp_path / "site")
     assert "service/playground/index.html" in names
+    packages = {name.split("/", 1)[0] for name in names}
+    assert {package for package in packages if not package.endswith(".dist-info")} == {"service"}, packages
+    assert_no_test_machinery({name: archive_text(tmp_path / "site", name) for name in names if name.endswith(".py")})
     assert any(name.startswith("service/db/migrations/versions/") for name in names)
     # Run from the unpacked wheel only (not this checkout): what the container would have.
     env = {**os.environ, "PYTHONPATH": str(tmp_path / "site"), "DATA_DIR": str(tmp_path / "data")}
@@ -105,3 +110,23 @@ def test_the_wheel_the_dockerfile_installs_can_migrate_and_serve_the_playground(
     assert migrated.returncode == 0, migrated.stderr
     assert migrated.stdout.startswith(str(tmp_path / "site"))
     assert (tmp_path / "data" / "imagegen.db").exists()
+
+
+def archive_text(root: Path, name: str) -> str:
+    return (root / name).read_text(encoding="utf-8")
+
+
+def assert_no_test_machinery(sources: dict[str, str]) -> None:
+    """No fault switch, knob, recorder or control route ships: the fake upstream of the tests stays out of the wheel."""
+    assert "service/upstream/offline.py" in sources
+    for name, text in sources.items():
+        assert "/_offline" not in text, name
+        assert not re.search(r"FaultBoard|ServingSettings|chat streams abandoned", text), name
+        quoted = {fault for fault in FAULT_NAMES if re.search(rf"[\"']{fault}[\"']", text)}
+        assert not quoted, (name, quoted)
+
+
+def test_the_wheel_check_recognises_the_fake_upstream() -> None:
+    fake = (ROOT / "testing" / "upstream.py").read_text()
+    with pytest.raises(AssertionError):
+        assert_no_test_machinery({"service/upstream/offline.py": "", "testing/upstream.py": fake})

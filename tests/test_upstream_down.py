@@ -8,7 +8,7 @@ from pathlib import Path
 
 import httpx
 
-from bench.harness import free_port
+from testing.harness import free_port
 from tests.conftest import Service, Upstream, service_env, wait_until
 
 

@@ -1,5 +1,6 @@
-"""Processes on loopback shared by the soak, the benchmarks and the tests: the offline upstream with its fault
-switches, and `imagegen` processes (serve or worker) on a data directory of their own."""
+"""Processes on loopback shared by the tests, the soak and the benchmarks: the fake upstream with its fault switches
+(testing/upstream.py), `imagegen` processes (serve or worker) on a data directory of their own, a throwaway PostgreSQL
+cluster and an S3 server."""
 
 from __future__ import annotations
 
@@ -25,6 +26,7 @@ import boto3
 import httpx
 
 T = TypeVar("T")
+ROOT = Path(__file__).resolve().parent.parent
 
 
 def free_port() -> int:
@@ -54,8 +56,8 @@ DEFAULT_OFFLINE_SETTINGS: dict[str, float | bool | str | None] = {
 }
 
 
-class OfflineUpstream:
-    """`imagegen offline-upstream` as its own process, driven over its control routes."""
+class FakeUpstreamProcess:
+    """The fake upstream (`python -m testing.upstream`) as its own process, driven over its control routes."""
 
     def __init__(self, log_path: Path) -> None:
         self.api_key = "upstream-" + secrets.token_hex(16)
@@ -65,8 +67,7 @@ class OfflineUpstream:
         command = [
             sys.executable,
             "-m",
-            "service",
-            "offline-upstream",
+            "testing.upstream",
             "--port",
             str(self.port),
             "--api-key",
@@ -74,11 +75,11 @@ class OfflineUpstream:
             "--latency",
             "0",
         ]
-        self.process = subprocess.Popen(command, stdout=self._log, stderr=subprocess.STDOUT)
+        self.process = subprocess.Popen(command, stdout=self._log, stderr=subprocess.STDOUT, cwd=ROOT)
         self.control = httpx.Client(
             base_url=self.base_url, headers={"Authorization": f"Bearer {self.api_key}"}, timeout=10
         )
-        wait_until(self._up, 20, "offline upstream did not start")
+        wait_until(self._up, 20, "the fake upstream did not start")
 
     def _up(self) -> bool:
         try:
