@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import re
 import types
-from collections.abc import Collection, Generator
+from collections.abc import Callable, Collection, Generator
 from dataclasses import dataclass
 from functools import cache
 from typing import TYPE_CHECKING, Any, TypeVar, Union, get_args, get_origin
@@ -61,8 +61,9 @@ class Upload:
         self.data = data
 
 
-def deployment(**bounds: str) -> dict[str, Any]:
-    """`msgspec.Meta(extra=...)` for a bound the deployment narrows, as {JSON Schema keyword: setting name}.
+def deployment(**bounds: str | Callable[[Settings], Any]) -> dict[str, Any]:
+    """`msgspec.Meta(extra=...)` for a bound the deployment narrows, as {JSON Schema keyword: setting name, or a
+    function of the settings}.
 
     The type keeps the widest bound, which decoding enforces; the service refuses what lies past the deployment's own
     bound with an error code of its own; the document states the deployment's value, which is what a client may send.
@@ -358,6 +359,6 @@ def _component_schemas(bodies: list[type[msgspec.Struct]], settings: Settings) -
                 options = []
             bounded = next((option for option in options if option != {"type": "null"}), prop)
             for keyword, setting in _unwrapped(field.type)[1].get("deployment", {}).items():
-                value = getattr(settings, setting)
+                value = getattr(settings, setting) if isinstance(setting, str) else setting(settings)
                 bounded[keyword] = list(value) if isinstance(value, tuple) else value
     return components

@@ -19,6 +19,7 @@ from typing import Annotated, Any
 import anyio
 import msgspec
 
+from service.bodies import deployment
 from service.clock import utcnow
 from service.credits import repository as ledger
 from service.db.engine import in_session
@@ -30,15 +31,28 @@ from service.prompts.instructions import TEMPERATURES, Direction, system_prompt
 from service.prompts.styles import STYLES, Style, StyleName
 from service.ratelimit import rate_limiter
 from service.runtime import Runtime
+from service.settings import Settings
 from service.upstream.base import UpstreamError, caller_text
+
+
+def prompt_models(settings: Settings) -> tuple[str, ...]:
+    """The prompt models a request may name: the default one, then `PROMPT_MODELS`."""
+    default = [settings.prompt_model_name] if settings.prompt_model_name else []
+    return tuple(dict.fromkeys([*default, *settings.prompt_models]))
+
+
+PromptText = Annotated[
+    str, msgspec.Meta(min_length=1, max_length=4000, pattern=r"\S", extra=deployment(maxLength="max_prompt_chars"))
+]
+ModelName = Annotated[str, msgspec.Meta(min_length=1, max_length=100, extra=deployment(enum=prompt_models))]
 
 
 class EnhanceRequest(msgspec.Struct, forbid_unknown_fields=True):
     """A prompt to enhance, the direction to take it, and optionally a model and a style."""
 
-    prompt: Annotated[str, msgspec.Meta(min_length=1, max_length=4000, pattern=r"\S")]
+    prompt: PromptText
     direction: Direction = "details"
-    model: Annotated[str, msgspec.Meta(min_length=1, max_length=100)] | None = None
+    model: ModelName | None = None
     style: StyleName | None = None
 
 
@@ -177,9 +191,7 @@ class Enhancer:
 
     @property
     def models(self) -> tuple[str, ...]:
-        """The prompt models a request may name: the default one, then `PROMPT_MODELS`."""
-        default = [self._model.model] if self._model is not None and self._model.model else []
-        return tuple(dict.fromkeys([*default, *self.settings.prompt_models]))
+        return prompt_models(self.settings)
 
     def plan(self, tenant_id: str, request: EnhanceRequest, end_user: str | None = None) -> Plan:
         prompt = request.prompt.strip()
