@@ -293,7 +293,12 @@ def test_a_route_authenticates_its_caller_before_it_reads_the_body(service: Serv
 
 def test_the_live_document_states_this_deployments_models_and_limits(upstream: Upstream, tmp_path: Path) -> None:
     env = service_env(
-        upstream, MAX_PROMPT_CHARS="100", MAX_IMAGES_PER_TASK="2", MAX_REFERENCE_IMAGES="2", IMAGE_MODELS="gpt-image-1"
+        upstream,
+        MAX_PROMPT_CHARS="100",
+        MAX_IMAGES_PER_TASK="2",
+        MAX_REFERENCE_IMAGES="2",
+        IMAGE_MODELS="gpt-image-1",
+        PROMPT_MODELS="prompt-model-b",
     )
     service = Service(tmp_path, env)
     try:
@@ -307,6 +312,10 @@ def test_the_live_document_states_this_deployments_models_and_limits(upstream: U
         # A form field is present or absent, never null.
         assert as_form["model"]["enum"] == ["gpt-image-2", "gpt-image-1"] and "anyOf" not in as_form["model"]
         assert as_form["image"]["maxItems"] == 2 and as_form["image"]["items"]["format"] == "binary"
+        enhance = schemas["EnhanceRequest"]["properties"]
+        assert enhance["prompt"]["maxLength"] == 100
+        prompt_models = next(option for option in enhance["model"]["anyOf"] if option.get("type") == "string")["enum"]
+        assert prompt_models[-1] == "prompt-model-b" and len(prompt_models) == 2
 
         # The document tells the truth: the service takes what it states and refuses what lies past it.
         tenant = service.new_tenant(credits=100)
