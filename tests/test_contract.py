@@ -285,10 +285,12 @@ def test_a_route_authenticates_its_caller_before_it_reads_the_body(service: Serv
     limited = service.new_tenant(credits=10)
     with service.admin() as admin:
         assert admin.patch(f"/api/admin/tenants/{limited.id}", json={"rate_limit_per_minute": 2}).status_code == 200
-    # A body refused for its content still counts against the caller's rate limit.
-    assert [limited.client.post("/api/images/generate", json={"prompt": ""}).status_code for _ in range(2)] == [422] * 2
-    assert limited.client.post("/api/images/generate", content=b"{not json").status_code == 429
-    assert limited.balance() == 10
+        # A body refused for its content still counts against the caller's rate limit.
+        refused = [limited.client.post("/api/images/generate", json={"prompt": ""}) for _ in range(2)]
+        assert [response.status_code for response in refused] == [422, 422]
+        assert refused[-1].headers["ratelimit-remaining"] == "0"
+        assert limited.client.post("/api/images/generate", content=b"{not json").status_code == 429
+        assert admin.get(f"/api/admin/tenants/{limited.id}").json()["balance"] == 10
 
 
 def test_the_live_document_states_this_deployments_models_and_limits(upstream: Upstream, tmp_path: Path) -> None:
