@@ -239,8 +239,8 @@ async def read_body(request: Request[Any, Any, Any]) -> None:
 
 class StrictBody(AbstractDTO[Any]):
     """The DTO of every `data` parameter. The framework would decode bodies itself, leniently (`"4"` for 4), and before
-    the route's dependencies (the caller's authentication among them); instead `read_body` decodes it, strictly, when
-    the service chooses, and this hands the result over."""
+    the route's dependencies (the caller's authentication among them); instead `read_body` decodes it, strictly, in a
+    before-request hook that authenticates first, and this hands the result over."""
 
     @classmethod
     def create_for_field_definition(
@@ -261,6 +261,7 @@ class StrictBody(AbstractDTO[Any]):
     def create_openapi_schema(
         cls, field_definition: FieldDefinition, handler_id: str, schema_creator: SchemaCreator
     ) -> Reference | Schema:
+        """The framework's single media type; `document_bodies` then declares the body under each one it accepts."""
         return TypeReference(Body.of(field_definition.annotation).types[0])
 
     @classmethod
