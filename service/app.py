@@ -5,42 +5,55 @@ from __future__ import annotations
 import re
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
-from typing import cast
+from typing import Any, cast
 
-import msgspec
-from litestar import Litestar
+from litestar import Litestar, Request
 from litestar.datastructures import MutableScopeHeaders, State
 from litestar.di import Provide
 from litestar.enums import ScopeType
 from litestar.openapi import OpenAPIConfig
-from litestar.openapi.spec import Components, Link, OpenAPIResponse, Schema, SecurityScheme
+from litestar.openapi.spec import Components, Link, OpenAPIResponse, SecurityScheme
 from litestar.routes import HTTPRoute
 from litestar.types import ASGIApp, Message, Receive, Scope, Send
 
 from service import health, observability
+from service.bodies import StrictBody, document_bodies, read_body
 from service.cors import cors
 from service.credits import endpoints as credits
-from service.credits.schemas import CreditGrant
 from service.endusers import endpoints as end_users
-from service.endusers.endpoints import EndUserTokenRequest
 from service.errors import EXCEPTION_HANDLERS
 from service.playground import playground
 from service.process import running
 from service.prompts import endpoints as prompts
-from service.prompts.service import EnhanceRequest, EnhanceResult, prompt_models
 from service.runtime import Runtime
 from service.settings import Settings
 from service.tasks import endpoints as tasks
-from service.tasks.schemas import request_body_components
 from service.tenants import endpoints as admin
-from service.tenants.auth import provide_caller
-from service.tenants.schemas import TenantCreate, TenantUpdate
+from service.tenants.auth import Caller, provide_caller
 
 API_VERSION = "1.0.0"
 
 
 def provide_runtime(state: State) -> Runtime:
     return cast(Runtime, state.runtime)
+
+
+async def authenticate_then_read_body(request: Request[Any, Any, Any]) -> None:
+    """Before-request hook. The framework reads a route's `data` before it resolves the route's dependencies; so that
+    a route with a body still authenticates (and rate-limits) its caller before reading the body, both happen here,
+    in that order. A client without a valid key learns that first, and a refused body counts against the limit."""
+    handler = request.route_handler
+    if handler.parsed_data_field is None:
+        return
+    if "caller" in handler.parsed_fn_signature.parameters:
+        request.state.caller = await provide_caller(request, provide_runtime(request.app.state))
+    await read_body(request)
+
+
+async def provide_known_caller(request: Request[Any, Any, Any], runtime: Runtime) -> Caller:
+    """The caller of a tenant route: authenticated here, or already before its body was read."""
+    known: Caller | None = request.state.get("caller")
+    return known if known is not None else await provide_caller(request, runtime)
 
 
 def openapi_config() -> OpenAPIConfig:
@@ -92,7 +105,14 @@ def create_app(settings: Settings | None = None) -> Litestar:
             observability.metrics,
             playground,
         ],
-        dependencies={"runtime": Provide(provide_runtime, sync_to_thread=False), "caller": Provide(provide_caller)},
+        dependencies={
+            "runtime": Provide(provide_runtime, sync_to_thread=False),
+            "caller": Provide(provide_known_caller),
+        },
+        before_request=authenticate_then_read_body,
+        # Every `data` parameter: decoded strictly by `read_body`, documented from its type by `document_bodies`.
+        dto=StrictBody,
+        return_dto=None,
         exception_handlers=EXCEPTION_HANDLERS,  # type: ignore[arg-type]
         openapi_config=openapi_config(),
         lifespan=[lifespan],
@@ -103,7 +123,7 @@ def create_app(settings: Settings | None = None) -> Litestar:
     )
     # Outside the router, so that answers no route handles (404, 405) are logged, counted and given a request id too.
     app.asgi_handler = observability.request_observer(app.asgi_handler)
-    _document_request_bodies(app, settings)
+    document_bodies(app, settings)
     _document_responses(app)
     return app
 
@@ -173,20 +193,3 @@ def _document_responses(app: Litestar) -> None:
         operation.responses[status].links = {
             name: Link(operation_id=target, parameters=dict(parameters)) for name, (target, parameters) in links.items()
         }
-
-
-def _document_request_bodies(app: Litestar, settings: Settings) -> None:
-    """Add the schemas no handler signature declares: every request body (decoded by the routes themselves, see
-    `service.bodies`) and the enhancement's JSON answer."""
-    components = app.openapi_schema.components
-    _, bodies = msgspec.json.schema_components(
-        [TenantCreate, TenantUpdate, CreditGrant, EnhanceRequest, EnhanceResult, EndUserTokenRequest],
-        ref_template="#/components/schemas/{name}",
-    )
-    enhance = bodies["EnhanceRequest"]["properties"]
-    enhance["prompt"]["maxLength"] = settings.max_prompt_chars
-    named_model = next(option for option in enhance["model"]["anyOf"] if option.get("type") == "string")
-    named_model["enum"] = list(prompt_models(settings))
-    extra = {**request_body_components(settings), **bodies}
-    schemas = {**(components.schemas or {}), **cast(dict[str, Schema], extra)}
-    components.schemas = dict(sorted(schemas.items()))

@@ -247,3 +247,92 @@ def test_keys_never_reach_a_response_or_a_log_line(upstream: Upstream, tmp_path:
     for secret in (upstream.api_key, ADMIN_KEY, tenant_key, second):
         assert secret not in logs
         assert all(secret not in body for body in bodies)
+
+
+STRICT_BODIES = [
+    pytest.param("/api/admin/tenants", {"name": "strict"}, "credits", id="create-tenant"),
+    pytest.param("/api/end-user-tokens", {"user": "strict_user_1"}, "ttl_seconds", id="end-user-token"),
+    pytest.param("/api/images/generate", {"prompt": "a kite"}, "n", id="generate"),
+]
+
+
+@pytest.mark.parametrize(("path", "body", "number"), STRICT_BODIES)
+def test_every_json_body_takes_whole_numbers_but_no_numeric_strings(
+    service: Service, tenant: Tenant, path: str, body: dict[str, object], number: str
+) -> None:
+    client = httpx.Client(base_url=service.base_url, headers={"Authorization": f"Bearer {ADMIN_KEY}"})
+    caller = client if path.startswith("/api/admin/") else tenant.client
+    try:
+        text = caller.post(path, json={**body, number: "2" if number == "n" else "3600"})
+        assert text.status_code == 422, text.text
+        assert text.json()["code"] == "invalid_field" and text.json()["field"] == number
+        whole = caller.post(path, json={**body, number: 2.0 if number == "n" else 3600.0})
+        assert whole.status_code in (200, 201, 202), whole.text
+        fraction = caller.post(path, json={**body, number: 2.5})
+        assert fraction.status_code == 422 and fraction.json()["field"] == number
+    finally:
+        client.close()
+
+
+def test_a_route_authenticates_its_caller_before_it_reads_the_body(service: Service) -> None:
+    for path in ("/api/images/generate", "/api/prompts/enhance", "/api/end-user-tokens", "/api/admin/tenants"):
+        response = httpx.post(
+            f"{service.base_url}{path}",
+            content=b"{not json",
+            headers={"Authorization": "Bearer igk_000000000000.nope", "Content-Type": "application/json"},
+        )
+        assert response.status_code == 401, (path, response.text)
+    limited = service.new_tenant(credits=10)
+    with service.admin() as admin:
+        assert admin.patch(f"/api/admin/tenants/{limited.id}", json={"rate_limit_per_minute": 2}).status_code == 200
+        # A body refused for its content still counts against the caller's rate limit.
+        refused = [limited.client.post("/api/images/generate", json={"prompt": ""}) for _ in range(2)]
+        assert [response.status_code for response in refused] == [422, 422]
+        assert refused[-1].headers["ratelimit-remaining"] == "0"
+        assert limited.client.post("/api/images/generate", content=b"{not json").status_code == 429
+        assert admin.get(f"/api/admin/tenants/{limited.id}").json()["balance"] == 10
+
+
+def test_the_live_document_states_this_deployments_models_and_limits(upstream: Upstream, tmp_path: Path) -> None:
+    env = service_env(
+        upstream,
+        MAX_PROMPT_CHARS="100",
+        MAX_IMAGES_PER_TASK="2",
+        MAX_REFERENCE_IMAGES="2",
+        IMAGE_MODELS="gpt-image-1",
+        PROMPT_MODELS="prompt-model-b",
+    )
+    service = Service(tmp_path, env)
+    try:
+        schemas = httpx.get(f"{service.base_url}/schema/openapi.json").json()["components"]["schemas"]
+        as_json, as_form = schemas["GenerateRequest"]["properties"], schemas["GenerateUpload"]["properties"]
+        for fields in (as_json, as_form):
+            assert fields["prompt"]["maxLength"] == 100
+            assert fields["n"]["maximum"] == 2
+        named = [option for option in as_json["model"]["anyOf"] if option.get("type") == "string"]
+        assert named[0]["enum"] == ["gpt-image-2", "gpt-image-1"]
+        # A form field is present or absent, never null.
+        assert as_form["model"]["enum"] == ["gpt-image-2", "gpt-image-1"] and "anyOf" not in as_form["model"]
+        assert as_form["image"]["maxItems"] == 2 and as_form["image"]["items"]["format"] == "binary"
+        enhance = schemas["EnhanceRequest"]["properties"]
+        assert enhance["prompt"]["maxLength"] == 100
+        prompt_models = next(option for option in enhance["model"]["anyOf"] if option.get("type") == "string")["enum"]
+        assert prompt_models[-1] == "prompt-model-b" and len(prompt_models) == 2
+
+        # The document tells the truth: the service takes what it states and refuses what lies past it.
+        tenant = service.new_tenant(credits=100)
+        assert tenant.generate("x" * 100, n=2, model="gpt-image-1").status_code == 202
+        for fields, code in (
+            ({"prompt": "x" * 101}, "prompt_too_long"),
+            ({"prompt": "a", "n": 3}, "too_many_images"),
+            ({"prompt": "a", "model": "gpt-image-3"}, "unknown_model"),
+        ):
+            refused = tenant.client.post("/api/images/generate", json=fields)
+            assert refused.status_code == 422 and refused.json()["code"] == code, refused.text
+        for count, status in ((2, 202), (3, 422)):
+            files = [("image", (f"{i}.png", _png(), "image/png")) for i in range(count)]
+            body, content_type = _multipart({"prompt": "a"}, files)
+            response = tenant.client.post("/api/images/generate", content=body, headers={"Content-Type": content_type})
+            assert response.status_code == status, response.text
+    finally:
+        service.stop()

@@ -4,12 +4,11 @@ from __future__ import annotations
 
 import time
 from datetime import UTC, datetime
-from typing import Annotated, Any
+from typing import Annotated
 
 import msgspec
-from litestar import Request, Router, post
+from litestar import Router, post
 
-from service.bodies import json_body, read_json
 from service.errors import problem_responses
 from service.runtime import Runtime
 from service.tenants.auth import Caller, tenant_key_only
@@ -41,12 +40,10 @@ class EndUserToken(msgspec.Struct):
     summary="Mint a short-lived token for one end user",
     description="The token lets a browser generate, enhance, read and cancel that end user's own tasks, download "
     "their images, read their quota and check in; nothing else. Tokens die with the key that minted them.",
-    operation_class=json_body("EndUserTokenRequest"),
     responses=problem_responses(401, 403, 422, 429),
     guards=[tenant_key_only],
 )
-async def create_end_user_token(request: Request[Any, Any, Any], caller: Caller, runtime: Runtime) -> EndUserToken:
-    data = await read_json(request, EndUserTokenRequest)
+async def create_end_user_token(data: EndUserTokenRequest, caller: Caller, runtime: Runtime) -> EndUserToken:
     assert runtime.tokens is not None
     expires_at = int(time.time()) + data.ttl_seconds
     token = runtime.tokens.mint(Claims(caller.tenant_id, caller.key_prefix, data.user, expires_at))

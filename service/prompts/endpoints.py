@@ -7,19 +7,10 @@ from typing import Any
 
 from litestar import Request, Response, Router, delete, get, post
 from litestar.background_tasks import BackgroundTask
-from litestar.openapi.spec import (
-    OpenAPIHeader,
-    OpenAPIMediaType,
-    OpenAPIResponse,
-    OpenAPIType,
-    Operation,
-    Reference,
-    RequestBody,
-    Schema,
-)
+from litestar.openapi.spec import OpenAPIHeader, OpenAPIMediaType, OpenAPIResponse, OpenAPIType, Operation, Schema
 from litestar.response import Stream
 
-from service.bodies import read_json
+from service.bodies import TypeReference
 from service.errors import problem_responses
 from service.prompts.service import (
     CacheCleared,
@@ -49,10 +40,6 @@ class EnhanceOperation(Operation):
     """The route answers a stream by default and one JSON object to `Accept: application/json`."""
 
     def __post_init__(self) -> None:
-        self.request_body = RequestBody(
-            required=True,
-            content={"application/json": OpenAPIMediaType(schema=Reference("#/components/schemas/EnhanceRequest"))},
-        )
         assert self.responses is not None
         self.responses["200"] = OpenAPIResponse(
             description="The enhanced prompt, streamed (or whole, as JSON, for `Accept: application/json`)",
@@ -65,7 +52,7 @@ class EnhanceOperation(Operation):
                         properties={"data": Schema(type=OpenAPIType.STRING, description=FRAMES)},
                     )
                 ),
-                "application/json": OpenAPIMediaType(schema=Reference("#/components/schemas/EnhanceResult")),
+                "application/json": OpenAPIMediaType(schema=TypeReference(EnhanceResult)),
             },
             headers={
                 "X-Cache": OpenAPIHeader(
@@ -91,8 +78,9 @@ def _wants_json(request: Request[Any, Any, Any]) -> bool:
     responses=problem_responses(401, 402, 403, 422, 429, 502, 503),
     security=END_USER_TOO,
 )
-async def enhance_prompt(request: Request[Any, Any, Any], caller: Caller, runtime: Runtime) -> Response[Any]:
-    data = await read_json(request, EnhanceRequest)
+async def enhance_prompt(
+    request: Request[Any, Any, Any], data: EnhanceRequest, caller: Caller, runtime: Runtime
+) -> Response[Any]:
     enhancer = runtime.enhancer
     assert enhancer is not None
     plan = enhancer.plan(caller.tenant_id, data, caller.end_user)

@@ -19,6 +19,7 @@ from typing import Annotated, Any
 import anyio
 import msgspec
 
+from service.bodies import deployment
 from service.clock import utcnow
 from service.credits import repository as ledger
 from service.db.engine import in_session
@@ -34,12 +35,24 @@ from service.settings import Settings
 from service.upstream.base import UpstreamError, caller_text
 
 
+def prompt_models(settings: Settings) -> tuple[str, ...]:
+    """The prompt models a request may name: the default one, then `PROMPT_MODELS`."""
+    default = [settings.prompt_model_name] if settings.prompt_model_name else []
+    return tuple(dict.fromkeys([*default, *settings.prompt_models]))
+
+
+PromptText = Annotated[
+    str, msgspec.Meta(min_length=1, max_length=4000, pattern=r"\S", extra=deployment(maxLength="max_prompt_chars"))
+]
+ModelName = Annotated[str, msgspec.Meta(min_length=1, max_length=100, extra=deployment(enum=prompt_models))]
+
+
 class EnhanceRequest(msgspec.Struct, forbid_unknown_fields=True):
     """A prompt to enhance, the direction to take it, and optionally a model and a style."""
 
-    prompt: Annotated[str, msgspec.Meta(min_length=1, max_length=4000, pattern=r"\S")]
+    prompt: PromptText
     direction: Direction = "details"
-    model: Annotated[str, msgspec.Meta(min_length=1, max_length=100)] | None = None
+    model: ModelName | None = None
     style: StyleName | None = None
 
 
@@ -87,12 +100,6 @@ class Charge:
 
 class UpstreamFailed(ServiceError):
     status, code = 502, "upstream_failed"
-
-
-def prompt_models(settings: Settings) -> tuple[str, ...]:
-    """The prompt models a request may name: the default one, then `PROMPT_MODELS`."""
-    default = [settings.prompt_model_name] if settings.prompt_model_name else []
-    return tuple(dict.fromkeys([*default, *settings.prompt_models]))
 
 
 def find_style(name: str | None) -> Style | None:

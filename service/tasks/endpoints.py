@@ -8,31 +8,20 @@ from dataclasses import dataclass
 from typing import Annotated, Any
 
 from litestar import Request, Response, Router, get, post
-from litestar.datastructures import ResponseHeader, UploadFile
-from litestar.openapi.spec import (
-    Encoding,
-    OpenAPIHeader,
-    OpenAPIMediaType,
-    OpenAPIResponse,
-    Operation,
-    Reference,
-    RequestBody,
-    Schema,
-)
+from litestar.datastructures import ResponseHeader
+from litestar.openapi.spec import OpenAPIHeader, OpenAPIMediaType, OpenAPIResponse, Operation, Reference, Schema
 from litestar.params import HeaderParameter, Parameter
 from litestar.response import Stream
 
-from service.bodies import read_json, validate
+from service.bodies import TypeReference
 from service.catalog import ModelList, model_list
-from service.errors import Conflict, InvalidInput, NotFound, UnsupportedMediaType, problem_responses
+from service.errors import Conflict, NotFound, problem_responses
 from service.idempotency import IdempotencyKey
-from service.images.processing import FORMATS
 from service.pagination import Cursor, Limit, next_cursor
 from service.runtime import Runtime
-from service.settings import Settings
 from service.tasks import repository, service
-from service.tasks.schemas import GenerateRequest, TaskOut, TaskPage, TaskStatus, task_view
-from service.tasks.service import Submission, Upload
+from service.tasks.schemas import GenerateRequest, GenerateUpload, TaskOut, TaskPage, TaskStatus, task_view
+from service.tasks.service import Submission
 from service.tenants.auth import END_USER_TOO, Caller
 
 log = logging.getLogger("service.tasks")
@@ -49,31 +38,17 @@ Prefer = Annotated[
         "read is ignored, never refused.",
     ),
 ]
-FORM_FIELDS = {"prompt", "size", "model", "quality", "n", "enhance", "style"}
 
 
 @dataclass
 class GenerateOperation(Operation):
-    """`POST /api/images/generate` takes JSON or multipart; Litestar documents one body type, so set both here."""
+    """`POST /api/images/generate` also answers 200, when the task finished while the request waited."""
 
     def __post_init__(self) -> None:
-        self.request_body = RequestBody(
-            required=True,
-            content={
-                "application/json": OpenAPIMediaType(schema=Reference("#/components/schemas/GenerateRequest")),
-                "multipart/form-data": OpenAPIMediaType(
-                    schema=Reference("#/components/schemas/GenerateUpload"),
-                    encoding={
-                        "image": Encoding(content_type=", ".join(IMAGE_TYPES)),
-                        "mask": Encoding(content_type=", ".join(IMAGE_TYPES)),
-                    },
-                ),
-            },
-        )
         assert self.responses is not None
         self.responses["200"] = OpenAPIResponse(
             description="The task finished while the request waited (`Prefer: wait=N`)",
-            content={"application/json": OpenAPIMediaType(schema=Reference("#/components/schemas/TaskOut"))},
+            content={"application/json": OpenAPIMediaType(schema=TypeReference(TaskOut))},
             headers={
                 "Preference-Applied": OpenAPIHeader(
                     schema=Schema(type="string"),  # type: ignore[arg-type]
@@ -83,7 +58,6 @@ class GenerateOperation(Operation):
         )
 
 
-IMAGE_TYPES = sorted(FORMATS.values())
 BINARY = Schema(type="string", format="binary")  # type: ignore[arg-type]
 
 
@@ -105,59 +79,6 @@ class ImageOperation(Operation):
         self.responses["304"] = OpenAPIResponse(description="Not modified (If-None-Match matched)", headers=headers)
 
 
-async def _read_form(request: Request[Any, Any, Any], settings: Settings) -> Submission:
-    form = await request.form()
-    fields: dict[str, str] = {}
-    references: list[Upload] = []
-    mask: Upload | None = None
-    try:
-        for name, value in form.multi_items():
-            if isinstance(value, UploadFile):
-                if name not in ("image", "mask"):
-                    raise InvalidInput(f"unexpected file part {name!r}", code="unknown_field", field=name)
-                if name == "mask" and mask is not None:
-                    raise InvalidInput("only one mask is accepted", code="duplicate_field", field="mask")
-                if len(references) >= settings.max_reference_images and name == "image":
-                    raise InvalidInput(
-                        f"at most {settings.max_reference_images} reference images per task",
-                        code="too_many_images",
-                        field="image",
-                    )
-                upload = Upload(name, value.filename or name, value.content_type or "", await value.read())
-                if name == "mask":
-                    mask = upload
-                else:
-                    references.append(upload)
-            elif name not in FORM_FIELDS:
-                code = "file_expected" if name in ("image", "mask") else "unknown_field"
-                raise InvalidInput(f"unexpected form field {name!r}", code=code, field=name)
-            elif name in fields:
-                raise InvalidInput(f"{name} is given more than once", code="duplicate_field", field=name)
-            else:
-                fields[name] = str(value)
-    finally:
-        for _, value in form.multi_items():
-            if isinstance(value, UploadFile):
-                await value.close()
-    if not references:
-        raise InvalidInput(
-            "a multipart request needs at least one `image` file part", code="image_required", field="image"
-        )
-    # Form fields arrive as text, so numbers are read from it here, unlike in JSON bodies.
-    return Submission(request=validate(fields, GenerateRequest, strict=False), references=references, mask=mask)
-
-
-async def read_submission(request: Request[Any, Any, Any], settings: Settings) -> Submission:
-    media_type = request.headers.get("content-type", "").split(";", 1)[0].strip().lower()
-    if media_type == "application/json":
-        return Submission(request=await read_json(request, GenerateRequest), references=[])
-    if media_type == "multipart/form-data":
-        return await _read_form(request, settings)
-    raise UnsupportedMediaType(
-        "Send application/json, or multipart/form-data with image parts", code="unsupported_content_type"
-    )
-
-
 @post(
     "/images/generate",
     operation_id="generateImage",
@@ -175,13 +96,16 @@ async def read_submission(request: Request[Any, Any, Any], settings: Settings) -
     responses=problem_responses(401, 402, 403, 409, 413, 415, 422, 429),
 )
 async def generate_image(
-    request: Request[Any, Any, Any],
+    data: GenerateRequest | GenerateUpload,
     caller: Caller,
     runtime: Runtime,
     idempotency_key: IdempotencyKey = None,
     prefer: Prefer = None,
 ) -> Response[TaskOut]:
-    submission = await read_submission(request, runtime.settings)
+    if isinstance(data, GenerateUpload):
+        submission = Submission(request=data, references=data.image, mask=data.mask)
+    else:
+        submission = Submission(request=data, references=[])
     submitted = await service.submit(runtime, caller, submission, idempotency_key)
     headers = {"Location": f"/api/images/tasks/{submitted.id}"}
     wait = preferred_wait(prefer)

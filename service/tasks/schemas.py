@@ -7,13 +7,15 @@ from typing import Annotated, Any, Literal
 
 import msgspec
 
+from service.bodies import Upload, deployment, part_types
+from service.images.processing import FORMATS
 from service.images.sizes import SIZE_PATTERN
 from service.prompts.instructions import Direction
 from service.prompts.styles import StyleName
-from service.settings import Settings
 
 MAX_PROMPT_CHARS = 4000
 MAX_N = 4
+IMAGE_TYPES = sorted(FORMATS.values())
 
 TaskStatus = Literal["queued", "running", "completed", "failed", "cancelled"]
 Quality = Literal["auto", "low", "medium", "high"]
@@ -24,6 +26,7 @@ Prompt = Annotated[
         max_length=MAX_PROMPT_CHARS,
         pattern=r"\S",
         description="What to draw; surrounding whitespace is trimmed",
+        extra=deployment(maxLength="max_prompt_chars"),
     ),
 ]
 Size = Annotated[
@@ -35,12 +38,39 @@ Size = Annotated[
         "a side); mapped to the nearest size the upstream supports",
     ),
 ]
-Model = Annotated[str, msgspec.Meta(min_length=1, max_length=100, description="Image model; see GET /api/models")]
-N = Annotated[int, msgspec.Meta(ge=1, le=MAX_N, description="Number of images (up to the configured maximum)")]
+Model = Annotated[
+    str,
+    msgspec.Meta(
+        min_length=1,
+        max_length=100,
+        description="Image model; see GET /api/models",
+        extra=deployment(enum="image_models"),
+    ),
+]
+N = Annotated[
+    int,
+    msgspec.Meta(
+        ge=1,
+        le=MAX_N,
+        description="Number of images (up to the configured maximum)",
+        extra=deployment(maximum="max_images_per_task"),
+    ),
+]
 
 
 Enhance = Annotated[Direction, msgspec.Meta(description="Enhance the prompt first, in this direction")]
 StyleField = Annotated[StyleName, msgspec.Meta(description="A style preset from GET /api/prompts/styles")]
+ReferenceImages = Annotated[
+    list[Upload],
+    msgspec.Meta(
+        min_length=1,
+        description="Reference images (PNG, JPEG or WebP), one part each",
+        extra={**deployment(maxItems="max_reference_images"), **part_types(*IMAGE_TYPES)},
+    ),
+]
+Mask = Annotated[
+    Upload, msgspec.Meta(description="Optional PNG mask for the first reference image", extra=part_types(*IMAGE_TYPES))
+]
 
 
 class GenerateRequest(msgspec.Struct, forbid_unknown_fields=True):
@@ -55,51 +85,11 @@ class GenerateRequest(msgspec.Struct, forbid_unknown_fields=True):
     style: StyleField | None = None
 
 
-class GenerateUpload(msgspec.Struct, forbid_unknown_fields=True):
+class GenerateUpload(GenerateRequest, kw_only=True):
     """A reference-image task: the generate fields plus `image` file parts and an optional `mask`."""
 
-    prompt: Prompt
-    image: list[bytes]
-    size: Size = "auto"
-    model: Model | None = None
-    quality: Quality = "auto"
-    n: N = 1
-    enhance: Enhance | None = None
-    style: StyleField | None = None
-    mask: bytes | None = None
-
-
-def request_body_components(settings: Settings) -> dict[str, dict[str, Any]]:
-    """JSON Schemas of both request bodies for the OpenAPI document, stating this deployment's models and limits
-    (so the document says exactly what is accepted); file parts are declared as binary."""
-    _, components = msgspec.json.schema_components(
-        [GenerateRequest, GenerateUpload], ref_template="#/components/schemas/{name}"
-    )
-    for body in (components["GenerateRequest"], components["GenerateUpload"]):
-        fields = body["properties"]
-        fields["prompt"]["maxLength"] = settings.max_prompt_chars
-        fields["n"]["maximum"] = settings.max_images_per_task
-        named_model = next(option for option in fields["model"]["anyOf"] if option.get("type") == "string")
-        named_model["enum"] = list(settings.image_models)
-    binary = {"type": "string", "format": "binary", "contentMediaType": "application/octet-stream"}
-    upload = components["GenerateUpload"]
-    for name, field in upload["properties"].items():
-        # A form field is present or absent; it cannot be null.
-        options = field.get("anyOf", [])
-        if {"type": "null"} in options:
-            upload["properties"][name] = {
-                **next(option for option in options if option != {"type": "null"}),
-                **({"description": field["description"]} if "description" in field else {}),
-            }
-    upload["properties"]["image"] = {
-        "type": "array",
-        "items": binary,
-        "minItems": 1,
-        "maxItems": settings.max_reference_images,
-        "description": "Reference images (PNG, JPEG or WebP), one part each",
-    }
-    upload["properties"]["mask"] = {**binary, "description": "Optional PNG mask for the first reference image"}
-    return components
+    image: ReferenceImages
+    mask: Mask | None = None
 
 
 class TaskImage(msgspec.Struct):

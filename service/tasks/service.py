@@ -14,6 +14,7 @@ import msgspec
 from sqlalchemy.exc import IntegrityError
 
 from service import idempotency
+from service.bodies import Upload
 from service.catalog import task_cost
 from service.clock import utcnow
 from service.credits import repository as ledger
@@ -31,14 +32,6 @@ from service.tenants.auth import Caller
 
 IDEMPOTENCY_SCOPE = "generate"
 WAIT_RECHECK_SECONDS = 0.5
-
-
-@dataclass(frozen=True, slots=True)
-class Upload:
-    field: str
-    filename: str
-    content_type: str
-    data: bytes
 
 
 @dataclass(frozen=True, slots=True)

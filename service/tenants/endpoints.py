@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
-from typing import Annotated, Any
+from typing import Annotated
 
 import msgspec
-from litestar import Controller, Request, delete, get, patch, post
+from litestar import Controller, delete, get, patch, post
 from litestar.params import Parameter
 from sqlalchemy.ext.asyncio import AsyncSession
 
-from service.bodies import json_body, read_json
 from service.clock import utcnow
 from service.credits.schemas import CreditGrant, LedgerEntryOut
 from service.db.models import Tenant
@@ -44,11 +43,9 @@ class AdminController(Controller):
         "/tenants",
         operation_id="createTenant",
         summary="Create a tenant and its first API key",
-        operation_class=json_body("TenantCreate"),
         responses=problem_responses(401, 422),
     )
-    async def create_tenant(self, request: Request[Any, Any, Any], runtime: Runtime) -> TenantCreated:
-        data = await read_json(request, TenantCreate)
+    async def create_tenant(self, data: TenantCreate, runtime: Runtime) -> TenantCreated:
         tenant, api_key = await service.create_tenant(runtime.db, data.name, data.credits)
         return TenantCreated(tenant=tenant_view(tenant, []), api_key=api_key)
 
@@ -74,11 +71,9 @@ class AdminController(Controller):
         "/tenants/{tenant_id:str}",
         operation_id="updateTenant",
         summary="Suspend or reactivate a tenant, or set its limits",
-        operation_class=json_body("TenantUpdate"),
         responses=problem_responses(401, 404, 422),
     )
-    async def update_tenant(self, request: Request[Any, Any, Any], tenant_id: TenantId, runtime: Runtime) -> TenantOut:
-        data = await read_json(request, TenantUpdate)
+    async def update_tenant(self, data: TenantUpdate, tenant_id: TenantId, runtime: Runtime) -> TenantOut:
         async with runtime.db.write() as session:
             changes = _changes(data)
             return await _found(session, await repository.update_tenant(session, tenant_id, changes, utcnow()))
@@ -109,18 +104,16 @@ class AdminController(Controller):
         "/tenants/{tenant_id:str}/credits",
         operation_id="grantCredits",
         summary="Grant or deduct credits",
-        operation_class=json_body("CreditGrant"),
         responses=problem_responses(401, 404, 409, 422),
         status_code=201,
     )
     async def grant_credits(
         self,
-        request: Request[Any, Any, Any],
+        data: CreditGrant,
         tenant_id: TenantId,
         runtime: Runtime,
         idempotency_key: IdempotencyKey = None,
     ) -> LedgerEntryOut:
-        data = await read_json(request, CreditGrant)
         return await service.grant_credits(
             runtime.db,
             tenant_id,
