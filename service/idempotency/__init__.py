@@ -15,7 +15,7 @@ from typing import Annotated
 from litestar.params import HeaderParameter
 from sqlalchemy.ext.asyncio import AsyncSession
 
-from service.db.engine import Statements, in_session
+from service.db.engine import Statements
 from service.errors import Conflict
 from service.idempotency import repository
 
@@ -49,7 +49,7 @@ async def recall(
     session: AsyncSession, *, tenant_id: str, scope: str, key: str, request_hash: str, now: datetime
 ) -> bytes | None:
     """The stored response for this key, None when there is none (or it expired)."""
-    record = await repository.find(in_session(session), tenant_id=tenant_id, scope=scope, key=key)
+    record = await repository.find(session, tenant_id=tenant_id, scope=scope, key=key)
     if record is None or record.expires_at <= now:
         return None
     if record.request_hash != request_hash:

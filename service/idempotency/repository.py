@@ -7,6 +7,7 @@ from datetime import datetime
 from typing import Any, cast
 
 from sqlalchemy import ColumnElement, String, Table, and_, bindparam, delete, insert, select
+from sqlalchemy.ext.asyncio import AsyncSession
 
 from service.db.engine import Statements
 from service.db.models import IdempotencyRecord, UTCDateTime
@@ -31,10 +32,9 @@ _INSERT = insert(IDEMPOTENCY_RECORDS)
 _FORGET_EXPIRED = delete(IDEMPOTENCY_RECORDS).where(_RECORDS.expires_at <= _NOW)
 
 
-async def find(statements: Statements, *, tenant_id: str, scope: str, key: str) -> Any | None:
+async def find(session: AsyncSession, *, tenant_id: str, scope: str, key: str) -> Any | None:
     """The record of this key in the caller's key space, expired or not: (request_hash, response, expires_at)."""
-    found = await statements.rows(_FIND, {"tenant_id": tenant_id, "scope": scope, "key": key})
-    return found[0] if found else None
+    return (await session.execute(_FIND, {"tenant_id": tenant_id, "scope": scope, "key": key})).first()
 
 
 async def replace_expired(statements: Statements, record: dict[str, Any]) -> None:

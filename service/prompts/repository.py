@@ -6,7 +6,6 @@ from __future__ import annotations
 from sqlalchemy import ColumnElement, Float, String, bindparam, delete, func, select
 from sqlalchemy.ext.asyncio import AsyncSession
 
-from service.db.engine import in_session
 from service.db.models import CachedEnhancement
 from service.db.scoping import CallerValue
 
@@ -25,8 +24,7 @@ _LIVE = select(CachedEnhancement.text).where(
 
 async def cached_text(session: AsyncSession, *, tenant_id: str, key: str, now: float) -> str | None:
     """The enhanced prompt kept under `key` for the tenant, None when there is none or it expired."""
-    found = await in_session(session).rows(_LIVE, {"tenant_id": tenant_id, "key": key, "now": now})
-    return str(found[0][0]) if found else None
+    return await session.scalar(_LIVE, {"tenant_id": tenant_id, "key": key, "now": now})
 
 
 async def keep(
