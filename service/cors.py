@@ -11,9 +11,8 @@ from typing import Any
 
 from litestar.enums import ScopeType
 from litestar.types import ASGIApp, HTTPResponseBodyEvent, HTTPResponseStartEvent, Message, Receive, Scope, Send
-from sqlalchemy import bindparam, select
 
-from service.db.models import TENANT_ORIGINS
+from service.tenants import repository as tenants
 
 ALLOW_METHODS = b"GET, POST, DELETE"
 ALLOW_HEADERS = b"Authorization, Content-Type, Accept, Idempotency-Key, Prefer, If-None-Match, X-Request-ID"
@@ -22,11 +21,6 @@ EXPOSE_HEADERS = (
     b"X-Request-ID, X-Cache, ETag"
 )
 MAX_AGE = b"600"
-
-_ANY_TENANT_ALLOWS = select(TENANT_ORIGINS.c.tenant_id).where(TENANT_ORIGINS.c.origin == bindparam("origin")).limit(1)
-_TENANT_ALLOWS = select(TENANT_ORIGINS.c.tenant_id).where(
-    TENANT_ORIGINS.c.tenant_id == bindparam("tenant_id"), TENANT_ORIGINS.c.origin == bindparam("origin")
-)
 
 
 def _header(scope: Scope, name: bytes) -> str | None:
@@ -48,7 +42,7 @@ def cors(app: ASGIApp) -> ASGIApp:
         origin = origin.lower()
         preflight = scope.get("method") == "OPTIONS" and _header(scope, b"access-control-request-method") is not None
         if preflight:
-            if await db.fetch_one(_ANY_TENANT_ALLOWS, {"origin": origin}) is None:
+            if not await tenants.origin_listed_by_any_tenant(db, origin):
                 await app(scope, receive, send)
                 return
             headers = [
@@ -69,7 +63,7 @@ def cors(app: ASGIApp) -> ASGIApp:
             if message["type"] == "http.response.start":
                 tenant_id = scope.get("state", {}).get("tenant_id")
                 headers = [*message.get("headers", ()), (b"vary", b"Origin")]
-                if tenant_id and await db.fetch_one(_TENANT_ALLOWS, {"tenant_id": tenant_id, "origin": origin}):
+                if tenant_id and await tenants.origin_listed_by(db, tenant_id, origin):
                     headers += [
                         (b"access-control-allow-origin", origin.encode()),
                         (b"access-control-expose-headers", EXPOSE_HEADERS),

@@ -25,14 +25,13 @@ from litestar.datastructures import State
 from litestar.enums import ScopeType
 from litestar.types import ASGIApp, Message, Receive, Scope, Send
 from prometheus_client import generate_latest
-from sqlalchemy import func, select
 
 from service.db.engine import Database
-from service.db.models import Task
 from service.errors import Unauthorized, problem_responses
 from service.metrics import QUEUE_DEPTH, REGISTRY, REQUEST_SECONDS, REQUESTS, TASKS
 from service.ratelimit import Decision
 from service.runtime import Runtime
+from service.tasks import repository as tasks
 
 REQUEST_ID = re.compile(r"^[A-Za-z0-9._-]{1,128}$")
 access_log = logging.getLogger("service.access")
@@ -117,7 +116,6 @@ def request_observer(app: ASGIApp) -> ASGIApp:
 
 TASK_FIGURES_SECONDS = 15.0
 STATUSES = ("queued", "running", "completed", "failed", "cancelled")
-_BY_STATUS = select(Task.status, func.count()).group_by(Task.status)
 
 
 class TaskFigures:
@@ -142,7 +140,7 @@ class TaskFigures:
     async def _read(self) -> None:
         try:
             async with self._db.read() as session:
-                by_status = dict((await session.execute(_BY_STATUS)).tuples().all())
+                by_status = await tasks.count_by_status(session)
             for status in STATUSES:
                 TASKS.labels(status).set(by_status.get(status, 0))
             QUEUE_DEPTH.set(by_status.get("queued", 0))

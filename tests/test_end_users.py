@@ -184,6 +184,23 @@ def test_expired_tampered_and_orphaned_tokens_are_refused(service: Service) -> N
     assert revoked.status_code == 401 and revoked.json()["code"] == "invalid_token"
 
 
+def test_a_token_naming_another_tenants_key_opens_nothing(service: Service) -> None:
+    """A token signed with the deployment's secret whose key belongs to another tenant: the key lookup is scoped to
+    the tenant the token names, so neither tenant's data opens."""
+    owner, other = service.new_tenant(credits=20), service.new_tenant(credits=20)
+    owners_key = owner.api_key.split(".")[0]
+    assert owner.client.post("/api/images/generate", json={"prompt": "the owner's own"}).status_code == 202
+    expires = int(time.time()) + 600
+    signer = TokenSigner(SECRET.encode())
+    crossed = signer.mint(Claims(other.id, owners_key, user_id(), expires))
+    for path in ("/api/quota", "/api/images/tasks"):
+        response = httpx.get(f"{service.base_url}{path}", headers={"Authorization": f"Bearer {crossed}"})
+        assert response.status_code == 401 and response.json()["code"] == "invalid_token", response.text
+    genuine = signer.mint(Claims(owner.id, owners_key, user_id(), expires))
+    listed = httpx.get(f"{service.base_url}/api/images/tasks", headers={"Authorization": f"Bearer {genuine}"})
+    assert listed.status_code == 200 and listed.json()["items"] == [], listed.text
+
+
 def test_a_402_names_the_account_that_falls_short_and_debits_nothing(service: Service) -> None:
     tenant = service.new_tenant(credits=5)
     alice = EndUser(tenant, user_id())

@@ -12,11 +12,11 @@ from __future__ import annotations
 from collections import Counter
 from dataclasses import dataclass, field
 
-from sqlalchemy import and_, case, func, select
-
+from service.credits import repository as ledger
 from service.credits.repository import TENANT, USER
 from service.db.engine import Database
-from service.db.models import EndUser, LedgerEntry, Task, Tenant
+from service.db.models import Task
+from service.tasks import repository as tasks_repository
 
 
 @dataclass
@@ -74,54 +74,11 @@ def expected_refund(task: Task) -> int | None:
 async def audit_ledger(db: Database) -> AuditReport:
     report = AuditReport()
     async with db.read() as session:
-        tasks = list(await session.scalars(select(Task)))
-        entries = (
-            await session.execute(
-                select(
-                    LedgerEntry.task_id,
-                    LedgerEntry.kind,
-                    LedgerEntry.account,
-                    func.count(),
-                    func.sum(LedgerEntry.amount),
-                )
-                .where(LedgerEntry.task_id.is_not(None))
-                .group_by(LedgerEntry.task_id, LedgerEntry.kind, LedgerEntry.account)
-            )
-        ).all()
-        sums = (
-            await session.execute(
-                select(
-                    func.coalesce(
-                        func.sum(case((LedgerEntry.kind.in_(("grant", "adjust")), LedgerEntry.amount), else_=0)), 0
-                    ),
-                    func.coalesce(func.sum(case((LedgerEntry.kind == "debit", -LedgerEntry.amount), else_=0)), 0),
-                    func.coalesce(func.sum(case((LedgerEntry.kind == "refund", LedgerEntry.amount), else_=0)), 0),
-                ).where(LedgerEntry.account == TENANT)
-            )
-        ).one()
-        balances = (
-            await session.execute(
-                select(Tenant.id, Tenant.balance, func.coalesce(func.sum(LedgerEntry.amount), 0))
-                .outerjoin(LedgerEntry, and_(LedgerEntry.tenant_id == Tenant.id, LedgerEntry.account == TENANT))
-                .group_by(Tenant.id, Tenant.balance)
-            )
-        ).all()
-        allowances = (
-            await session.execute(
-                select(
-                    EndUser.tenant_id, EndUser.end_user, EndUser.balance, func.coalesce(func.sum(LedgerEntry.amount), 0)
-                )
-                .outerjoin(
-                    LedgerEntry,
-                    and_(
-                        LedgerEntry.tenant_id == EndUser.tenant_id,
-                        LedgerEntry.end_user == EndUser.end_user,
-                        LedgerEntry.account == USER,
-                    ),
-                )
-                .group_by(EndUser.tenant_id, EndUser.end_user, EndUser.balance)
-            )
-        ).all()
+        tasks = await tasks_repository.all_tasks(session)
+        entries = await ledger.entries_by_task(session)
+        sums = await ledger.tenant_account_sums(session)
+        balances = await ledger.tenant_balances_and_sums(session)
+        allowances = await ledger.allowances_and_sums(session)
 
     report.granted, report.debited, report.refunded = (int(value) for value in sums)
     for tenant_id, balance, ledger_sum in balances:

@@ -3,13 +3,15 @@
 from __future__ import annotations
 
 from datetime import datetime
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
-from sqlalchemy import BigInteger, String, and_, bindparam, case, func, insert, select, update
+from sqlalchemy import BigInteger, ColumnElement, String, and_, bindparam, case, func, insert, select, update
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from service.db.engine import Database, Statements
-from service.db.models import END_USERS, LEDGER, TENANTS, LedgerEntry, UTCDateTime
+from service.db.models import END_USERS, LEDGER, TENANTS, EndUser, LedgerEntry, Tenant, UTCDateTime
+from service.db.scoping import CallerValue
+from service.endusers.repository import owned_end_users
 from service.errors import InsufficientCredits
 from service.ids import new_id
 from service.metrics import count_credits
@@ -31,6 +33,13 @@ class Entry(NamedTuple):
     created_at: datetime
 
 
+def owned_ledger_entries(tenant_id: CallerValue, end_user: CallerValue | None) -> ColumnElement[bool]:
+    """The ledger entries a caller may read: all of the tenant's, or those for one end user (on both accounts). Every
+    read of a caller's entries filters on this."""
+    owned = LEDGER.c.tenant_id == tenant_id
+    return owned if end_user is None else and_(owned, LEDGER.c.end_user == end_user)
+
+
 _AMOUNT = bindparam("amount", type_=BigInteger())
 _MOVE_BALANCE = (
     update(TENANTS)
@@ -42,8 +51,7 @@ _MOVE_ALLOWANCE = (
     update(END_USERS)
     .where(
         # Not named after the columns: an UPDATE keeps those names for its SET clause.
-        END_USERS.c.tenant_id == bindparam("of_tenant", type_=String()),
-        END_USERS.c.end_user == bindparam("of_user", type_=String()),
+        owned_end_users(bindparam("of_tenant", type_=String()), bindparam("of_user", type_=String())),
         END_USERS.c.balance + _AMOUNT >= 0,
     )
     .values(balance=END_USERS.c.balance + _AMOUNT, updated_at=bindparam("now", type_=UTCDateTime()))
@@ -167,8 +175,7 @@ async def balance_of(statements: Statements, tenant_id: str) -> int:
 
 
 _ALLOWANCE = select(END_USERS.c.balance, END_USERS.c.checked_in_on).where(
-    END_USERS.c.tenant_id == bindparam("tenant_id", type_=String()),
-    END_USERS.c.end_user == bindparam("end_user", type_=String()),
+    owned_end_users(bindparam("tenant_id", type_=String()), bindparam("end_user", type_=String()))
 )
 
 
@@ -181,10 +188,7 @@ async def allowance_of(statements: Statements, tenant_id: str, end_user: str) ->
 _AFFORDABLE = select(
     TENANTS.c.balance,
     select(END_USERS.c.balance)
-    .where(
-        END_USERS.c.tenant_id == bindparam("tenant_id", type_=String()),
-        END_USERS.c.end_user == bindparam("end_user", type_=String()),
-    )
+    .where(owned_end_users(bindparam("tenant_id", type_=String()), bindparam("end_user", type_=String())))
     .scalar_subquery(),
 ).where(TENANTS.c.id == bindparam("tenant_id", type_=String()))
 
@@ -206,9 +210,7 @@ async def list_entries(
     session: AsyncSession, tenant_id: str, *, limit: int, before: str | None, end_user: str | None = None
 ) -> list[LedgerEntry]:
     """The tenant's entries, newest first; only those for `end_user` (on both accounts) when given."""
-    statement = select(LedgerEntry).where(LedgerEntry.tenant_id == tenant_id)
-    if end_user is not None:
-        statement = statement.where(LedgerEntry.end_user == end_user)
+    statement = select(LedgerEntry).where(owned_ledger_entries(tenant_id, end_user))
     if before is not None:
         statement = statement.where(LedgerEntry.id < before)
     return list(await session.scalars(statement.order_by(LedgerEntry.id.desc()).limit(limit)))
@@ -216,11 +218,7 @@ async def list_entries(
 
 async def totals(session: AsyncSession, tenant_id: str, end_user: str | None = None) -> dict[str, int]:
     """Sums by kind (debits as positive amounts spent) of the tenant's account, or of `end_user`'s allowance."""
-    account = (
-        LedgerEntry.account == TENANT
-        if end_user is None
-        else and_(LedgerEntry.account == USER, LedgerEntry.end_user == end_user)
-    )
+    account = LedgerEntry.account == (TENANT if end_user is None else USER)
     row = (
         await session.execute(
             select(
@@ -228,7 +226,63 @@ async def totals(session: AsyncSession, tenant_id: str, end_user: str | None = N
                 func.coalesce(func.sum(case((LedgerEntry.kind == "adjust", LedgerEntry.amount), else_=0)), 0),
                 func.coalesce(func.sum(case((LedgerEntry.kind == "debit", -LedgerEntry.amount), else_=0)), 0),
                 func.coalesce(func.sum(case((LedgerEntry.kind == "refund", LedgerEntry.amount), else_=0)), 0),
-            ).where(LedgerEntry.tenant_id == tenant_id, account)
+            ).where(owned_ledger_entries(tenant_id, end_user), account)
         )
     ).one()
     return {"granted": int(row[0]), "adjusted": int(row[1]), "spent": int(row[2]), "refunded": int(row[3])}
+
+
+# The ledger audit's reads: every tenant's and end user's, for the operator.
+
+
+async def entries_by_task(session: AsyncSession) -> list[Any]:
+    """(task id, kind, account, how many, their sum) of the entries that name a task."""
+    rows = await session.execute(
+        select(LedgerEntry.task_id, LedgerEntry.kind, LedgerEntry.account, func.count(), func.sum(LedgerEntry.amount))
+        .where(LedgerEntry.task_id.is_not(None))
+        .group_by(LedgerEntry.task_id, LedgerEntry.kind, LedgerEntry.account)
+    )
+    return list(rows.all())
+
+
+async def tenant_account_sums(session: AsyncSession) -> tuple[int, int, int]:
+    """Credits granted (grants and adjustments), debited and refunded on the tenants' accounts, all tenants together."""
+    granted, debited, refunded = (
+        await session.execute(
+            select(
+                func.coalesce(
+                    func.sum(case((LedgerEntry.kind.in_(("grant", "adjust")), LedgerEntry.amount), else_=0)), 0
+                ),
+                func.coalesce(func.sum(case((LedgerEntry.kind == "debit", -LedgerEntry.amount), else_=0)), 0),
+                func.coalesce(func.sum(case((LedgerEntry.kind == "refund", LedgerEntry.amount), else_=0)), 0),
+            ).where(LedgerEntry.account == TENANT)
+        )
+    ).one()
+    return int(granted), int(debited), int(refunded)
+
+
+async def tenant_balances_and_sums(session: AsyncSession) -> list[Any]:
+    """(tenant id, balance, sum of its entries on the tenant account) of every tenant."""
+    rows = await session.execute(
+        select(Tenant.id, Tenant.balance, func.coalesce(func.sum(LedgerEntry.amount), 0))
+        .outerjoin(LedgerEntry, and_(LedgerEntry.tenant_id == Tenant.id, LedgerEntry.account == TENANT))
+        .group_by(Tenant.id, Tenant.balance)
+    )
+    return list(rows.all())
+
+
+async def allowances_and_sums(session: AsyncSession) -> list[Any]:
+    """(tenant id, end user, allowance, sum of their entries on the user account) of every end user."""
+    rows = await session.execute(
+        select(EndUser.tenant_id, EndUser.end_user, EndUser.balance, func.coalesce(func.sum(LedgerEntry.amount), 0))
+        .outerjoin(
+            LedgerEntry,
+            and_(
+                LedgerEntry.tenant_id == EndUser.tenant_id,
+                LedgerEntry.end_user == EndUser.end_user,
+                LedgerEntry.account == USER,
+            ),
+        )
+        .group_by(EndUser.tenant_id, EndUser.end_user, EndUser.balance)
+    )
+    return list(rows.all())

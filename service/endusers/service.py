@@ -4,14 +4,14 @@ from __future__ import annotations
 
 from datetime import UTC, datetime, time, timedelta
 
-from sqlalchemy import or_, select, update
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from service.clock import utcnow
 from service.credits import repository as ledger
 from service.credits.schemas import Allowance, CheckIn
 from service.db.engine import Database, in_session
-from service.db.models import EndUser, Tenant
+from service.endusers import repository
+from service.tenants import repository as tenants
 
 
 def next_day(now: datetime) -> datetime:
@@ -28,28 +28,12 @@ async def check_in(db: Database, tenant_id: str, end_user: str) -> CheckIn:
     now = utcnow()
     today = now.date().isoformat()
     async with db.write() as session:
-        await session.execute(
-            db.insert_ignoring_conflicts(EndUser).values(
-                tenant_id=tenant_id, end_user=end_user, balance=0, created_at=now, updated_at=now
-            )
-        )
-        marked = await session.scalar(
-            update(EndUser)
-            .where(
-                EndUser.tenant_id == tenant_id,
-                EndUser.end_user == end_user,
-                or_(EndUser.checked_in_on.is_(None), EndUser.checked_in_on < today),
-            )
-            .values(checked_in_on=today, updated_at=now)
-            .returning(EndUser.balance)
-            .execution_options(synchronize_session=False)
-        )
+        await repository.ensure_end_user(db, session, tenant_id=tenant_id, end_user=end_user, now=now)
+        marked = await repository.mark_checked_in(session, tenant_id=tenant_id, end_user=end_user, today=today, now=now)
         if marked is None:
             balance, _ = await ledger.allowance_of(in_session(session), tenant_id, end_user)
             return CheckIn(already_checked_in=True, granted=0, balance=balance, next_check_in_at=next_day(now))
-        grant, cap = (
-            await session.execute(select(Tenant.daily_grant, Tenant.balance_cap).where(Tenant.id == tenant_id))
-        ).one()
+        grant, cap = await tenants.allowance_terms(session, tenant_id)
         granted = min(grant, max(0, cap - marked))
         if granted:
             await ledger.post_entry(
@@ -70,9 +54,7 @@ async def allowance(session: AsyncSession, tenant_id: str, end_user: str) -> tup
     """An end user's balance, and how it refills, read in the caller's session."""
     now = utcnow()
     balance, checked_in_on = await ledger.allowance_of(in_session(session), tenant_id, end_user)
-    grant, cap = (
-        await session.execute(select(Tenant.daily_grant, Tenant.balance_cap).where(Tenant.id == tenant_id))
-    ).one()
+    grant, cap = await tenants.allowance_terms(session, tenant_id)
     today = checked_in_on == now.date().isoformat()
     return balance, Allowance(
         end_user=end_user,

@@ -9,10 +9,8 @@ import time
 from collections import OrderedDict
 from typing import NamedTuple, Protocol
 
-from sqlalchemy import delete, func, select
-
 from service.db.engine import Database
-from service.db.models import CachedEnhancement
+from service.prompts import repository
 
 
 class CacheKey(NamedTuple):
@@ -75,41 +73,25 @@ class SharedEnhancementCache:
 
     async def get(self, key: CacheKey) -> str | None:
         async with self._db.read() as session:
-            return await session.scalar(
-                select(CachedEnhancement.text).where(
-                    CachedEnhancement.key == key.digest, CachedEnhancement.expires_at > time.time()
-                )
-            )
+            return await repository.cached_text(session, tenant_id=key.tenant_id, key=key.digest, now=time.time())
 
     async def put(self, key: CacheKey, text: str) -> None:
         if self._max_entries == 0 or self._ttl == 0:
             return
-        now = time.time()
         async with self._db.write() as session:
-            await session.execute(delete(CachedEnhancement).where(CachedEnhancement.key == key.digest))
-            session.add(
-                CachedEnhancement(
-                    key=key.digest, tenant_id=key.tenant_id, text=text, created_at=now, expires_at=now + self._ttl
-                )
+            await repository.keep(
+                session,
+                tenant_id=key.tenant_id,
+                key=key.digest,
+                text=text,
+                now=time.time(),
+                ttl=self._ttl,
+                max_entries=self._max_entries,
             )
-            await session.flush()
-            count = await session.scalar(select(func.count()).select_from(CachedEnhancement)) or 0
-            if count > self._max_entries:
-                oldest = (
-                    select(CachedEnhancement.key)
-                    .order_by(CachedEnhancement.created_at)
-                    .limit(count - self._max_entries)
-                )
-                await session.execute(delete(CachedEnhancement).where(CachedEnhancement.key.in_(oldest)))
 
     async def clear_tenant(self, tenant_id: str) -> int:
         async with self._db.write() as session:
-            result = await session.execute(
-                delete(CachedEnhancement)
-                .where(CachedEnhancement.tenant_id == tenant_id)
-                .returning(CachedEnhancement.key)
-            )
-            return len(result.all())
+            return await repository.clear_tenant(session, tenant_id)
 
 
 def enhancement_cache(db: Database, max_entries: int, ttl_seconds: float) -> EnhancementCache:

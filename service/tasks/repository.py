@@ -7,25 +7,28 @@ from collections import namedtuple
 from datetime import datetime, timedelta
 from typing import Any
 
-from sqlalchemy import Integer, Select, String, and_, bindparam, func, insert, or_, select, update
+from sqlalchemy import ColumnElement, Integer, String, and_, bindparam, func, insert, or_, select, update
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from service.credits import repository as ledger
 from service.db.engine import Database, Statements
 from service.db.models import TASKS, TENANTS, Task, UTCDateTime
+from service.db.scoping import CallerValue
 from service.metrics import count_finished, count_submitted
 
 TERMINAL = ("completed", "failed", "cancelled")
 
 
-def owned_tasks(tenant_id: str, end_user: str | None) -> Select[Task]:
-    """The tasks a caller may see: all of the tenant's with its key, only their own with an end user's token."""
-    statement = select(Task).where(Task.tenant_id == tenant_id)
-    return statement if end_user is None else statement.where(Task.end_user == end_user)
+def owned_tasks(tenant_id: CallerValue, end_user: CallerValue | None) -> ColumnElement[bool]:
+    """The tasks a caller may see: all of the tenant's with its key, only their own with an end user's token. Every
+    read of a caller's tasks filters on this."""
+    owned = TASKS.c.tenant_id == tenant_id
+    return owned if end_user is None else and_(owned, TASKS.c.end_user == end_user)
 
 
-_OWNED_BY_TENANT = select(TASKS).where(TASKS.c.tenant_id == bindparam("tenant_id"), TASKS.c.id == bindparam("task_id"))
-_OWNED_BY_END_USER = _OWNED_BY_TENANT.where(TASKS.c.end_user == bindparam("end_user"))
+_TASK = TASKS.c.id == bindparam("task_id")
+_OWNED_BY_TENANT = select(TASKS).where(owned_tasks(bindparam("tenant_id"), None), _TASK)
+_OWNED_BY_END_USER = select(TASKS).where(owned_tasks(bindparam("tenant_id"), bindparam("end_user")), _TASK)
 
 
 async def find_owned(db: Database, tenant_id: str, end_user: str | None, task_id: str) -> Any | None:
@@ -60,13 +63,13 @@ async def insert_task(statements: Statements, values: dict[str, Any]) -> None:
 
 
 async def get_owned(session: AsyncSession, tenant_id: str, end_user: str | None, task_id: str) -> Task | None:
-    return await session.scalar(owned_tasks(tenant_id, end_user).where(Task.id == task_id))
+    return await session.scalar(select(Task).where(owned_tasks(tenant_id, end_user), Task.id == task_id))
 
 
 async def list_owned(
     session: AsyncSession, tenant_id: str, end_user: str | None, *, limit: int, before: str | None, status: str | None
 ) -> list[Task]:
-    statement = owned_tasks(tenant_id, end_user)
+    statement = select(Task).where(owned_tasks(tenant_id, end_user))
     if before is not None:
         statement = statement.where(Task.id < before)
     if status is not None:
@@ -77,6 +80,19 @@ async def list_owned(
 async def get_task(session: AsyncSession, task_id: str) -> Task | None:
     """Unscoped read, for workers only."""
     return await session.scalar(select(Task).where(Task.id == task_id).execution_options(populate_existing=True))
+
+
+async def all_tasks(session: AsyncSession) -> list[Task]:
+    """Every task of every tenant, for the ledger audit."""
+    return list(await session.scalars(select(Task)))
+
+
+_BY_STATUS = select(Task.status, func.count()).group_by(Task.status)
+
+
+async def count_by_status(session: AsyncSession) -> dict[str, int]:
+    """How many tasks the deployment holds in each status (statuses with none are missing)."""
+    return {str(status): int(count) for status, count in (await session.execute(_BY_STATUS)).tuples().all()}
 
 
 _SETTLED_IMAGES = select(TASKS.c.images).where(TASKS.c.id == bindparam("task_id", type_=String())).with_for_update()

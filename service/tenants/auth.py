@@ -18,29 +18,15 @@ from typing import Any
 from litestar import Request
 from litestar.connection import ASGIConnection
 from litestar.handlers import BaseRouteHandler
-from sqlalchemy import bindparam, select
 
-from service.db.models import ApiKey, Tenant
 from service.errors import Forbidden, RateLimited, Unauthorized
 from service.ratelimit import Decision
 from service.runtime import Runtime
+from service.tenants import repository
 from service.tenants.tokens import TOKEN_PREFIX
 
 KEY_PREFIX = "igk_"
 _KEY = re.compile(r"^(igk_[0-9a-f]{12})\.([A-Za-z0-9_-]{43})$")
-_LIVE_KEY = (
-    select(
-        ApiKey.id,
-        ApiKey.salt,
-        ApiKey.key_hash,
-        Tenant.id,
-        Tenant.status,
-        Tenant.rate_limit_per_minute,
-        Tenant.end_user_rate_limit_per_minute,
-    )
-    .join(Tenant, Tenant.id == ApiKey.tenant_id)
-    .where(ApiKey.prefix == bindparam("prefix"), ApiKey.revoked_at.is_(None))
-)
 
 
 # OpenAPI security of a route an end-user token may call, added to the tenant key its router asks for.
@@ -98,9 +84,9 @@ async def provide_caller(request: Request[Any, Any, Any], runtime: Runtime) -> C
         # Known from a genuine token even when it has expired: the browser may read the 401 (CORS).
         request.state.tenant_id = claims.tenant_id
         runtime.tokens.check_expiry(claims)
-        row = await runtime.db.fetch_one(_LIVE_KEY, {"prefix": claims.key_prefix})
+        row = await repository.live_key(runtime.db, claims.key_prefix, of_tenant=claims.tenant_id)
         # The key that minted the token was revoked (or never was this tenant's): the token goes with it.
-        if row is None or row[3] != claims.tenant_id:
+        if row is None:
             raise Unauthorized("The end-user token is not valid", code="invalid_token")
         end_user, prefix = claims.end_user, claims.key_prefix
     else:
@@ -108,7 +94,7 @@ async def provide_caller(request: Request[Any, Any, Any], runtime: Runtime) -> C
         if match is None:
             raise Unauthorized("The API key is not valid", code="invalid_api_key")
         prefix, secret = match.groups()
-        row = await runtime.db.fetch_one(_LIVE_KEY, {"prefix": prefix})
+        row = await repository.live_key(runtime.db, prefix)
         if row is None or not hmac.compare_digest(salted_digest(row[1], secret), row[2]):
             raise Unauthorized("The API key is not valid", code="invalid_api_key")
     key_id, _, _, tenant_id, status, per_minute, end_user_per_minute = row

@@ -22,7 +22,7 @@ async def create_tenant(db: Database, name: str, credits: int) -> tuple[Tenant, 
     now = utcnow()
     async with db.write() as session:
         tenant = await repository.insert_tenant(session, name, now)
-        await repository.insert_key(session, tenant.id, key, now)
+        await repository.insert_key(session, tenant.id, prefix=key.prefix, salt=key.salt, key_hash=key.digest, now=now)
         if credits > 0:
             await ledger.post_entry(
                 in_session(session),
@@ -41,7 +41,9 @@ async def create_key(db: Database, tenant_id: str) -> tuple[str, str]:
     async with db.write() as session:
         if await repository.get_tenant(session, tenant_id) is None:
             raise NotFound("No such tenant", code="tenant_not_found")
-        key_id = await repository.insert_key(session, tenant_id, key, utcnow())
+        key_id = await repository.insert_key(
+            session, tenant_id, prefix=key.prefix, salt=key.salt, key_hash=key.digest, now=utcnow()
+        )
     return key_id, key.plain
 
 

@@ -18,11 +18,10 @@ import time
 from dataclasses import dataclass
 
 import msgspec
-from sqlalchemy import select
 
 from service.db.engine import Database
-from service.db.models import ServiceSecret
 from service.errors import Unauthorized
+from service.tenants import repository
 
 TOKEN_PREFIX = "iget_"  # noqa: S105 (a prefix, not a secret)
 USER_PATTERN = "^[A-Za-z0-9_-]{8,256}$"
@@ -95,10 +94,4 @@ async def shared_secret(db: Database, configured: str | None) -> bytes:
     asks first and read back by all (an insert that loses the race changes nothing)."""
     if configured:
         return configured.encode()
-    async with db.write() as session:
-        await session.execute(
-            db.insert_ignoring_conflicts(ServiceSecret).values(name=SECRET_NAME, value=secrets.token_hex(32))
-        )
-        value = await session.scalar(select(ServiceSecret.value).where(ServiceSecret.name == SECRET_NAME))
-    assert value is not None
-    return bytes.fromhex(value)
+    return bytes.fromhex(await repository.shared_secret(db, SECRET_NAME, secrets.token_hex(32)))

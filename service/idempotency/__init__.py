@@ -10,15 +10,14 @@ from __future__ import annotations
 import hashlib
 import json
 from datetime import datetime, timedelta
-from typing import Annotated, cast
+from typing import Annotated
 
 from litestar.params import HeaderParameter
-from sqlalchemy import String, Table, bindparam, delete, insert
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from service.db.engine import Statements
-from service.db.models import IdempotencyRecord, UTCDateTime
 from service.errors import Conflict
+from service.idempotency import repository
 
 IdempotencyKey = Annotated[
     str | None,
@@ -50,24 +49,12 @@ async def recall(
     session: AsyncSession, *, tenant_id: str, scope: str, key: str, request_hash: str, now: datetime
 ) -> bytes | None:
     """The stored response for this key, None when there is none (or it expired)."""
-    record = await session.get(IdempotencyRecord, (tenant_id, scope, key), populate_existing=True)
+    record = await repository.find(session, tenant_id=tenant_id, scope=scope, key=key)
     if record is None or record.expires_at <= now:
         return None
     if record.request_hash != request_hash:
         raise Conflict("This Idempotency-Key was already used for a different request", code="idempotency_key_reused")
-    return record.response.encode()
-
-
-_RECORDS = cast(Table, IdempotencyRecord.__table__)
-_NOW = bindparam("now", type_=UTCDateTime())
-_FORGET_EXPIRED_KEY = delete(_RECORDS).where(
-    _RECORDS.c.tenant_id == bindparam("tenant_id", type_=String()),
-    _RECORDS.c.scope == bindparam("scope", type_=String()),
-    _RECORDS.c.key == bindparam("key", type_=String()),
-    _RECORDS.c.expires_at <= _NOW,
-)
-_REMEMBER = insert(_RECORDS)
-_FORGET_EXPIRED = delete(_RECORDS).where(_RECORDS.c.expires_at <= _NOW)
+    return str(record.response).encode()
 
 
 async def remember(
@@ -81,7 +68,6 @@ async def remember(
     now: datetime,
     ttl_seconds: float,
 ) -> None:
-    await statements.rows(_FORGET_EXPIRED_KEY, {"tenant_id": tenant_id, "scope": scope, "key": key, "now": now})
     record = {
         "tenant_id": tenant_id,
         "scope": scope,
@@ -91,8 +77,8 @@ async def remember(
         "created_at": now,
         "expires_at": now + timedelta(seconds=ttl_seconds),
     }
-    await statements.rows(_REMEMBER, record)
+    await repository.replace_expired(statements, record)
 
 
 async def forget_expired(statements: Statements, now: datetime) -> None:
-    await statements.rows(_FORGET_EXPIRED, {"now": now})
+    await repository.forget_expired(statements, now)

@@ -7,9 +7,9 @@ from typing import Literal
 
 import msgspec
 from litestar import get
-from sqlalchemy import text
 
 from service.errors import ServiceUnavailable, problem_responses
+from service.health import repository
 from service.runtime import Runtime
 
 log = logging.getLogger("service.health")
@@ -45,8 +45,7 @@ async def health() -> Health:
 )
 async def ready(runtime: Runtime) -> Readiness:
     try:
-        async with runtime.db.read() as session:
-            await session.execute(text("SELECT 1"))
+        await repository.ping(runtime.db)
     except Exception as exc:
         log.warning("readiness: the database check failed (%s: %s)", type(exc).__name__, exc)
         raise ServiceUnavailable("The database is not reachable", code="database_unavailable") from None

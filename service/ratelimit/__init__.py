@@ -9,11 +9,8 @@ import time
 from dataclasses import dataclass
 from typing import Protocol
 
-from sqlalchemy import case, func
-from sqlalchemy.dialects.postgresql import insert as postgresql_insert
-
 from service.db.engine import Database
-from service.db.models import RateBucket
+from service.ratelimit import repository
 
 
 @dataclass(frozen=True, slots=True)
@@ -75,27 +72,10 @@ class SharedRateLimiter:
         self._db = db
 
     async def take(self, key: str, per_minute: int) -> Decision:
-        """One upsert decides, spends and reports, so the bucket's row is locked for one statement only."""
-        rate = per_minute / 60.0
-        now = time.time()
-        full = float(per_minute)
-        refilled = func.least(full, RateBucket.tokens + (now - RateBucket.stamp) * rate)
-        spend = (
-            postgresql_insert(RateBucket)
-            .values(key=key, tokens=full - 1, stamp=now, allowed=True)
-            .on_conflict_do_update(
-                index_elements=[RateBucket.key],
-                set_={
-                    "tokens": case((refilled >= 1, refilled - 1), else_=refilled),
-                    "stamp": now,
-                    "allowed": refilled >= 1,
-                },
-            )
-            .returning(RateBucket.tokens, RateBucket.allowed)
-        )
+        """Spend one request from the bucket kept in the database, in a transaction of its own."""
         async with self._db.transaction() as statements:
-            [(tokens, allowed)] = await statements.rows(spend, {})
-        return _decision(bool(allowed), per_minute, float(tokens), rate)
+            tokens, allowed = await repository.spend(statements, key=key, per_minute=per_minute, now=time.time())
+        return _decision(allowed, per_minute, tokens, per_minute / 60.0)
 
 
 def _decision(allowed: bool, per_minute: int, tokens: float, rate: float) -> Decision:

@@ -1,0 +1,40 @@
+"""Rate bucket queries (PostgreSQL, where API processes share the buckets). The spend runs on every request, so it is
+one statement built once: only its parameters change."""
+
+from __future__ import annotations
+
+from sqlalchemy import Float, String, bindparam, case, func
+from sqlalchemy.dialects.postgresql import insert as postgresql_insert
+
+from service.db.engine import Statements
+from service.db.models import RateBucket
+
+_NOW = bindparam("now", type_=Float())
+_FULL = bindparam("full", type_=Float())
+_REFILLED = func.least(_FULL, RateBucket.tokens + (_NOW - RateBucket.stamp) * bindparam("rate", type_=Float()))
+_SPEND = (
+    postgresql_insert(RateBucket)
+    .values(
+        key=bindparam("key", type_=String()),
+        tokens=_FULL - 1,
+        stamp=_NOW,
+        allowed=True,
+    )
+    .on_conflict_do_update(
+        index_elements=[RateBucket.key],
+        set_={
+            "tokens": case((_REFILLED >= 1, _REFILLED - 1), else_=_REFILLED),
+            "stamp": _NOW,
+            "allowed": _REFILLED >= 1,
+        },
+    )
+    .returning(RateBucket.tokens, RateBucket.allowed)
+)
+
+
+async def spend(statements: Statements, *, key: str, per_minute: int, now: float) -> tuple[float, bool]:
+    """Spend one token of `key`'s bucket (full at `per_minute`, refilling continuously) if one is left: the tokens
+    left and whether the request may pass. One upsert decides, spends and reports, locking the row for it alone."""
+    params = {"key": key, "now": now, "full": float(per_minute), "rate": per_minute / 60.0}
+    [(tokens, allowed)] = await statements.rows(_SPEND, params)
+    return float(tokens), bool(allowed)
