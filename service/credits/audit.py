@@ -1,4 +1,5 @@
-"""The ledger audit: checks the invariants of DESIGN §3 against the database and counts any credit lost or doubled.
+"""The ledger audit: checks the invariants of docs/architecture.md §3 against the database, and counts any credit
+lost or doubled.
 
 For every tenant, balance = sum of its ledger entries on the tenant account; for every end user, allowance = sum of
 their entries on the user account. For every task, exactly one debit equal to its cost; a failed or cancelled task
