@@ -17,7 +17,7 @@ from litestar.routes import HTTPRoute
 from litestar.types import ASGIApp, Message, Receive, Scope, Send
 
 from service import health, observability
-from service.bodies import StrictBody, document_bodies, read_body
+from service.bodies import StrictBody, document_bodies
 from service.cors import cors
 from service.credits import endpoints as credits
 from service.endusers import endpoints as end_users
@@ -29,25 +29,13 @@ from service.runtime import Runtime
 from service.settings import Settings
 from service.tasks import endpoints as tasks
 from service.tenants import endpoints as admin
-from service.tenants.auth import Caller, provide_caller
+from service.tenants.auth import Caller, authenticate_then_read_body, provide_caller
 
 API_VERSION = "1.0.0"
 
 
 def provide_runtime(state: State) -> Runtime:
     return cast(Runtime, state.runtime)
-
-
-async def authenticate_then_read_body(request: Request[Any, Any, Any]) -> None:
-    """Before-request hook. The framework reads a route's `data` before it resolves the route's dependencies; so that
-    a route with a body still authenticates (and rate-limits) its caller before reading the body, both happen here,
-    in that order. A client without a valid key learns that first, and a refused body counts against the limit."""
-    handler = request.route_handler
-    if handler.parsed_data_field is None:
-        return
-    if "caller" in handler.parsed_fn_signature.parameters:
-        request.state.caller = await provide_caller(request, provide_runtime(request.app.state))
-    await read_body(request)
 
 
 async def provide_known_caller(request: Request[Any, Any, Any], runtime: Runtime) -> Caller:
@@ -109,7 +97,6 @@ def create_app(settings: Settings | None = None) -> Litestar:
             "runtime": Provide(provide_runtime, sync_to_thread=False),
             "caller": Provide(provide_known_caller),
         },
-        before_request=authenticate_then_read_body,
         # Every `data` parameter: decoded strictly by `read_body`, documented from its type by `document_bodies`.
         dto=StrictBody,
         return_dto=None,
@@ -123,9 +110,23 @@ def create_app(settings: Settings | None = None) -> Litestar:
     )
     # Outside the router, so that answers no route handles (404, 405) are logged, counted and given a request id too.
     app.asgi_handler = observability.request_observer(app.asgi_handler)
+    _check_body_routes(app)
     document_bodies(app, settings)
     _document_responses(app)
     return app
+
+
+def _check_body_routes(app: Litestar) -> None:
+    """Every route that takes a body reads it in `authenticate_then_read_body`: one that forgot the hook would fail
+    each request, so the app refuses to start instead."""
+    for route in app.routes:
+        for handler in route.route_handlers if isinstance(route, HTTPRoute) else ():
+            if handler.parsed_data_field is not None and handler.resolve_before_request() is not (
+                authenticate_then_read_body
+            ):
+                raise RuntimeError(
+                    f"{handler.handler_name} takes a body but not before_request=authenticate_then_read_body"
+                )
 
 
 def complete_allow_header(app: ASGIApp) -> ASGIApp:

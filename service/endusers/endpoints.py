@@ -11,7 +11,7 @@ from litestar import Router, post
 
 from service.errors import problem_responses
 from service.runtime import Runtime
-from service.tenants.auth import Caller, tenant_key_only
+from service.tenants.auth import Caller, authenticate_then_read_body, tenant_key_only
 from service.tenants.tokens import USER_PATTERN, Claims
 
 
@@ -42,6 +42,7 @@ class EndUserToken(msgspec.Struct):
     "their images, read their quota and check in; nothing else. Tokens die with the key that minted them.",
     responses=problem_responses(401, 403, 422, 429),
     guards=[tenant_key_only],
+    before_request=authenticate_then_read_body,
 )
 async def create_end_user_token(data: EndUserTokenRequest, caller: Caller, runtime: Runtime) -> EndUserToken:
     assert runtime.tokens is not None

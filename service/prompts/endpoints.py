@@ -22,7 +22,7 @@ from service.prompts.service import (
 )
 from service.prompts.styles import StyleList, style_list
 from service.runtime import Runtime
-from service.tenants.auth import END_USER_TOO, Caller, tenant_key_only
+from service.tenants.auth import END_USER_TOO, Caller, authenticate_then_read_body, tenant_key_only
 from service.upstream.base import UpstreamError
 
 EVENT_STREAM = "text/event-stream"
@@ -77,6 +77,7 @@ def _wants_json(request: Request[Any, Any, Any]) -> bool:
     operation_class=EnhanceOperation,
     responses=problem_responses(401, 402, 403, 422, 429, 502, 503),
     security=END_USER_TOO,
+    before_request=authenticate_then_read_body,
 )
 async def enhance_prompt(
     request: Request[Any, Any, Any], data: EnhanceRequest, caller: Caller, runtime: Runtime

@@ -22,7 +22,7 @@ from service.runtime import Runtime
 from service.tasks import repository, service
 from service.tasks.schemas import GenerateRequest, GenerateUpload, TaskOut, TaskPage, TaskStatus, task_view
 from service.tasks.service import Submission
-from service.tenants.auth import END_USER_TOO, Caller
+from service.tenants.auth import END_USER_TOO, Caller, authenticate_then_read_body
 
 log = logging.getLogger("service.tasks")
 
@@ -94,6 +94,7 @@ class ImageOperation(Operation):
         ),
     ],
     responses=problem_responses(401, 402, 403, 409, 413, 415, 422, 429),
+    before_request=authenticate_then_read_body,
 )
 async def generate_image(
     data: GenerateRequest | GenerateUpload,

@@ -17,7 +17,7 @@ from service.idempotency import IdempotencyKey
 from service.pagination import Cursor, Limit, next_cursor
 from service.runtime import Runtime
 from service.tenants import repository, service
-from service.tenants.auth import admin_guard
+from service.tenants.auth import admin_guard, authenticate_then_read_body
 from service.tenants.schemas import (
     ApiKeyCreated,
     TenantCreate,
@@ -44,6 +44,7 @@ class AdminController(Controller):
         operation_id="createTenant",
         summary="Create a tenant and its first API key",
         responses=problem_responses(401, 422),
+        before_request=authenticate_then_read_body,
     )
     async def create_tenant(self, data: TenantCreate, runtime: Runtime) -> TenantCreated:
         tenant, api_key = await service.create_tenant(runtime.db, data.name, data.credits)
@@ -72,6 +73,7 @@ class AdminController(Controller):
         operation_id="updateTenant",
         summary="Suspend or reactivate a tenant, or set its limits",
         responses=problem_responses(401, 404, 422),
+        before_request=authenticate_then_read_body,
     )
     async def update_tenant(self, data: TenantUpdate, tenant_id: TenantId, runtime: Runtime) -> TenantOut:
         async with runtime.db.write() as session:
@@ -106,6 +108,7 @@ class AdminController(Controller):
         summary="Grant or deduct credits",
         responses=problem_responses(401, 404, 409, 422),
         status_code=201,
+        before_request=authenticate_then_read_body,
     )
     async def grant_credits(
         self,
