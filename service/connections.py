@@ -15,8 +15,8 @@ additions) that:
   connection is not kept alive after it).
 
 The protocol extends uvicorn's own, so it leans on that class's attributes (`cycle`, `flow`, `timeout_keep_alive`):
-`pyproject.toml` bounds uvicorn to the minor release it was written against, and `tests/test_connections.py` fails
-loudly when a release changes what it relies on.
+`pyproject.toml` bounds uvicorn to the minor release it was written against, and
+`tests/platform/test_connections.py` fails loudly when a release changes what it relies on.
 
 The timers are armed once per connection and once per request that does not arrive whole in one read, never per byte,
 so the small requests the service mostly answers pay one comparison each.

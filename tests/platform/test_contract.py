@@ -15,7 +15,7 @@ from PIL import Image
 
 from tests.conftest import ADMIN_KEY, Service, Tenant, Upstream, service_env
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 SPEC = json.loads((ROOT / "openapi" / "openapi.json").read_text())
 
 

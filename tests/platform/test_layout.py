@@ -14,7 +14,7 @@ from pathlib import Path
 
 from service.db import models
 
-SERVICE = Path(__file__).resolve().parent.parent / "service"
+SERVICE = Path(__file__).resolve().parents[2] / "service"
 SQLALCHEMY_ALLOWED: dict[str, set[str] | None] = {"sqlalchemy.exc": None, "sqlalchemy.ext.asyncio": {"AsyncSession"}}
 """What a module outside the SQL homes may import from SQLAlchemy: all of a module (None), or these names."""
 # `.stream()` is left out: storage and the enhancer stream too, and a session's stream needs a statement built with

@@ -29,7 +29,7 @@ from service.upstream.offline import OfflineUpstream, draw_image
 from testing.upstream import AUTH_MESSAGE, LEAKY_MESSAGE, NO_ACCOUNTS_MESSAGE, QUOTA_MESSAGE, FakeUpstream
 
 API_KEY = "offline-test-key"
-REPO_ROOT = Path(__file__).resolve().parents[1]
+REPO_ROOT = Path(__file__).resolve().parents[2]
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 
 

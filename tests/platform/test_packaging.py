@@ -17,7 +17,7 @@ import yaml
 from service.cli import build_parser
 from testing.upstream import FAULT_NAMES
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 SETTINGS_SOURCE = (ROOT / "service" / "settings.py").read_text()
 READ_VARIABLES = set(re.findall(r'read\.\w+\(\s*"([A-Z0-9_]+)"', SETTINGS_SOURCE))
 EXAMPLE = (ROOT / ".env.example").read_text()

@@ -11,8 +11,8 @@ import httpx
 
 from tests.conftest import ADMIN_KEY, Service, Upstream, service_env
 
-ROOT = Path(__file__).resolve().parent.parent
-CONFIG = ROOT / "tests" / "schemathesis" / "schemathesis.toml"
+ROOT = Path(__file__).resolve().parents[2]
+CONFIG = Path(__file__).resolve().parent / "schemathesis" / "schemathesis.toml"
 
 
 def test_schemathesis_finds_nothing(upstream: Upstream, tmp_path: Path) -> None:

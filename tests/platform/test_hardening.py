@@ -20,7 +20,7 @@ from PIL import Image
 
 from tests.conftest import ADMIN_KEY, TEST_DATABASE, Service, Tenant, Upstream, service_env, wait_until
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 SPEC = json.loads((ROOT / "openapi" / "openapi.json").read_text())
 TENANT_OPERATIONS = [
     (method.upper(), path)

@@ -15,7 +15,7 @@ from PIL import Image
 
 from tests.conftest import ADMIN_KEY, Service, Upstream
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 GENERATOR = Path(sys.executable).parent / "openapi-python-client"
 
 

@@ -1,4 +1,4 @@
-"""The enhancement cache's bounds and the rate limiter's arithmetic."""
+"""The enhancement cache's bounds, and the system prompts built for each direction and style."""
 
 from __future__ import annotations
 
@@ -8,7 +8,6 @@ import time
 from service.prompts.cache import CacheKey, LocalEnhancementCache
 from service.prompts.instructions import system_prompt
 from service.prompts.styles import STYLES
-from service.ratelimit import LocalRateLimiter
 
 
 def key(tenant: str, prompt: str) -> CacheKey:
@@ -46,23 +45,6 @@ def test_a_disabled_cache_keeps_nothing() -> None:
     cache = LocalEnhancementCache(max_entries=0, ttl_seconds=60)
     asyncio.run(cache.put(key("t", "a"), "A"))
     assert asyncio.run(cache.get(key("t", "a"))) is None
-
-
-def test_rate_limiter_allows_a_burst_then_says_when_to_come_back() -> None:
-    limiter = LocalRateLimiter()
-    decisions = [asyncio.run(limiter.take("t", 3)) for _ in range(4)]
-    assert [d.allowed for d in decisions] == [True, True, True, False]
-    assert [d.remaining for d in decisions] == [2, 1, 0, 0]
-    refused = decisions[-1]
-    assert 1 <= refused.retry_after <= 20
-    assert refused.headers() == {
-        "RateLimit-Limit": "3",
-        "RateLimit-Remaining": "0",
-        "RateLimit-Reset": str(refused.reset_seconds),
-        "Retry-After": str(refused.retry_after),
-    }
-    assert 55 <= refused.reset_seconds <= 60
-    assert asyncio.run(limiter.take("other", 3)).allowed
 
 
 def test_system_prompts_differ_by_direction_and_carry_the_style() -> None:
