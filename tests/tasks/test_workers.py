@@ -1,4 +1,4 @@
-"""Workers (DESIGN §4): wake on submit, survive a killed process, and never refund twice when cancel races
+"""Workers (docs/architecture.md §4): wake on submit, survive a killed process, and never refund twice when cancel races
 completion."""
 
 from __future__ import annotations
