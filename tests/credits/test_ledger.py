@@ -1,4 +1,5 @@
-"""The credits ledger under concurrency, failures and partial results (docs/architecture.md §3), on a real SQLite file."""
+"""The credits ledger under concurrency, failures and partial results (docs/architecture.md §3), on a real SQLite
+file."""
 
 from __future__ import annotations
 
