@@ -598,18 +598,34 @@ def _flat_png(width: int, height: int) -> bytes:
     return out.getvalue()
 
 
+class PeakRSS:
+    """The highest resident memory of a process (and its children) seen while the block runs, sampled every `every`
+    seconds on the running event loop."""
+
+    def __init__(self, pid: int, *, every: float) -> None:
+        self._pid = pid
+        self._every = every
+        self.mb = 0.0
+        self._sampler: asyncio.Task[None] | None = None
+
+    async def _sample(self) -> None:
+        while True:
+            self.mb = max(self.mb, rss_mb(self._pid))
+            await asyncio.sleep(self._every)
+
+    def __enter__(self) -> PeakRSS:
+        self._sampler = asyncio.get_running_loop().create_task(self._sample())
+        return self
+
+    def __exit__(self, *_: object) -> None:
+        assert self._sampler is not None
+        self._sampler.cancel()
+        self.mb = max(self.mb, rss_mb(self._pid))
+
+
 async def _upload_storm(url: str, key: str, image: bytes, pid: int, *, expect: int) -> tuple[float, list[float]]:
     """Ten concurrent submissions of four copies of `image` and a mask; the peak RSS seen meanwhile (MB) and each
     answer's time (ms). Raises when an answer is not `expect`."""
-    peak = 0.0
-    done = asyncio.Event()
-
-    async def sample() -> None:
-        nonlocal peak
-        while not done.is_set():
-            peak = max(peak, rss_mb(pid))
-            await asyncio.sleep(0.02)
-
     async with aiohttp.ClientSession(headers={"Authorization": f"Bearer {key}"}) as session:
 
         async def one(i: int) -> float:
@@ -625,13 +641,9 @@ async def _upload_storm(url: str, key: str, image: bytes, pid: int, *, expect: i
                     raise RuntimeError(f"expected {expect}, got {response.status}: {await response.text()}")
             return (time.perf_counter() - started) * 1000
 
-        sampler = asyncio.create_task(sample())
-        try:
+        with PeakRSS(pid, every=0.02) as peak:
             times = await asyncio.gather(*(one(i) for i in range(10)))
-        finally:
-            done.set()
-            await sampler
-    return peak, list(times)
+    return peak.mb, list(times)
 
 
 def _timed(work: Callable[[], object]) -> float:
@@ -733,15 +745,6 @@ async def _first_token_gaps(url: str, key: str | None, count: int) -> list[float
 
 async def _concurrent_streams(url: str, key: str, count: int, pid: int) -> float:
     """Hold `count` enhancement streams open at once, reading each to its end; the service's peak RSS in MB."""
-    peak = 0.0
-    done = asyncio.Event()
-
-    async def sample() -> None:
-        nonlocal peak
-        while not done.is_set():
-            peak = max(peak, rss_mb(pid))
-            await asyncio.sleep(0.1)
-
     connector = aiohttp.TCPConnector(limit=0)
     async with aiohttp.ClientSession(headers={"Authorization": f"Bearer {key}"}, connector=connector) as session:
 
@@ -751,14 +754,12 @@ async def _concurrent_streams(url: str, key: str, count: int, pid: int) -> float
                 async for _ in response.content:
                     pass
 
-        sampler = asyncio.create_task(sample())
-        results = await asyncio.gather(*(one(i) for i in range(count)), return_exceptions=True)
-        done.set()
-        await sampler
+        with PeakRSS(pid, every=0.1) as peak:
+            results = await asyncio.gather(*(one(i) for i in range(count)), return_exceptions=True)
     failures = [result for result in results if isinstance(result, BaseException)]
     if failures:
         raise RuntimeError(f"{len(failures)} of {count} streams failed, first: {failures[0]!r}")
-    return peak
+    return peak.mb
 
 
 # Report ---------------------------------------------------------------------------------------------------------------
