@@ -39,6 +39,10 @@ from service.settings import Settings
 
 log = logging.getLogger("service.connections")
 STREAM_SEND_BUFFER = 16 * 1024
+# Set in a request's ASGI scope when its connection was lost before the answer was complete: an answer that is handed
+# over without pauses never sees the disconnect through `receive`, so a route that must know (a paid stream) reads
+# this instead.
+CONNECTION_LOST = "imagegen.connection_lost"
 
 
 class BoundedHttpProtocol(HttpToolsProtocol):
@@ -75,6 +79,8 @@ class BoundedHttpProtocol(HttpToolsProtocol):
             self._watch_for_event_stream(self.cycle)
 
     def connection_lost(self, exc: Exception | None) -> None:
+        if self.cycle is not None and not self.cycle.response_complete:
+            self.cycle.scope[CONNECTION_LOST] = True  # type: ignore[literal-required]
         self._cancel_header_deadline()
         self._cancel_stalled_writer()
         super().connection_lost(exc)

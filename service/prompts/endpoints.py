@@ -11,6 +11,7 @@ from litestar.openapi.spec import OpenAPIHeader, OpenAPIMediaType, OpenAPIRespon
 from litestar.response import Stream
 
 from service.bodies import TypeReference
+from service.connections import CONNECTION_LOST
 from service.errors import problem_responses
 from service.prompts.service import (
     CacheCleared,
@@ -118,7 +119,7 @@ async def enhance_prompt(
         await enhancer.settle(plan, charge, finished=False)
         raise
     return Stream(
-        enhancer.stream(plan, upstream, charge),
+        enhancer.stream(plan, upstream, charge, lambda: bool(request.scope.get(CONNECTION_LOST))),
         media_type=EVENT_STREAM,
         headers={**STREAM_HEADERS, "X-Cache": "miss"},
         # Runs once the response ends, also when its client left mid-stream (or before the stream began).

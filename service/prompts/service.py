@@ -12,7 +12,7 @@ from __future__ import annotations
 import contextlib
 import json
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from typing import Annotated, Any
 
@@ -282,9 +282,15 @@ class Enhancer:
         upstream.close()
         await self.settle(plan, charge, finished=False)
 
-    async def stream(self, plan: Plan, upstream: ChatStream, charge: Charge) -> AsyncIterator[bytes]:
+    async def stream(
+        self, plan: Plan, upstream: ChatStream, charge: Charge, client_gone: Callable[[], bool]
+    ) -> AsyncIterator[bytes]:
         """Re-emit each upstream delta at once, up to the output budget; cache the text only when the upstream
-        finished within it. A client that leaves stops this at its next pause; `settle_unfinished` then refunds."""
+        finished within it. A client that leaves stops this at its next pause; `settle_unfinished` then refunds.
+
+        The price is kept only once the last frame was handed to a client still there (`client_gone` says whether
+        the connection was lost): when the upstream's answer is already buffered, the frames are handed over without
+        a pause, so a client cut off meanwhile would otherwise pay for a stream it never received."""
         writer = ChunkWriter(plan.model)
         budget = OutputBudget(self.settings.prompt_max_output_tokens)
         parts: list[str] = []
@@ -304,12 +310,12 @@ class Enhancer:
             return
         finally:
             upstream.close()
-        await self.settle(plan, charge, finished=True)
         text = "".join(parts).strip()
         if text and not budget.exceeded:
             await self.cache.put(plan.cache_key, text)
         yield writer.chunk(None, "length" if budget.exceeded else "stop")
         yield DONE
+        await self.settle(plan, charge, finished=not client_gone())
 
     @staticmethod
     async def replay(plan: Plan, text: str) -> AsyncIterator[bytes]:

@@ -34,6 +34,7 @@ def bounded(upstream: Upstream, tmp_path_factory: pytest.TempPathFactory) -> Ite
         HTTP_KEEP_ALIVE_SECONDS=str(KEEP_ALIVE),
         HTTP_MAX_CONNECTIONS=str(MAX_CONNECTIONS),
         STREAM_IDLE_SECONDS="1",
+        PROMPT_ENHANCE_COST="2",
     )
     process = Service(tmp_path_factory.mktemp("bounded"), env)
     yield process
@@ -172,10 +173,13 @@ def test_a_stream_reader_that_stops_reading_is_cut_off(bounded: Service, upstrea
         answer = read_to_end(sock)
     assert answer.startswith(b"HTTP/1.1 200") and b"data: {" in answer, answer[:500]
     assert b"[DONE]" not in answer
+    # The enhancement did not finish, so its price comes back, once.
+    wait_until(lambda: tenant.balance() == 10, 10, "the cut-off enhancement was not refunded")
     # A reader that keeps reading gets the whole of an answer as long.
     with tenant.client.stream("POST", "/api/prompts/enhance", json={"prompt": "w " * 1990 + "read"}) as response:
         assert response.status_code == 200
         assert "data: [DONE]" in response.read().decode()
+    assert tenant.balance() == 8
 
 
 def test_past_the_connection_limit_requests_are_answered_503(bounded: Service) -> None:
