@@ -12,6 +12,7 @@ from typing import Any
 from litestar.enums import ScopeType
 from litestar.types import ASGIApp, HTTPResponseBodyEvent, HTTPResponseStartEvent, Message, Receive, Scope, Send
 
+from service.db.engine import Database
 from service.tenants import repository as tenants
 
 ALLOW_METHODS = b"GET, POST, DELETE"
@@ -42,7 +43,9 @@ def cors(app: ASGIApp) -> ASGIApp:
         origin = origin.lower()
         preflight = scope.get("method") == "OPTIONS" and _header(scope, b"access-control-request-method") is not None
         if preflight:
-            if not await tenants.origin_listed_by_any_tenant(db, origin):
+            async with db.snapshot() as tx:
+                listed = await tenants.origin_listed_by_any_tenant(tx, origin)
+            if not listed:
                 await app(scope, receive, send)
                 return
             headers = [
@@ -63,7 +66,7 @@ def cors(app: ASGIApp) -> ASGIApp:
             if message["type"] == "http.response.start":
                 tenant_id = scope.get("state", {}).get("tenant_id")
                 headers = [*message.get("headers", ()), (b"vary", b"Origin")]
-                if tenant_id and await tenants.origin_listed_by(db, tenant_id, origin):
+                if tenant_id and await _listed_by(db, tenant_id, origin):
                     headers += [
                         (b"access-control-allow-origin", origin.encode()),
                         (b"access-control-expose-headers", EXPOSE_HEADERS),
@@ -74,3 +77,8 @@ def cors(app: ASGIApp) -> ASGIApp:
         await app(scope, receive, send_with_cors)
 
     return middleware
+
+
+async def _listed_by(db: Database, tenant_id: str, origin: str) -> bool:
+    async with db.snapshot() as tx:
+        return await tenants.origin_listed_by(tx, tenant_id, origin)

@@ -139,8 +139,8 @@ class TaskFigures:
 
     async def _read(self) -> None:
         try:
-            async with self._db.read() as session:
-                by_status = await tasks.count_by_status(session)
+            async with self._db.snapshot() as tx:
+                by_status = await tasks.count_by_status(tx)
             for status in STATUSES:
                 TASKS.labels(status).set(by_status.get(status, 0))
             QUEUE_DEPTH.set(by_status.get("queued", 0))

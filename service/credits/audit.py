@@ -15,8 +15,7 @@ from dataclasses import dataclass, field
 
 from service.credits import repository as ledger
 from service.credits.repository import TENANT, USER
-from service.db.engine import Database
-from service.db.models import Task
+from service.db.engine import Database, Record
 from service.tasks import repository as tasks_repository
 
 
@@ -62,24 +61,24 @@ class AuditReport:
         ]
 
 
-def expected_refund(task: Task) -> int | None:
+def expected_refund(task: Record) -> int | None:
     """What a finished task must have been refunded; None while it is not finished."""
     if task.status in ("failed", "cancelled"):
-        return task.cost
+        return int(task.cost)
     if task.status == "completed":
-        per_image = (task.cost - task.enhance_cost) // task.n
-        return per_image * (task.n - len(task.images))
+        per_image = int(task.cost - task.enhance_cost) // int(task.n)
+        return per_image * (int(task.n) - len(task.images))
     return None
 
 
 async def audit_ledger(db: Database) -> AuditReport:
     report = AuditReport()
-    async with db.read() as session:
-        tasks = await tasks_repository.all_tasks(session)
-        entries = await ledger.entries_by_task(session)
-        sums = await ledger.tenant_account_sums(session)
-        balances = await ledger.tenant_balances_and_sums(session)
-        allowances = await ledger.allowances_and_sums(session)
+    async with db.snapshot() as tx:
+        tasks = await tasks_repository.all_tasks(tx)
+        entries = await ledger.entries_by_task(tx)
+        sums = await ledger.tenant_account_sums(tx)
+        balances = await ledger.tenant_balances_and_sums(tx)
+        allowances = await ledger.allowances_and_sums(tx)
 
     report.granted, report.debited, report.refunded = (int(value) for value in sums)
     for tenant_id, balance, ledger_sum in balances:
@@ -118,7 +117,7 @@ async def audit_ledger(db: Database) -> AuditReport:
 
 
 def _check_task(
-    report: AuditReport, task: Task, by_task: dict[tuple[str, str, str], tuple[int, int]], account: str
+    report: AuditReport, task: Record, by_task: dict[tuple[str, str, str], tuple[int, int]], account: str
 ) -> None:
     """The task's debit and refunds on one account: the tenant's, or the allowance of the end user who submitted it."""
     debits, debited = by_task.get((task.id, "debit", account), (0, 0))

@@ -7,9 +7,8 @@ from typing import Annotated
 from litestar import Router, get, post
 from litestar.params import Parameter
 
-from service.credits import repository
-from service.credits.schemas import Allowance, CheckIn, LedgerPage, Quota, entry_view
-from service.db.engine import in_session
+from service.credits import service
+from service.credits.schemas import CheckIn, LedgerPage, Quota
 from service.endusers import service as allowances
 from service.errors import Forbidden, problem_responses
 from service.pagination import Cursor, Limit, next_cursor
@@ -26,23 +25,7 @@ from service.tenants.tokens import USER_PATTERN
     security=END_USER_TOO,
 )
 async def get_quota(caller: Caller, runtime: Runtime) -> Quota:
-    async with runtime.db.read() as session:
-        if caller.end_user is not None:
-            balance, allowance = await allowances.allowance(session, caller.tenant_id, caller.end_user)
-            return _quota(balance, await repository.totals(session, caller.tenant_id, caller.end_user), allowance)
-        balance = await repository.balance_of(in_session(session), caller.tenant_id)
-        return _quota(balance, await repository.totals(session, caller.tenant_id), None)
-
-
-def _quota(balance: int, sums: dict[str, int], allowance: Allowance | None) -> Quota:
-    return Quota(
-        balance=balance,
-        granted=sums["granted"],
-        adjusted=sums["adjusted"],
-        spent=sums["spent"],
-        refunded=sums["refunded"],
-        allowance=allowance,
-    )
+    return await service.quota(runtime.db, caller.tenant_id, caller.end_user)
 
 
 @post(
@@ -73,14 +56,8 @@ EndUserFilter = Annotated[
 async def list_ledger(
     caller: Caller, runtime: Runtime, limit: Limit = 20, cursor: Cursor = None, user: EndUserFilter = None
 ) -> LedgerPage:
-    async with runtime.db.read() as session:
-        entries = await repository.list_entries(
-            session, caller.tenant_id, limit=limit + 1, before=cursor, end_user=user
-        )
-    page = entries[:limit]
-    return LedgerPage(
-        items=[entry_view(entry) for entry in page], next_cursor=next_cursor([e.id for e in entries], limit)
-    )
+    entries = await service.ledger_entries(runtime.db, caller.tenant_id, limit=limit + 1, before=cursor, end_user=user)
+    return LedgerPage(items=entries[:limit], next_cursor=next_cursor([entry.id for entry in entries], limit))
 
 
 router = Router("/api", route_handlers=[get_quota, list_ledger], tags=["quota"], security=[{"tenantKey": []}])

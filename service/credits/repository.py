@@ -3,12 +3,11 @@
 from __future__ import annotations
 
 from datetime import datetime
-from typing import Any, NamedTuple
+from typing import NamedTuple
 
 from sqlalchemy import BigInteger, ColumnElement, String, and_, bindparam, case, func, insert, select, update
-from sqlalchemy.ext.asyncio import AsyncSession
 
-from service.db.engine import Database, Statements
+from service.db.engine import Record, Transaction
 from service.db.models import END_USERS, LEDGER, TENANTS, EndUser, LedgerEntry, Tenant, UTCDateTime
 from service.db.scoping import CallerValue
 from service.endusers.repository import owned_end_users
@@ -63,7 +62,7 @@ USER = "user"
 
 
 async def post_entry(
-    statements: Statements,
+    tx: Transaction,
     *,
     tenant_id: str,
     kind: str,
@@ -81,11 +80,11 @@ async def post_entry(
     whole concurrency story: it either applies atomically or matches no row.
     """
     if account == USER:
-        moved = await statements.rows(
+        moved = await tx.rows(
             _MOVE_ALLOWANCE, {"of_tenant": tenant_id, "of_user": end_user, "amount": amount, "now": now}
         )
     else:
-        moved = await statements.rows(_MOVE_BALANCE, {"tenant_id": tenant_id, "amount": amount, "now": now})
+        moved = await tx.rows(_MOVE_BALANCE, {"tenant_id": tenant_id, "amount": amount, "now": now})
     if not moved:
         return None
     [(balance_after,)] = moved
@@ -93,12 +92,12 @@ async def post_entry(
         # The tenant's account only: an end user's spending moves both, and is one spending.
         count_credits(kind, amount)
     entry = Entry(new_id(), tenant_id, account, end_user, kind, amount, balance_after, task_id, reference, reason, now)
-    await statements.rows(_APPEND, entry._asdict())
+    await tx.rows(_APPEND, entry._asdict())
     return entry
 
 
 async def charge(
-    statements: Statements,
+    tx: Transaction,
     *,
     tenant_id: str,
     end_user: str | None,
@@ -114,7 +113,7 @@ async def charge(
 
     async def debit(account: str) -> Entry | None:
         return await post_entry(
-            statements,
+            tx,
             tenant_id=tenant_id,
             end_user=end_user,
             account=account,
@@ -128,19 +127,19 @@ async def charge(
 
     entry = await debit(TENANT)
     if entry is None:
-        balance = None if end_user is not None else await balance_of(statements, tenant_id)
+        balance = None if end_user is not None else await balance_of(tx, tenant_id)
         raise InsufficientCredits(balance=balance, cost=cost, account=TENANT)
     if end_user is None:
         return entry
     allowance = await debit(USER)
     if allowance is None:
-        balance, _ = await allowance_of(statements, tenant_id, end_user)
+        balance, _ = await allowance_of(tx, tenant_id, end_user)
         raise InsufficientCredits(balance=balance, cost=cost, account=USER)
     return allowance
 
 
 async def credit_back(
-    statements: Statements,
+    tx: Transaction,
     *,
     tenant_id: str,
     end_user: str | None,
@@ -153,7 +152,7 @@ async def credit_back(
     """Refund `amount` to every account `charge` debited."""
     for account in (TENANT, USER) if end_user is not None else (TENANT,):
         await post_entry(
-            statements,
+            tx,
             tenant_id=tenant_id,
             end_user=end_user,
             account=account,
@@ -169,8 +168,8 @@ async def credit_back(
 _BALANCE = select(TENANTS.c.balance).where(TENANTS.c.id == bindparam("tenant_id", type_=String()))
 
 
-async def balance_of(statements: Statements, tenant_id: str) -> int:
-    found = await statements.rows(_BALANCE, {"tenant_id": tenant_id})
+async def balance_of(tx: Transaction, tenant_id: str) -> int:
+    found = await tx.rows(_BALANCE, {"tenant_id": tenant_id})
     return int(found[0][0]) if found else 0
 
 
@@ -179,9 +178,9 @@ _ALLOWANCE = select(END_USERS.c.balance, END_USERS.c.checked_in_on).where(
 )
 
 
-async def allowance_of(statements: Statements, tenant_id: str, end_user: str) -> tuple[int, str | None]:
+async def allowance_of(tx: Transaction, tenant_id: str, end_user: str) -> tuple[int, str | None]:
     """An end user's allowance and the UTC day they last checked in (0 and None before they first did)."""
-    found = await statements.rows(_ALLOWANCE, {"tenant_id": tenant_id, "end_user": end_user})
+    found = await tx.rows(_ALLOWANCE, {"tenant_id": tenant_id, "end_user": end_user})
     return (int(found[0][0]), found[0][1]) if found else (0, None)
 
 
@@ -193,10 +192,10 @@ _AFFORDABLE = select(
 ).where(TENANTS.c.id == bindparam("tenant_id", type_=String()))
 
 
-async def ensure_affordable(db: Database, *, tenant_id: str, end_user: str | None, cost: int) -> None:
+async def ensure_affordable(tx: Transaction, *, tenant_id: str, end_user: str | None, cost: int) -> None:
     """402, as `charge` would answer, when the balances read now cannot cover `cost`: a cheap early refusal before
     costly work. Only the guarded debit in `charge` decides; this check may pass and the debit still fail."""
-    row = await db.fetch_one(_AFFORDABLE, {"tenant_id": tenant_id, "end_user": end_user or ""})
+    row = await tx.first(_AFFORDABLE, {"tenant_id": tenant_id, "end_user": end_user or ""})
     tenant_balance = int(row[0]) if row is not None else 0
     if tenant_balance < cost:
         raise InsufficientCredits(balance=None if end_user is not None else tenant_balance, cost=cost, account=TENANT)
@@ -207,73 +206,67 @@ async def ensure_affordable(db: Database, *, tenant_id: str, end_user: str | Non
 
 
 async def list_entries(
-    session: AsyncSession, tenant_id: str, *, limit: int, before: str | None, end_user: str | None = None
-) -> list[LedgerEntry]:
+    tx: Transaction, tenant_id: str, *, limit: int, before: str | None, end_user: str | None = None
+) -> list[Record]:
     """The tenant's entries, newest first; only those for `end_user` (on both accounts) when given."""
-    statement = select(LedgerEntry).where(owned_ledger_entries(tenant_id, end_user))
+    statement = select(LEDGER).where(owned_ledger_entries(tenant_id, end_user))
     if before is not None:
-        statement = statement.where(LedgerEntry.id < before)
-    return list(await session.scalars(statement.order_by(LedgerEntry.id.desc()).limit(limit)))
+        statement = statement.where(LEDGER.c.id < before)
+    return await tx.rows(statement.order_by(LEDGER.c.id.desc()).limit(limit))
 
 
-async def totals(session: AsyncSession, tenant_id: str, end_user: str | None = None) -> dict[str, int]:
+async def totals(tx: Transaction, tenant_id: str, end_user: str | None = None) -> dict[str, int]:
     """Sums by kind (debits as positive amounts spent) of the tenant's account, or of `end_user`'s allowance."""
     account = LedgerEntry.account == (TENANT if end_user is None else USER)
-    row = (
-        await session.execute(
-            select(
-                func.coalesce(func.sum(case((LedgerEntry.kind == "grant", LedgerEntry.amount), else_=0)), 0),
-                func.coalesce(func.sum(case((LedgerEntry.kind == "adjust", LedgerEntry.amount), else_=0)), 0),
-                func.coalesce(func.sum(case((LedgerEntry.kind == "debit", -LedgerEntry.amount), else_=0)), 0),
-                func.coalesce(func.sum(case((LedgerEntry.kind == "refund", LedgerEntry.amount), else_=0)), 0),
-            ).where(owned_ledger_entries(tenant_id, end_user), account)
-        )
-    ).one()
+    row = await tx.first(
+        select(
+            func.coalesce(func.sum(case((LedgerEntry.kind == "grant", LedgerEntry.amount), else_=0)), 0),
+            func.coalesce(func.sum(case((LedgerEntry.kind == "adjust", LedgerEntry.amount), else_=0)), 0),
+            func.coalesce(func.sum(case((LedgerEntry.kind == "debit", -LedgerEntry.amount), else_=0)), 0),
+            func.coalesce(func.sum(case((LedgerEntry.kind == "refund", LedgerEntry.amount), else_=0)), 0),
+        ).where(owned_ledger_entries(tenant_id, end_user), account)
+    )
+    assert row is not None
     return {"granted": int(row[0]), "adjusted": int(row[1]), "spent": int(row[2]), "refunded": int(row[3])}
 
 
 # The ledger audit's reads: every tenant's and end user's, for the operator.
 
 
-async def entries_by_task(session: AsyncSession) -> list[Any]:
+async def entries_by_task(tx: Transaction) -> list[Record]:
     """(task id, kind, account, how many, their sum) of the entries that name a task."""
-    rows = await session.execute(
+    return await tx.rows(
         select(LedgerEntry.task_id, LedgerEntry.kind, LedgerEntry.account, func.count(), func.sum(LedgerEntry.amount))
         .where(LedgerEntry.task_id.is_not(None))
         .group_by(LedgerEntry.task_id, LedgerEntry.kind, LedgerEntry.account)
     )
-    return list(rows.all())
 
 
-async def tenant_account_sums(session: AsyncSession) -> tuple[int, int, int]:
+async def tenant_account_sums(tx: Transaction) -> tuple[int, int, int]:
     """Credits granted (grants and adjustments), debited and refunded on the tenants' accounts, all tenants together."""
-    granted, debited, refunded = (
-        await session.execute(
-            select(
-                func.coalesce(
-                    func.sum(case((LedgerEntry.kind.in_(("grant", "adjust")), LedgerEntry.amount), else_=0)), 0
-                ),
-                func.coalesce(func.sum(case((LedgerEntry.kind == "debit", -LedgerEntry.amount), else_=0)), 0),
-                func.coalesce(func.sum(case((LedgerEntry.kind == "refund", LedgerEntry.amount), else_=0)), 0),
-            ).where(LedgerEntry.account == TENANT)
-        )
-    ).one()
-    return int(granted), int(debited), int(refunded)
+    sums = await tx.first(
+        select(
+            func.coalesce(func.sum(case((LedgerEntry.kind.in_(("grant", "adjust")), LedgerEntry.amount), else_=0)), 0),
+            func.coalesce(func.sum(case((LedgerEntry.kind == "debit", -LedgerEntry.amount), else_=0)), 0),
+            func.coalesce(func.sum(case((LedgerEntry.kind == "refund", LedgerEntry.amount), else_=0)), 0),
+        ).where(LedgerEntry.account == TENANT)
+    )
+    assert sums is not None
+    return int(sums[0]), int(sums[1]), int(sums[2])
 
 
-async def tenant_balances_and_sums(session: AsyncSession) -> list[Any]:
+async def tenant_balances_and_sums(tx: Transaction) -> list[Record]:
     """(tenant id, balance, sum of its entries on the tenant account) of every tenant."""
-    rows = await session.execute(
+    return await tx.rows(
         select(Tenant.id, Tenant.balance, func.coalesce(func.sum(LedgerEntry.amount), 0))
         .outerjoin(LedgerEntry, and_(LedgerEntry.tenant_id == Tenant.id, LedgerEntry.account == TENANT))
         .group_by(Tenant.id, Tenant.balance)
     )
-    return list(rows.all())
 
 
-async def allowances_and_sums(session: AsyncSession) -> list[Any]:
+async def allowances_and_sums(tx: Transaction) -> list[Record]:
     """(tenant id, end user, allowance, sum of their entries on the user account) of every end user."""
-    rows = await session.execute(
+    return await tx.rows(
         select(EndUser.tenant_id, EndUser.end_user, EndUser.balance, func.coalesce(func.sum(LedgerEntry.amount), 0))
         .outerjoin(
             LedgerEntry,
@@ -285,4 +278,3 @@ async def allowances_and_sums(session: AsyncSession) -> list[Any]:
         )
         .group_by(EndUser.tenant_id, EndUser.end_user, EndUser.balance)
     )
-    return list(rows.all())

@@ -8,7 +8,7 @@ from typing import Annotated, Literal
 import msgspec
 
 from service.credits.repository import Entry
-from service.db.models import LedgerEntry
+from service.db.engine import Record
 
 
 class LedgerEntryOut(msgspec.Struct):
@@ -77,7 +77,7 @@ class CreditGrant(msgspec.Struct, forbid_unknown_fields=True):
     reason: Annotated[str, msgspec.Meta(min_length=1, max_length=500)] = "admin grant"
 
 
-def entry_view(entry: LedgerEntry | Entry) -> LedgerEntryOut:
+def entry_view(entry: Record | Entry) -> LedgerEntryOut:
     return LedgerEntryOut(
         id=entry.id,
         account=entry.account,  # type: ignore[arg-type]

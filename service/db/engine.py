@@ -1,9 +1,15 @@
-"""The one place that knows the database URL: engines, sessions and the SQLite specifics.
+"""The one way to the database: `Database.transaction()` and `Database.snapshot()` each yield a `Transaction`, which
+runs SQLAlchemy Core statements and returns their rows. Both backends provide it; callers never learn which one runs.
 
-On SQLite the statements run on the event loop's own thread through the synchronous sqlite3 driver: a statement on
-an indexed row takes microseconds, less than handing it to a driver thread and back would cost. Writes are one
-transaction at a time on one connection (an asyncio lock queues the rest, so the loop never blocks on its own pool),
-each starting with BEGIN IMMEDIATE so it never fails on a lock upgrade; reads use their own connections under WAL.
+- **PostgreSQL** runs each transaction on a pooled asyncpg connection through SQLAlchemy's async engine.
+- **SQLite** runs statements on the event loop's own thread through the standard library's `sqlite3`: a statement on
+  an indexed row takes microseconds, less than handing it to a driver thread and back would cost. Each statement is
+  compiled once by SQLAlchemy (with the public compiler API) and kept in a bounded cache, so a statement built per
+  call works too, it is only compiled again. Writes are one transaction at a time on one connection (an asyncio lock
+  queues the rest, so the loop never blocks on its own database), each starting with BEGIN IMMEDIATE so it never fails
+  on a lock upgrade; snapshots read on connections of their own under WAL.
+
+The rules every caller follows are in docs/architecture.md §5.
 """
 
 from __future__ import annotations
@@ -12,44 +18,67 @@ import asyncio
 import contextlib
 import logging
 import sqlite3
-from collections import namedtuple
-from collections.abc import AsyncIterator, Callable, Iterator, Mapping, Sequence
+from collections import OrderedDict, namedtuple
+from collections.abc import AsyncIterator, Callable, Iterator, Mapping
 from contextlib import asynccontextmanager
 from contextvars import ContextVar
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol, cast
 
 import asyncpg
-from sqlalchemy import (
-    Dialect,
-    Engine,
-    Executable,
-    Insert,
-    Select,
-    String,
-    bindparam,
-    create_engine,
-    event,
-    func,
-    select,
-)
+from sqlalchemy import ClauseElement, Executable, Insert, String, bindparam, func, select
 from sqlalchemy.dialects.postgresql import insert as postgresql_insert
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
+from sqlalchemy.dialects.sqlite.pysqlite import SQLiteDialect_pysqlite
 from sqlalchemy.engine import CursorResult, make_url
 from sqlalchemy.exc import IntegrityError
-from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, AsyncSession, async_sessionmaker, create_async_engine
-from sqlalchemy.pool import PoolProxiedConnection, QueuePool
+from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_engine
+from sqlalchemy.sql.compiler import SQLCompiler
 
 from service.db.models import Base
 
-AnySelect = Select[*tuple[Any, ...]]
 SQLITE_BUSY_TIMEOUT_SECONDS = 30
+SQLITE_IDLE_READERS = 8
+COMPILED_CACHE_SIZE = 512
 _ANNOUNCE = select(func.pg_notify(bindparam("channel", type_=String()), ""))
 WORK_CHANNEL = "imagegen_work"
 LISTEN_RETRY_SECONDS = 2.0
 log = logging.getLogger("service.db")
 _ON_COMMIT: ContextVar[list[Callable[[], None]] | None] = ContextVar("on_commit", default=None)
+
+Params = Mapping[str, Any] | None
+
+
+class Record(Protocol):
+    """A row: its columns as attributes, by the columns' keys, and by position."""
+
+    def __getattr__(self, name: str) -> Any: ...
+
+    def __getitem__(self, index: int) -> Any: ...
+
+    def __iter__(self) -> Iterator[Any]: ...
+
+    def __len__(self) -> int: ...
+
+
+class Transaction(Protocol):
+    """One database transaction. Repositories take it; see docs/architecture.md §5 for who opens it."""
+
+    async def rows(self, statement: Executable, params: Params = None) -> list[Record]:
+        """Every row the statement returns (none for DML without RETURNING)."""
+        ...
+
+    async def first(self, statement: Executable, params: Params = None) -> Record | None:
+        """The first row the statement returns, None when it returns none."""
+        ...
+
+    async def scalar(self, statement: Executable, params: Params = None) -> Any:
+        """The first column of the first row, None when there is no row."""
+        ...
+
+    async def execute(self, statement: Executable, params: Params = None) -> int:
+        """Run an INSERT, UPDATE or DELETE; how many rows it matched."""
+        ...
 
 
 def after_commit(callback: Callable[[], None]) -> None:
@@ -83,247 +112,245 @@ def prepare_sqlite_directory(url: str) -> None:
         Path(parsed.database).parent.mkdir(parents=True, exist_ok=True)
 
 
-class Statements(Protocol):
-    """Runs Core statements inside one transaction. The hot paths write through this, not through a session."""
+class _Base:
+    """`first` and `scalar` in terms of `rows`."""
 
-    async def rows(self, statement: Executable, params: Mapping[str, Any]) -> Sequence[Any]:
-        """The rows the statement returns (none for plain DML), each with its columns as attributes."""
-        ...
+    async def rows(self, statement: Executable, params: Params = None) -> list[Record]:
+        raise NotImplementedError
 
+    async def first(self, statement: Executable, params: Params = None) -> Record | None:
+        found = await self.rows(statement, params)
+        return found[0] if found else None
 
-class _AlchemyStatements:
-    def __init__(self, executor: AsyncSession | AsyncConnection) -> None:
-        self._executor = executor
-
-    async def rows(self, statement: Executable, params: Mapping[str, Any]) -> Sequence[Any]:
-        result = await self._executor.execute(statement, params)
-        return result.all() if cast(CursorResult[Any], result).returns_rows else ()
+    async def scalar(self, statement: Executable, params: Params = None) -> Any:
+        found = await self.first(statement, params)
+        return None if found is None else found[0]
 
 
-def in_session(session: AsyncSession) -> Statements:
-    """The statements of `session`'s transaction, for code that runs inside a session."""
-    return _AlchemyStatements(session)
+class _AlchemyTransaction(_Base):
+    def __init__(self, connection: AsyncConnection) -> None:
+        self._connection = connection
+
+    async def rows(self, statement: Executable, params: Params = None) -> list[Record]:
+        result = await self._connection.execute(statement, params)
+        return cast(list[Record], result.all()) if result.returns_rows else []
+
+    async def execute(self, statement: Executable, params: Params = None) -> int:
+        result = cast(CursorResult[Any], await self._connection.execute(statement, params))
+        return result.rowcount
 
 
-class _Prepared:
-    """A Core statement compiled once for SQLite and run on the driver's connection, its parameters and results
-    converted as SQLAlchemy would convert them. This skips the per-execution bookkeeping of a Connection, which costs
-    several times what SQLite itself does on the hot paths.
+class _Compiled:
+    """A Core statement compiled once for SQLite, with SQLAlchemy's type conversions of its parameters and results.
+    Running it is one `sqlite3` call: no per-execution bookkeeping of a SQLAlchemy Connection, which costs several
+    times what SQLite itself does on the hot paths.
 
-    An INSERT names every column of its table, so each must be given: nothing is left to column defaults.
+    A statement with a list of values (`column.in_([...])`) has its list expanded per execution, by SQLAlchemy's
+    `construct_expanded_state`, into one parameter per item.
     """
 
-    def __init__(self, statement: Any, dialect: Dialect) -> None:
+    def __init__(self, statement: ClauseElement, dialect: SQLiteDialect_pysqlite, given: frozenset[str]) -> None:
+        # An INSERT lists the columns it was given values for, and those with a client-side default, which are
+        # filled in here per execution as SQLAlchemy would; the database fills in the rest.
+        self.defaults: list[tuple[str, Any]] = []
+        keys: list[str] | None = None
         if isinstance(statement, Insert):
-            compiled = statement.compile(dialect=dialect, column_keys=[c.key for c in statement.table.columns])
-        else:
-            compiled = statement.compile(dialect=dialect)
+            keys = sorted(given)
+            for column in statement.table.columns:
+                if column.key not in given and column.default is not None and not column.default.is_sequence:
+                    keys.append(column.key)
+                    self.defaults.append((column.key, column.default))
+        self.compiled = compiled = cast(SQLCompiler, statement.compile(dialect=dialect, column_keys=keys))
+        self.expands = bool(compiled.post_compile_params)
         self.sql = compiled.string
-        self.names = list(compiled.positiontup or [])
         # Values written into the statement itself (`status == "running"`) are bound parameters with a fixed value.
-        self.fixed = {name: value for name, value in compiled.params.items() if not compiled.binds[name].required}
-        self.bind = [_processor(compiled.binds[name].type, dialect, "bind") for name in self.names]
+        binds = {name: bind for bind, name in compiled.bind_names.items()}
+        self.fixed = {name: value for name, value in compiled.params.items() if not binds[name].required}
+        self.bind = [(name, _processor(bind.type, dialect, "bind")) for name, bind in binds.items()]
         columns = list(getattr(statement, "exported_columns", ()))
         self.convert = [_processor(column.type, dialect, "result") for column in columns]
         self.row: Callable[..., Any] | None = (
             namedtuple("Row", [column.key for column in columns], rename=True) if columns else None
         )
 
-    def rows(self, connection: sqlite3.Connection, params: Mapping[str, Any]) -> list[Any]:
-        given = {**self.fixed, **params}
-        values = [
-            given[name] if bind is None else bind(given[name]) for name, bind in zip(self.names, self.bind, strict=True)
-        ]
-        cursor = connection.execute(self.sql, values)
+    def values(self, params: Params) -> dict[str, Any]:
+        given = {**self.fixed, **params} if params else dict(self.fixed)
+        for key, default in self.defaults:
+            given[key] = default.arg(None) if default.is_callable else default.arg
+        return {name: given[name] if bind is None else bind(given[name]) for name, bind in self.bind}
+
+    def expanded(self, params: Params) -> tuple[str, dict[str, Any]]:
+        """The statement with its lists expanded, and its parameters."""
+        state = self.compiled.construct_expanded_state(dict(params or {}))
+        bind = state.processors
+        values = {
+            name: value if bind.get(name) is None else bind[name](value) for name, value in state.parameters.items()
+        }
+        return state.statement, values
+
+    def run(self, connection: sqlite3.Connection, params: Params) -> tuple[list[Record], int]:
+        sql, values = self.expanded(params) if self.expands else (self.sql, self.values(params))
+        cursor = connection.execute(sql, values)
         if self.row is None:
-            return []
-        return [
-            self.row(
-                *[
-                    value if convert is None else convert(value)
-                    for convert, value in zip(self.convert, found, strict=True)
-                ]
-            )
-            for found in cursor.fetchall()
+            return [], cursor.rowcount
+        convert, row = self.convert, self.row
+        found = [
+            row(*[value if each is None else each(value) for each, value in zip(convert, raw, strict=True)])
+            for raw in cursor.fetchall()
         ]
+        return found, cursor.rowcount
 
 
-def _processor(kind: Any, dialect: Dialect, which: str) -> Callable[[Any], Any] | None:
+def _processor(kind: Any, dialect: SQLiteDialect_pysqlite, which: str) -> Callable[[Any], Any] | None:
     implementation = kind.dialect_impl(dialect)
     if which == "bind":
         return cast(Callable[[Any], Any] | None, implementation.bind_processor(dialect))
     return cast(Callable[[Any], Any] | None, implementation.result_processor(dialect, None))
 
 
-class _SQLiteStatements:
-    def __init__(self, connection: sqlite3.Connection, prepare: Callable[[Executable], _Prepared]) -> None:
+class _SQLiteTransaction(_Base):
+    def __init__(self, connection: sqlite3.Connection, compile: Callable[[Executable, Params], _Compiled]) -> None:
         self._connection = connection
-        self._prepare = prepare
+        self._compile = compile
 
-    async def rows(self, statement: Executable, params: Mapping[str, Any]) -> Sequence[Any]:
+    def _run(self, statement: Executable, params: Params) -> tuple[list[Record], int]:
         try:
-            return self._prepare(statement).rows(self._connection, params)
+            return self._compile(statement, params).run(self._connection, params)
         except sqlite3.IntegrityError as exc:
-            raise IntegrityError(str(statement), dict(params), exc) from None
+            raise IntegrityError(str(statement), dict(params or {}), exc) from None
+
+    async def rows(self, statement: Executable, params: Params = None) -> list[Record]:
+        return self._run(statement, params)[0]
+
+    async def execute(self, statement: Executable, params: Params = None) -> int:
+        return self._run(statement, params)[1]
 
 
-class _InlineCursor(sqlite3.Cursor):
-    async def _async_soft_close(self) -> None:
-        """AsyncSession awaits this on a Core result's cursor, which only async drivers have. Here the rows stay on
-        this cursor, read on the same thread while the session holds the connection, so there is nothing to do."""
+class _SQLite:
+    """The SQLite side of `Database`: one writer connection, a few idle readers, the compiled-statement cache."""
 
+    def __init__(self, path: str) -> None:
+        self._path = path
+        self._dialect = SQLiteDialect_pysqlite(paramstyle="named")
+        self._write_lock = asyncio.Lock()
+        self._writer: sqlite3.Connection | None = None
+        self._readers: list[sqlite3.Connection] = []
+        self._compiled: OrderedDict[tuple[Executable, frozenset[str]], _Compiled] = OrderedDict()
 
-class _InlineConnection(sqlite3.Connection):
-    def cursor(self, factory: Any = _InlineCursor) -> Any:
-        return super().cursor(factory)
+    def _connect(self) -> sqlite3.Connection:
+        # Autocommit at the driver level: the transactions below issue BEGIN and COMMIT themselves.
+        connection = sqlite3.connect(
+            self._path, timeout=SQLITE_BUSY_TIMEOUT_SECONDS, isolation_level=None, check_same_thread=False
+        )
+        connection.execute("PRAGMA journal_mode=WAL")
+        connection.execute("PRAGMA synchronous=NORMAL")
+        connection.execute("PRAGMA foreign_keys=ON")
+        return connection
 
+    def compile(self, statement: Executable, params: Params) -> _Compiled:
+        given = frozenset(params or ()) if isinstance(statement, Insert) else frozenset()
+        key = (statement, given)
+        compiled = self._compiled.get(key)
+        if compiled is None:
+            compiled = self._compiled[key] = _Compiled(cast(ClauseElement, statement), self._dialect, given)
+            if len(self._compiled) > COMPILED_CACHE_SIZE:
+                self._compiled.popitem(last=False)
+        else:
+            self._compiled.move_to_end(key)
+        return compiled
 
-@dataclass(frozen=True, slots=True)
-class _InlineBind:
-    """Lets an AsyncSession drive a synchronous engine: its calls then run to completion without leaving the thread."""
+    @asynccontextmanager
+    async def transaction(self) -> AsyncIterator[Transaction]:
+        async with self._write_lock:
+            if self._writer is None:
+                self._writer = self._connect()
+            async with self._begun(self._writer, "BEGIN IMMEDIATE") as transaction:
+                yield transaction
 
-    sync_engine: Engine
+    @asynccontextmanager
+    async def snapshot(self) -> AsyncIterator[Transaction]:
+        reader = self._readers.pop() if self._readers else self._connect()
+        try:
+            async with self._begun(reader, "BEGIN") as transaction:
+                yield transaction
+        except BaseException:
+            reader.close()
+            raise
+        if len(self._readers) < SQLITE_IDLE_READERS:
+            self._readers.append(reader)
+        else:
+            reader.close()
 
+    @asynccontextmanager
+    async def _begun(self, connection: sqlite3.Connection, begin: str) -> AsyncIterator[Transaction]:
+        connection.execute(begin)
+        try:
+            yield _SQLiteTransaction(connection, self.compile)
+        except BaseException:
+            connection.execute("ROLLBACK")
+            raise
+        try:
+            connection.execute("COMMIT")
+        except BaseException:
+            # A COMMIT that failed (the database busy past its timeout, a full disk) leaves the transaction open on
+            # this connection: end it, or every later transaction here would fail to begin.
+            if connection.in_transaction:
+                connection.execute("ROLLBACK")
+            raise
 
-def _inline_sessions(engine: Engine) -> async_sessionmaker[AsyncSession]:
-    return async_sessionmaker(bind=cast(AsyncEngine, _InlineBind(engine)), expire_on_commit=False)
+    def close(self) -> None:
+        for connection in [*self._readers, *([self._writer] if self._writer else [])]:
+            connection.close()
+        self._readers.clear()
+        self._writer = None
 
 
 class Database:
+    """The database of one process. `transaction()` to change it, `snapshot()` to read it."""
+
     def __init__(self, url: str) -> None:
         self.url = url
         self.is_sqlite = make_url(url).get_backend_name() == "sqlite"
-        self._write_lock = asyncio.Lock()
-        self.engines: list[Engine] = []
+        self._sqlite: _SQLite | None = None
+        self._engine: AsyncEngine | None = None
         if self.is_sqlite:
             prepare_sqlite_directory(url)
-            writer = self._sqlite_engine(begin="BEGIN IMMEDIATE", pool_size=1, max_overflow=0)
-            reader = self._sqlite_engine(begin="BEGIN", pool_size=8, max_overflow=-1)
-            # Single statements on the hot paths (authentication, polling) skip the session and its transaction:
-            # one autocommit connection, held by the event loop's thread, answers each from a fresh snapshot.
-            self._statements = self._sqlite_engine(begin="", pool_size=1, max_overflow=0)
-            self._statement_connection: PoolProxiedConnection | None = None
-            # Transactions of prepared statements write on a connection of their own, under the same lock.
-            self._raw_writer = self._sqlite_engine(begin="", pool_size=1, max_overflow=0)
-            self._raw_writer_connection: PoolProxiedConnection | None = None
-            self._prepared: dict[Executable, _Prepared] = {}
-            self.engines = [writer, reader, self._statements, self._raw_writer]
-            self._write_sessions = _inline_sessions(writer)
-            self._read_sessions = _inline_sessions(reader)
+            self._sqlite = _SQLite(make_url(url).database or ":memory:")
         else:
-            self.engine: AsyncEngine = create_async_engine(url, pool_size=10, max_overflow=10, pool_pre_ping=True)
-            self._write_sessions = self._read_sessions = async_sessionmaker(self.engine, expire_on_commit=False)
-
-    def _sqlite_engine(self, *, begin: str, pool_size: int, max_overflow: int) -> Engine:
-        engine = create_engine(
-            make_url(self.url).set(drivername="sqlite+pysqlite"),
-            poolclass=QueuePool,
-            pool_size=pool_size,
-            max_overflow=max_overflow,
-            connect_args={
-                "timeout": SQLITE_BUSY_TIMEOUT_SECONDS,
-                "check_same_thread": False,
-                "factory": _InlineConnection,
-            },
-        )
-
-        @event.listens_for(engine, "connect")
-        def on_connect(dbapi_connection: Any, _: Any) -> None:
-            # Let SQLAlchemy's "begin" event issue BEGIN itself instead of the driver's implicit, deferred one.
-            dbapi_connection.isolation_level = None
-            cursor = dbapi_connection.cursor()
-            cursor.execute("PRAGMA journal_mode=WAL")
-            cursor.execute("PRAGMA synchronous=NORMAL")
-            cursor.execute("PRAGMA foreign_keys=ON")
-            cursor.execute(f"PRAGMA busy_timeout={SQLITE_BUSY_TIMEOUT_SECONDS * 1000}")
-            cursor.close()
-
-        if begin:
-
-            @event.listens_for(engine, "begin")
-            def on_begin(connection: Any) -> None:
-                connection.exec_driver_sql(begin)
-
-        return engine
+            self._engine = create_async_engine(url, pool_size=10, max_overflow=10, pool_pre_ping=True)
 
     @asynccontextmanager
-    async def write(self) -> AsyncIterator[AsyncSession]:
-        """A read-write transaction, committed when the block ends without an error."""
+    async def transaction(self) -> AsyncIterator[Transaction]:
+        """A read-write transaction, committed when the block ends without an error, rolled back otherwise."""
         with _committing():
-            if not self.is_sqlite:
-                async with self._write_sessions() as session, session.begin():
-                    yield session
+            if self._sqlite is not None:
+                async with self._sqlite.transaction() as transaction:
+                    yield transaction
                 return
-            async with self._write_lock, self._write_sessions() as session, session.begin():
-                yield session
+            assert self._engine is not None
+            async with self._engine.begin() as connection:
+                yield _AlchemyTransaction(connection)
 
     @asynccontextmanager
-    async def read(self) -> AsyncIterator[AsyncSession]:
-        """A read-only snapshot."""
-        async with self._read_sessions() as session, session.begin():
-            yield session
-
-    @asynccontextmanager
-    async def transaction(self) -> AsyncIterator[Statements]:
-        """A read-write transaction of Core statements, committed when the block ends without an error.
-
-        On SQLite the statements are prepared once and run on the driver's connection; the statements used here must
-        be built once (module constants with bound parameters), since each distinct statement is compiled and kept.
-        """
-        with _committing():
-            async with self._raw_transaction() as statements:
-                yield statements
-
-    @asynccontextmanager
-    async def _raw_transaction(self) -> AsyncIterator[Statements]:
-        if not self.is_sqlite:
-            async with self.engine.begin() as connection:
-                yield _AlchemyStatements(connection)
+    async def snapshot(self) -> AsyncIterator[Transaction]:
+        """A read-only view of the database as of its first statement."""
+        if self._sqlite is not None:
+            async with self._sqlite.snapshot() as transaction:
+                yield transaction
             return
-        async with self._write_lock:
-            if self._raw_writer_connection is None:
-                self._raw_writer_connection = self._raw_writer.raw_connection()
-            raw = cast(sqlite3.Connection, self._raw_writer_connection.driver_connection)
-            raw.execute("BEGIN IMMEDIATE")
-            try:
-                yield _SQLiteStatements(raw, self._prepare)
-            except BaseException:
-                raw.execute("ROLLBACK")
-                raise
-            try:
-                raw.execute("COMMIT")
-            except BaseException:
-                # A COMMIT that failed (the database busy past its timeout, a full disk) leaves the transaction
-                # open on this connection: end it, or every later transaction here would fail to begin.
-                if raw.in_transaction:
-                    raw.execute("ROLLBACK")
-                raise
-
-    async def fetch_one(self, statement: AnySelect, params: Mapping[str, Any]) -> Any | None:
-        """The first row of one read-only statement, outside any session; its columns are attributes and positions."""
-        if not self.is_sqlite:
-            async with self.engine.connect() as connection:
-                return (await connection.execute(statement, params)).first()
-        if self._statement_connection is None:
-            self._statement_connection = self._statements.raw_connection()
-        reader = cast(sqlite3.Connection, self._statement_connection.driver_connection)
-        found = self._prepare(statement).rows(reader, params)
-        return found[0] if found else None
-
-    def _prepare(self, statement: Executable) -> _Prepared:
-        prepared = self._prepared.get(statement)
-        if prepared is None:
-            prepared = self._prepared[statement] = _Prepared(statement, self._statements.dialect)
-        return prepared
+        assert self._engine is not None
+        async with self._engine.connect() as connection:
+            await connection.execution_options(isolation_level="REPEATABLE READ")
+            yield _AlchemyTransaction(connection)
 
     def insert_ignoring_conflicts(self, table: type[Base]) -> Insert:
         """INSERT … ON CONFLICT DO NOTHING, in this database's dialect."""
         return (sqlite_insert if self.is_sqlite else postgresql_insert)(table).on_conflict_do_nothing()
 
-    async def announce_work(self, statements: Statements) -> None:
+    async def announce_work(self, transaction: Transaction) -> None:
         """Tell workers in other processes that a task is queued (PostgreSQL NOTIFY, delivered on commit)."""
         if not self.is_sqlite:
-            await statements.rows(_ANNOUNCE, {"channel": WORK_CHANNEL})
+            await transaction.rows(_ANNOUNCE, {"channel": WORK_CHANNEL})
 
     @asynccontextmanager
     async def work_announcements(self, wake: Callable[[], None]) -> AsyncIterator[None]:
@@ -362,8 +389,7 @@ class Database:
             await connection.close()
 
     async def dispose(self) -> None:
-        if self.is_sqlite:
-            for engine in self.engines:
-                engine.dispose()
-        else:
-            await self.engine.dispose()
+        if self._sqlite is not None:
+            self._sqlite.close()
+        if self._engine is not None:
+            await self._engine.dispose()

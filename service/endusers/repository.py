@@ -9,9 +9,8 @@ from __future__ import annotations
 from datetime import datetime
 
 from sqlalchemy import ColumnElement, and_, or_, update
-from sqlalchemy.ext.asyncio import AsyncSession
 
-from service.db.engine import Database
+from service.db.engine import Database, Transaction
 from service.db.models import END_USERS, EndUser
 from service.db.scoping import CallerValue
 
@@ -23,21 +22,19 @@ def owned_end_users(tenant_id: CallerValue, end_user: CallerValue | None) -> Col
     return owned if end_user is None else and_(owned, END_USERS.c.end_user == end_user)
 
 
-async def ensure_end_user(db: Database, session: AsyncSession, *, tenant_id: str, end_user: str, now: datetime) -> None:
+async def ensure_end_user(db: Database, tx: Transaction, *, tenant_id: str, end_user: str, now: datetime) -> None:
     """The end user's row with an empty allowance, unless they already have one."""
-    await session.execute(
+    await tx.execute(
         db.insert_ignoring_conflicts(EndUser).values(
             tenant_id=tenant_id, end_user=end_user, balance=0, created_at=now, updated_at=now
         )
     )
 
 
-async def mark_checked_in(
-    session: AsyncSession, *, tenant_id: str, end_user: str, today: str, now: datetime
-) -> int | None:
+async def mark_checked_in(tx: Transaction, *, tenant_id: str, end_user: str, today: str, now: datetime) -> int | None:
     """Record that the end user checked in on `today` (a UTC `YYYY-MM-DD`) and return their allowance; None when they
     already did today. A compare-and-set that also locks the row for the rest of the caller's transaction."""
-    return await session.scalar(
+    balance = await tx.scalar(
         update(EndUser)
         .where(
             owned_end_users(tenant_id, end_user),
@@ -45,5 +42,5 @@ async def mark_checked_in(
         )
         .values(checked_in_on=today, updated_at=now)
         .returning(EndUser.balance)
-        .execution_options(synchronize_session=False)
     )
+    return None if balance is None else int(balance)

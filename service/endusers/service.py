@@ -4,12 +4,10 @@ from __future__ import annotations
 
 from datetime import UTC, datetime, time, timedelta
 
-from sqlalchemy.ext.asyncio import AsyncSession
-
 from service.clock import utcnow
 from service.credits import repository as ledger
 from service.credits.schemas import Allowance, CheckIn
-from service.db.engine import Database, in_session
+from service.db.engine import Database, Transaction
 from service.endusers import repository
 from service.tenants import repository as tenants
 
@@ -27,17 +25,17 @@ async def check_in(db: Database, tenant_id: str, end_user: str) -> CheckIn:
     """
     now = utcnow()
     today = now.date().isoformat()
-    async with db.write() as session:
-        await repository.ensure_end_user(db, session, tenant_id=tenant_id, end_user=end_user, now=now)
-        marked = await repository.mark_checked_in(session, tenant_id=tenant_id, end_user=end_user, today=today, now=now)
+    async with db.transaction() as tx:
+        await repository.ensure_end_user(db, tx, tenant_id=tenant_id, end_user=end_user, now=now)
+        marked = await repository.mark_checked_in(tx, tenant_id=tenant_id, end_user=end_user, today=today, now=now)
         if marked is None:
-            balance, _ = await ledger.allowance_of(in_session(session), tenant_id, end_user)
+            balance, _ = await ledger.allowance_of(tx, tenant_id, end_user)
             return CheckIn(already_checked_in=True, granted=0, balance=balance, next_check_in_at=next_day(now))
-        grant, cap = await tenants.allowance_terms(session, tenant_id)
+        grant, cap = await tenants.allowance_terms(tx, tenant_id)
         granted = min(grant, max(0, cap - marked))
         if granted:
             await ledger.post_entry(
-                in_session(session),
+                tx,
                 tenant_id=tenant_id,
                 end_user=end_user,
                 account=ledger.USER,
@@ -50,11 +48,11 @@ async def check_in(db: Database, tenant_id: str, end_user: str) -> CheckIn:
     return CheckIn(already_checked_in=False, granted=granted, balance=marked + granted, next_check_in_at=next_day(now))
 
 
-async def allowance(session: AsyncSession, tenant_id: str, end_user: str) -> tuple[int, Allowance]:
-    """An end user's balance, and how it refills, read in the caller's session."""
+async def allowance(tx: Transaction, tenant_id: str, end_user: str) -> tuple[int, Allowance]:
+    """An end user's balance, and how it refills, read in the caller's transaction."""
     now = utcnow()
-    balance, checked_in_on = await ledger.allowance_of(in_session(session), tenant_id, end_user)
-    grant, cap = await tenants.allowance_terms(session, tenant_id)
+    balance, checked_in_on = await ledger.allowance_of(tx, tenant_id, end_user)
+    grant, cap = await tenants.allowance_terms(tx, tenant_id)
     today = checked_in_on == now.date().isoformat()
     return balance, Allowance(
         end_user=end_user,

@@ -45,7 +45,8 @@ async def health() -> Health:
 )
 async def ready(runtime: Runtime) -> Readiness:
     try:
-        await repository.ping(runtime.db)
+        async with runtime.db.snapshot() as tx:
+            await repository.ping(tx)
     except Exception as exc:
         log.warning("readiness: the database check failed (%s: %s)", type(exc).__name__, exc)
         raise ServiceUnavailable("The database is not reachable", code="database_unavailable") from None

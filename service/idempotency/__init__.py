@@ -13,9 +13,8 @@ from datetime import datetime, timedelta
 from typing import Annotated
 
 from litestar.params import HeaderParameter
-from sqlalchemy.ext.asyncio import AsyncSession
 
-from service.db.engine import Statements
+from service.db.engine import Transaction
 from service.errors import Conflict
 from service.idempotency import repository
 
@@ -46,10 +45,10 @@ def fingerprint(*parts: object) -> str:
 
 
 async def recall(
-    session: AsyncSession, *, tenant_id: str, scope: str, key: str, request_hash: str, now: datetime
+    tx: Transaction, *, tenant_id: str, scope: str, key: str, request_hash: str, now: datetime
 ) -> bytes | None:
     """The stored response for this key, None when there is none (or it expired)."""
-    record = await repository.find(session, tenant_id=tenant_id, scope=scope, key=key)
+    record = await repository.find(tx, tenant_id=tenant_id, scope=scope, key=key)
     if record is None or record.expires_at <= now:
         return None
     if record.request_hash != request_hash:
@@ -58,7 +57,7 @@ async def recall(
 
 
 async def remember(
-    statements: Statements,
+    tx: Transaction,
     *,
     tenant_id: str,
     scope: str,
@@ -77,8 +76,8 @@ async def remember(
         "created_at": now,
         "expires_at": now + timedelta(seconds=ttl_seconds),
     }
-    await repository.replace_expired(statements, record)
+    await repository.replace_expired(tx, record)
 
 
-async def forget_expired(statements: Statements, now: datetime) -> None:
-    await repository.forget_expired(statements, now)
+async def forget_expired(tx: Transaction, now: datetime) -> None:
+    await repository.forget_expired(tx, now)

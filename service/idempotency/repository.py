@@ -7,9 +7,8 @@ from datetime import datetime
 from typing import Any, cast
 
 from sqlalchemy import ColumnElement, String, Table, and_, bindparam, delete, insert, select
-from sqlalchemy.ext.asyncio import AsyncSession
 
-from service.db.engine import Statements
+from service.db.engine import Record, Transaction
 from service.db.models import IdempotencyRecord, UTCDateTime
 from service.db.scoping import CallerValue
 
@@ -32,18 +31,18 @@ _INSERT = insert(IDEMPOTENCY_RECORDS)
 _FORGET_EXPIRED = delete(IDEMPOTENCY_RECORDS).where(_RECORDS.expires_at <= _NOW)
 
 
-async def find(session: AsyncSession, *, tenant_id: str, scope: str, key: str) -> Any | None:
+async def find(tx: Transaction, *, tenant_id: str, scope: str, key: str) -> Record | None:
     """The record of this key in the caller's key space, expired or not: (request_hash, response, expires_at)."""
-    return (await session.execute(_FIND, {"tenant_id": tenant_id, "scope": scope, "key": key})).first()
+    return await tx.first(_FIND, {"tenant_id": tenant_id, "scope": scope, "key": key})
 
 
-async def replace_expired(statements: Statements, record: dict[str, Any]) -> None:
+async def replace_expired(tx: Transaction, record: dict[str, Any]) -> None:
     """Insert the record (every column given), after removing an expired one under the same key; a live one makes the
     insert fail on the primary key."""
     params = {name: record[name] for name in ("tenant_id", "scope", "key")}
-    await statements.rows(_FORGET_EXPIRED_KEY, {**params, "now": record["created_at"]})
-    await statements.rows(_INSERT, record)
+    await tx.rows(_FORGET_EXPIRED_KEY, {**params, "now": record["created_at"]})
+    await tx.rows(_INSERT, record)
 
 
-async def forget_expired(statements: Statements, now: datetime) -> None:
-    await statements.rows(_FORGET_EXPIRED, {"now": now})
+async def forget_expired(tx: Transaction, now: datetime) -> None:
+    await tx.rows(_FORGET_EXPIRED, {"now": now})

@@ -92,9 +92,9 @@ async def _expire_references(
     delete then fail, the object is an orphan and a later sweep takes it."""
     after = ""
     while True:
-        async with db.read() as session:
+        async with db.snapshot() as tx:
             expired = await repository.references_past_retention(
-                session, finished_before=finished_before, after=after, limit=RETENTION_BATCH
+                tx, finished_before=finished_before, after=after, limit=RETENTION_BATCH
             )
         if not expired:
             return
@@ -104,8 +104,8 @@ async def _expire_references(
         report.expired_objects += len(records)
         report.expired_bytes += sum(int(record.get("bytes", 0)) for record in records)
         if not report.dry_run:
-            async with db.write() as session:
-                await repository.mark_references_deleted(session, [row.id for row in expired], now=now)
+            async with db.transaction() as tx:
+                await repository.mark_references_deleted(tx, [row.id for row in expired], now=now)
             await _delete(store, [str(record["key"]) for record in records])
         if len(expired) < RETENTION_BATCH:
             return
@@ -114,8 +114,8 @@ async def _expire_references(
 async def _delete_orphans(db: Database, store: BlobStore, report: SweepReport, old: list[StoredObject]) -> None:
     """Delete the objects of this page (all older than the grace period) that no task needs."""
     owners = {_task_id(item.key) for item in old} - {None}
-    async with db.read() as session:
-        tasks = await repository.stored_by(session, sorted(str(owner) for owner in owners))
+    async with db.snapshot() as tx:
+        tasks = await repository.stored_by(tx, sorted(str(owner) for owner in owners))
     orphans = [item for item in old if not _needed(item.key, tasks.get(_task_id(item.key) or ""))]
     for item in orphans:
         if item.key.startswith("results/"):

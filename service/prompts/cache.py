@@ -72,15 +72,15 @@ class SharedEnhancementCache:
         self._ttl = ttl_seconds
 
     async def get(self, key: CacheKey) -> str | None:
-        async with self._db.read() as session:
-            return await repository.cached_text(session, tenant_id=key.tenant_id, key=key.digest, now=time.time())
+        async with self._db.snapshot() as tx:
+            return await repository.cached_text(tx, tenant_id=key.tenant_id, key=key.digest, now=time.time())
 
     async def put(self, key: CacheKey, text: str) -> None:
         if self._max_entries == 0 or self._ttl == 0:
             return
-        async with self._db.write() as session:
+        async with self._db.transaction() as tx:
             await repository.keep(
-                session,
+                tx,
                 tenant_id=key.tenant_id,
                 key=key.digest,
                 text=text,
@@ -90,8 +90,8 @@ class SharedEnhancementCache:
             )
 
     async def clear_tenant(self, tenant_id: str) -> int:
-        async with self._db.write() as session:
-            return await repository.clear_tenant(session, tenant_id)
+        async with self._db.transaction() as tx:
+            return await repository.clear_tenant(tx, tenant_id)
 
 
 def enhancement_cache(db: Database, max_entries: int, ttl_seconds: float) -> EnhancementCache:

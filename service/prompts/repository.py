@@ -3,9 +3,9 @@ tenant; its end users share them, since the key names no end user."""
 
 from __future__ import annotations
 
-from sqlalchemy import ColumnElement, Float, String, bindparam, delete, func, select
-from sqlalchemy.ext.asyncio import AsyncSession
+from sqlalchemy import ColumnElement, Float, String, bindparam, delete, func, insert, select
 
+from service.db.engine import Transaction
 from service.db.models import CachedEnhancement
 from service.db.scoping import CallerValue
 
@@ -22,27 +22,26 @@ _LIVE = select(CachedEnhancement.text).where(
 )
 
 
-async def cached_text(session: AsyncSession, *, tenant_id: str, key: str, now: float) -> str | None:
+async def cached_text(tx: Transaction, *, tenant_id: str, key: str, now: float) -> str | None:
     """The enhanced prompt kept under `key` for the tenant, None when there is none or it expired."""
-    return await session.scalar(_LIVE, {"tenant_id": tenant_id, "key": key, "now": now})
+    text = await tx.scalar(_LIVE, {"tenant_id": tenant_id, "key": key, "now": now})
+    return None if text is None else str(text)
 
 
 async def keep(
-    session: AsyncSession, *, tenant_id: str, key: str, text: str, now: float, ttl: float, max_entries: int
+    tx: Transaction, *, tenant_id: str, key: str, text: str, now: float, ttl: float, max_entries: int
 ) -> None:
     """Keep (or replace) the entry under `key`, then drop the oldest entries beyond `max_entries`."""
-    await session.execute(delete(CachedEnhancement).where(CachedEnhancement.key == key))
-    session.add(CachedEnhancement(key=key, tenant_id=tenant_id, text=text, created_at=now, expires_at=now + ttl))
-    await session.flush()
-    count = await session.scalar(select(func.count()).select_from(CachedEnhancement)) or 0
+    await tx.execute(delete(CachedEnhancement).where(CachedEnhancement.key == key))
+    await tx.execute(
+        insert(CachedEnhancement).values(key=key, tenant_id=tenant_id, text=text, created_at=now, expires_at=now + ttl)
+    )
+    count = await tx.scalar(select(func.count()).select_from(CachedEnhancement)) or 0
     if count > max_entries:
         oldest = select(CachedEnhancement.key).order_by(CachedEnhancement.created_at).limit(count - max_entries)
-        await session.execute(delete(CachedEnhancement).where(CachedEnhancement.key.in_(oldest)))
+        await tx.execute(delete(CachedEnhancement).where(CachedEnhancement.key.in_(oldest)))
 
 
-async def clear_tenant(session: AsyncSession, tenant_id: str) -> int:
+async def clear_tenant(tx: Transaction, tenant_id: str) -> int:
     """Drop the tenant's entries; how many there were."""
-    result = await session.execute(
-        delete(CachedEnhancement).where(owned_enhancements(tenant_id)).returning(CachedEnhancement.key)
-    )
-    return len(result.all())
+    return await tx.execute(delete(CachedEnhancement).where(owned_enhancements(tenant_id)))

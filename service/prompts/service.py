@@ -22,7 +22,6 @@ import msgspec
 from service.bodies import deployment
 from service.clock import utcnow
 from service.credits import repository as ledger
-from service.db.engine import in_session
 from service.errors import InvalidInput, RateLimited, ServiceError, ServiceUnavailable
 from service.ids import new_id
 from service.prompts.cache import CacheKey, enhancement_cache
@@ -242,9 +241,9 @@ class Enhancer:
         if cost == 0:
             return Charge(None)
         key = f"enhance:{new_id()}"
-        async with self.runtime.db.write() as session:
+        async with self.runtime.db.transaction() as tx:
             await ledger.charge(
-                in_session(session),
+                tx,
                 tenant_id=plan.tenant_id,
                 end_user=plan.end_user,
                 cost=cost,
@@ -265,9 +264,9 @@ class Enhancer:
         if finished or charge.reference is None:
             return
         with anyio.CancelScope(shield=True):
-            async with self.runtime.db.write() as session:
+            async with self.runtime.db.transaction() as tx:
                 await ledger.credit_back(
-                    in_session(session),
+                    tx,
                     tenant_id=plan.tenant_id,
                     end_user=plan.end_user,
                     amount=self.settings.enhance_cost,

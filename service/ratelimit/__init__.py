@@ -73,8 +73,8 @@ class SharedRateLimiter:
 
     async def take(self, key: str, per_minute: int) -> Decision:
         """Spend one request from the bucket kept in the database, in a transaction of its own."""
-        async with self._db.transaction() as statements:
-            tokens, allowed = await repository.spend(statements, key=key, per_minute=per_minute, now=time.time())
+        async with self._db.transaction() as tx:
+            tokens, allowed = await repository.spend(tx, key=key, per_minute=per_minute, now=time.time())
         return _decision(allowed, per_minute, tokens, per_minute / 60.0)
 
 

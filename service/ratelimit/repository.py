@@ -6,7 +6,7 @@ from __future__ import annotations
 from sqlalchemy import Float, String, bindparam, case, func
 from sqlalchemy.dialects.postgresql import insert as postgresql_insert
 
-from service.db.engine import Statements
+from service.db.engine import Transaction
 from service.db.models import RateBucket
 
 _NOW = bindparam("now", type_=Float())
@@ -32,9 +32,9 @@ _SPEND = (
 )
 
 
-async def spend(statements: Statements, *, key: str, per_minute: int, now: float) -> tuple[float, bool]:
+async def spend(tx: Transaction, *, key: str, per_minute: int, now: float) -> tuple[float, bool]:
     """Spend one token of `key`'s bucket (full at `per_minute`, refilling continuously) if one is left: the tokens
     left and whether the request may pass. One upsert decides, spends and reports, locking the row for it alone."""
     params = {"key": key, "now": now, "full": float(per_minute), "rate": per_minute / 60.0}
-    [(tokens, allowed)] = await statements.rows(_SPEND, params)
+    [(tokens, allowed)] = await tx.rows(_SPEND, params)
     return float(tokens), bool(allowed)

@@ -19,7 +19,7 @@ from service.errors import Conflict, NotFound, problem_responses
 from service.idempotency import IdempotencyKey
 from service.pagination import Cursor, Limit, next_cursor
 from service.runtime import Runtime
-from service.tasks import repository, service
+from service.tasks import service
 from service.tasks.schemas import GenerateRequest, GenerateUpload, TaskOut, TaskPage, TaskStatus, task_view
 from service.tasks.service import Submission
 from service.tenants.auth import END_USER_TOO, Caller, authenticate_then_read_body
@@ -148,7 +148,7 @@ def preferred_wait(prefer: str | None) -> int | None:
     responses=problem_responses(401, 403, 429, 404),
 )
 async def get_task(task_id: TaskId, caller: Caller, runtime: Runtime) -> TaskOut:
-    task = await repository.find_owned(runtime.db, caller.tenant_id, caller.end_user, task_id)
+    task = await service.find(runtime, caller, task_id)
     if task is None:
         raise NotFound("No such task", code="task_not_found")
     return task_view(task)
@@ -160,13 +160,9 @@ async def get_task(task_id: TaskId, caller: Caller, runtime: Runtime) -> TaskOut
 async def list_tasks(
     caller: Caller, runtime: Runtime, limit: Limit = 20, cursor: Cursor = None, status: TaskStatus | None = None
 ) -> TaskPage:
-    async with runtime.db.read() as session:
-        tasks = await repository.list_owned(
-            session, caller.tenant_id, caller.end_user, limit=limit + 1, before=cursor, status=status
-        )
-    page = tasks[:limit]
+    tasks = await service.list_tasks(runtime, caller, limit=limit + 1, before=cursor, status=status)
     return TaskPage(
-        items=[task_view(task) for task in page], next_cursor=next_cursor([task.id for task in tasks], limit)
+        items=[task_view(task) for task in tasks[:limit]], next_cursor=next_cursor([task.id for task in tasks], limit)
     )
 
 
@@ -195,7 +191,7 @@ async def get_task_image(
     runtime: Runtime,
     index: Annotated[int, Parameter(ge=0, le=99, description="Which image of the task (0-based)")] = 0,
 ) -> Response[Any]:
-    task = await repository.find_owned(runtime.db, caller.tenant_id, caller.end_user, task_id)
+    task = await service.find(runtime, caller, task_id)
     if task is None:
         raise NotFound("No such task", code="task_not_found")
     if task.status != "completed":

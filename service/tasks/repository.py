@@ -3,16 +3,14 @@ ever sees another's; every status change is a compare-and-set on the status the 
 
 from __future__ import annotations
 
-from collections import namedtuple
 from datetime import datetime, timedelta
 from typing import Any
 
 from sqlalchemy import ColumnElement, Integer, String, and_, bindparam, func, insert, or_, select, update
-from sqlalchemy.ext.asyncio import AsyncSession
 
 from service.credits import repository as ledger
-from service.db.engine import Database, Statements
-from service.db.models import TASKS, TENANTS, Task, UTCDateTime
+from service.db.engine import Record, Transaction
+from service.db.models import TASKS, TENANTS, UTCDateTime
 from service.db.scoping import CallerValue
 from service.metrics import count_finished, count_submitted
 
@@ -26,88 +24,73 @@ def owned_tasks(tenant_id: CallerValue, end_user: CallerValue | None) -> ColumnE
     return owned if end_user is None else and_(owned, TASKS.c.end_user == end_user)
 
 
+_t = TASKS.c
 _TASK = TASKS.c.id == bindparam("task_id")
 _OWNED_BY_TENANT = select(TASKS).where(owned_tasks(bindparam("tenant_id"), None), _TASK)
 _OWNED_BY_END_USER = select(TASKS).where(owned_tasks(bindparam("tenant_id"), bindparam("end_user")), _TASK)
 
 
-async def find_owned(db: Database, tenant_id: str, end_user: str | None, task_id: str) -> Any | None:
-    """One task the caller may see, as a row (the polling path reads it without a session)."""
+async def find_owned(tx: Transaction, tenant_id: str, end_user: str | None, task_id: str) -> Record | None:
+    """One task the caller may see."""
     if end_user is None:
-        return await db.fetch_one(_OWNED_BY_TENANT, {"tenant_id": tenant_id, "task_id": task_id})
-    return await db.fetch_one(_OWNED_BY_END_USER, {"tenant_id": tenant_id, "task_id": task_id, "end_user": end_user})
+        return await tx.first(_OWNED_BY_TENANT, {"tenant_id": tenant_id, "task_id": task_id})
+    return await tx.first(_OWNED_BY_END_USER, {"tenant_id": tenant_id, "task_id": task_id, "end_user": end_user})
 
 
-_INSERT = insert(TASKS)
-NOT_YET: dict[str, Any] = {
-    "revised_prompt": None,
-    "final_prompt": None,
-    "error_code": None,
-    "error_message": None,
-    "retries": 0,
-    "lease_owner": None,
-    "lease_expires_at": None,
-    "started_at": None,
-    "finished_at": None,
-    "references_deleted_at": None,
-}
-"""The columns of a new task that only its runs fill in."""
-TaskRow = namedtuple("TaskRow", [column.key for column in TASKS.columns])  # type: ignore[misc]
-"""A task's columns as attributes, for a task known from its values alone."""
+_INSERT = insert(TASKS).returning(*TASKS.c)
 
 
-async def insert_task(statements: Statements, values: dict[str, Any]) -> None:
-    """Insert a new task; `values` names every column."""
-    await statements.rows(_INSERT, values)
+async def insert_task(tx: Transaction, values: dict[str, Any]) -> Record:
+    """Insert a new task; the columns `values` leaves out take their defaults. The task as stored."""
+    [task] = await tx.rows(_INSERT, values)
     count_submitted()
-
-
-async def get_owned(session: AsyncSession, tenant_id: str, end_user: str | None, task_id: str) -> Task | None:
-    return await session.scalar(select(Task).where(owned_tasks(tenant_id, end_user), Task.id == task_id))
+    return task
 
 
 async def list_owned(
-    session: AsyncSession, tenant_id: str, end_user: str | None, *, limit: int, before: str | None, status: str | None
-) -> list[Task]:
-    statement = select(Task).where(owned_tasks(tenant_id, end_user))
+    tx: Transaction, tenant_id: str, end_user: str | None, *, limit: int, before: str | None, status: str | None
+) -> list[Record]:
+    statement = select(TASKS).where(owned_tasks(tenant_id, end_user))
     if before is not None:
-        statement = statement.where(Task.id < before)
+        statement = statement.where(_t.id < before)
     if status is not None:
-        statement = statement.where(Task.status == status)
-    return list(await session.scalars(statement.order_by(Task.id.desc()).limit(limit)))
+        statement = statement.where(_t.status == status)
+    return await tx.rows(statement.order_by(_t.id.desc()).limit(limit))
 
 
-async def get_task(session: AsyncSession, task_id: str) -> Task | None:
+_BY_ID = select(TASKS).where(TASKS.c.id == bindparam("task_id"))
+
+
+async def get_task(tx: Transaction, task_id: str) -> Record | None:
     """Unscoped read, for workers only."""
-    return await session.scalar(select(Task).where(Task.id == task_id).execution_options(populate_existing=True))
+    return await tx.first(_BY_ID, {"task_id": task_id})
 
 
-async def all_tasks(session: AsyncSession) -> list[Task]:
+async def all_tasks(tx: Transaction) -> list[Record]:
     """Every task of every tenant, for the ledger audit."""
-    return list(await session.scalars(select(Task)))
+    return await tx.rows(select(TASKS))
 
 
-_BY_STATUS = select(Task.status, func.count()).group_by(Task.status)
+_BY_STATUS = select(TASKS.c.status, func.count()).group_by(TASKS.c.status)
 
 
-async def count_by_status(session: AsyncSession) -> dict[str, int]:
+async def count_by_status(tx: Transaction) -> dict[str, int]:
     """How many tasks the deployment holds in each status (statuses with none are missing)."""
-    return {str(status): int(count) for status, count in (await session.execute(_BY_STATUS)).tuples().all()}
+    return {str(status): int(count) for status, count in await tx.rows(_BY_STATUS)}
 
 
 _SETTLED_IMAGES = select(TASKS.c.images).where(TASKS.c.id == bindparam("task_id", type_=String())).with_for_update()
 
 
-async def settled_images(statements: Statements, task_id: str) -> list[dict[str, Any]] | None:
+async def settled_images(tx: Transaction, task_id: str) -> list[dict[str, Any]] | None:
     """The images the task's row holds now, None when there is no such task. The row is locked (PostgreSQL), so the
     answer waits for any transaction still writing it, such as a settle whose commit was cut off mid-way."""
-    found = await statements.rows(_SETTLED_IMAGES, {"task_id": task_id})
+    found = await tx.rows(_SETTLED_IMAGES, {"task_id": task_id})
     return list(found[0].images) if found else None
 
 
 _NOW = bindparam("now", type_=UTCDateTime())
 _MAX_ATTEMPTS = bindparam("max_attempts", type_=Integer())
-_t = TASKS.c
 _running = TASKS.alias("running")
 # A task may run when its tenant runs fewer tasks (with live leases) than its limit allows.
 _UNDER_RUNNING_LIMIT = (
@@ -167,7 +150,7 @@ _CLAIM = (
 
 
 async def claim_next(
-    statements: Statements,
+    tx: Transaction,
     *,
     owner: str,
     now: datetime,
@@ -175,10 +158,9 @@ async def claim_next(
     max_attempts: int,
     default_running_limit: int,
     default_end_user_running_limit: int,
-) -> Task | None:
+) -> Record | None:
     """Take the oldest queued task whose tenant (and end user, for an end user's task) is under its running limit, or
-    one whose worker's lease lapsed, in one compare-and-set statement (built once: only its parameters change). The
-    task comes back detached."""
+    one whose worker's lease lapsed, in one compare-and-set statement."""
     params = {
         "owner": owner,
         "now": now,
@@ -187,32 +169,29 @@ async def claim_next(
         "default_limit": default_running_limit,
         "default_end_user_limit": default_end_user_running_limit,
     }
-    claimed = await statements.rows(_CLAIM, params)
-    return Task(**claimed[0]._asdict()) if claimed else None
+    return await tx.first(_CLAIM, params)
 
 
-async def renew_leases(session: AsyncSession, *, owner: str, task_ids: list[str], until: datetime) -> set[str]:
+async def renew_leases(tx: Transaction, *, owner: str, task_ids: list[str], until: datetime) -> set[str]:
     """Extend the leases this worker still holds; ids missing from the answer were cancelled or taken over."""
     if not task_ids:
         return set()
-    result = await session.execute(
-        update(Task)
-        .where(Task.id.in_(task_ids), Task.lease_owner == owner, Task.status == "running")
+    renewed = await tx.rows(
+        update(TASKS)
+        .where(_t.id.in_(task_ids), _t.lease_owner == owner, _t.status == "running")
         .values(lease_expires_at=until)
-        .returning(Task.id)
+        .returning(_t.id)
     )
-    return {row[0] for row in result}
+    return {row.id for row in renewed}
 
 
-async def release_leases(session: AsyncSession, *, owner: str, task_ids: list[str], now: datetime) -> None:
+async def release_leases(tx: Transaction, *, owner: str, task_ids: list[str], now: datetime) -> None:
     """Hand tasks back to the queue on an orderly shutdown, without spending one of their attempts."""
     if task_ids:
-        await session.execute(
-            update(Task)
-            .where(Task.id.in_(task_ids), Task.lease_owner == owner, Task.status == "running")
-            .values(
-                status="queued", lease_owner=None, lease_expires_at=None, attempts=Task.attempts - 1, updated_at=now
-            )
+        await tx.execute(
+            update(TASKS)
+            .where(_t.id.in_(task_ids), _t.lease_owner == owner, _t.status == "running")
+            .values(status="queued", lease_owner=None, lease_expires_at=None, attempts=_t.attempts - 1, updated_at=now)
         )
 
 
@@ -249,8 +228,8 @@ _CANCEL = (
 
 
 async def finish_run(
-    statements: Statements,
-    task: Task,
+    tx: Transaction,
+    task: Record,
     *,
     owner: str,
     status: str,
@@ -280,33 +259,33 @@ async def finish_run(
         "error_code": error_code,
         "error_message": error_message,
     }
-    return await _end(statements, _FINISH_RUN, params, task, status=status, refund=refund, now=now)
+    return await _end(tx, _FINISH_RUN, params, task, status=status, refund=refund, now=now)
 
 
-async def cancel(statements: Statements, task: Task, *, now: datetime) -> bool:
+async def cancel(tx: Transaction, task: Record, *, now: datetime) -> bool:
     """Cancel a queued or running task and refund what it has not refunded yet; False when it already ended."""
     refund = task.cost - task.refunded
     params = {"task_id": task.id, "refunded": refund, "now": now}
-    return await _end(statements, _CANCEL, params, task, status="cancelled", refund=refund, now=now)
+    return await _end(tx, _CANCEL, params, task, status="cancelled", refund=refund, now=now)
 
 
 async def _end(
-    statements: Statements,
+    tx: Transaction,
     statement: Any,
     params: dict[str, Any],
-    task: Task,
+    task: Record,
     *,
     status: str,
     refund: int,
     now: datetime,
 ) -> bool:
     """The status change is a compare-and-set: of two racing finishers exactly one matches, and only it refunds."""
-    if not await statements.rows(statement, params):
+    if not await tx.rows(statement, params):
         return False
     count_finished(status)
     if refund > 0:
         await ledger.credit_back(
-            statements,
+            tx,
             tenant_id=task.tenant_id,
             end_user=task.end_user,
             amount=refund,
@@ -334,14 +313,14 @@ _FAIL_ABANDONED = (
 )
 
 
-async def fail_abandoned(statements: Statements, *, now: datetime, max_attempts: int) -> list[str]:
+async def fail_abandoned(tx: Transaction, *, now: datetime, max_attempts: int) -> list[str]:
     """Fail and refund running tasks whose worker vanished and which have no attempts left."""
-    failed = await statements.rows(_FAIL_ABANDONED, {"now": now, "max_attempts": max_attempts})
+    failed = await tx.rows(_FAIL_ABANDONED, {"now": now, "max_attempts": max_attempts})
     for task_id, tenant_id, end_user, cost in failed:
         count_finished("failed")
         if cost > 0:
             await ledger.credit_back(
-                statements,
+                tx,
                 tenant_id=tenant_id,
                 end_user=end_user,
                 amount=cost,
@@ -357,35 +336,33 @@ _STORAGE_VIEW = select(
 )
 
 
-async def stored_by(session: AsyncSession, task_ids: list[str]) -> dict[str, Any]:
+async def stored_by(tx: Transaction, task_ids: list[str]) -> dict[str, Record]:
     """The rows of these tasks, with the columns that say which stored objects each one needs, by id."""
     if not task_ids:
         return {}
-    rows = await session.execute(_STORAGE_VIEW.where(TASKS.c.id.in_(task_ids)))
-    return {row.id: row for row in rows}
+    return {row.id: row for row in await tx.rows(_STORAGE_VIEW.where(TASKS.c.id.in_(task_ids)))}
 
 
 _REFERENCES_KEPT = and_(_t.mode == "image", _t.references_deleted_at.is_(None))
 
 
 async def references_past_retention(
-    session: AsyncSession, *, finished_before: datetime, after: str, limit: int
-) -> list[Any]:
+    tx: Transaction, *, finished_before: datetime, after: str, limit: int
+) -> list[Record]:
     """Finished image tasks (id above `after`, oldest ids first) whose references are still stored and which ended
     before `finished_before`: (id, references, mask) rows. Only finished tasks have a `finished_at`."""
-    rows = await session.execute(
+    return await tx.rows(
         select(_t.id, _t.references, _t.mask)
         .where(_REFERENCES_KEPT, _t.finished_at < finished_before, _t.id > after)
         .order_by(_t.id)
         .limit(limit)
     )
-    return list(rows)
 
 
-async def mark_references_deleted(session: AsyncSession, task_ids: list[str], *, now: datetime) -> None:
+async def mark_references_deleted(tx: Transaction, task_ids: list[str], *, now: datetime) -> None:
     """Record that these finished tasks' references are gone, so nothing reads them and nothing offers them."""
     if task_ids:
-        await session.execute(
+        await tx.execute(
             update(TASKS)
             .where(_t.id.in_(task_ids), _REFERENCES_KEPT, _t.finished_at.is_not(None))
             .values(references_deleted_at=now)

@@ -8,7 +8,6 @@ import contextlib
 import hashlib
 from dataclasses import dataclass
 from datetime import timedelta
-from typing import Any
 
 import msgspec
 from sqlalchemy.exc import IntegrityError
@@ -18,8 +17,7 @@ from service.bodies import Upload
 from service.catalog import task_cost
 from service.clock import utcnow
 from service.credits import repository as ledger
-from service.db.engine import in_session
-from service.db.models import Task
+from service.db.engine import Record
 from service.errors import Conflict, InsufficientCredits, InvalidInput, NotFound, PayloadTooLarge
 from service.ids import new_id
 from service.images.processing import EXTENSIONS, PreparedImage, normalize_reference, read_header
@@ -85,7 +83,8 @@ async def _prepare_uploads(
     """
     if not submission.references:
         return [], None
-    await ledger.ensure_affordable(runtime.db, tenant_id=caller.tenant_id, end_user=caller.end_user, cost=cost)
+    async with runtime.db.snapshot() as tx:
+        await ledger.ensure_affordable(tx, tenant_id=caller.tenant_id, end_user=caller.end_user, cost=cost)
     settings = runtime.settings
 
     async def normalize(upload: Upload, *, lossless: bool = False) -> PreparedImage:
@@ -165,23 +164,18 @@ async def submit(runtime: Runtime, caller: Caller, submission: Submission, idemp
         "style": request.style,
         "cost": cost,
         "enhance_cost": enhance_cost,
-        "refunded": 0,
         "references": stored[: len(references)],
         "mask": stored[-1] if mask is not None else None,
-        "images": [],
         "upstream": settings.upstream_api,
-        "upstream_ids": [],
-        "attempts": 0,
         "deadline_at": now + timedelta(seconds=settings.task_deadline),
         "created_at": now,
         "updated_at": now,
-        **repository.NOT_YET,
     }
     try:
-        async with runtime.db.transaction() as statements:
-            await repository.insert_task(statements, values)
+        async with runtime.db.transaction() as tx:
+            task = await repository.insert_task(tx, values)
             debit = await ledger.charge(
-                statements,
+                tx,
                 tenant_id=caller.tenant_id,
                 end_user=caller.end_user,
                 cost=cost,
@@ -189,11 +183,11 @@ async def submit(runtime: Runtime, caller: Caller, submission: Submission, idemp
                 reason=f"task {task_id}",
                 now=now,
             )
-            await runtime.db.announce_work(statements)
-            submitted = task_view(repository.TaskRow(**values), debit.balance_after)
+            await runtime.db.announce_work(tx)
+            submitted = task_view(task, debit.balance_after)
             if idempotency_key is not None:
                 await idempotency.remember(
-                    statements,
+                    tx,
                     tenant_id=caller.tenant_id,
                     scope=idempotency.caller_scope(IDEMPOTENCY_SCOPE, caller.end_user),
                     key=idempotency_key,
@@ -216,9 +210,9 @@ async def submit(runtime: Runtime, caller: Caller, submission: Submission, idemp
 
 async def _replay(runtime: Runtime, caller: Caller, key: str, fingerprint: str) -> TaskOut | None:
     """The first response to this key, as it was sent."""
-    async with runtime.db.read() as session:
+    async with runtime.db.snapshot() as tx:
         body = await idempotency.recall(
-            session,
+            tx,
             tenant_id=caller.tenant_id,
             scope=idempotency.caller_scope(IDEMPOTENCY_SCOPE, caller.end_user),
             key=key,
@@ -244,25 +238,39 @@ async def _discard(runtime: Runtime, stored: list[dict[str, object]]) -> None:
     await asyncio.gather(*(runtime.store.delete(str(item["key"])) for item in stored))
 
 
-async def cancel(runtime: Runtime, caller: Caller, task_id: str) -> Task:
+async def cancel(runtime: Runtime, caller: Caller, task_id: str) -> Record:
     """Cancel a queued or running task and refund what it has not refunded yet, in one transaction."""
     now = utcnow()
-    async with runtime.db.write() as session:
-        task = await repository.get_owned(session, caller.tenant_id, caller.end_user, task_id)
+    async with runtime.db.transaction() as tx:
+        task = await repository.find_owned(tx, caller.tenant_id, caller.end_user, task_id)
         if task is None:
             raise NotFound("No such task", code="task_not_found")
-        cancelled = task.status not in repository.TERMINAL and await repository.cancel(
-            in_session(session), task, now=now
-        )
+        cancelled = task.status not in repository.TERMINAL and await repository.cancel(tx, task, now=now)
         if not cancelled:
             raise Conflict(f"The task is already {task.status}", code="task_not_cancellable")
-        task = await repository.get_task(session, task_id) or task
+        task = await repository.get_task(tx, task_id) or task
     runtime.abandon(task_id)
     runtime.task_changed(task_id)
     return task
 
 
-async def wait_until_finished(runtime: Runtime, caller: Caller, task_id: str, seconds: float) -> Any:
+async def find(runtime: Runtime, caller: Caller, task_id: str) -> Record | None:
+    """The task, when the caller may see it."""
+    async with runtime.db.snapshot() as tx:
+        return await repository.find_owned(tx, caller.tenant_id, caller.end_user, task_id)
+
+
+async def list_tasks(
+    runtime: Runtime, caller: Caller, *, limit: int, before: str | None, status: str | None
+) -> list[Record]:
+    """The caller's tasks, newest first."""
+    async with runtime.db.snapshot() as tx:
+        return await repository.list_owned(
+            tx, caller.tenant_id, caller.end_user, limit=limit, before=before, status=status
+        )
+
+
+async def wait_until_finished(runtime: Runtime, caller: Caller, task_id: str, seconds: float) -> Record | None:
     """The task once it is completed, failed or cancelled, or None when it is not within `seconds`.
 
     A finish in this process wakes the wait at once; one in another process is seen by re-reading the task.
@@ -271,7 +279,7 @@ async def wait_until_finished(runtime: Runtime, caller: Caller, task_id: str, se
     try:
         while True:
             changed = runtime.watch(task_id)
-            task = await repository.find_owned(runtime.db, caller.tenant_id, caller.end_user, task_id)
+            task = await find(runtime, caller, task_id)
             if task is not None and task.status in repository.TERMINAL:
                 return task
             remaining = deadline - asyncio.get_running_loop().time()

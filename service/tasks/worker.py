@@ -23,7 +23,7 @@ import msgspec
 
 from service import idempotency
 from service.clock import utcnow
-from service.db.models import Task
+from service.db.engine import Record
 from service.ids import new_id
 from service.images import sweep
 from service.images.processing import EXTENSIONS, PreparedImage, inspect_output
@@ -114,8 +114,8 @@ class WorkerPool:
         await asyncio.gather(*self._loops, *self._runs, return_exceptions=True)
         if held:
             with contextlib.suppress(Exception):
-                async with self.runtime.db.write() as session:
-                    await repository.release_leases(session, owner=self.owner, task_ids=held, now=utcnow())
+                async with self.runtime.db.transaction() as tx:
+                    await repository.release_leases(tx, owner=self.owner, task_ids=held, now=utcnow())
 
     async def _dispatch(self) -> None:
         while True:
@@ -151,13 +151,13 @@ class WorkerPool:
         self._runs.discard(run)
         self._wake.set()
 
-    async def _claim(self, most: int) -> list[Task]:
+    async def _claim(self, most: int) -> list[Record]:
         """Up to `most` tasks, claimed one statement each in one transaction."""
-        claimed: list[Task] = []
-        async with self.runtime.db.transaction() as statements:
+        claimed: list[Record] = []
+        async with self.runtime.db.transaction() as tx:
             while len(claimed) < most:
                 task = await repository.claim_next(
-                    statements,
+                    tx,
                     owner=self.owner,
                     now=utcnow(),
                     lease_seconds=self.settings.lease_seconds,
@@ -172,11 +172,11 @@ class WorkerPool:
 
     async def _fail_abandoned(self) -> None:
         now = utcnow()
-        async with self.runtime.db.transaction() as statements:
-            failed = await repository.fail_abandoned(statements, now=now, max_attempts=self.settings.max_attempts)
+        async with self.runtime.db.transaction() as tx:
+            failed = await repository.fail_abandoned(tx, now=now, max_attempts=self.settings.max_attempts)
             if now >= self._next_purge:
                 self._next_purge = now + timedelta(seconds=PURGE_INTERVAL_SECONDS)
-                await idempotency.forget_expired(statements, now)
+                await idempotency.forget_expired(tx, now)
         for task_id in failed:
             log.warning("task %s failed: its worker was lost too often", task_id)
 
@@ -207,9 +207,9 @@ class WorkerPool:
             if not held:
                 continue
             try:
-                async with self.runtime.db.write() as session:
+                async with self.runtime.db.transaction() as tx:
                     kept = await repository.renew_leases(
-                        session,
+                        tx,
                         owner=self.owner,
                         task_ids=held,
                         until=utcnow() + timedelta(seconds=self.settings.lease_seconds),
@@ -220,7 +220,7 @@ class WorkerPool:
             for task_id in set(held) - kept:
                 self.abandon(task_id)
 
-    async def _run(self, task: Task) -> None:
+    async def _run(self, task: Record) -> None:
         work = asyncio.create_task(self._produce(task))
         self._active[task.id] = work
         try:
@@ -243,11 +243,11 @@ class WorkerPool:
         outcome.retries = retries
         await self._settle(task, outcome)
 
-    async def _settle(self, task: Task, outcome: Outcome) -> None:
+    async def _settle(self, task: Record, outcome: Outcome) -> None:
         try:
-            async with self.runtime.db.transaction() as statements:
+            async with self.runtime.db.transaction() as tx:
                 settled = await repository.finish_run(
-                    statements,
+                    tx,
                     task,
                     owner=self.owner,
                     status=outcome.status,
@@ -272,7 +272,7 @@ class WorkerPool:
             self.runtime.task_changed(task.id)
             log.info("task %s %s%s", task.id, outcome.status, f" ({outcome.error_code})" if outcome.error_code else "")
 
-    async def _after_failed_commit(self, task: Task, outcome: Outcome) -> None:
+    async def _after_failed_commit(self, task: Record, outcome: Outcome) -> None:
         """An error at commit is ambiguous: the commit may have reached the database and succeeded before the
         connection died. Only a fresh read of the task tells, so the run's images are deleted only when that read
         proves the task does not hold them; when the read fails too they stay, and the storage sweep takes them once
@@ -281,8 +281,8 @@ class WorkerPool:
         if not outcome.images:
             return
         try:
-            async with asyncio.timeout(REREAD_SECONDS), self.runtime.db.transaction() as statements:
-                held = await repository.settled_images(statements, task.id)
+            async with asyncio.timeout(REREAD_SECONDS), self.runtime.db.transaction() as tx:
+                held = await repository.settled_images(tx, task.id)
         except Exception:
             log.exception("task %s: re-reading it after the failed commit failed; its images are left", task.id)
             return
@@ -297,7 +297,7 @@ class WorkerPool:
     async def _delete_images(self, outcome: Outcome) -> None:
         await asyncio.gather(*(self.runtime.store.delete(image["key"]) for image in outcome.images))
 
-    async def _produce(self, task: Task) -> Outcome:
+    async def _produce(self, task: Record) -> Outcome:
         if task.deadline_at <= utcnow():
             return self._failure(task, "deadline_exceeded", "The task ran past its deadline")
         try:
@@ -312,7 +312,7 @@ class WorkerPool:
         outcome.final_prompt = final_prompt
         return outcome
 
-    async def _final_prompt(self, task: Task) -> str:
+    async def _final_prompt(self, task: Record) -> str:
         """The prompt sent upstream: enhanced first when the task asks for it, else shaped by its style."""
         style = STYLES.get(task.style) if task.style else None
         enhancer = self.runtime.enhancer
@@ -324,7 +324,7 @@ class WorkerPool:
         plan = enhancer.plan(task.tenant_id, request)
         return await self._with_retries(task, lambda: enhancer.complete(plan))
 
-    async def _with_retries(self, task: Task, call: Callable[[], Awaitable[T]]) -> T:
+    async def _with_retries(self, task: Record, call: Callable[[], Awaitable[T]]) -> T:
         """Retry transient upstream errors with backoff until the task's deadline; the last error says why."""
         attempt = 0
         last_error = UpstreamError(
@@ -350,7 +350,7 @@ class WorkerPool:
             log.info("task %s: retry %d after %s", task.id, attempt, last_error.code)
             await asyncio.sleep(delay)
 
-    async def _request_for(self, task: Task, prompt: str) -> GenerationRequest:
+    async def _request_for(self, task: Record, prompt: str) -> GenerationRequest:
         store = self.runtime.store
         references = [
             ImageInput(
@@ -372,7 +372,7 @@ class WorkerPool:
             mask=mask,
         )
 
-    async def _keep_images(self, task: Task, result: GenerationResult) -> Outcome:
+    async def _keep_images(self, task: Record, result: GenerationResult) -> Outcome:
         aspect = expected_aspect(task.size)
         try:
             checked: list[PreparedImage] = [
@@ -402,7 +402,7 @@ class WorkerPool:
         )
 
     @staticmethod
-    def _failure(task: Task, code: str, message: str, upstream_ids: list[str] | None = None) -> Outcome:
+    def _failure(task: Record, code: str, message: str, upstream_ids: list[str] | None = None) -> Outcome:
         """A failed, fully refunded outcome; the message may carry upstream text, so the caller sees it cleaned."""
         shown = caller_text(message, subject=f"task {task.id} failed ({code})")
         return Outcome(

@@ -85,7 +85,8 @@ async def provide_caller(request: Request[Any, Any, Any], runtime: Runtime) -> C
         # Known from a genuine token even when it has expired: the browser may read the 401 (CORS).
         request.state.tenant_id = claims.tenant_id
         runtime.tokens.check_expiry(claims)
-        row = await repository.live_key(runtime.db, claims.key_prefix, of_tenant=claims.tenant_id)
+        async with runtime.db.snapshot() as tx:
+            row = await repository.live_key(tx, claims.key_prefix, of_tenant=claims.tenant_id)
         # The key that minted the token was revoked (or never was this tenant's): the token goes with it.
         if row is None:
             raise Unauthorized("The end-user token is not valid", code="invalid_token")
@@ -95,7 +96,8 @@ async def provide_caller(request: Request[Any, Any, Any], runtime: Runtime) -> C
         if match is None:
             raise Unauthorized("The API key is not valid", code="invalid_api_key")
         prefix, secret = match.groups()
-        row = await repository.live_key(runtime.db, prefix)
+        async with runtime.db.snapshot() as tx:
+            row = await repository.live_key(tx, prefix)
         if row is None or not hmac.compare_digest(salted_digest(row[1], secret), row[2]):
             raise Unauthorized("The API key is not valid", code="invalid_api_key")
     key_id, _, _, tenant_id, status, per_minute, end_user_per_minute = row

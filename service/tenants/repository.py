@@ -3,30 +3,28 @@
 from __future__ import annotations
 
 from datetime import datetime
-from typing import Any
 
 from sqlalchemy import ColumnElement, bindparam, delete, insert, select, update
-from sqlalchemy.ext.asyncio import AsyncSession
 
-from service.db.engine import Database
-from service.db.models import TENANT_ORIGINS, ApiKey, ServiceSecret, Tenant, TenantOrigin
+from service.db.engine import Database, Record, Transaction
+from service.db.models import TENANT_ORIGINS, TENANTS, ApiKey, ServiceSecret, Tenant, TenantOrigin
 from service.db.scoping import CallerValue
 from service.ids import new_id
 
 
-async def insert_tenant(session: AsyncSession, name: str, now: datetime) -> Tenant:
-    tenant = Tenant(id=new_id(), name=name, status="active", balance=0, created_at=now, updated_at=now)
-    session.add(tenant)
-    await session.flush()
-    return tenant
+async def insert_tenant(tx: Transaction, name: str, now: datetime) -> str:
+    """A new active tenant with no credits; its id."""
+    tenant_id = new_id()
+    await tx.execute(
+        insert(TENANTS), {"id": tenant_id, "name": name, "status": "active", "created_at": now, "updated_at": now}
+    )
+    return tenant_id
 
 
-async def insert_key(
-    session: AsyncSession, tenant_id: str, *, prefix: str, salt: str, key_hash: str, now: datetime
-) -> str:
+async def insert_key(tx: Transaction, tenant_id: str, *, prefix: str, salt: str, key_hash: str, now: datetime) -> str:
     """Store a new key of the tenant by its public prefix and salted digest (never the secret); its id."""
     key_id = new_id()
-    await session.execute(
+    await tx.execute(
         insert(ApiKey).values(
             id=key_id, tenant_id=tenant_id, prefix=prefix, salt=salt, key_hash=key_hash, created_at=now
         )
@@ -56,38 +54,37 @@ _LIVE_KEY = (
 _TENANTS_LIVE_KEY = _LIVE_KEY.where(owned_api_keys(bindparam("tenant_id")))
 
 
-async def live_key(db: Database, prefix: str, *, of_tenant: str | None = None) -> Any | None:
+async def live_key(tx: Transaction, prefix: str, *, of_tenant: str | None = None) -> Record | None:
     """The unrevoked key with this prefix and what authentication needs of its tenant: (key id, salt, digest, tenant
-    id, status, rate limit, end users' rate limit); with `of_tenant`, only a key that tenant owns. Read on every
-    request, outside any session."""
+    id, status, rate limit, end users' rate limit); with `of_tenant`, only a key that tenant owns."""
     if of_tenant is None:
-        return await db.fetch_one(_LIVE_KEY, {"prefix": prefix})
-    return await db.fetch_one(_TENANTS_LIVE_KEY, {"prefix": prefix, "tenant_id": of_tenant})
+        return await tx.first(_LIVE_KEY, {"prefix": prefix})
+    return await tx.first(_TENANTS_LIVE_KEY, {"prefix": prefix, "tenant_id": of_tenant})
 
 
-async def get_tenant(session: AsyncSession, tenant_id: str) -> Tenant | None:
-    return await session.get(Tenant, tenant_id, populate_existing=True)
+_TENANT = select(TENANTS).where(TENANTS.c.id == bindparam("tenant_id"))
 
 
-async def list_tenants(session: AsyncSession, *, limit: int, before: str | None) -> list[Tenant]:
-    statement = select(Tenant)
+async def get_tenant(tx: Transaction, tenant_id: str) -> Record | None:
+    return await tx.first(_TENANT, {"tenant_id": tenant_id})
+
+
+async def list_tenants(tx: Transaction, *, limit: int, before: str | None) -> list[Record]:
+    statement = select(TENANTS)
     if before is not None:
-        statement = statement.where(Tenant.id < before)
-    return list(await session.scalars(statement.order_by(Tenant.id.desc()).limit(limit)))
+        statement = statement.where(TENANTS.c.id < before)
+    return await tx.rows(statement.order_by(TENANTS.c.id.desc()).limit(limit))
 
 
-async def update_tenant(
-    session: AsyncSession, tenant_id: str, changes: dict[str, object], now: datetime
-) -> Tenant | None:
+async def update_tenant(tx: Transaction, tenant_id: str, changes: dict[str, object], now: datetime) -> Record | None:
     origins = changes.pop("cors_origins", None)
-    await session.execute(update(Tenant).where(Tenant.id == tenant_id).values(**changes, updated_at=now))
-    tenant = await get_tenant(session, tenant_id)
+    await tx.execute(update(Tenant).where(Tenant.id == tenant_id).values(**changes, updated_at=now))
+    tenant = await get_tenant(tx, tenant_id)
     if tenant is not None and isinstance(origins, list):
-        await session.execute(delete(TenantOrigin).where(owned_origins(tenant_id)))
+        await tx.execute(delete(TenantOrigin).where(owned_origins(tenant_id)))
         # Browsers send origins in lower case; a repeated one is kept once.
-        distinct = sorted({str(origin).lower() for origin in origins})
-        if distinct:
-            await session.execute(insert(TenantOrigin), [{"tenant_id": tenant_id, "origin": o} for o in distinct])
+        for origin in sorted({str(origin).lower() for origin in origins}):
+            await tx.execute(insert(TenantOrigin).values(tenant_id=tenant_id, origin=origin))
     return tenant
 
 
@@ -103,19 +100,19 @@ _TENANT_LISTS = select(TENANT_ORIGINS.c.tenant_id).where(
 )
 
 
-async def origin_listed_by_any_tenant(db: Database, origin: str) -> bool:
+async def origin_listed_by_any_tenant(tx: Transaction, origin: str) -> bool:
     """Whether some tenant lists the (lower-case) origin: enough to answer a preflight, which grants nothing."""
-    return await db.fetch_one(_ANY_TENANT_LISTS, {"origin": origin}) is not None
+    return await tx.first(_ANY_TENANT_LISTS, {"origin": origin}) is not None
 
 
-async def origin_listed_by(db: Database, tenant_id: str, origin: str) -> bool:
-    """Whether the tenant lists the (lower-case) origin, read outside any session on each answer to a browser."""
-    return await db.fetch_one(_TENANT_LISTS, {"tenant_id": tenant_id, "origin": origin}) is not None
+async def origin_listed_by(tx: Transaction, tenant_id: str, origin: str) -> bool:
+    """Whether the tenant lists the (lower-case) origin."""
+    return await tx.first(_TENANT_LISTS, {"tenant_id": tenant_id, "origin": origin}) is not None
 
 
-async def origins_of(session: AsyncSession, tenant_ids: list[str]) -> dict[str, list[str]]:
+async def origins_of(tx: Transaction, tenant_ids: list[str]) -> dict[str, list[str]]:
     """The browser origins each tenant allows, sorted."""
-    rows = await session.execute(
+    rows = await tx.rows(
         select(TenantOrigin.tenant_id, TenantOrigin.origin)
         .where(TenantOrigin.tenant_id.in_(tenant_ids))
         .order_by(TenantOrigin.origin)
@@ -126,28 +123,28 @@ async def origins_of(session: AsyncSession, tenant_ids: list[str]) -> dict[str, 
     return found
 
 
-async def revoke_key(session: AsyncSession, key_id: str, now: datetime) -> bool:
+async def revoke_key(tx: Transaction, key_id: str, now: datetime) -> bool:
     """True when the key exists; revoking twice keeps the first revocation time."""
-    if await session.scalar(select(ApiKey.id).where(ApiKey.id == key_id)) is None:
+    if await tx.scalar(select(ApiKey.id).where(ApiKey.id == key_id)) is None:
         return False
-    await session.execute(update(ApiKey).where(ApiKey.id == key_id, ApiKey.revoked_at.is_(None)).values(revoked_at=now))
+    await tx.execute(update(ApiKey).where(ApiKey.id == key_id, ApiKey.revoked_at.is_(None)).values(revoked_at=now))
     return True
 
 
 _ALLOWANCE_TERMS = select(Tenant.daily_grant, Tenant.balance_cap).where(Tenant.id == bindparam("tenant_id"))
 
 
-async def allowance_terms(session: AsyncSession, tenant_id: str) -> tuple[int, int]:
+async def allowance_terms(tx: Transaction, tenant_id: str) -> tuple[int, int]:
     """What each of the tenant's end users gets: the daily grant and the cap of an allowance."""
-    grant, cap = (await session.execute(_ALLOWANCE_TERMS, {"tenant_id": tenant_id})).one()
-    return int(grant), int(cap)
+    terms = await tx.first(_ALLOWANCE_TERMS, {"tenant_id": tenant_id})
+    assert terms is not None
+    return int(terms.daily_grant), int(terms.balance_cap)
 
 
-async def shared_secret(db: Database, name: str, candidate: str) -> str:
+async def shared_secret(db: Database, tx: Transaction, name: str, candidate: str) -> str:
     """The deployment's secret called `name`: `candidate` when this call is the first to ask, else the one kept.
     An insert that loses a race between processes changes nothing, and every process reads back the same."""
-    async with db.write() as session:
-        await session.execute(db.insert_ignoring_conflicts(ServiceSecret).values(name=name, value=candidate))
-        value = await session.scalar(select(ServiceSecret.value).where(ServiceSecret.name == name))
+    await tx.execute(db.insert_ignoring_conflicts(ServiceSecret).values(name=name, value=candidate))
+    value = await tx.scalar(select(ServiceSecret.value).where(ServiceSecret.name == name))
     assert value is not None
-    return value
+    return str(value)

@@ -7,7 +7,7 @@ from typing import Annotated, Literal
 
 import msgspec
 
-from service.db.models import Tenant
+from service.db.engine import Record
 
 TenantStatus = Literal["active", "suspended"]
 
@@ -110,11 +110,11 @@ class ApiKeyCreated(msgspec.Struct):
     api_key: str
 
 
-def tenant_view(tenant: Tenant, cors_origins: list[str]) -> TenantOut:
+def tenant_view(tenant: Record, cors_origins: list[str]) -> TenantOut:
     return TenantOut(
         id=tenant.id,
         name=tenant.name,
-        status=tenant.status,  # type: ignore[arg-type]
+        status=tenant.status,
         balance=tenant.balance,
         rate_limit_per_minute=tenant.rate_limit_per_minute,
         max_running_tasks=tenant.max_running_tasks,

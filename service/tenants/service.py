@@ -9,40 +9,75 @@ from service import idempotency
 from service.clock import utcnow
 from service.credits import repository as ledger
 from service.credits.schemas import LedgerEntryOut, entry_view
-from service.db.engine import Database, in_session
-from service.db.models import Tenant
+from service.db.engine import Database, Record, Transaction
 from service.errors import Conflict, InvalidInput, NotFound
 from service.tenants import repository
 from service.tenants.auth import issue_key
+from service.tenants.schemas import TenantOut, TenantUpdate, tenant_view
 
 
-async def create_tenant(db: Database, name: str, credits: int) -> tuple[Tenant, str]:
+async def create_tenant(db: Database, name: str, credits: int) -> tuple[TenantOut, str]:
     """The new tenant, with `credits` granted, and its first API key in plain text."""
     key = issue_key()
     now = utcnow()
-    async with db.write() as session:
-        tenant = await repository.insert_tenant(session, name, now)
-        await repository.insert_key(session, tenant.id, prefix=key.prefix, salt=key.salt, key_hash=key.digest, now=now)
+    async with db.transaction() as tx:
+        tenant_id = await repository.insert_tenant(tx, name, now)
+        await repository.insert_key(tx, tenant_id, prefix=key.prefix, salt=key.salt, key_hash=key.digest, now=now)
         if credits > 0:
             await ledger.post_entry(
-                in_session(session),
-                tenant_id=tenant.id,
-                kind="grant",
-                amount=credits,
-                reason="initial credits",
-                now=now,
+                tx, tenant_id=tenant_id, kind="grant", amount=credits, reason="initial credits", now=now
             )
-            tenant.balance = credits
+        tenant = await _view(tx, await repository.get_tenant(tx, tenant_id))
     return tenant, key.plain
+
+
+async def list_tenants(db: Database, *, limit: int, before: str | None) -> list[TenantOut]:
+    """Tenants, newest first, with their origins."""
+    async with db.snapshot() as tx:
+        tenants = await repository.list_tenants(tx, limit=limit, before=before)
+        origins = await repository.origins_of(tx, [tenant.id for tenant in tenants])
+    return [tenant_view(tenant, origins[tenant.id]) for tenant in tenants]
+
+
+async def get_tenant(db: Database, tenant_id: str) -> TenantOut:
+    async with db.snapshot() as tx:
+        return await _view(tx, await repository.get_tenant(tx, tenant_id))
+
+
+async def update_tenant(db: Database, tenant_id: str, update: TenantUpdate) -> TenantOut:
+    """Apply the fields a PATCH names, where null returns an end-user limit to its default."""
+    changes = {
+        name: value
+        for name, value in msgspec.structs.asdict(update).items()
+        if value is not msgspec.UNSET and (value is not None or name.startswith("end_user_"))
+    }
+    async with db.transaction() as tx:
+        return await _view(tx, await repository.update_tenant(tx, tenant_id, changes, utcnow()))
+
+
+async def revoke_key(db: Database, key_id: str) -> None:
+    """Revoke an API key, effective at once; 404 for a key that does not exist."""
+    async with db.transaction() as tx:
+        found = await repository.revoke_key(tx, key_id, utcnow())
+    if not found:
+        raise NotFound("No such API key", code="api_key_not_found")
+
+
+async def _view(tx: Transaction, tenant: Record | None) -> TenantOut:
+    """The tenant's view with its origins, or 404."""
+    if tenant is None:
+        raise NotFound("No such tenant", code="tenant_not_found")
+    origins = await repository.origins_of(tx, [tenant.id])
+    return tenant_view(tenant, origins[tenant.id])
 
 
 async def create_key(db: Database, tenant_id: str) -> tuple[str, str]:
     key = issue_key()
-    async with db.write() as session:
-        if await repository.get_tenant(session, tenant_id) is None:
+    async with db.transaction() as tx:
+        if await repository.get_tenant(tx, tenant_id) is None:
             raise NotFound("No such tenant", code="tenant_not_found")
         key_id = await repository.insert_key(
-            session, tenant_id, prefix=key.prefix, salt=key.salt, key_hash=key.digest, now=utcnow()
+            tx, tenant_id, prefix=key.prefix, salt=key.salt, key_hash=key.digest, now=utcnow()
         )
     return key_id, key.plain
 
@@ -66,17 +101,17 @@ async def grant_credits(
     scope = "grant"
     now = utcnow()
     try:
-        async with db.write() as session:
-            if await repository.get_tenant(session, tenant_id) is None:
+        async with db.transaction() as tx:
+            if await repository.get_tenant(tx, tenant_id) is None:
                 raise NotFound("No such tenant", code="tenant_not_found")
             if idempotency_key is not None:
                 previous = await idempotency.recall(
-                    session, tenant_id=tenant_id, scope=scope, key=idempotency_key, request_hash=request_hash, now=now
+                    tx, tenant_id=tenant_id, scope=scope, key=idempotency_key, request_hash=request_hash, now=now
                 )
                 if previous is not None:
                     return msgspec.json.decode(previous, type=LedgerEntryOut)
             entry = await ledger.post_entry(
-                in_session(session),
+                tx,
                 tenant_id=tenant_id,
                 kind="grant" if amount > 0 else "adjust",
                 amount=amount,
@@ -84,7 +119,7 @@ async def grant_credits(
                 now=now,
             )
             if entry is None:
-                balance = await ledger.balance_of(in_session(session), tenant_id)
+                balance = await ledger.balance_of(tx, tenant_id)
                 raise Conflict(
                     f"Deducting {-amount} credits would take the balance ({balance}) below zero",
                     code="balance_too_low",
@@ -93,7 +128,7 @@ async def grant_credits(
             view = entry_view(entry)
             if idempotency_key is not None:
                 await idempotency.remember(
-                    in_session(session),
+                    tx,
                     tenant_id=tenant_id,
                     scope=scope,
                     key=idempotency_key,
@@ -107,9 +142,9 @@ async def grant_credits(
         if idempotency_key is None:
             raise
         # A concurrent request with the same key committed first: answer as it did.
-        async with db.read() as session:
+        async with db.snapshot() as tx:
             previous = await idempotency.recall(
-                session, tenant_id=tenant_id, scope=scope, key=idempotency_key, request_hash=request_hash, now=utcnow()
+                tx, tenant_id=tenant_id, scope=scope, key=idempotency_key, request_hash=request_hash, now=utcnow()
             )
         if previous is None:
             raise

@@ -94,4 +94,6 @@ async def shared_secret(db: Database, configured: str | None) -> bytes:
     asks first and read back by all (an insert that loses the race changes nothing)."""
     if configured:
         return configured.encode()
-    return bytes.fromhex(await repository.shared_secret(db, SECRET_NAME, secrets.token_hex(32)))
+    async with db.transaction() as tx:
+        value = await repository.shared_secret(db, tx, SECRET_NAME, secrets.token_hex(32))
+    return bytes.fromhex(value)

@@ -200,7 +200,8 @@ def test_workers_sweep_storage_periodically(upstream: Upstream, tmp_path: Path) 
 class CommitCutter:
     """A TCP proxy in front of PostgreSQL that reads the client's protocol messages as they pass. Once armed, right
     after it forwards the COMMIT that follows a settle UPDATE (a task's outcome) it closes the client's side: the
-    server receives the COMMIT and commits, the worker sees its connection drop before the answer."""
+    server receives the COMMIT and commits, the worker sees its connection drop before the answer. The server's
+    answers on that connection are dropped from before the COMMIT is forwarded, so none can reach the worker first."""
 
     def __init__(self, target_port: int) -> None:
         self.target_port = target_port
@@ -220,13 +221,14 @@ class CommitCutter:
             except OSError:
                 return
             server = socket.create_connection(("127.0.0.1", self.target_port))
-            threading.Thread(target=self._from_client, args=(client, server), daemon=True).start()
-            threading.Thread(target=self._from_server, args=(server, client), daemon=True).start()
+            muted = threading.Event()
+            threading.Thread(target=self._from_client, args=(client, server, muted), daemon=True).start()
+            threading.Thread(target=self._from_server, args=(server, client, muted), daemon=True).start()
 
     @staticmethod
-    def _from_server(server: socket.socket, client: socket.socket) -> None:
+    def _from_server(server: socket.socket, client: socket.socket, muted: threading.Event) -> None:
         try:
-            while data := server.recv(65536):
+            while (data := server.recv(65536)) and not muted.is_set():
                 client.sendall(data)
         except OSError:
             pass
@@ -234,14 +236,13 @@ class CommitCutter:
             # After a cut this is the server's answer to the COMMIT, arriving at a closed client: the commit is done.
             _close(server, client)
 
-    def _from_client(self, client: socket.socket, server: socket.socket) -> None:
+    def _from_client(self, client: socket.socket, server: socket.socket, muted: threading.Event) -> None:
         buffer = b""
         started = False
         statements: dict[bytes, bytes] = {}
         settling = False
         try:
             while data := client.recv(65536):
-                server.sendall(data)
                 buffer += data
                 while True:
                     if not started:
@@ -269,11 +270,14 @@ class CommitCutter:
                         sql = body.split(b"\0")[0].strip().upper()
                         if settling and sql.startswith(b"COMMIT") and self.armed.is_set():
                             self.armed.clear()
+                            muted.set()
+                            server.sendall(data)
                             self.cut.set()
                             _close(client)
                             return
                         if sql.startswith((b"COMMIT", b"ROLLBACK")):
                             settling = False
+                server.sendall(data)
         except OSError:
             pass
         _close(server, client)

@@ -1,7 +1,8 @@
-"""The layout rule for SQL: only a domain's `repository.py` and `service/db/` query the database.
+"""The layout rules for the database (docs/architecture.md §1 and §5): only a domain's `repository.py` and
+`service/db/` query it, and neither an endpoint nor a repository opens a transaction.
 
-Every module under `service/` is parsed (not imported) and checked. Elsewhere a module may
-- import from SQLAlchemy only its exceptions (`sqlalchemy.exc`) and the `AsyncSession` type it passes on;
+Every module under `service/` is parsed (not imported) and checked. Outside the SQL homes a module may
+- import from SQLAlchemy only its exceptions (`sqlalchemy.exc`);
 - import mapped classes from `service.db.models` only to name them in type annotations (never the tables, the column
   types or `Base`, and never the module itself);
 - never call a statement runner: `.execute()`, `.scalar()`, `.scalars()`, `.rows()`, `.fetch_one()`, … .
@@ -15,7 +16,7 @@ from pathlib import Path
 from service.db import models
 
 SERVICE = Path(__file__).resolve().parents[2] / "service"
-SQLALCHEMY_ALLOWED: dict[str, set[str] | None] = {"sqlalchemy.exc": None, "sqlalchemy.ext.asyncio": {"AsyncSession"}}
+SQLALCHEMY_ALLOWED: dict[str, set[str] | None] = {"sqlalchemy.exc": None}
 """What a module outside the SQL homes may import from SQLAlchemy: all of a module (None), or these names."""
 # `.stream()` is left out: storage and the enhancer stream too, and a session's stream needs a statement built with
 # SQLAlchemy, which the import rule already refuses.
@@ -26,6 +27,7 @@ STATEMENT_RUNNERS = {
     "scalar",
     "scalars",
     "rows",
+    "first",
     "stream_scalars",
     "fetch_one",
     "insert_ignoring_conflicts",
@@ -121,7 +123,7 @@ def test_the_check_names_each_way_of_reaching_the_database() -> None:
         [
             "from sqlalchemy import select, text",
             "from sqlalchemy.exc import IntegrityError",
-            "from sqlalchemy.ext.asyncio import AsyncSession, AsyncEngine",
+            "from sqlalchemy.ext.asyncio import AsyncSession",
             "from service.db.models import TASKS, Task",
             "import sqlalchemy.orm",
             "async def f(session: AsyncSession, task: Task) -> list[Task]:",
@@ -134,7 +136,7 @@ def test_the_check_names_each_way_of_reaching_the_database() -> None:
     assert sql_outside_repositories(source, "service/x.py") == [
         "service/x.py:1: imports `select` from sqlalchemy",
         "service/x.py:1: imports `text` from sqlalchemy",
-        "service/x.py:3: imports `AsyncEngine` from sqlalchemy.ext.asyncio",
+        "service/x.py:3: imports `AsyncSession` from sqlalchemy.ext.asyncio",
         "service/x.py:4: imports `TASKS` from service.db.models",
         "service/x.py:5: imports sqlalchemy.orm",
         "service/x.py:7: calls .execute()",
@@ -143,4 +145,56 @@ def test_the_check_names_each_way_of_reaching_the_database() -> None:
         "service/x.py:9: uses the model `Task` outside a type annotation",
         "service/x.py:10: reads .__table__",
         "service/x.py:10: uses the model `Task` outside a type annotation",
+    ]
+
+
+TRANSACTION_OPENERS = {"transaction", "snapshot"}
+
+
+def transactions_opened(source: str, name: str) -> list[str]:
+    """Each place in `source` that opens a transaction (`db.transaction()`, `db.snapshot()`), as `name:line`."""
+    tree = ast.parse(source, filename=name)
+    return [
+        f"{name}:{node.lineno}"
+        for node in ast.walk(tree)
+        if isinstance(node, ast.Call)
+        and isinstance(node.func, ast.Attribute)
+        and node.func.attr in TRANSACTION_OPENERS
+        and not node.args
+    ]
+
+
+def test_endpoints_and_repositories_never_open_a_transaction() -> None:
+    """The owner of a unit of work opens it: a service entry point, or a guard that reads before the handler runs.
+    An endpoint calls a service; a repository runs statements in the transaction it is given."""
+    modules = sorted(path for path in SERVICE.rglob("*.py") if path.name in {"endpoints.py", "repository.py", "app.py"})
+    assert len(modules) > 10, "the service's modules were not found"
+    opened = [
+        place
+        for path in modules
+        for place in transactions_opened(path.read_text(encoding="utf-8"), str(path.relative_to(SERVICE.parent)))
+    ]
+    assert not opened, "transactions opened by an endpoint or a repository:\n" + "\n".join(opened)
+
+
+def test_endpoints_reach_the_database_only_through_services() -> None:
+    importing = [
+        str(path.relative_to(SERVICE.parent))
+        for path in sorted(SERVICE.rglob("endpoints.py"))
+        if "repository"
+        in {
+            alias.name
+            for node in ast.walk(ast.parse(path.read_text(encoding="utf-8")))
+            if isinstance(node, ast.ImportFrom)
+            for alias in node.names
+        }
+    ]
+    assert not importing, f"endpoints importing a repository: {importing}"
+
+
+def test_the_transaction_check_finds_each_opening() -> None:
+    source = "async def f(db):\n    async with db.transaction() as tx, db.snapshot() as rx:\n        pass\n"
+    assert transactions_opened(source, "service/x/endpoints.py") == [
+        "service/x/endpoints.py:2",
+        "service/x/endpoints.py:2",
     ]
