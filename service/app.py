@@ -5,7 +5,7 @@ from __future__ import annotations
 import re
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
-from typing import Any, cast
+from typing import Any
 
 from litestar import Litestar, Request
 from litestar.datastructures import MutableScopeHeaders, State
@@ -29,19 +29,28 @@ from service.runtime import Runtime
 from service.settings import Settings
 from service.tasks import endpoints as tasks
 from service.tenants import endpoints as admin
-from service.tenants.auth import Caller, authenticate_then_read_body, provide_caller
+from service.tenants.auth import Caller, authenticate, authenticate_then_read_body
 
 API_VERSION = "1.0.0"
 
 
-def provide_runtime(state: State) -> Runtime:
-    return cast(Runtime, state.runtime)
+def _part(name: str) -> Provide:
+    """A dependency that hands handlers one part of the process's `Runtime`, by the name of its field."""
+
+    def provide(state: State) -> Any:
+        return getattr(state.runtime, name)
+
+    return Provide(provide, sync_to_thread=False)
 
 
-async def provide_known_caller(request: Request[Any, Any, Any], runtime: Runtime) -> Caller:
+PARTS = {name: _part(name) for name in Runtime.__dataclass_fields__}
+"""Handlers name the parts they use (`db: Database`, `tasks: TaskService`, …); none receives the whole runtime."""
+
+
+async def provide_known_caller(request: Request[Any, Any, Any]) -> Caller:
     """The caller of a tenant route: authenticated here, or already before its body was read."""
     known: Caller | None = request.state.get("caller")
-    return known if known is not None else await provide_caller(request, runtime)
+    return known if known is not None else await authenticate(request)
 
 
 def openapi_config() -> OpenAPIConfig:
@@ -94,7 +103,7 @@ def create_app(settings: Settings | None = None) -> Litestar:
             playground,
         ],
         dependencies={
-            "runtime": Provide(provide_runtime, sync_to_thread=False),
+            **PARTS,
             "caller": Provide(provide_known_caller),
         },
         # Every `data` parameter: decoded strictly by `read_body`, documented from its type by `document_bodies`.

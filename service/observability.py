@@ -30,7 +30,7 @@ from service.db.engine import Database
 from service.errors import Unauthorized, problem_responses
 from service.metrics import QUEUE_DEPTH, REGISTRY, REQUEST_SECONDS, REQUESTS, TASKS
 from service.ratelimit import Decision
-from service.runtime import Runtime
+from service.settings import Settings
 from service.tasks import repository as tasks
 
 REQUEST_ID = re.compile(r"^[A-Za-z0-9._-]{1,128}$")
@@ -174,10 +174,10 @@ def _check_metrics_token(request: Request[Any, Any, Any], expected: str | None) 
     responses=problem_responses(401),
     security=[{"metricsToken": []}, {}],
 )
-async def metrics(request: Request[Any, Any, Any], runtime: Runtime, state: State) -> Response[bytes]:
-    _check_metrics_token(request, runtime.settings.metrics_token)
+async def metrics(request: Request[Any, Any, Any], settings: Settings, db: Database, state: State) -> Response[bytes]:
+    _check_metrics_token(request, settings.metrics_token)
     figures = state.get("task_figures")
     if not isinstance(figures, TaskFigures):
-        figures = state["task_figures"] = TaskFigures(runtime.db)
+        figures = state["task_figures"] = TaskFigures(db)
     await figures.refresh()
     return Response(generate_latest(REGISTRY), media_type="text/plain; version=0.0.4; charset=utf-8")

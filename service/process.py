@@ -1,5 +1,6 @@
-"""Assembles what one process runs: database, storage, the upstream (the built-in offline one when none is
-configured), the prompt enhancer and, when asked, the worker pool."""
+"""The composition root: assembles what one process runs, each part given what it uses — database, storage, the
+upstream (the built-in offline one when none is configured), the prompt enhancer, the task service and, when asked,
+the worker pool — into a `Runtime`."""
 
 from __future__ import annotations
 
@@ -8,25 +9,32 @@ import secrets
 from collections.abc import AsyncIterator
 
 from service.db.engine import Database
+from service.images.decoder import ImageDecoder
 from service.images.storage import open_store
 from service.prompts.chat import open_prompt_model
 from service.prompts.service import Enhancer
+from service.ratelimit import rate_limiter
 from service.runtime import Runtime
 from service.settings import Settings
+from service.tasks.service import TaskService
+from service.tasks.watchers import TaskWatchers
 from service.tasks.worker import WorkerPool
 from service.tenants.tokens import TokenSigner, shared_secret
 from service.upstream import open_image_upstream
+from service.upstream.http import UpstreamHealth
 from service.upstream.offline import OfflineUpstream
 
 
 @contextlib.asynccontextmanager
 async def running(settings: Settings, *, workers: bool) -> AsyncIterator[Runtime]:
-    db = Database(settings.database_url)
-    runtime = Runtime(settings=settings, db=db, store=open_store(settings.storage_url))
     async with contextlib.AsyncExitStack() as stack:
+        db = Database(settings.database_url)
         stack.push_async_callback(db.dispose)
-        stack.callback(runtime.decoder.shutdown, wait=False, cancel_futures=True)
-        runtime.tokens = TokenSigner(await shared_secret(db, settings.end_user_token_secret))
+        store = open_store(settings.storage_url)
+        decoder = ImageDecoder(settings.decode_concurrency)
+        stack.callback(decoder.shutdown)
+        health = UpstreamHealth(cooldown_seconds=settings.upstream_cooldown_seconds)
+        tokens = TokenSigner(await shared_secret(db, settings.end_user_token_secret))
         base_url, api_key = settings.upstream_base_url, settings.upstream_api_key
         if base_url is None or api_key is None:
             api_key = secrets.token_urlsafe(24)
@@ -35,13 +43,35 @@ async def running(settings: Settings, *, workers: bool) -> AsyncIterator[Runtime
             )
             base_url = await offline.start()
             stack.push_async_callback(offline.stop)
-        runtime.enhancer = Enhancer(runtime, open_prompt_model(settings, base_url, api_key, runtime.upstream_health))
-        stack.push_async_callback(runtime.enhancer.close)
+        enhancer = Enhancer(settings, db, open_prompt_model(settings, base_url, api_key, health))
+        stack.push_async_callback(enhancer.close)
+        watchers = TaskWatchers()
+        pool = None
         if workers:
-            upstream = open_image_upstream(settings, base_url, api_key, runtime.upstream_health)
+            upstream = open_image_upstream(settings, base_url, api_key, health)
             stack.push_async_callback(upstream.close)
-            pool = WorkerPool(runtime, upstream)
-            runtime.workers = pool
+            pool = WorkerPool(
+                settings=settings,
+                db=db,
+                store=store,
+                upstream=upstream,
+                health=health,
+                decoder=decoder,
+                enhancer=enhancer,
+                watchers=watchers,
+            )
             await pool.start()
             stack.push_async_callback(pool.stop)
-        yield runtime
+        tasks = TaskService(
+            settings=settings, db=db, store=store, decoder=decoder, enhancer=enhancer, watchers=watchers, workers=pool
+        )
+        yield Runtime(
+            settings=settings,
+            db=db,
+            store=store,
+            limiter=rate_limiter(db),
+            upstream_health=health,
+            tokens=tokens,
+            enhancer=enhancer,
+            tasks=tasks,
+        )

@@ -9,10 +9,10 @@ from litestar.params import Parameter
 
 from service.credits import service
 from service.credits.schemas import CheckIn, LedgerPage, Quota
+from service.db.engine import Database
 from service.endusers import service as allowances
 from service.errors import Forbidden, problem_responses
 from service.pagination import Cursor, Limit, next_cursor
-from service.runtime import Runtime
 from service.tenants.auth import END_USER_TOO, Caller, tenant_key_only
 from service.tenants.tokens import USER_PATTERN
 
@@ -24,8 +24,8 @@ from service.tenants.tokens import USER_PATTERN
     responses=problem_responses(401, 403, 429),
     security=END_USER_TOO,
 )
-async def get_quota(caller: Caller, runtime: Runtime) -> Quota:
-    return await service.quota(runtime.db, caller.tenant_id, caller.end_user)
+async def get_quota(caller: Caller, db: Database) -> Quota:
+    return await service.quota(db, caller.tenant_id, caller.end_user)
 
 
 @post(
@@ -35,10 +35,10 @@ async def get_quota(caller: Caller, runtime: Runtime) -> Quota:
     status_code=200,
     responses=problem_responses(401, 403, 429),
 )
-async def check_in(caller: Caller, runtime: Runtime) -> CheckIn:
+async def check_in(caller: Caller, db: Database) -> CheckIn:
     if caller.end_user is None:
         raise Forbidden("Check-in is for end users: send an end-user token", code="end_user_only")
-    return await allowances.check_in(runtime.db, caller.tenant_id, caller.end_user)
+    return await allowances.check_in(db, caller.tenant_id, caller.end_user)
 
 
 EndUserFilter = Annotated[
@@ -54,9 +54,9 @@ EndUserFilter = Annotated[
     guards=[tenant_key_only],
 )
 async def list_ledger(
-    caller: Caller, runtime: Runtime, limit: Limit = 20, cursor: Cursor = None, user: EndUserFilter = None
+    caller: Caller, db: Database, limit: Limit = 20, cursor: Cursor = None, user: EndUserFilter = None
 ) -> LedgerPage:
-    entries = await service.ledger_entries(runtime.db, caller.tenant_id, limit=limit + 1, before=cursor, end_user=user)
+    entries = await service.ledger_entries(db, caller.tenant_id, limit=limit + 1, before=cursor, end_user=user)
     return LedgerPage(items=entries[:limit], next_cursor=next_cursor([entry.id for entry in entries], limit))
 
 

@@ -10,9 +10,8 @@ import msgspec
 from litestar import Router, post
 
 from service.errors import problem_responses
-from service.runtime import Runtime
 from service.tenants.auth import Caller, authenticate_then_read_body, tenant_key_only
-from service.tenants.tokens import USER_PATTERN, Claims
+from service.tenants.tokens import USER_PATTERN, Claims, TokenSigner
 
 
 class EndUserTokenRequest(msgspec.Struct, forbid_unknown_fields=True):
@@ -44,10 +43,9 @@ class EndUserToken(msgspec.Struct):
     guards=[tenant_key_only],
     before_request=authenticate_then_read_body,
 )
-async def create_end_user_token(data: EndUserTokenRequest, caller: Caller, runtime: Runtime) -> EndUserToken:
-    assert runtime.tokens is not None
+async def create_end_user_token(data: EndUserTokenRequest, caller: Caller, tokens: TokenSigner) -> EndUserToken:
     expires_at = int(time.time()) + data.ttl_seconds
-    token = runtime.tokens.mint(Claims(caller.tenant_id, caller.key_prefix, data.user, expires_at))
+    token = tokens.mint(Claims(caller.tenant_id, caller.key_prefix, data.user, expires_at))
     return EndUserToken(token=token, user=data.user, expires_at=datetime.fromtimestamp(expires_at, UTC))
 
 

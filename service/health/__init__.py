@@ -8,9 +8,12 @@ from typing import Literal
 import msgspec
 from litestar import get
 
+from service.db.engine import Database
 from service.errors import ServiceUnavailable, problem_responses
 from service.health import repository
-from service.runtime import Runtime
+from service.images.storage import BlobStore
+from service.settings import Settings
+from service.upstream.http import UpstreamHealth
 
 log = logging.getLogger("service.health")
 
@@ -43,23 +46,23 @@ async def health() -> Health:
     tags=["health"],
     responses=problem_responses(503),
 )
-async def ready(runtime: Runtime) -> Readiness:
+async def ready(settings: Settings, db: Database, store: BlobStore, upstream_health: UpstreamHealth) -> Readiness:
     try:
-        async with runtime.db.snapshot() as tx:
+        async with db.snapshot() as tx:
             await repository.ping(tx)
     except Exception as exc:
         log.warning("readiness: the database check failed (%s: %s)", type(exc).__name__, exc)
         raise ServiceUnavailable("The database is not reachable", code="database_unavailable") from None
     try:
-        await runtime.store.check()
+        await store.check()
     except OSError:
         raise ServiceUnavailable("Image storage is not writable", code="storage_unavailable") from None
-    health = runtime.upstream_health
+    health = upstream_health
     return Readiness(
         status="ready",
         database="ok",
         storage="ok",
         upstream="degraded" if health.degraded else "ok",
-        upstream_api="offline" if runtime.settings.is_offline else runtime.settings.upstream_api,  # type: ignore[arg-type]
+        upstream_api="offline" if settings.is_offline else settings.upstream_api,  # type: ignore[arg-type]
         upstream_error=health.last_error,
     )

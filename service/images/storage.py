@@ -14,7 +14,7 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Protocol
+from typing import Protocol, runtime_checkable
 from urllib.parse import urlsplit
 
 import boto3
@@ -33,6 +33,8 @@ class StoredObject:
     modified_at: datetime
 
 
+# Checkable at run time: the framework checks each dependency a handler names with isinstance.
+@runtime_checkable
 class BlobStore(Protocol):
     async def put(self, key: str, data: bytes) -> None: ...
 

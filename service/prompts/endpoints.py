@@ -16,13 +16,13 @@ from service.errors import problem_responses
 from service.prompts.service import (
     CacheCleared,
     Charge,
+    Enhancer,
     EnhanceRequest,
     EnhanceResult,
     UpstreamFailed,
     enhancement_error,
 )
 from service.prompts.styles import StyleList, style_list
-from service.runtime import Runtime
 from service.tenants.auth import END_USER_TOO, Caller, authenticate_then_read_body, tenant_key_only
 from service.upstream.base import UpstreamError
 
@@ -81,10 +81,8 @@ def _wants_json(request: Request[Any, Any, Any]) -> bool:
     before_request=authenticate_then_read_body,
 )
 async def enhance_prompt(
-    request: Request[Any, Any, Any], data: EnhanceRequest, caller: Caller, runtime: Runtime
+    request: Request[Any, Any, Any], data: EnhanceRequest, caller: Caller, enhancer: Enhancer
 ) -> Response[Any]:
-    enhancer = runtime.enhancer
-    assert enhancer is not None
     plan = enhancer.plan(caller.tenant_id, data, caller.end_user)
     await enhancer.admit(caller.tenant_id)
     cached = await enhancer.cache.get(plan.cache_key)
@@ -146,9 +144,8 @@ async def list_styles(caller: Caller) -> StyleList:
     responses=problem_responses(401, 403, 429),
     guards=[tenant_key_only],
 )
-async def clear_cache(caller: Caller, runtime: Runtime) -> CacheCleared:
-    assert runtime.enhancer is not None
-    return CacheCleared(cleared=await runtime.enhancer.cache.clear_tenant(caller.tenant_id))
+async def clear_cache(caller: Caller, enhancer: Enhancer) -> CacheCleared:
+    return CacheCleared(cleared=await enhancer.cache.clear_tenant(caller.tenant_id))
 
 
 router = Router(

@@ -22,6 +22,7 @@ import msgspec
 from service.bodies import deployment
 from service.clock import utcnow
 from service.credits import repository as ledger
+from service.db.engine import Database
 from service.errors import InvalidInput, RateLimited, ServiceError, ServiceUnavailable
 from service.ids import new_id
 from service.prompts.cache import CacheKey, enhancement_cache
@@ -29,7 +30,6 @@ from service.prompts.chat import ChatStream, PromptModel
 from service.prompts.instructions import TEMPERATURES, Direction, system_prompt
 from service.prompts.styles import STYLES, Style, StyleName
 from service.ratelimit import rate_limiter
-from service.runtime import Runtime
 from service.settings import Settings
 from service.upstream.base import UpstreamError, caller_text
 
@@ -177,12 +177,12 @@ class ChunkWriter:
 
 
 class Enhancer:
-    def __init__(self, runtime: Runtime, model: PromptModel | None) -> None:
-        self.runtime = runtime
-        self.settings = runtime.settings
+    def __init__(self, settings: Settings, db: Database, model: PromptModel | None) -> None:
+        self.settings = settings
+        self.db = db
         self._model = model
-        self.cache = enhancement_cache(runtime.db, self.settings.prompt_cache_entries, self.settings.prompt_cache_ttl)
-        self.limiter = rate_limiter(runtime.db)
+        self.cache = enhancement_cache(db, settings.prompt_cache_entries, settings.prompt_cache_ttl)
+        self.limiter = rate_limiter(db)
 
     async def close(self) -> None:
         if self._model is not None:
@@ -241,7 +241,7 @@ class Enhancer:
         if cost == 0:
             return Charge(None)
         key = f"enhance:{new_id()}"
-        async with self.runtime.db.transaction() as tx:
+        async with self.db.transaction() as tx:
             await ledger.charge(
                 tx,
                 tenant_id=plan.tenant_id,
@@ -264,7 +264,7 @@ class Enhancer:
         if finished or charge.reference is None:
             return
         with anyio.CancelScope(shield=True):
-            async with self.runtime.db.transaction() as tx:
+            async with self.db.transaction() as tx:
                 await ledger.credit_back(
                     tx,
                     tenant_id=plan.tenant_id,

@@ -18,10 +18,9 @@ from service.catalog import ModelList, model_list
 from service.errors import Conflict, NotFound, problem_responses
 from service.idempotency import IdempotencyKey
 from service.pagination import Cursor, Limit, next_cursor
-from service.runtime import Runtime
-from service.tasks import service
+from service.settings import Settings
 from service.tasks.schemas import GenerateRequest, GenerateUpload, TaskOut, TaskPage, TaskStatus, task_view
-from service.tasks.service import Submission
+from service.tasks.service import Submission, TaskService
 from service.tenants.auth import END_USER_TOO, Caller, authenticate_then_read_body
 
 log = logging.getLogger("service.tasks")
@@ -99,7 +98,7 @@ class ImageOperation(Operation):
 async def generate_image(
     data: GenerateRequest | GenerateUpload,
     caller: Caller,
-    runtime: Runtime,
+    tasks: TaskService,
     idempotency_key: IdempotencyKey = None,
     prefer: Prefer = None,
 ) -> Response[TaskOut]:
@@ -107,14 +106,14 @@ async def generate_image(
         submission = Submission(request=data, references=data.image, mask=data.mask)
     else:
         submission = Submission(request=data, references=[])
-    submitted = await service.submit(runtime, caller, submission, idempotency_key)
+    submitted = await tasks.submit(caller, submission, idempotency_key)
     headers = {"Location": f"/api/images/tasks/{submitted.id}"}
     wait = preferred_wait(prefer)
     if wait is None:
         return Response(submitted, status_code=202, headers=headers)
     headers["Preference-Applied"] = f"wait={wait}"
     try:
-        finished = await service.wait_until_finished(runtime, caller, submitted.id, wait)
+        finished = await tasks.wait_until_finished(caller, submitted.id, wait)
     except Exception:
         # The task is accepted and paid for: whatever went wrong while waiting, the client gets the usual 202 (and
         # can poll), never an error that would make it submit and pay again.
@@ -147,8 +146,8 @@ def preferred_wait(prefer: str | None) -> int | None:
     summary="A task as it stands",
     responses=problem_responses(401, 403, 429, 404),
 )
-async def get_task(task_id: TaskId, caller: Caller, runtime: Runtime) -> TaskOut:
-    task = await service.find(runtime, caller, task_id)
+async def get_task(task_id: TaskId, caller: Caller, tasks: TaskService) -> TaskOut:
+    task = await tasks.find(caller, task_id)
     if task is None:
         raise NotFound("No such task", code="task_not_found")
     return task_view(task)
@@ -158,11 +157,11 @@ async def get_task(task_id: TaskId, caller: Caller, runtime: Runtime) -> TaskOut
     "/images/tasks", operation_id="listTasks", summary="Tasks, newest first", responses=problem_responses(401, 403, 429)
 )
 async def list_tasks(
-    caller: Caller, runtime: Runtime, limit: Limit = 20, cursor: Cursor = None, status: TaskStatus | None = None
+    caller: Caller, tasks: TaskService, limit: Limit = 20, cursor: Cursor = None, status: TaskStatus | None = None
 ) -> TaskPage:
-    tasks = await service.list_tasks(runtime, caller, limit=limit + 1, before=cursor, status=status)
+    found = await tasks.list_tasks(caller, limit=limit + 1, before=cursor, status=status)
     return TaskPage(
-        items=[task_view(task) for task in tasks[:limit]], next_cursor=next_cursor([task.id for task in tasks], limit)
+        items=[task_view(task) for task in found[:limit]], next_cursor=next_cursor([task.id for task in found], limit)
     )
 
 
@@ -173,8 +172,8 @@ async def list_tasks(
     status_code=200,
     responses=problem_responses(401, 403, 429, 404, 409),
 )
-async def cancel_task(task_id: TaskId, caller: Caller, runtime: Runtime) -> TaskOut:
-    return task_view(await service.cancel(runtime, caller, task_id))
+async def cancel_task(task_id: TaskId, caller: Caller, tasks: TaskService) -> TaskOut:
+    return task_view(await tasks.cancel(caller, task_id))
 
 
 @get(
@@ -188,10 +187,10 @@ async def get_task_image(
     request: Request[Any, Any, Any],
     task_id: TaskId,
     caller: Caller,
-    runtime: Runtime,
+    tasks: TaskService,
     index: Annotated[int, Parameter(ge=0, le=99, description="Which image of the task (0-based)")] = 0,
 ) -> Response[Any]:
-    task = await service.find(runtime, caller, task_id)
+    task = await tasks.find(caller, task_id)
     if task is None:
         raise NotFound("No such task", code="task_not_found")
     if task.status != "completed":
@@ -203,7 +202,7 @@ async def get_task_image(
     if _matches(request.headers.get("if-none-match"), image["sha256"]):
         return Response(content=b"", status_code=304, headers=headers)
     return Stream(
-        runtime.store.stream(image["key"]),
+        tasks.store.stream(image["key"]),
         media_type=image["content_type"],
         headers={**headers, "Content-Length": str(image["bytes"])},
     )
@@ -222,8 +221,8 @@ def _matches(if_none_match: str | None, digest: str) -> bool:
     summary="Image models, sizes, qualities and prices",
     responses=problem_responses(401, 403, 429),
 )
-async def list_models(caller: Caller, runtime: Runtime) -> ModelList:
-    return model_list(runtime.settings)
+async def list_models(caller: Caller, settings: Settings) -> ModelList:
+    return model_list(settings)
 
 
 router = Router(

@@ -17,15 +17,19 @@ from service.bodies import Upload
 from service.catalog import task_cost
 from service.clock import utcnow
 from service.credits import repository as ledger
-from service.db.engine import Record
+from service.db.engine import Database, Record
 from service.errors import Conflict, InsufficientCredits, InvalidInput, NotFound, PayloadTooLarge
 from service.ids import new_id
+from service.images.decoder import ImageDecoder
 from service.images.processing import EXTENSIONS, PreparedImage, normalize_reference, read_header
 from service.images.sizes import InvalidSize, normalize_size
-from service.prompts.service import EnhanceRequest
-from service.runtime import Runtime
+from service.images.storage import BlobStore
+from service.prompts.service import Enhancer, EnhanceRequest
+from service.settings import Settings
 from service.tasks import repository
 from service.tasks.schemas import GenerateRequest, TaskOut, task_view
+from service.tasks.watchers import TaskWatchers
+from service.tasks.worker import WorkerPool
 from service.tenants.auth import Caller
 
 IDEMPOTENCY_SCOPE = "generate"
@@ -39,68 +43,8 @@ class Submission:
     mask: Upload | None = None
 
 
-def _checked_prompt(runtime: Runtime, prompt: str) -> str:
-    prompt = prompt.strip()
-    if not prompt:
-        raise InvalidInput("prompt must not be empty", code="empty_prompt", field="prompt")
-    if len(prompt) > runtime.settings.max_prompt_chars:
-        raise InvalidInput(
-            f"prompt is longer than {runtime.settings.max_prompt_chars} characters",
-            code="prompt_too_long",
-            field="prompt",
-        )
-    return prompt
-
-
-def _check_uploads(runtime: Runtime, submission: Submission) -> None:
-    settings = runtime.settings
-    if len(submission.references) > settings.max_reference_images:
-        raise InvalidInput(
-            f"at most {settings.max_reference_images} reference images per task", code="too_many_images", field="image"
-        )
-    if submission.mask is not None and not submission.references:
-        raise InvalidInput("a mask needs a reference image", code="mask_without_image", field="mask")
-    for upload in _uploads(submission):
-        if len(upload.data) > settings.max_reference_bytes:
-            raise PayloadTooLarge(
-                f"{upload.field}: each file may be at most {settings.max_reference_upload_mb:g} MiB",
-                code="file_too_large",
-                field=upload.field,
-            )
-
-
 def _uploads(submission: Submission) -> list[Upload]:
     return [*submission.references, *([submission.mask] if submission.mask else [])]
-
-
-async def _prepare_uploads(
-    runtime: Runtime, caller: Caller, submission: Submission, cost: int
-) -> tuple[list[PreparedImage], PreparedImage | None]:
-    """Normalize the reference images and the mask, once the caller is known to afford the task.
-
-    Decoding is the costly part of a submission (memory above all), so a caller who cannot pay is refused before any
-    of it, and the process decodes at most `DECODE_CONCURRENCY` images at a time. The debit itself still decides.
-    """
-    if not submission.references:
-        return [], None
-    async with runtime.db.snapshot() as tx:
-        await ledger.ensure_affordable(tx, tenant_id=caller.tenant_id, end_user=caller.end_user, cost=cost)
-    settings = runtime.settings
-
-    async def normalize(upload: Upload, *, lossless: bool = False) -> PreparedImage:
-        return await runtime.decode(
-            normalize_reference,
-            upload.data,
-            upload.content_type,
-            settings.max_reference_pixels,
-            upload.field,
-            lossless=lossless,
-            max_pixels_in=settings.max_reference_pixels_in,
-        )
-
-    references = list(await asyncio.gather(*(normalize(upload) for upload in submission.references)))
-    mask = await normalize(submission.mask, lossless=True) if submission.mask is not None else None
-    return references, mask
 
 
 def request_hash(submission: Submission, prompt: str, model: str) -> str:
@@ -113,179 +57,254 @@ def request_hash(submission: Submission, prompt: str, model: str) -> str:
     )
 
 
-async def submit(runtime: Runtime, caller: Caller, submission: Submission, idempotency_key: str | None) -> TaskOut:
-    """Validate, store the references, then debit and queue the task in one transaction; the task as submitted."""
-    settings = runtime.settings
-    request = submission.request
-    prompt = _checked_prompt(runtime, request.prompt)
-    model = request.model or settings.image_model
-    if model not in settings.image_models:
-        raise InvalidInput(f"unknown model {model!r}; see GET /api/models", code="unknown_model", field="model")
-    if request.n > settings.max_images_per_task:
-        raise InvalidInput(f"n must be at most {settings.max_images_per_task}", code="too_many_images", field="n")
-    try:
-        size = normalize_size(request.size, settings.upstream_api)
-    except InvalidSize as exc:
-        raise InvalidInput(str(exc), code="invalid_size", field="size") from None
-    _check_uploads(runtime, submission)
-    for upload in _uploads(submission):
-        # From the header alone: an image that would cost too much to decode is refused before it is decoded.
-        read_header(upload.data, upload.content_type, settings.max_reference_pixels_in, upload.field)
-    if request.enhance is not None and runtime.enhancer is not None:
-        # Fail now, not in the worker, when no prompt model could run the enhancement.
-        runtime.enhancer.plan(caller.tenant_id, EnhanceRequest(prompt=prompt, direction=request.enhance))
-    fingerprint = request_hash(submission, prompt, model)
+class TaskService:
+    """Submitting, reading, cancelling and waiting on tasks, with what that takes: built once by the composition root,
+    with the worker pool of this process when it runs one."""
 
-    if idempotency_key is not None:
-        replay = await _replay(runtime, caller, idempotency_key, fingerprint)
-        if replay is not None:
-            return replay
+    def __init__(
+        self,
+        *,
+        settings: Settings,
+        db: Database,
+        store: BlobStore,
+        decoder: ImageDecoder,
+        enhancer: Enhancer,
+        watchers: TaskWatchers,
+        workers: WorkerPool | None,
+    ) -> None:
+        self.settings = settings
+        self.db = db
+        self.store = store
+        self.decoder = decoder
+        self.enhancer = enhancer
+        self.watchers = watchers
+        self.workers = workers
 
-    enhance_cost = settings.enhance_cost if request.enhance else 0
-    cost = task_cost(settings, request.quality, request.n) + enhance_cost
-    references, mask = await _prepare_uploads(runtime, caller, submission, cost)
-
-    task_id = new_id()
-    stored = await _store_inputs(runtime, task_id, references, mask)
-    now = utcnow()
-    values = {
-        "id": task_id,
-        "tenant_id": caller.tenant_id,
-        "end_user": caller.end_user,
-        "status": "queued",
-        "mode": "image" if references else "text",
-        "prompt": prompt,
-        "model": model,
-        "size": size,
-        "requested_size": request.size,
-        "quality": request.quality,
-        "n": request.n,
-        "enhance": request.enhance,
-        "style": request.style,
-        "cost": cost,
-        "enhance_cost": enhance_cost,
-        "references": stored[: len(references)],
-        "mask": stored[-1] if mask is not None else None,
-        "upstream": settings.upstream_api,
-        "deadline_at": now + timedelta(seconds=settings.task_deadline),
-        "created_at": now,
-        "updated_at": now,
-    }
-    try:
-        async with runtime.db.transaction() as tx:
-            task = await repository.insert_task(tx, values)
-            debit = await ledger.charge(
-                tx,
-                tenant_id=caller.tenant_id,
-                end_user=caller.end_user,
-                cost=cost,
-                task_id=task_id,
-                reason=f"task {task_id}",
-                now=now,
+    def _checked_prompt(self, prompt: str) -> str:
+        prompt = prompt.strip()
+        if not prompt:
+            raise InvalidInput("prompt must not be empty", code="empty_prompt", field="prompt")
+        if len(prompt) > self.settings.max_prompt_chars:
+            raise InvalidInput(
+                f"prompt is longer than {self.settings.max_prompt_chars} characters",
+                code="prompt_too_long",
+                field="prompt",
             )
-            await runtime.db.announce_work(tx)
-            submitted = task_view(task, debit.balance_after)
-            if idempotency_key is not None:
-                await idempotency.remember(
-                    tx,
-                    tenant_id=caller.tenant_id,
-                    scope=idempotency.caller_scope(IDEMPOTENCY_SCOPE, caller.end_user),
-                    key=idempotency_key,
-                    request_hash=fingerprint,
-                    response=msgspec.json.encode(submitted),
-                    now=now,
-                    ttl_seconds=settings.idempotency_ttl,
+        return prompt
+
+    def _check_uploads(self, submission: Submission) -> None:
+        settings = self.settings
+        if len(submission.references) > settings.max_reference_images:
+            raise InvalidInput(
+                f"at most {settings.max_reference_images} reference images per task",
+                code="too_many_images",
+                field="image",
+            )
+        if submission.mask is not None and not submission.references:
+            raise InvalidInput("a mask needs a reference image", code="mask_without_image", field="mask")
+        for upload in _uploads(submission):
+            if len(upload.data) > settings.max_reference_bytes:
+                raise PayloadTooLarge(
+                    f"{upload.field}: each file may be at most {settings.max_reference_upload_mb:g} MiB",
+                    code="file_too_large",
+                    field=upload.field,
                 )
-    except (InsufficientCredits, IntegrityError) as exc:
-        await _discard(runtime, stored)
-        if isinstance(exc, IntegrityError) and idempotency_key is not None:
-            # Another request with this key committed between our check and our insert.
-            replay = await _replay(runtime, caller, idempotency_key, fingerprint)
+
+    async def _prepare_uploads(
+        self, caller: Caller, submission: Submission, cost: int
+    ) -> tuple[list[PreparedImage], PreparedImage | None]:
+        """Normalize the reference images and the mask, once the caller is known to afford the task.
+
+        Decoding is the costly part of a submission (memory above all), so a caller who cannot pay is refused before any
+        of it, and the process decodes at most `DECODE_CONCURRENCY` images at a time. The debit itself still decides.
+        """
+        if not submission.references:
+            return [], None
+        async with self.db.snapshot() as tx:
+            await ledger.ensure_affordable(tx, tenant_id=caller.tenant_id, end_user=caller.end_user, cost=cost)
+        settings = self.settings
+
+        async def normalize(upload: Upload, *, lossless: bool = False) -> PreparedImage:
+            return await self.decoder.run(
+                normalize_reference,
+                upload.data,
+                upload.content_type,
+                settings.max_reference_pixels,
+                upload.field,
+                lossless=lossless,
+                max_pixels_in=settings.max_reference_pixels_in,
+            )
+
+        references = list(await asyncio.gather(*(normalize(upload) for upload in submission.references)))
+        mask = await normalize(submission.mask, lossless=True) if submission.mask is not None else None
+        return references, mask
+
+    async def submit(self, caller: Caller, submission: Submission, idempotency_key: str | None) -> TaskOut:
+        """Validate, store the references, then debit and queue the task in one transaction; the task as submitted."""
+        settings = self.settings
+        request = submission.request
+        prompt = self._checked_prompt(request.prompt)
+        model = request.model or settings.image_model
+        if model not in settings.image_models:
+            raise InvalidInput(f"unknown model {model!r}; see GET /api/models", code="unknown_model", field="model")
+        if request.n > settings.max_images_per_task:
+            raise InvalidInput(f"n must be at most {settings.max_images_per_task}", code="too_many_images", field="n")
+        try:
+            size = normalize_size(request.size, settings.upstream_api)
+        except InvalidSize as exc:
+            raise InvalidInput(str(exc), code="invalid_size", field="size") from None
+        self._check_uploads(submission)
+        for upload in _uploads(submission):
+            # From the header alone: an image that would cost too much to decode is refused before it is decoded.
+            read_header(upload.data, upload.content_type, settings.max_reference_pixels_in, upload.field)
+        if request.enhance is not None:
+            # Fail now, not in the worker, when no prompt model could run the enhancement.
+            self.enhancer.plan(caller.tenant_id, EnhanceRequest(prompt=prompt, direction=request.enhance))
+        fingerprint = request_hash(submission, prompt, model)
+
+        if idempotency_key is not None:
+            replay = await self._replay(caller, idempotency_key, fingerprint)
             if replay is not None:
                 return replay
-        raise
-    runtime.wake_workers()
-    return submitted
 
+        enhance_cost = settings.enhance_cost if request.enhance else 0
+        cost = task_cost(settings, request.quality, request.n) + enhance_cost
+        references, mask = await self._prepare_uploads(caller, submission, cost)
 
-async def _replay(runtime: Runtime, caller: Caller, key: str, fingerprint: str) -> TaskOut | None:
-    """The first response to this key, as it was sent."""
-    async with runtime.db.snapshot() as tx:
-        body = await idempotency.recall(
-            tx,
-            tenant_id=caller.tenant_id,
-            scope=idempotency.caller_scope(IDEMPOTENCY_SCOPE, caller.end_user),
-            key=key,
-            request_hash=fingerprint,
-            now=utcnow(),
-        )
-    return None if body is None else msgspec.json.decode(body, type=TaskOut)
+        task_id = new_id()
+        stored = await self._store_inputs(task_id, references, mask)
+        now = utcnow()
+        values = {
+            "id": task_id,
+            "tenant_id": caller.tenant_id,
+            "end_user": caller.end_user,
+            "status": "queued",
+            "mode": "image" if references else "text",
+            "prompt": prompt,
+            "model": model,
+            "size": size,
+            "requested_size": request.size,
+            "quality": request.quality,
+            "n": request.n,
+            "enhance": request.enhance,
+            "style": request.style,
+            "cost": cost,
+            "enhance_cost": enhance_cost,
+            "references": stored[: len(references)],
+            "mask": stored[-1] if mask is not None else None,
+            "upstream": settings.upstream_api,
+            "deadline_at": now + timedelta(seconds=settings.task_deadline),
+            "created_at": now,
+            "updated_at": now,
+        }
+        try:
+            async with self.db.transaction() as tx:
+                task = await repository.insert_task(tx, values)
+                debit = await ledger.charge(
+                    tx,
+                    tenant_id=caller.tenant_id,
+                    end_user=caller.end_user,
+                    cost=cost,
+                    task_id=task_id,
+                    reason=f"task {task_id}",
+                    now=now,
+                )
+                await self.db.announce_work(tx)
+                submitted = task_view(task, debit.balance_after)
+                if idempotency_key is not None:
+                    await idempotency.remember(
+                        tx,
+                        tenant_id=caller.tenant_id,
+                        scope=idempotency.caller_scope(IDEMPOTENCY_SCOPE, caller.end_user),
+                        key=idempotency_key,
+                        request_hash=fingerprint,
+                        response=msgspec.json.encode(submitted),
+                        now=now,
+                        ttl_seconds=settings.idempotency_ttl,
+                    )
+        except (InsufficientCredits, IntegrityError) as exc:
+            await self._discard(stored)
+            if isinstance(exc, IntegrityError) and idempotency_key is not None:
+                # Another request with this key committed between our check and our insert.
+                replay = await self._replay(caller, idempotency_key, fingerprint)
+                if replay is not None:
+                    return replay
+            raise
+        if self.workers is not None:
+            self.workers.wake()
+        return submitted
 
+    async def _replay(self, caller: Caller, key: str, fingerprint: str) -> TaskOut | None:
+        """The first response to this key, as it was sent."""
+        async with self.db.snapshot() as tx:
+            body = await idempotency.recall(
+                tx,
+                tenant_id=caller.tenant_id,
+                scope=idempotency.caller_scope(IDEMPOTENCY_SCOPE, caller.end_user),
+                key=key,
+                request_hash=fingerprint,
+                now=utcnow(),
+            )
+        return None if body is None else msgspec.json.decode(body, type=TaskOut)
 
-async def _store_inputs(
-    runtime: Runtime, task_id: str, references: list[PreparedImage], mask: PreparedImage | None
-) -> list[dict[str, object]]:
-    named = [
-        (f"references/{task_id}/{i}.{EXTENSIONS[image.content_type]}", image) for i, image in enumerate(references)
-    ]
-    if mask is not None:
-        named.append((f"references/{task_id}/mask.{EXTENSIONS[mask.content_type]}", mask))
-    await asyncio.gather(*(runtime.store.put(key, image.data) for key, image in named))
-    return [image.record(key) for key, image in named]
+    async def _store_inputs(
+        self, task_id: str, references: list[PreparedImage], mask: PreparedImage | None
+    ) -> list[dict[str, object]]:
+        named = [
+            (f"references/{task_id}/{i}.{EXTENSIONS[image.content_type]}", image) for i, image in enumerate(references)
+        ]
+        if mask is not None:
+            named.append((f"references/{task_id}/mask.{EXTENSIONS[mask.content_type]}", mask))
+        await asyncio.gather(*(self.store.put(key, image.data) for key, image in named))
+        return [image.record(key) for key, image in named]
 
+    async def _discard(self, stored: list[dict[str, object]]) -> None:
+        await asyncio.gather(*(self.store.delete(str(item["key"])) for item in stored))
 
-async def _discard(runtime: Runtime, stored: list[dict[str, object]]) -> None:
-    await asyncio.gather(*(runtime.store.delete(str(item["key"])) for item in stored))
+    async def cancel(self, caller: Caller, task_id: str) -> Record:
+        """Cancel a queued or running task and refund what it has not refunded yet, in one transaction."""
+        now = utcnow()
+        async with self.db.transaction() as tx:
+            task = await repository.find_owned(tx, caller.tenant_id, caller.end_user, task_id)
+            if task is None:
+                raise NotFound("No such task", code="task_not_found")
+            cancelled = task.status not in repository.TERMINAL and await repository.cancel(tx, task, now=now)
+            if not cancelled:
+                raise Conflict(f"The task is already {task.status}", code="task_not_cancellable")
+            task = await repository.get_task(tx, task_id) or task
+        if self.workers is not None:
+            self.workers.abandon(task_id)
+        self.watchers.changed(task_id)
+        return task
 
+    async def find(self, caller: Caller, task_id: str) -> Record | None:
+        """The task, when the caller may see it."""
+        async with self.db.snapshot() as tx:
+            return await repository.find_owned(tx, caller.tenant_id, caller.end_user, task_id)
 
-async def cancel(runtime: Runtime, caller: Caller, task_id: str) -> Record:
-    """Cancel a queued or running task and refund what it has not refunded yet, in one transaction."""
-    now = utcnow()
-    async with runtime.db.transaction() as tx:
-        task = await repository.find_owned(tx, caller.tenant_id, caller.end_user, task_id)
-        if task is None:
-            raise NotFound("No such task", code="task_not_found")
-        cancelled = task.status not in repository.TERMINAL and await repository.cancel(tx, task, now=now)
-        if not cancelled:
-            raise Conflict(f"The task is already {task.status}", code="task_not_cancellable")
-        task = await repository.get_task(tx, task_id) or task
-    runtime.abandon(task_id)
-    runtime.task_changed(task_id)
-    return task
+    async def list_tasks(self, caller: Caller, *, limit: int, before: str | None, status: str | None) -> list[Record]:
+        """The caller's tasks, newest first."""
+        async with self.db.snapshot() as tx:
+            return await repository.list_owned(
+                tx, caller.tenant_id, caller.end_user, limit=limit, before=before, status=status
+            )
 
+    async def wait_until_finished(self, caller: Caller, task_id: str, seconds: float) -> Record | None:
+        """The task once it is completed, failed or cancelled, or None when it is not within `seconds`.
 
-async def find(runtime: Runtime, caller: Caller, task_id: str) -> Record | None:
-    """The task, when the caller may see it."""
-    async with runtime.db.snapshot() as tx:
-        return await repository.find_owned(tx, caller.tenant_id, caller.end_user, task_id)
-
-
-async def list_tasks(
-    runtime: Runtime, caller: Caller, *, limit: int, before: str | None, status: str | None
-) -> list[Record]:
-    """The caller's tasks, newest first."""
-    async with runtime.db.snapshot() as tx:
-        return await repository.list_owned(
-            tx, caller.tenant_id, caller.end_user, limit=limit, before=before, status=status
-        )
-
-
-async def wait_until_finished(runtime: Runtime, caller: Caller, task_id: str, seconds: float) -> Record | None:
-    """The task once it is completed, failed or cancelled, or None when it is not within `seconds`.
-
-    A finish in this process wakes the wait at once; one in another process is seen by re-reading the task.
-    """
-    deadline = asyncio.get_running_loop().time() + seconds
-    try:
-        while True:
-            changed = runtime.watch(task_id)
-            task = await find(runtime, caller, task_id)
-            if task is not None and task.status in repository.TERMINAL:
-                return task
-            remaining = deadline - asyncio.get_running_loop().time()
-            if remaining <= 0:
-                return None
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(changed.wait(), min(remaining, WAIT_RECHECK_SECONDS))
-    finally:
-        runtime.unwatch(task_id)
+        A finish in this process wakes the wait at once; one in another process is seen by re-reading the task.
+        """
+        deadline = asyncio.get_running_loop().time() + seconds
+        try:
+            while True:
+                changed = self.watchers.watch(task_id)
+                task = await self.find(caller, task_id)
+                if task is not None and task.status in repository.TERMINAL:
+                    return task
+                remaining = deadline - asyncio.get_running_loop().time()
+                if remaining <= 0:
+                    return None
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(changed.wait(), min(remaining, WAIT_RECHECK_SECONDS))
+        finally:
+            self.watchers.unwatch(task_id)

@@ -23,15 +23,18 @@ import msgspec
 
 from service import idempotency
 from service.clock import utcnow
-from service.db.engine import Record
+from service.db.engine import Database, Record
 from service.ids import new_id
 from service.images import sweep
+from service.images.decoder import ImageDecoder
 from service.images.processing import EXTENSIONS, PreparedImage, inspect_output
 from service.images.sizes import expected_aspect
-from service.prompts.service import EnhanceRequest, style_suffix
+from service.images.storage import BlobStore
+from service.prompts.service import Enhancer, EnhanceRequest, style_suffix
 from service.prompts.styles import STYLES
-from service.runtime import Runtime
+from service.settings import Settings
 from service.tasks import repository
+from service.tasks.watchers import TaskWatchers
 from service.upstream.base import (
     GenerationRequest,
     GenerationResult,
@@ -40,6 +43,7 @@ from service.upstream.base import (
     UpstreamError,
     caller_text,
 )
+from service.upstream.http import UpstreamHealth
 
 log = logging.getLogger("service.worker")
 T = TypeVar("T")
@@ -70,10 +74,26 @@ def backoff_delay(attempt: int, base: float, cap: float, retry_after: float | No
 
 
 class WorkerPool:
-    def __init__(self, runtime: Runtime, upstream: ImageUpstream) -> None:
-        self.runtime = runtime
-        self.settings = runtime.settings
+    def __init__(
+        self,
+        *,
+        settings: Settings,
+        db: Database,
+        store: BlobStore,
+        upstream: ImageUpstream,
+        health: UpstreamHealth,
+        decoder: ImageDecoder,
+        enhancer: Enhancer,
+        watchers: TaskWatchers,
+    ) -> None:
+        self.settings = settings
+        self.db = db
+        self.store = store
         self.upstream = upstream
+        self.health = health
+        self.decoder = decoder
+        self.enhancer = enhancer
+        self.watchers = watchers
         self.owner = f"{socket.gethostname()}:{os.getpid()}:{new_id()[-8:]}"
         self._wake = asyncio.Event()
         self._active: dict[str, asyncio.Task[Outcome]] = {}
@@ -101,7 +121,7 @@ class WorkerPool:
             self._loops.append(asyncio.create_task(self._sweep_storage(), name="worker-storage-sweep"))
 
     async def _hear_announcements(self) -> None:
-        async with self.runtime.db.work_announcements(self.wake):
+        async with self.db.work_announcements(self.wake):
             await asyncio.Event().wait()
 
     async def stop(self) -> None:
@@ -114,7 +134,7 @@ class WorkerPool:
         await asyncio.gather(*self._loops, *self._runs, return_exceptions=True)
         if held:
             with contextlib.suppress(Exception):
-                async with self.runtime.db.transaction() as tx:
+                async with self.db.transaction() as tx:
                     await repository.release_leases(tx, owner=self.owner, task_ids=held, now=utcnow())
 
     async def _dispatch(self) -> None:
@@ -138,14 +158,14 @@ class WorkerPool:
             with contextlib.suppress(TimeoutError):
                 # Work submitted through another process, and lapsed leases, are found by polling; in-process
                 # submissions wake the pool at once. A cool-down ends by time alone, so the wait ends with it.
-                cooldown = self.runtime.upstream_health.cooldown_left()
+                cooldown = self.health.cooldown_left()
                 idle = self.settings.idle_poll_seconds
                 await asyncio.wait_for(self._wake.wait(), timeout=min(idle, cooldown) if cooldown else idle)
 
     def _cooling_down(self) -> bool:
         """While the upstream cools down after saying it cannot serve, new tasks stay queued rather than each
         meeting the same refusal; tasks already running finish or fail on their own."""
-        return self.runtime.upstream_health.cooldown_left() > 0
+        return self.health.cooldown_left() > 0
 
     def _run_done(self, run: asyncio.Task[None]) -> None:
         self._runs.discard(run)
@@ -154,7 +174,7 @@ class WorkerPool:
     async def _claim(self, most: int) -> list[Record]:
         """Up to `most` tasks, claimed one statement each in one transaction."""
         claimed: list[Record] = []
-        async with self.runtime.db.transaction() as tx:
+        async with self.db.transaction() as tx:
             while len(claimed) < most:
                 task = await repository.claim_next(
                     tx,
@@ -172,7 +192,7 @@ class WorkerPool:
 
     async def _fail_abandoned(self) -> None:
         now = utcnow()
-        async with self.runtime.db.transaction() as tx:
+        async with self.db.transaction() as tx:
             failed = await repository.fail_abandoned(tx, now=now, max_attempts=self.settings.max_attempts)
             if now >= self._next_purge:
                 self._next_purge = now + timedelta(seconds=PURGE_INTERVAL_SECONDS)
@@ -188,8 +208,8 @@ class WorkerPool:
         while True:
             try:
                 report = await sweep.sweep(
-                    self.runtime.db,
-                    self.runtime.store,
+                    self.db,
+                    self.store,
                     now=utcnow(),
                     retention=timedelta(hours=self.settings.reference_retention_hours),
                     grace=timedelta(seconds=sweep.default_grace_seconds(self.settings)),
@@ -207,7 +227,7 @@ class WorkerPool:
             if not held:
                 continue
             try:
-                async with self.runtime.db.transaction() as tx:
+                async with self.db.transaction() as tx:
                     kept = await repository.renew_leases(
                         tx,
                         owner=self.owner,
@@ -245,7 +265,7 @@ class WorkerPool:
 
     async def _settle(self, task: Record, outcome: Outcome) -> None:
         try:
-            async with self.runtime.db.transaction() as tx:
+            async with self.db.transaction() as tx:
                 settled = await repository.finish_run(
                     tx,
                     task,
@@ -269,7 +289,7 @@ class WorkerPool:
             log.info("task %s was settled elsewhere; this run's outcome is dropped", task.id)
             await self._delete_images(outcome)
         else:
-            self.runtime.task_changed(task.id)
+            self.watchers.changed(task.id)
             log.info("task %s %s%s", task.id, outcome.status, f" ({outcome.error_code})" if outcome.error_code else "")
 
     async def _after_failed_commit(self, task: Record, outcome: Outcome) -> None:
@@ -281,7 +301,7 @@ class WorkerPool:
         if not outcome.images:
             return
         try:
-            async with asyncio.timeout(REREAD_SECONDS), self.runtime.db.transaction() as tx:
+            async with asyncio.timeout(REREAD_SECONDS), self.db.transaction() as tx:
                 held = await repository.settled_images(tx, task.id)
         except Exception:
             log.exception("task %s: re-reading it after the failed commit failed; its images are left", task.id)
@@ -289,13 +309,13 @@ class WorkerPool:
         ours = {image["key"] for image in outcome.images}
         if held is not None and ours & {image["key"] for image in held}:
             log.warning("task %s: its outcome was committed after all; its images are kept", task.id)
-            self.runtime.task_changed(task.id)
+            self.watchers.changed(task.id)
             return
         log.info("task %s: its outcome was not committed; this run's images are deleted", task.id)
         await self._delete_images(outcome)
 
     async def _delete_images(self, outcome: Outcome) -> None:
-        await asyncio.gather(*(self.runtime.store.delete(image["key"]) for image in outcome.images))
+        await asyncio.gather(*(self.store.delete(image["key"]) for image in outcome.images))
 
     async def _produce(self, task: Record) -> Outcome:
         if task.deadline_at <= utcnow():
@@ -306,7 +326,7 @@ class WorkerPool:
             result = await self._with_retries(task, lambda: self.upstream.generate(request))
         except UpstreamError as exc:
             if exc.blocking:
-                self.runtime.upstream_health.block(exc.code)
+                self.health.block(exc.code)
             return self._failure(task, exc.code, exc.message)
         outcome = await self._keep_images(task, result)
         outcome.final_prompt = final_prompt
@@ -315,8 +335,8 @@ class WorkerPool:
     async def _final_prompt(self, task: Record) -> str:
         """The prompt sent upstream: enhanced first when the task asks for it, else shaped by its style."""
         style = STYLES.get(task.style) if task.style else None
-        enhancer = self.runtime.enhancer
-        if task.enhance is None or enhancer is None:
+        enhancer = self.enhancer
+        if task.enhance is None:
             return style_suffix(task.prompt, style)
         request = msgspec.convert(
             {"prompt": task.prompt, "direction": task.enhance, "style": task.style}, EnhanceRequest
@@ -351,7 +371,7 @@ class WorkerPool:
             await asyncio.sleep(delay)
 
     async def _request_for(self, task: Record, prompt: str) -> GenerationRequest:
-        store = self.runtime.store
+        store = self.store
         references = [
             ImageInput(
                 await store.get(item["key"]), item["content_type"], f"reference-{i}.{EXTENSIONS[item['content_type']]}"
@@ -376,7 +396,7 @@ class WorkerPool:
         aspect = expected_aspect(task.size)
         try:
             checked: list[PreparedImage] = [
-                await self.runtime.decode(inspect_output, data, self.settings.max_output_bytes, aspect)
+                await self.decoder.run(inspect_output, data, self.settings.max_output_bytes, aspect)
                 for data in result.images[: task.n]
             ]
         except UpstreamError as exc:
@@ -388,7 +408,7 @@ class WorkerPool:
             # Keyed by attempt: a run that lost its lease may still be storing, and must not overwrite (or, when it
             # then fails to commit, delete) the images of the run that took over.
             key = f"results/{task.id}/{task.attempts}-{index}.{EXTENSIONS[image.content_type]}"
-            await self.runtime.store.put(key, image.data)
+            await self.store.put(key, image.data)
             images.append(image.record(key))
         missing = task.n - len(images)
         return Outcome(

@@ -20,11 +20,12 @@ from litestar.connection import ASGIConnection
 from litestar.handlers import BaseRouteHandler
 
 from service.bodies import read_body
+from service.db.engine import Database
 from service.errors import Forbidden, RateLimited, Unauthorized
-from service.ratelimit import Decision
-from service.runtime import Runtime
+from service.ratelimit import Decision, RateLimiter
+from service.settings import Settings
 from service.tenants import repository
-from service.tenants.tokens import TOKEN_PREFIX
+from service.tenants.tokens import TOKEN_PREFIX, TokenSigner
 
 KEY_PREFIX = "igk_"
 _KEY = re.compile(r"^(igk_[0-9a-f]{12})\.([A-Za-z0-9_-]{43})$")
@@ -75,17 +76,24 @@ def bearer_token(connection: ASGIConnection[Any, Any, Any, Any]) -> str:
     return token
 
 
-async def provide_caller(request: Request[Any, Any, Any], runtime: Runtime) -> Caller:
+async def authenticate(request: Request[Any, Any, Any]) -> Caller:
+    """The caller of a tenant route, with the parts the composition root built for this application."""
+    parts = request.app.state.runtime
+    return await provide_caller(request, parts.db, parts.tokens, parts.limiter, parts.settings)
+
+
+async def provide_caller(
+    request: Request[Any, Any, Any], db: Database, tokens: TokenSigner, limiter: RateLimiter, settings: Settings
+) -> Caller:
     """The caller of a tenant route: a tenant key, or an end-user token minted with one of the tenant's live keys."""
     token = bearer_token(request)
     end_user = None
     if token.startswith(TOKEN_PREFIX):
-        assert runtime.tokens is not None
-        claims = runtime.tokens.verify(token, check_expiry=False)
+        claims = tokens.verify(token, check_expiry=False)
         # Known from a genuine token even when it has expired: the browser may read the 401 (CORS).
         request.state.tenant_id = claims.tenant_id
-        runtime.tokens.check_expiry(claims)
-        async with runtime.db.snapshot() as tx:
+        tokens.check_expiry(claims)
+        async with db.snapshot() as tx:
             row = await repository.live_key(tx, claims.key_prefix, of_tenant=claims.tenant_id)
         # The key that minted the token was revoked (or never was this tenant's): the token goes with it.
         if row is None:
@@ -96,7 +104,7 @@ async def provide_caller(request: Request[Any, Any, Any], runtime: Runtime) -> C
         if match is None:
             raise Unauthorized("The API key is not valid", code="invalid_api_key")
         prefix, secret = match.groups()
-        async with runtime.db.snapshot() as tx:
+        async with db.snapshot() as tx:
             row = await repository.live_key(tx, prefix)
         if row is None or not hmac.compare_digest(salted_digest(row[1], secret), row[2]):
             raise Unauthorized("The API key is not valid", code="invalid_api_key")
@@ -104,14 +112,13 @@ async def provide_caller(request: Request[Any, Any, Any], runtime: Runtime) -> C
     request.state.tenant_id = tenant_id
     if status != "active":
         raise Forbidden("This tenant is suspended", code="tenant_suspended")
-    settings = runtime.settings
     decision = None
     if end_user is not None:
         # The end user's own bucket first: a user over their limit spends nothing of the tenant's.
         own = end_user_per_minute or settings.end_user_rate_limit_per_minute
-        decision = await runtime.limiter.take(end_user_bucket(tenant_id, end_user), own)
+        decision = await limiter.take(end_user_bucket(tenant_id, end_user), own)
         _admit(request, decision, "requests a minute for this end user")
-    shared = await runtime.limiter.take(tenant_id, per_minute or settings.rate_limit_per_minute)
+    shared = await limiter.take(tenant_id, per_minute or settings.rate_limit_per_minute)
     # The headers describe the tenant's limit when it refuses, else whichever is nearer: the end user's or the tenant's.
     nearer = decision is not None and shared.allowed and decision.remaining <= shared.remaining
     _admit(request, decision if nearer and decision is not None else shared, "requests a minute")
@@ -137,7 +144,7 @@ async def authenticate_then_read_body(request: Request[Any, Any, Any]) -> None:
     client without a valid key learns that first, and a refused body counts against the limit."""
     handler = request.route_handler
     if "caller" in handler.parsed_fn_signature.parameters:
-        request.state.caller = await provide_caller(request, request.app.state.runtime)
+        request.state.caller = await authenticate(request)
     await read_body(request)
 
 

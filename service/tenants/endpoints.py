@@ -8,10 +8,11 @@ from litestar import Controller, delete, get, patch, post
 from litestar.params import Parameter
 
 from service.credits.schemas import CreditGrant, LedgerEntryOut
+from service.db.engine import Database
 from service.errors import problem_responses
 from service.idempotency import IdempotencyKey
 from service.pagination import Cursor, Limit, next_cursor
-from service.runtime import Runtime
+from service.settings import Settings
 from service.tenants import service
 from service.tenants.auth import admin_guard, authenticate_then_read_body
 from service.tenants.schemas import (
@@ -41,20 +42,20 @@ class AdminController(Controller):
         responses=problem_responses(401, 422),
         before_request=authenticate_then_read_body,
     )
-    async def create_tenant(self, data: TenantCreate, runtime: Runtime) -> TenantCreated:
-        tenant, api_key = await service.create_tenant(runtime.db, data.name, data.credits)
+    async def create_tenant(self, data: TenantCreate, db: Database) -> TenantCreated:
+        tenant, api_key = await service.create_tenant(db, data.name, data.credits)
         return TenantCreated(tenant=tenant, api_key=api_key)
 
     @get("/tenants", operation_id="listTenants", summary="Tenants, newest first", responses=problem_responses(401))
-    async def list_tenants(self, runtime: Runtime, limit: Limit = 20, cursor: Cursor = None) -> TenantPage:
-        tenants = await service.list_tenants(runtime.db, limit=limit + 1, before=cursor)
+    async def list_tenants(self, db: Database, limit: Limit = 20, cursor: Cursor = None) -> TenantPage:
+        tenants = await service.list_tenants(db, limit=limit + 1, before=cursor)
         return TenantPage(items=tenants[:limit], next_cursor=next_cursor([tenant.id for tenant in tenants], limit))
 
     @get(
         "/tenants/{tenant_id:str}", operation_id="getTenant", summary="A tenant", responses=problem_responses(401, 404)
     )
-    async def get_tenant(self, tenant_id: TenantId, runtime: Runtime) -> TenantOut:
-        return await service.get_tenant(runtime.db, tenant_id)
+    async def get_tenant(self, tenant_id: TenantId, db: Database) -> TenantOut:
+        return await service.get_tenant(db, tenant_id)
 
     @patch(
         "/tenants/{tenant_id:str}",
@@ -63,8 +64,8 @@ class AdminController(Controller):
         responses=problem_responses(401, 404, 422),
         before_request=authenticate_then_read_body,
     )
-    async def update_tenant(self, data: TenantUpdate, tenant_id: TenantId, runtime: Runtime) -> TenantOut:
-        return await service.update_tenant(runtime.db, tenant_id, data)
+    async def update_tenant(self, data: TenantUpdate, tenant_id: TenantId, db: Database) -> TenantOut:
+        return await service.update_tenant(db, tenant_id, data)
 
     @post(
         "/tenants/{tenant_id:str}/api-keys",
@@ -72,8 +73,8 @@ class AdminController(Controller):
         summary="Issue another API key",
         responses=problem_responses(401, 404),
     )
-    async def create_api_key(self, tenant_id: TenantId, runtime: Runtime) -> ApiKeyCreated:
-        key_id, api_key = await service.create_key(runtime.db, tenant_id)
+    async def create_api_key(self, tenant_id: TenantId, db: Database) -> ApiKeyCreated:
+        key_id, api_key = await service.create_key(db, tenant_id)
         return ApiKeyCreated(id=key_id, api_key=api_key)
 
     @delete(
@@ -82,8 +83,8 @@ class AdminController(Controller):
         summary="Revoke an API key (effective at once)",
         responses=problem_responses(401, 404),
     )
-    async def revoke_api_key(self, key_id: Annotated[str, Parameter(max_length=64)], runtime: Runtime) -> None:
-        await service.revoke_key(runtime.db, key_id)
+    async def revoke_api_key(self, key_id: Annotated[str, Parameter(max_length=64)], db: Database) -> None:
+        await service.revoke_key(db, key_id)
 
     @post(
         "/tenants/{tenant_id:str}/credits",
@@ -97,14 +98,15 @@ class AdminController(Controller):
         self,
         data: CreditGrant,
         tenant_id: TenantId,
-        runtime: Runtime,
+        db: Database,
+        settings: Settings,
         idempotency_key: IdempotencyKey = None,
     ) -> LedgerEntryOut:
         return await service.grant_credits(
-            runtime.db,
+            db,
             tenant_id,
             data.amount,
             data.reason,
             idempotency_key=idempotency_key,
-            idempotency_ttl=runtime.settings.idempotency_ttl,
+            idempotency_ttl=settings.idempotency_ttl,
         )
