@@ -76,7 +76,7 @@ def create_app(settings: Settings | None = None) -> Litestar:
 
     @asynccontextmanager
     async def lifespan(app: Litestar) -> AsyncIterator[None]:
-        async with running(settings, workers=settings.run_workers) as runtime:
+        async with running(settings, workers=settings.run_workers) as runtime, runtime.keys.following():
             app.state.runtime = runtime
             yield
 

@@ -13,6 +13,7 @@ from service.db.engine import Database
 from service.images.storage import BlobStore
 from service.ratelimit import rate_limiter
 from service.settings import Settings
+from service.tenants.keycache import KeyCache
 from service.upstream.http import UpstreamHealth
 
 if TYPE_CHECKING:
@@ -30,6 +31,7 @@ class Runtime:
         "db",
         "decoder",
         "enhancer",
+        "keys",
         "limiter",
         "settings",
         "store",
@@ -43,6 +45,7 @@ class Runtime:
         self.db = db
         self.store = store
         self.limiter = rate_limiter(db)
+        self.keys = KeyCache(db)
         self.upstream_health = UpstreamHealth(cooldown_seconds=settings.upstream_cooldown_seconds)
         # The threads that decode images (uploads and upstream output), as many as may decode at once: what bounds
         # the memory decoding costs. Their own threads, too: each thread's allocator keeps what a decode freed, so a

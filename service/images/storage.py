@@ -22,6 +22,9 @@ import botocore.config
 import botocore.exceptions
 
 CHUNK_BYTES = 256 * 1024
+LOCAL_CHUNK_BYTES = 64 * 1024
+"""A local file is read in chunks small enough for the allocator to reuse (larger ones are mapped and unmapped, and
+their pages faulted in, each time) and for one socket write to take whole most of the time."""
 LIST_PAGE = 1000
 TEMPORARY_PREFIX = ".incoming-"
 
@@ -87,12 +90,13 @@ class LocalBlobStore:
         """The file a chunk at a time: read on the event loop when the chunk is in the page cache (the usual case for
         images the service wrote recently), in a thread when the read would wait for the disk."""
         fd = await asyncio.to_thread(os.open, self._path(key), os.O_RDONLY)
+        buffer = bytearray(LOCAL_CHUNK_BYTES)
         try:
             offset = 0
             while True:
-                chunk = _cached_chunk(fd, offset)
+                chunk = _cached_chunk(fd, offset, buffer)
                 if chunk is None:
-                    chunk = await asyncio.to_thread(os.pread, fd, CHUNK_BYTES, offset)
+                    chunk = await asyncio.to_thread(os.pread, fd, LOCAL_CHUNK_BYTES, offset)
                 if not chunk:
                     return
                 yield chunk
@@ -199,15 +203,15 @@ class S3BlobStore:
             raise OSError(f"bucket {self.bucket} is not reachable ({exc.response['Error'].get('Code')})") from None
 
 
-def _cached_chunk(fd: int, offset: int) -> bytes | None:
-    """The chunk at `offset` if reading it needs no disk access (b"" at the end), else None."""
-    buffer = bytearray(CHUNK_BYTES)
+def _cached_chunk(fd: int, offset: int, buffer: bytearray) -> bytes | None:
+    """The chunk at `offset` if reading it needs no disk access (b"" at the end), else None. Read into the stream's
+    own `buffer` and copied out once: the server may keep the bytes it was handed until the socket takes them."""
     try:
         read = os.preadv(fd, [buffer], offset, os.RWF_NOWAIT)
     except OSError:
         # Not cached (EAGAIN), or a file system without non-blocking reads: let a thread wait for the disk.
         return None
-    return bytes(buffer) if read == CHUNK_BYTES else bytes(buffer[:read])
+    return bytes(memoryview(buffer)[:read])
 
 
 def open_store(storage_url: str) -> BlobStore:

@@ -85,7 +85,7 @@ async def provide_caller(request: Request[Any, Any, Any], runtime: Runtime) -> C
         # Known from a genuine token even when it has expired: the browser may read the 401 (CORS).
         request.state.tenant_id = claims.tenant_id
         runtime.tokens.check_expiry(claims)
-        row = await repository.live_key(runtime.db, claims.key_prefix, of_tenant=claims.tenant_id)
+        row = await _minting_key(runtime, claims.key_prefix, claims.tenant_id)
         # The key that minted the token was revoked (or never was this tenant's): the token goes with it.
         if row is None:
             raise Unauthorized("The end-user token is not valid", code="invalid_token")
@@ -95,8 +95,8 @@ async def provide_caller(request: Request[Any, Any, Any], runtime: Runtime) -> C
         if match is None:
             raise Unauthorized("The API key is not valid", code="invalid_api_key")
         prefix, secret = match.groups()
-        row = await repository.live_key(runtime.db, prefix)
-        if row is None or not hmac.compare_digest(salted_digest(row[1], secret), row[2]):
+        row = await _checked_key(runtime, prefix, secret)
+        if row is None:
             raise Unauthorized("The API key is not valid", code="invalid_api_key")
     key_id, _, _, tenant_id, status, per_minute, end_user_per_minute = row
     request.state.tenant_id = tenant_id
@@ -114,6 +114,31 @@ async def provide_caller(request: Request[Any, Any, Any], runtime: Runtime) -> C
     nearer = decision is not None and shared.allowed and decision.remaining <= shared.remaining
     _admit(request, decision if nearer and decision is not None else shared, "requests a minute")
     return Caller(tenant_id=tenant_id, key_id=key_id, key_prefix=prefix, end_user=end_user)
+
+
+async def _checked_key(runtime: Runtime, prefix: str, secret: str) -> Any | None:
+    """The live key's row when `secret` is its secret: from this process's cache, else read and checked (and kept)."""
+    row = runtime.keys.row(prefix, secret)
+    if row is not None:
+        return row
+    generation = runtime.keys.generation
+    row = await repository.live_key(runtime.db, prefix)
+    if row is None or not hmac.compare_digest(salted_digest(row[1], secret), row[2]):
+        return None
+    runtime.keys.keep(prefix, secret, row, generation)
+    return row
+
+
+async def _minting_key(runtime: Runtime, prefix: str, tenant_id: str) -> Any | None:
+    """The live key of `tenant_id` that minted an end-user token: from this process's cache, else read (and kept)."""
+    row = runtime.keys.row(prefix, None)
+    if row is not None and row[3] == tenant_id:
+        return row
+    generation = runtime.keys.generation
+    row = await repository.live_key(runtime.db, prefix, of_tenant=tenant_id)
+    if row is not None:
+        runtime.keys.keep(prefix, None, row, generation)
+    return row
 
 
 def end_user_bucket(tenant_id: str, end_user: str) -> str:

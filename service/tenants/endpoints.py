@@ -76,7 +76,9 @@ class AdminController(Controller):
         before_request=authenticate_then_read_body,
     )
     async def update_tenant(self, data: TenantUpdate, tenant_id: TenantId, runtime: Runtime) -> TenantOut:
-        async with runtime.db.write() as session:
+        # A suspension or new limits hold from the very next request, in every process.
+        async with runtime.keys.changing() as announce, runtime.db.write() as session:
+            await announce(session)
             changes = _changes(data)
             return await _found(session, await repository.update_tenant(session, tenant_id, changes, utcnow()))
 
@@ -97,7 +99,9 @@ class AdminController(Controller):
         responses=problem_responses(401, 404),
     )
     async def revoke_api_key(self, key_id: Annotated[str, Parameter(max_length=64)], runtime: Runtime) -> None:
-        async with runtime.db.write() as session:
+        # Revoked from the very next request, in every process.
+        async with runtime.keys.changing() as announce, runtime.db.write() as session:
+            await announce(session)
             found = await repository.revoke_key(session, key_id, utcnow())
         if not found:
             raise NotFound("No such API key", code="api_key_not_found")
