@@ -5,10 +5,10 @@ from __future__ import annotations
 import re
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
-from typing import Any, cast
+from typing import Any
 
 from litestar import Litestar, Request
-from litestar.datastructures import MutableScopeHeaders, State
+from litestar.datastructures import MutableScopeHeaders
 from litestar.di import Provide
 from litestar.enums import ScopeType
 from litestar.openapi import OpenAPIConfig
@@ -32,10 +32,6 @@ from service.tenants import endpoints as admin
 from service.tenants.auth import Caller, authenticate_then_read_body, provide_caller
 
 API_VERSION = "1.0.0"
-
-
-def provide_runtime(state: State) -> Runtime:
-    return cast(Runtime, state.runtime)
 
 
 async def provide_known_caller(request: Request[Any, Any, Any], runtime: Runtime) -> Caller:
@@ -73,12 +69,22 @@ def openapi_config() -> OpenAPIConfig:
 
 def create_app(settings: Settings | None = None) -> Litestar:
     settings = settings or Settings.from_env()
+    started: list[Runtime] = []
 
     @asynccontextmanager
     async def lifespan(app: Litestar) -> AsyncIterator[None]:
         async with running(settings, workers=settings.run_workers) as runtime, runtime.keys.following():
             app.state.runtime = runtime
-            yield
+            started.append(runtime)
+            try:
+                yield
+            finally:
+                started.remove(runtime)
+
+    def provide_runtime() -> Runtime:
+        """The `runtime` dependency, from this closure: taking the app's `State` instead would copy it on every
+        request."""
+        return started[-1]
 
     app = Litestar(
         route_handlers=[

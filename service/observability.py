@@ -10,6 +10,7 @@ from the database in the background at most every `TASK_FIGURES_SECONDS`: a scra
 from __future__ import annotations
 
 import asyncio
+import functools
 import hashlib
 import hmac
 import logging
@@ -96,22 +97,32 @@ def request_observer(app: ASGIApp) -> ASGIApp:
             seconds = time.perf_counter() - started
             route = str(scope.get("path_template") or "unmatched")
             method = str(scope.get("method", ""))
-            REQUESTS.labels(method, route, str(status)).inc()
-            REQUEST_SECONDS.labels(method, route).observe(seconds)
-            state = scope.get("state", {})
-            access_log.info(
-                "request",
-                extra={
+            counted, timed = _request_metrics(method, route, status)
+            counted.inc()
+            timed.observe(seconds)
+            if access_log.isEnabledFor(logging.INFO):
+                # The record is made directly: `info()` would first walk the stack for a caller no line shows.
+                state = scope.get("state", {})
+                fields = {
                     "request_id": request_id,
                     "tenant_id": state.get("tenant_id"),
                     "method": method,
                     "route": route,
                     "status": status,
                     "duration_ms": round(seconds * 1000, 2),
-                },
-            )
+                }
+                access_log.handle(
+                    access_log.makeRecord(access_log.name, logging.INFO, "", 0, "request", (), None, None, fields)
+                )
 
     return observe
+
+
+@functools.lru_cache(maxsize=1024)
+def _request_metrics(method: str, route: str, status: int) -> tuple[Any, Any]:
+    """The request counter and timer of one method, route and status, looked up once: the routes are the app's
+    templates (or "unmatched"), so there are few."""
+    return REQUESTS.labels(method, route, str(status)), REQUEST_SECONDS.labels(method, route)
 
 
 TASK_FIGURES_SECONDS = 15.0
