@@ -13,6 +13,7 @@ import asyncio
 import functools
 import hashlib
 import hmac
+import itertools
 import logging
 import os
 import re
@@ -61,8 +62,28 @@ def configure_logging(level: str) -> None:
     handler = logging.StreamHandler()
     handler.setFormatter(JsonFormatter())
     logging.basicConfig(level=level, handlers=[handler], force=True)
+    # No line shows a record's thread or process: not gathering them makes each record cheaper to make.
+    logging.logThreads = logging.logProcesses = logging.logMultiprocessing = False
     # uvicorn's own access lines would repeat ours without the request id.
     logging.getLogger("uvicorn.access").disabled = True
+
+
+_PROCESS_TAG = os.urandom(8).hex()
+_SEQUENCE = itertools.count()
+
+
+def _new_process_tag() -> None:
+    global _PROCESS_TAG  # noqa: PLW0603 - a forked process must not repeat its parent's ids
+    _PROCESS_TAG = os.urandom(8).hex()
+
+
+os.register_at_fork(after_in_child=_new_process_tag)
+
+
+def made_request_id() -> str:
+    """32 hex digits unique to this request: a random tag of the process and a counter, so that no request waits on
+    the system's random source."""
+    return f"{_PROCESS_TAG}{next(_SEQUENCE) & 0xFFFFFFFFFFFFFFFF:016x}"
 
 
 def request_observer(app: ASGIApp) -> ASGIApp:
@@ -74,7 +95,7 @@ def request_observer(app: ASGIApp) -> ASGIApp:
             await app(scope, receive, send)
             return
         given = dict(scope["headers"]).get(b"x-request-id", b"").decode("latin-1")
-        request_id = given if REQUEST_ID.match(given) else os.urandom(16).hex()
+        request_id = given if REQUEST_ID.match(given) else made_request_id()
         started = time.perf_counter()
         status = 500
 

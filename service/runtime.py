@@ -13,6 +13,7 @@ from service.db.engine import Database
 from service.images.storage import BlobStore
 from service.ratelimit import rate_limiter
 from service.settings import Settings
+from service.tasks.finished import FinishedTasks
 from service.tenants.keycache import KeyCache
 from service.upstream.http import UpstreamHealth
 
@@ -31,6 +32,7 @@ class Runtime:
         "db",
         "decoder",
         "enhancer",
+        "finished",
         "keys",
         "limiter",
         "settings",
@@ -46,6 +48,7 @@ class Runtime:
         self.store = store
         self.limiter = rate_limiter(db)
         self.keys = KeyCache(db)
+        self.finished = FinishedTasks()
         self.upstream_health = UpstreamHealth(cooldown_seconds=settings.upstream_cooldown_seconds)
         # The threads that decode images (uploads and upstream output), as many as may decode at once: what bounds
         # the memory decoding costs. Their own threads, too: each thread's allocator keeps what a decode freed, so a

@@ -148,7 +148,7 @@ def preferred_wait(prefer: str | None) -> int | None:
     responses=problem_responses(401, 403, 429, 404),
 )
 async def get_task(task_id: TaskId, caller: Caller, runtime: Runtime) -> TaskOut:
-    task = await repository.find_owned(runtime.db, caller.tenant_id, caller.end_user, task_id)
+    task = await runtime.finished.find_owned(runtime.db, caller.tenant_id, caller.end_user, task_id)
     if task is None:
         raise NotFound("No such task", code="task_not_found")
     return task_view(task)
@@ -195,7 +195,7 @@ async def get_task_image(
     runtime: Runtime,
     index: Annotated[int, Parameter(ge=0, le=99, description="Which image of the task (0-based)")] = 0,
 ) -> Response[Any]:
-    task = await repository.find_owned(runtime.db, caller.tenant_id, caller.end_user, task_id)
+    task = await runtime.finished.find_owned(runtime.db, caller.tenant_id, caller.end_user, task_id)
     if task is None:
         raise NotFound("No such task", code="task_not_found")
     if task.status != "completed":

@@ -21,17 +21,14 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
 import asyncpg
-from sqlalchemy import String, bindparam, func, select
-from sqlalchemy.engine import make_url
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from service.db.engine import Database
+from service.tenants.repository import announce_key_change, listen_for_key_changes
 
-CHANNEL = "imagegen_keys"
 MAX_ENTRIES = 10_000
 ECHO_SECONDS = 2.0
 RETRY_SECONDS = 2.0
-_ANNOUNCE = select(func.pg_notify(CHANNEL, bindparam("payload", type_=String())))
 log = logging.getLogger("service.auth")
 
 
@@ -86,7 +83,7 @@ class KeyCache:
 
         async def announce(session: AsyncSession) -> None:
             if not self._db.is_sqlite:
-                await session.execute(_ANNOUNCE, {"payload": payload})
+                await announce_key_change(session, payload)
 
         try:
             yield announce
@@ -119,10 +116,9 @@ class KeyCache:
             echo.set()
 
     async def _listen(self) -> None:
-        dsn = make_url(self._db.url).set(drivername="postgresql").render_as_string(hide_password=False)
         while True:
             try:
-                await self._listen_once(dsn)
+                await self._listen_once()
             except (OSError, asyncpg.PostgresError) as exc:
                 log.warning("listening for key changes failed (%s); retrying", type(exc).__name__)
             finally:
@@ -130,12 +126,11 @@ class KeyCache:
                 self.clear()
             await asyncio.sleep(RETRY_SECONDS)
 
-    async def _listen_once(self, dsn: str) -> None:
-        connection = await asyncpg.connect(dsn)
+    async def _listen_once(self) -> None:
+        connection = await listen_for_key_changes(self._db, self._heard)
         try:
             closed = asyncio.Event()
             connection.add_termination_listener(lambda _: closed.set())
-            await connection.add_listener(CHANNEL, lambda *args: self._heard(str(args[-1])))
             # Whatever was kept before now may have changed unheard.
             self.clear()
             self._listening = True

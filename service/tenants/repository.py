@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import ColumnElement, bindparam, delete, insert, select, update
+import asyncpg
+from sqlalchemy import ColumnElement, String, bindparam, delete, func, insert, select, update
+from sqlalchemy.engine import make_url
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from service.db.engine import Database
@@ -151,3 +154,25 @@ async def shared_secret(db: Database, name: str, candidate: str) -> str:
         value = await session.scalar(select(ServiceSecret.value).where(ServiceSecret.name == name))
     assert value is not None
     return value
+
+
+KEY_CHANGES = "imagegen_keys"
+"""The PostgreSQL channel on which API processes announce a revoked key or a changed tenant."""
+_ANNOUNCE_KEY_CHANGE = select(func.pg_notify(KEY_CHANGES, bindparam("payload", type_=String())))
+
+
+async def announce_key_change(session: AsyncSession, payload: str) -> None:
+    """NOTIFY the other API processes (PostgreSQL only), delivered when the session's transaction commits."""
+    await session.execute(_ANNOUNCE_KEY_CHANGE, {"payload": payload})
+
+
+async def listen_for_key_changes(db: Database, heard: Callable[[str], None]) -> asyncpg.Connection:
+    """A connection of its own (PostgreSQL) on which each announced key change calls `heard` with its payload."""
+    dsn = make_url(db.url).set(drivername="postgresql").render_as_string(hide_password=False)
+    connection = await asyncpg.connect(dsn)
+    try:
+        await connection.add_listener(KEY_CHANGES, lambda *args: heard(str(args[-1])))
+    except BaseException:
+        await connection.close()
+        raise
+    return connection
