@@ -22,9 +22,6 @@ import botocore.config
 import botocore.exceptions
 
 CHUNK_BYTES = 256 * 1024
-LOCAL_CHUNK_BYTES = 64 * 1024
-"""A local file is read in chunks small enough for the allocator to reuse (larger ones are mapped and unmapped, and
-their pages faulted in, each time) and for one socket write to take whole most of the time."""
 LIST_PAGE = 1000
 TEMPORARY_PREFIX = ".incoming-"
 
@@ -88,15 +85,16 @@ class LocalBlobStore:
 
     async def stream(self, key: str) -> AsyncIterator[bytes]:
         """The file a chunk at a time: read on the event loop when the chunk is in the page cache (the usual case for
-        images the service wrote recently), in a thread when the read would wait for the disk."""
+        images the service wrote recently), in a thread when the read would wait for the disk. The chunks are read
+        into one buffer of the stream's own: a new one each time would cost an allocation that is zeroed first."""
         fd = await asyncio.to_thread(os.open, self._path(key), os.O_RDONLY)
-        buffer = bytearray(LOCAL_CHUNK_BYTES)
+        buffer = bytearray(CHUNK_BYTES)
         try:
             offset = 0
             while True:
                 chunk = _cached_chunk(fd, offset, buffer)
                 if chunk is None:
-                    chunk = await asyncio.to_thread(os.pread, fd, LOCAL_CHUNK_BYTES, offset)
+                    chunk = await asyncio.to_thread(os.pread, fd, CHUNK_BYTES, offset)
                 if not chunk:
                     return
                 yield chunk
