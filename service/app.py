@@ -29,14 +29,14 @@ from service.runtime import Runtime
 from service.settings import Settings
 from service.tasks import endpoints as tasks
 from service.tenants import endpoints as admin
-from service.tenants.auth import Caller, authenticate_then_read_body, provide_caller
+from service.tenants.auth import Caller, authenticate_then_read_body, provide_caller, scope_state
 
 API_VERSION = "1.0.0"
 
 
 async def provide_known_caller(request: Request[Any, Any, Any], runtime: Runtime) -> Caller:
     """The caller of a tenant route: authenticated here, or already before its body was read."""
-    known: Caller | None = request.state.get("caller")
+    known: Caller | None = scope_state(request).get("caller")
     return known if known is not None else await provide_caller(request, runtime)
 
 

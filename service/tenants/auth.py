@@ -83,7 +83,7 @@ async def provide_caller(request: Request[Any, Any, Any], runtime: Runtime) -> C
         assert runtime.tokens is not None
         claims = runtime.tokens.verify(token, check_expiry=False)
         # Known from a genuine token even when it has expired: the browser may read the 401 (CORS).
-        request.state.tenant_id = claims.tenant_id
+        scope_state(request)["tenant_id"] = claims.tenant_id
         runtime.tokens.check_expiry(claims)
         row = await _minting_key(runtime, claims.key_prefix, claims.tenant_id)
         # The key that minted the token was revoked (or never was this tenant's): the token goes with it.
@@ -99,7 +99,7 @@ async def provide_caller(request: Request[Any, Any, Any], runtime: Runtime) -> C
         if row is None:
             raise Unauthorized("The API key is not valid", code="invalid_api_key")
     key_id, _, _, tenant_id, status, per_minute, end_user_per_minute = row
-    request.state.tenant_id = tenant_id
+    scope_state(request)["tenant_id"] = tenant_id
     if status != "active":
         raise Forbidden("This tenant is suspended", code="tenant_suspended")
     settings = runtime.settings
@@ -141,6 +141,11 @@ async def _minting_key(runtime: Runtime, prefix: str, tenant_id: str) -> Any | N
     return row
 
 
+def scope_state(request: Request[Any, Any, Any]) -> dict[str, Any]:
+    """The request's state, what `request.state` shows, without the wrapper that builds anew on each access."""
+    return request.scope["state"]
+
+
 def end_user_bucket(tenant_id: str, end_user: str) -> str:
     """The rate-limit bucket of one end user of one tenant; the id is hashed to fit the bucket key's length."""
     return f"user:{tenant_id}:{hashlib.sha256(end_user.encode()).hexdigest()[:32]}"
@@ -148,7 +153,7 @@ def end_user_bucket(tenant_id: str, end_user: str) -> str:
 
 def _admit(request: Request[Any, Any, Any], decision: Decision, what: str) -> None:
     """Record the decision whose `RateLimit-*` headers the answer carries; 429 when it refused."""
-    request.state.rate_limit = decision
+    scope_state(request)["rate_limit"] = decision
     if not decision.allowed:
         raise RateLimited(f"At most {decision.limit} {what}", decision.headers(), decision.retry_after)
 
