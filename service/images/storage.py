@@ -52,12 +52,16 @@ class BlobStore(Protocol):
 class LocalBlobStore:
     def __init__(self, root: Path) -> None:
         self.root = root.resolve()
+        self._inside = os.path.join(self.root, "")
 
     def _path(self, key: str) -> Path:
-        path = (self.root / key).resolve()
-        if not path.is_relative_to(self.root):
+        """The file of a key, which must name one inside the store: checked as written (no absolute key, no `..` that
+        climbs out), not by resolving links, which would cost a system call per folder on every image served; the
+        keys are the service's own, and so is everything in the folder."""
+        path = os.path.normpath(os.path.join(self.root, key))
+        if not (path + os.sep).startswith(self._inside):
             raise ValueError(f"blob key escapes the store: {key!r}")
-        return path
+        return Path(path)
 
     def _write(self, key: str, data: bytes) -> None:
         path = self._path(key)
