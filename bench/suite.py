@@ -844,7 +844,8 @@ def main(argv: list[str] | None = None) -> int:
         mode += ", only " + ",".join(args.only)
     notes = "".join(f"- {note}\n" for note in suite.notes)
     with args.results.open("a") as results:
-        results.write(f"\n## {stamp} ({mode})\n\n{machine()}  \n{versions(not args.smoke)}\n\n{report}\n{notes}")
+        peers = not args.smoke and bool({"sync", "relay"} & set(args.only))
+        results.write(f"\n## {stamp} ({mode})\n\n{machine()}  \n{versions(peers)}\n\n{report}\n{notes}")
     return 0
 
 
