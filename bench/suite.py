@@ -265,26 +265,24 @@ class Suite:
 
     # Rows
 
-    def poll_and_image(self, service: ServiceProcess, key: str) -> None:
+    def poll(self, service: ServiceProcess, key: str) -> None:
         auth = {"Authorization": f"Bearer {key}"}
-        with httpx.Client(base_url=service.base_url, headers=auth, timeout=60) as client:
-            small = client.post("/api/images/generate", json={"prompt": "a poll target"}, headers={"Prefer": "wait=30"})
-            large = client.post("/api/images/generate", json={"prompt": "large image"}, headers={"Prefer": "wait=30"})
-        small.raise_for_status()
-        large.raise_for_status()
+        task = _finished_task(service, auth, "a poll target")
         floor = uvicorn_server("bench.floors:bare_litestar", {}, self.workdir / "floor.log", factory=True)
         try:
             bare = self.load(floor.base_url + "/ping")
         finally:
             floor.stop()
-        poll = self.load(f"{service.base_url}/api/images/tasks/{small.json()['id']}", headers=auth)
+        poll = self.load(f"{service.base_url}/api/images/tasks/{task['id']}", headers=auth)
         self.rows.append(
             ratio_row(
                 "poll GET /api/images/tasks/{id}", poll.rps, "req/s", "bare Litestar GET", bare.rps, at_least=0.40
             )
         )
 
-        task = large.json()
+    def image(self, service: ServiceProcess, key: str) -> None:
+        auth = {"Authorization": f"Bearer {key}"}
+        task = _finished_task(service, auth, "large image")
         [stored] = service.stored_keys("results/" + task["id"])
         static = uvicorn_server(
             "bench.floors:static_file",
@@ -589,6 +587,15 @@ class Suite:
         )
 
 
+def _finished_task(service: ServiceProcess, auth: dict[str, str], prompt: str) -> dict[str, Any]:
+    """A task generated and waited for; a prompt starting with `large` makes the fake upstream answer a 2 MB PNG."""
+    with httpx.Client(base_url=service.base_url, headers=auth, timeout=60) as client:
+        answer = client.post("/api/images/generate", json={"prompt": prompt}, headers={"Prefer": "wait=30"})
+    answer.raise_for_status()
+    task: dict[str, Any] = answer.json()
+    return task
+
+
 def _flat_png(width: int, height: int) -> bytes:
     """A large PNG that compresses to little: a bomb's shape (few bytes in, many pixels out)."""
     image = Image.new("RGB", (width, height), (200, 180, 160))
@@ -804,6 +811,13 @@ def main(argv: list[str] | None = None) -> int:
         "--smoke", action="store_true", help="seconds, not minutes: one short run of every row, no peers"
     )
     parser.add_argument("--seconds", type=float, help="length of each load run (default 10, smoke 1)")
+    parser.add_argument(
+        "--only",
+        type=_rows,
+        default=ROWS,
+        metavar="ROW[,ROW...]",
+        help=f"run only these rows, each with its floor or peer: {', '.join(ROWS)} (default: all)",
+    )
     parser.add_argument("--results", type=Path, default=RESULTS, help="markdown file the results are appended to")
     args = parser.parse_args(argv)
     if shutil.which("wrk") is None or shutil.which("taskset") is None:
@@ -817,7 +831,7 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory(prefix="imagegen-bench-") as folder:
         suite = Suite(Path(folder), seconds, runs, args.smoke)
         try:
-            run_all(suite)
+            run_all(suite, args.only)
         finally:
             suite.close()
     stamp = datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC")
@@ -826,28 +840,58 @@ def main(argv: list[str] | None = None) -> int:
     for note in suite.notes:
         print(f"note: {note}")
     mode = "smoke run" if args.smoke else f"{runs} runs of {seconds:g} s, median"
+    if args.only != ROWS:
+        mode += ", only " + ",".join(args.only)
     notes = "".join(f"- {note}\n" for note in suite.notes)
     with args.results.open("a") as results:
-        results.write(f"\n## {stamp} ({mode})\n\n{machine()}  \n{versions(not args.smoke)}\n\n{report}\n{notes}")
+        peers = not args.smoke and bool({"sync", "relay"} & set(args.only))
+        results.write(f"\n## {stamp} ({mode})\n\n{machine()}  \n{versions(peers)}\n\n{report}\n{notes}")
     return 0
 
 
-def run_all(suite: Suite) -> None:
-    serving = suite.service("serving")
-    try:
-        _, key = serving.create_tenant(10**12)
-        for step in (suite.poll_and_image, suite.sync_and_end_to_end, suite.streams):
-            step(serving, key)
-    finally:
-        serving.stop()
-    accepting = suite.service("accepting", RUN_WORKERS="false")
-    try:
-        _, key = accepting.create_tenant(10**12)
-        suite.submit(key, accepting, "submit POST /api/images/generate (SQLite)", 1500)
-    finally:
-        accepting.stop()
-    if not suite.smoke:
+ROWS = ("poll", "image", "sync", "streams", "submit", "postgres", "relay", "normalization", "bombs")
+"""The rows `--only` selects from; `image` carries its RSS row, `sync` the end-to-end latency, `streams` the
+first-byte latency, `postgres` the submissions on PostgreSQL (skipped in a smoke run)."""
+
+
+def _rows(text: str) -> tuple[str, ...]:
+    chosen = tuple(name.strip() for name in text.split(",") if name.strip())
+    unknown = [name for name in chosen if name not in ROWS]
+    if unknown or not chosen:
+        named = ", ".join(unknown) or "(none)"
+        raise argparse.ArgumentTypeError(f"unknown rows {named}; choose from {', '.join(ROWS)}")
+    return chosen
+
+
+def run_all(suite: Suite, only: tuple[str, ...] = ROWS) -> None:
+    """The chosen rows, in the table's order; the rows that share a service share one process."""
+    serving_steps = {
+        "poll": suite.poll,
+        "image": suite.image,
+        "sync": suite.sync_and_end_to_end,
+        "streams": suite.streams,
+    }
+    chosen = [step for name, step in serving_steps.items() if name in only]
+    if chosen:
+        serving = suite.service("serving")
+        try:
+            _, key = serving.create_tenant(10**12)
+            for step in chosen:
+                step(serving, key)
+        finally:
+            serving.stop()
+    if "submit" in only:
+        accepting = suite.service("accepting", RUN_WORKERS="false")
+        try:
+            _, key = accepting.create_tenant(10**12)
+            suite.submit(key, accepting, "submit POST /api/images/generate (SQLite)", 1500)
+        finally:
+            accepting.stop()
+    if "postgres" in only and not suite.smoke:
         suite.submit_postgres()
-    suite.relay()
-    suite.normalization()
-    suite.bombs()
+    if "relay" in only:
+        suite.relay()
+    if "normalization" in only:
+        suite.normalization()
+    if "bombs" in only:
+        suite.bombs()

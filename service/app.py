@@ -8,7 +8,7 @@ from contextlib import asynccontextmanager
 from typing import Any
 
 from litestar import Litestar, Request
-from litestar.datastructures import MutableScopeHeaders, State
+from litestar.datastructures import MutableScopeHeaders
 from litestar.di import Provide
 from litestar.enums import ScopeType
 from litestar.openapi import OpenAPIConfig
@@ -29,27 +29,28 @@ from service.runtime import Runtime
 from service.settings import Settings
 from service.tasks import endpoints as tasks
 from service.tenants import endpoints as admin
-from service.tenants.auth import Caller, authenticate, authenticate_then_read_body
+from service.tenants.auth import Caller, authenticate, authenticate_then_read_body, scope_state
 
 API_VERSION = "1.0.0"
 
 
-def _part(name: str) -> Provide:
-    """A dependency that hands handlers one part of the process's `Runtime`, by the name of its field."""
+def parts_of(started: list[Runtime]) -> dict[str, Provide]:
+    """One dependency per part of the process's `Runtime`, by the name of its field: handlers name the parts they use
+    (`db: Database`, `tasks: TaskService`, …) and none receives the whole runtime. Each reads the runtime the lifespan
+    started from `started` (taking the app's `State` instead would copy it on every request)."""
 
-    def provide(state: State) -> Any:
-        return getattr(state.runtime, name)
+    def part(name: str) -> Provide:
+        def provide() -> Any:
+            return getattr(started[-1], name)
 
-    return Provide(provide, sync_to_thread=False)
+        return Provide(provide, sync_to_thread=False)
 
-
-PARTS = {name: _part(name) for name in Runtime.__dataclass_fields__}
-"""Handlers name the parts they use (`db: Database`, `tasks: TaskService`, …); none receives the whole runtime."""
+    return {name: part(name) for name in Runtime.__dataclass_fields__}
 
 
 async def provide_known_caller(request: Request[Any, Any, Any]) -> Caller:
     """The caller of a tenant route: authenticated here, or already before its body was read."""
-    known: Caller | None = request.state.get("caller")
+    known: Caller | None = scope_state(request).get("caller")
     return known if known is not None else await authenticate(request)
 
 
@@ -82,12 +83,17 @@ def openapi_config() -> OpenAPIConfig:
 
 def create_app(settings: Settings | None = None) -> Litestar:
     settings = settings or Settings.from_env()
+    started: list[Runtime] = []
 
     @asynccontextmanager
     async def lifespan(app: Litestar) -> AsyncIterator[None]:
         async with running(settings, workers=settings.run_workers) as runtime:
             app.state.runtime = runtime
-            yield
+            started.append(runtime)
+            try:
+                yield
+            finally:
+                started.remove(runtime)
 
     app = Litestar(
         route_handlers=[
@@ -103,7 +109,7 @@ def create_app(settings: Settings | None = None) -> Litestar:
             playground,
         ],
         dependencies={
-            **PARTS,
+            **parts_of(started),
             "caller": Provide(provide_known_caller),
         },
         # Every `data` parameter: decoded strictly by `read_body`, documented from its type by `document_bodies`.

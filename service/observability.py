@@ -10,8 +10,10 @@ from the database in the background at most every `TASK_FIGURES_SECONDS`: a scra
 from __future__ import annotations
 
 import asyncio
+import functools
 import hashlib
 import hmac
+import itertools
 import logging
 import os
 import re
@@ -60,8 +62,28 @@ def configure_logging(level: str) -> None:
     handler = logging.StreamHandler()
     handler.setFormatter(JsonFormatter())
     logging.basicConfig(level=level, handlers=[handler], force=True)
+    # No line shows a record's thread or process: not gathering them makes each record cheaper to make.
+    logging.logThreads = logging.logProcesses = logging.logMultiprocessing = False
     # uvicorn's own access lines would repeat ours without the request id.
     logging.getLogger("uvicorn.access").disabled = True
+
+
+_PROCESS_TAG = os.urandom(8).hex()
+_SEQUENCE = itertools.count()
+
+
+def _new_process_tag() -> None:
+    global _PROCESS_TAG  # noqa: PLW0603 - a forked process must not repeat its parent's ids
+    _PROCESS_TAG = os.urandom(8).hex()
+
+
+os.register_at_fork(after_in_child=_new_process_tag)
+
+
+def made_request_id() -> str:
+    """32 hex digits unique to this request: a random tag of the process and a counter, so that no request waits on
+    the system's random source."""
+    return f"{_PROCESS_TAG}{next(_SEQUENCE) & 0xFFFFFFFFFFFFFFFF:016x}"
 
 
 def request_observer(app: ASGIApp) -> ASGIApp:
@@ -73,7 +95,7 @@ def request_observer(app: ASGIApp) -> ASGIApp:
             await app(scope, receive, send)
             return
         given = dict(scope["headers"]).get(b"x-request-id", b"").decode("latin-1")
-        request_id = given if REQUEST_ID.match(given) else os.urandom(16).hex()
+        request_id = given if REQUEST_ID.match(given) else made_request_id()
         started = time.perf_counter()
         status = 500
 
@@ -96,22 +118,32 @@ def request_observer(app: ASGIApp) -> ASGIApp:
             seconds = time.perf_counter() - started
             route = str(scope.get("path_template") or "unmatched")
             method = str(scope.get("method", ""))
-            REQUESTS.labels(method, route, str(status)).inc()
-            REQUEST_SECONDS.labels(method, route).observe(seconds)
-            state = scope.get("state", {})
-            access_log.info(
-                "request",
-                extra={
+            counted, timed = _request_metrics(method, route, status)
+            counted.inc()
+            timed.observe(seconds)
+            if access_log.isEnabledFor(logging.INFO):
+                # The record is made directly: `info()` would first walk the stack for a caller no line shows.
+                state = scope.get("state", {})
+                fields = {
                     "request_id": request_id,
                     "tenant_id": state.get("tenant_id"),
                     "method": method,
                     "route": route,
                     "status": status,
                     "duration_ms": round(seconds * 1000, 2),
-                },
-            )
+                }
+                access_log.handle(
+                    access_log.makeRecord(access_log.name, logging.INFO, "", 0, "request", (), None, None, fields)
+                )
 
     return observe
+
+
+@functools.lru_cache(maxsize=1024)
+def _request_metrics(method: str, route: str, status: int) -> tuple[Any, Any]:
+    """The request counter and timer of one method, route and status, looked up once: the routes are the app's
+    templates (or "unmatched"), so there are few."""
+    return REQUESTS.labels(method, route, str(status)), REQUEST_SECONDS.labels(method, route)
 
 
 TASK_FIGURES_SECONDS = 15.0

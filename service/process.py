@@ -19,6 +19,7 @@ from service.settings import Settings
 from service.tasks.service import TaskService
 from service.tasks.watchers import TaskWatchers
 from service.tasks.worker import WorkerPool
+from service.tenants.keycache import KeyCache
 from service.tenants.tokens import TokenSigner, shared_secret
 from service.upstream import open_image_upstream
 from service.upstream.http import UpstreamHealth
@@ -35,6 +36,8 @@ async def running(settings: Settings, *, workers: bool) -> AsyncIterator[Runtime
         stack.callback(decoder.shutdown)
         health = UpstreamHealth(cooldown_seconds=settings.upstream_cooldown_seconds)
         tokens = TokenSigner(await shared_secret(db, settings.end_user_token_secret))
+        keys = KeyCache(db)
+        await stack.enter_async_context(keys.following())
         base_url, api_key = settings.upstream_base_url, settings.upstream_api_key
         if base_url is None or api_key is None:
             api_key = secrets.token_urlsafe(24)
@@ -72,6 +75,7 @@ async def running(settings: Settings, *, workers: bool) -> AsyncIterator[Runtime
             limiter=rate_limiter(db),
             upstream_health=health,
             tokens=tokens,
+            keys=keys,
             enhancer=enhancer,
             tasks=tasks,
         )

@@ -11,6 +11,7 @@ from service.prompts.service import Enhancer
 from service.ratelimit import RateLimiter
 from service.settings import Settings
 from service.tasks.service import TaskService
+from service.tenants.keycache import KeyCache
 from service.tenants.tokens import TokenSigner
 from service.upstream.http import UpstreamHealth
 
@@ -23,5 +24,6 @@ class Runtime:
     limiter: RateLimiter
     upstream_health: UpstreamHealth
     tokens: TokenSigner
+    keys: KeyCache
     enhancer: Enhancer
     tasks: TaskService

@@ -40,7 +40,7 @@ from service.db.models import Base
 SQLITE_BUSY_TIMEOUT_SECONDS = 30
 SQLITE_IDLE_READERS = 8
 COMPILED_CACHE_SIZE = 512
-_ANNOUNCE = select(func.pg_notify(bindparam("channel", type_=String()), ""))
+_NOTIFY = select(func.pg_notify(bindparam("channel", type_=String()), bindparam("payload", type_=String())))
 WORK_CHANNEL = "imagegen_work"
 LISTEN_RETRY_SECONDS = 2.0
 log = logging.getLogger("service.db")
@@ -347,18 +347,34 @@ class Database:
         """INSERT … ON CONFLICT DO NOTHING, in this database's dialect."""
         return (sqlite_insert if self.is_sqlite else postgresql_insert)(table).on_conflict_do_nothing()
 
-    async def announce_work(self, transaction: Transaction) -> None:
-        """Tell workers in other processes that a task is queued (PostgreSQL NOTIFY, delivered on commit)."""
+    async def notify(self, transaction: Transaction, channel: str, payload: str = "") -> None:
+        """Announce `payload` on `channel` to the other processes, delivered when `transaction` commits (PostgreSQL
+        NOTIFY; nothing on SQLite, where one process makes every change)."""
         if not self.is_sqlite:
-            await transaction.rows(_ANNOUNCE, {"channel": WORK_CHANNEL})
+            await transaction.rows(_NOTIFY, {"channel": channel, "payload": payload})
+
+    async def announce_work(self, transaction: Transaction) -> None:
+        """Tell workers in other processes that a task is queued."""
+        await self.notify(transaction, WORK_CHANNEL)
 
     @asynccontextmanager
     async def work_announcements(self, wake: Callable[[], None]) -> AsyncIterator[None]:
-        """Call `wake` whenever another process announces work, for as long as the block runs (PostgreSQL only)."""
+        """Call `wake` whenever another process announces work, for as long as the block runs (PostgreSQL only); and
+        on each (re)connection, since work may have been announced while nobody listened."""
+        async with self.listening(WORK_CHANNEL, lambda _: wake(), lambda up: wake() if up else None):
+            yield
+
+    @asynccontextmanager
+    async def listening(
+        self, channel: str, heard: Callable[[str], None], connected: Callable[[bool], None]
+    ) -> AsyncIterator[None]:
+        """For as long as the block runs, call `heard` with each payload announced on `channel` (PostgreSQL only),
+        on a connection of its own, reconnecting when it drops; `connected(True)` once it listens, `connected(False)`
+        whenever it stops, so the caller knows when announcements may have been missed."""
         if self.is_sqlite:
             yield
             return
-        listener = asyncio.create_task(self._listen(wake), name="work-announcements")
+        listener = asyncio.create_task(self._listen(channel, heard, connected), name=f"listen-{channel}")
         try:
             yield
         finally:
@@ -366,26 +382,29 @@ class Database:
             with contextlib.suppress(asyncio.CancelledError):
                 await listener
 
-    async def _listen(self, wake: Callable[[], None]) -> None:
+    async def _listen(self, channel: str, heard: Callable[[str], None], connected: Callable[[bool], None]) -> None:
         dsn = make_url(self.url).set(drivername="postgresql").render_as_string(hide_password=False)
         while True:
             try:
-                await self._listen_once(dsn, wake)
+                await self._listen_once(dsn, channel, heard, connected)
             except (OSError, asyncpg.PostgresError) as exc:
-                log.warning("listening for queued work failed (%s); retrying", type(exc).__name__)
-                await asyncio.sleep(LISTEN_RETRY_SECONDS)
+                log.warning("listening on %s failed (%s); retrying", channel, type(exc).__name__)
+            await asyncio.sleep(LISTEN_RETRY_SECONDS)
 
     @staticmethod
-    async def _listen_once(dsn: str, wake: Callable[[], None]) -> None:
+    async def _listen_once(
+        dsn: str, channel: str, heard: Callable[[str], None], connected: Callable[[bool], None]
+    ) -> None:
         """Listen on one connection until it closes."""
         connection = await asyncpg.connect(dsn)
         try:
             closed = asyncio.Event()
             connection.add_termination_listener(lambda _: closed.set())
-            await connection.add_listener(WORK_CHANNEL, lambda *_: wake())
-            wake()  # work may have been announced while we were not listening
+            await connection.add_listener(channel, lambda *args: heard(str(args[-1])))
+            connected(True)
             await closed.wait()
         finally:
+            connected(False)
             await connection.close()
 
     async def dispose(self) -> None:

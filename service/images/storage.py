@@ -54,12 +54,16 @@ class BlobStore(Protocol):
 class LocalBlobStore:
     def __init__(self, root: Path) -> None:
         self.root = root.resolve()
+        self._inside = os.path.join(self.root, "")
 
     def _path(self, key: str) -> Path:
-        path = (self.root / key).resolve()
-        if not path.is_relative_to(self.root):
+        """The file of a key, which must name one inside the store: checked as written (no absolute key, no `..` that
+        climbs out), not by resolving links, which would cost a system call per folder on every image served; the
+        keys are the service's own, and so is everything in the folder."""
+        path = os.path.normpath(os.path.join(self.root, key))
+        if not (path + os.sep).startswith(self._inside):
             raise ValueError(f"blob key escapes the store: {key!r}")
-        return path
+        return Path(path)
 
     def _write(self, key: str, data: bytes) -> None:
         path = self._path(key)
@@ -87,12 +91,14 @@ class LocalBlobStore:
 
     async def stream(self, key: str) -> AsyncIterator[bytes]:
         """The file a chunk at a time: read on the event loop when the chunk is in the page cache (the usual case for
-        images the service wrote recently), in a thread when the read would wait for the disk."""
+        images the service wrote recently), in a thread when the read would wait for the disk. The chunks are read
+        into one buffer of the stream's own: a new one each time would cost an allocation that is zeroed first."""
         fd = await asyncio.to_thread(os.open, self._path(key), os.O_RDONLY)
+        buffer = bytearray(CHUNK_BYTES)
         try:
             offset = 0
             while True:
-                chunk = _cached_chunk(fd, offset)
+                chunk = _cached_chunk(fd, offset, buffer)
                 if chunk is None:
                     chunk = await asyncio.to_thread(os.pread, fd, CHUNK_BYTES, offset)
                 if not chunk:
@@ -201,15 +207,15 @@ class S3BlobStore:
             raise OSError(f"bucket {self.bucket} is not reachable ({exc.response['Error'].get('Code')})") from None
 
 
-def _cached_chunk(fd: int, offset: int) -> bytes | None:
-    """The chunk at `offset` if reading it needs no disk access (b"" at the end), else None."""
-    buffer = bytearray(CHUNK_BYTES)
+def _cached_chunk(fd: int, offset: int, buffer: bytearray) -> bytes | None:
+    """The chunk at `offset` if reading it needs no disk access (b"" at the end), else None. Read into the stream's
+    own `buffer` and copied out once: the server may keep the bytes it was handed until the socket takes them."""
     try:
         read = os.preadv(fd, [buffer], offset, os.RWF_NOWAIT)
     except OSError:
         # Not cached (EAGAIN), or a file system without non-blocking reads: let a thread wait for the disk.
         return None
-    return bytes(buffer) if read == CHUNK_BYTES else bytes(buffer[:read])
+    return bytes(memoryview(buffer)[:read])
 
 
 def open_store(storage_url: str) -> BlobStore:

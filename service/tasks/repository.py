@@ -24,6 +24,11 @@ def owned_tasks(tenant_id: CallerValue, end_user: CallerValue | None) -> ColumnE
     return owned if end_user is None else and_(owned, TASKS.c.end_user == end_user)
 
 
+def is_owned(task: Any, tenant_id: str, end_user: str | None) -> bool:
+    """`owned_tasks` for a task already read: whether this caller may see it."""
+    return bool(task.tenant_id == tenant_id and (end_user is None or task.end_user == end_user))
+
+
 _t = TASKS.c
 _TASK = TASKS.c.id == bindparam("task_id")
 _OWNED_BY_TENANT = select(TASKS).where(owned_tasks(bindparam("tenant_id"), None), _TASK)

@@ -27,6 +27,7 @@ from service.images.storage import BlobStore
 from service.prompts.service import Enhancer, EnhanceRequest
 from service.settings import Settings
 from service.tasks import repository
+from service.tasks.finished import FinishedTasks
 from service.tasks.schemas import GenerateRequest, TaskOut, task_view
 from service.tasks.watchers import TaskWatchers
 from service.tasks.worker import WorkerPool
@@ -79,6 +80,7 @@ class TaskService:
         self.enhancer = enhancer
         self.watchers = watchers
         self.workers = workers
+        self.finished = FinishedTasks()
 
     def _checked_prompt(self, prompt: str) -> str:
         prompt = prompt.strip()
@@ -278,9 +280,15 @@ class TaskService:
         return task
 
     async def find(self, caller: Caller, task_id: str) -> Record | None:
-        """The task, when the caller may see it."""
+        """The task, when the caller may see it; a finished one this process read before comes from memory."""
+        kept = self.finished.get(task_id)
+        if kept is not None:
+            return kept if repository.is_owned(kept, caller.tenant_id, caller.end_user) else None
         async with self.db.snapshot() as tx:
-            return await repository.find_owned(tx, caller.tenant_id, caller.end_user, task_id)
+            task = await repository.find_owned(tx, caller.tenant_id, caller.end_user, task_id)
+        if task is not None:
+            self.finished.keep(task)
+        return task
 
     async def list_tasks(self, caller: Caller, *, limit: int, before: str | None, status: str | None) -> list[Record]:
         """The caller's tasks, newest first."""

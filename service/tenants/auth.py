@@ -20,11 +20,12 @@ from litestar.connection import ASGIConnection
 from litestar.handlers import BaseRouteHandler
 
 from service.bodies import read_body
-from service.db.engine import Database
+from service.db.engine import Database, Record
 from service.errors import Forbidden, RateLimited, Unauthorized
 from service.ratelimit import Decision, RateLimiter
 from service.settings import Settings
 from service.tenants import repository
+from service.tenants.keycache import KeyCache
 from service.tenants.tokens import TOKEN_PREFIX, TokenSigner
 
 KEY_PREFIX = "igk_"
@@ -79,11 +80,16 @@ def bearer_token(connection: ASGIConnection[Any, Any, Any, Any]) -> str:
 async def authenticate(request: Request[Any, Any, Any]) -> Caller:
     """The caller of a tenant route, with the parts the composition root built for this application."""
     parts = request.app.state.runtime
-    return await provide_caller(request, parts.db, parts.tokens, parts.limiter, parts.settings)
+    return await provide_caller(request, parts.db, parts.keys, parts.tokens, parts.limiter, parts.settings)
 
 
-async def provide_caller(
-    request: Request[Any, Any, Any], db: Database, tokens: TokenSigner, limiter: RateLimiter, settings: Settings
+async def provide_caller(  # noqa: PLR0917 - what authentication uses, each from the composition root
+    request: Request[Any, Any, Any],
+    db: Database,
+    keys: KeyCache,
+    tokens: TokenSigner,
+    limiter: RateLimiter,
+    settings: Settings,
 ) -> Caller:
     """The caller of a tenant route: a tenant key, or an end-user token minted with one of the tenant's live keys."""
     token = bearer_token(request)
@@ -91,10 +97,9 @@ async def provide_caller(
     if token.startswith(TOKEN_PREFIX):
         claims = tokens.verify(token, check_expiry=False)
         # Known from a genuine token even when it has expired: the browser may read the 401 (CORS).
-        request.state.tenant_id = claims.tenant_id
+        scope_state(request)["tenant_id"] = claims.tenant_id
         tokens.check_expiry(claims)
-        async with db.snapshot() as tx:
-            row = await repository.live_key(tx, claims.key_prefix, of_tenant=claims.tenant_id)
+        row = await _minting_key(db, keys, claims.key_prefix, claims.tenant_id)
         # The key that minted the token was revoked (or never was this tenant's): the token goes with it.
         if row is None:
             raise Unauthorized("The end-user token is not valid", code="invalid_token")
@@ -104,12 +109,11 @@ async def provide_caller(
         if match is None:
             raise Unauthorized("The API key is not valid", code="invalid_api_key")
         prefix, secret = match.groups()
-        async with db.snapshot() as tx:
-            row = await repository.live_key(tx, prefix)
-        if row is None or not hmac.compare_digest(salted_digest(row[1], secret), row[2]):
+        row = await _checked_key(db, keys, prefix, secret)
+        if row is None:
             raise Unauthorized("The API key is not valid", code="invalid_api_key")
     key_id, _, _, tenant_id, status, per_minute, end_user_per_minute = row
-    request.state.tenant_id = tenant_id
+    scope_state(request)["tenant_id"] = tenant_id
     if status != "active":
         raise Forbidden("This tenant is suspended", code="tenant_suspended")
     decision = None
@@ -125,6 +129,38 @@ async def provide_caller(
     return Caller(tenant_id=tenant_id, key_id=key_id, key_prefix=prefix, end_user=end_user)
 
 
+async def _checked_key(db: Database, keys: KeyCache, prefix: str, secret: str) -> Record | None:
+    """The live key's row when `secret` is its secret: from this process's cache, else read and checked (and kept)."""
+    row = keys.row(prefix, secret)
+    if row is not None:
+        return row
+    generation = keys.generation
+    async with db.snapshot() as tx:
+        row = await repository.live_key(tx, prefix)
+    if row is None or not hmac.compare_digest(salted_digest(row[1], secret), row[2]):
+        return None
+    keys.keep(prefix, secret, row, generation)
+    return row
+
+
+async def _minting_key(db: Database, keys: KeyCache, prefix: str, tenant_id: str) -> Record | None:
+    """The live key of `tenant_id` that minted an end-user token: from this process's cache, else read (and kept)."""
+    row = keys.row(prefix, None)
+    if row is not None and row[3] == tenant_id:
+        return row
+    generation = keys.generation
+    async with db.snapshot() as tx:
+        row = await repository.live_key(tx, prefix, of_tenant=tenant_id)
+    if row is not None:
+        keys.keep(prefix, None, row, generation)
+    return row
+
+
+def scope_state(request: Request[Any, Any, Any]) -> dict[str, Any]:
+    """The request's state, what `request.state` shows, without the wrapper that builds anew on each access."""
+    return request.scope["state"]
+
+
 def end_user_bucket(tenant_id: str, end_user: str) -> str:
     """The rate-limit bucket of one end user of one tenant; the id is hashed to fit the bucket key's length."""
     return f"user:{tenant_id}:{hashlib.sha256(end_user.encode()).hexdigest()[:32]}"
@@ -132,7 +168,7 @@ def end_user_bucket(tenant_id: str, end_user: str) -> str:
 
 def _admit(request: Request[Any, Any, Any], decision: Decision, what: str) -> None:
     """Record the decision whose `RateLimit-*` headers the answer carries; 429 when it refused."""
-    request.state.rate_limit = decision
+    scope_state(request)["rate_limit"] = decision
     if not decision.allowed:
         raise RateLimited(f"At most {decision.limit} {what}", decision.headers(), decision.retry_after)
 
@@ -144,7 +180,7 @@ async def authenticate_then_read_body(request: Request[Any, Any, Any]) -> None:
     client without a valid key learns that first, and a refused body counts against the limit."""
     handler = request.route_handler
     if "caller" in handler.parsed_fn_signature.parameters:
-        request.state.caller = await authenticate(request)
+        scope_state(request)["caller"] = await authenticate(request)
     await read_body(request)
 
 

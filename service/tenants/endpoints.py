@@ -15,6 +15,7 @@ from service.pagination import Cursor, Limit, next_cursor
 from service.settings import Settings
 from service.tenants import service
 from service.tenants.auth import admin_guard, authenticate_then_read_body
+from service.tenants.keycache import KeyCache
 from service.tenants.schemas import (
     ApiKeyCreated,
     TenantCreate,
@@ -64,8 +65,8 @@ class AdminController(Controller):
         responses=problem_responses(401, 404, 422),
         before_request=authenticate_then_read_body,
     )
-    async def update_tenant(self, data: TenantUpdate, tenant_id: TenantId, db: Database) -> TenantOut:
-        return await service.update_tenant(db, tenant_id, data)
+    async def update_tenant(self, data: TenantUpdate, tenant_id: TenantId, db: Database, keys: KeyCache) -> TenantOut:
+        return await service.update_tenant(db, keys, tenant_id, data)
 
     @post(
         "/tenants/{tenant_id:str}/api-keys",
@@ -83,8 +84,10 @@ class AdminController(Controller):
         summary="Revoke an API key (effective at once)",
         responses=problem_responses(401, 404),
     )
-    async def revoke_api_key(self, key_id: Annotated[str, Parameter(max_length=64)], db: Database) -> None:
-        await service.revoke_key(db, key_id)
+    async def revoke_api_key(
+        self, key_id: Annotated[str, Parameter(max_length=64)], db: Database, keys: KeyCache
+    ) -> None:
+        await service.revoke_key(db, keys, key_id)
 
     @post(
         "/tenants/{tenant_id:str}/credits",

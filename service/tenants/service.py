@@ -13,6 +13,7 @@ from service.db.engine import Database, Record, Transaction
 from service.errors import Conflict, InvalidInput, NotFound
 from service.tenants import repository
 from service.tenants.auth import issue_key
+from service.tenants.keycache import KeyCache
 from service.tenants.schemas import TenantOut, TenantUpdate, tenant_view
 
 
@@ -44,20 +45,23 @@ async def get_tenant(db: Database, tenant_id: str) -> TenantOut:
         return await _view(tx, await repository.get_tenant(tx, tenant_id))
 
 
-async def update_tenant(db: Database, tenant_id: str, update: TenantUpdate) -> TenantOut:
-    """Apply the fields a PATCH names, where null returns an end-user limit to its default."""
+async def update_tenant(db: Database, keys: KeyCache, tenant_id: str, update: TenantUpdate) -> TenantOut:
+    """Apply the fields a PATCH names, where null returns an end-user limit to its default. A suspension or new limits
+    hold from the very next request, in every process."""
     changes = {
         name: value
         for name, value in msgspec.structs.asdict(update).items()
         if value is not msgspec.UNSET and (value is not None or name.startswith("end_user_"))
     }
-    async with db.transaction() as tx:
+    async with keys.changing() as announce, db.transaction() as tx:
+        await announce(tx)
         return await _view(tx, await repository.update_tenant(tx, tenant_id, changes, utcnow()))
 
 
-async def revoke_key(db: Database, key_id: str) -> None:
-    """Revoke an API key, effective at once; 404 for a key that does not exist."""
-    async with db.transaction() as tx:
+async def revoke_key(db: Database, keys: KeyCache, key_id: str) -> None:
+    """Revoke an API key, effective at once in every process; 404 for a key that does not exist."""
+    async with keys.changing() as announce, db.transaction() as tx:
+        await announce(tx)
         found = await repository.revoke_key(tx, key_id, utcnow())
     if not found:
         raise NotFound("No such API key", code="api_key_not_found")

@@ -47,3 +47,30 @@ def test_the_smoke_run_measures_and_reports_every_row(tmp_path: Path) -> None:
     written = results.read_text()
     assert "(smoke run)" in written and "| figure | service |" in written
     assert all(row in written for row in ROWS)
+
+
+@pytest.mark.skipif(TEST_DATABASE != "sqlite", reason="the benchmark smoke run needs no database of the tests")
+@pytest.mark.timeout(300)
+def test_only_runs_the_rows_named(tmp_path: Path) -> None:
+    results = tmp_path / "RESULTS.md"
+    run = subprocess.run(
+        [sys.executable, "-m", "bench", "--smoke", "--only", "normalization", "--results", str(results)],
+        capture_output=True,
+        text=True,
+        timeout=240,
+        check=False,
+    )
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+    rows = [line.split("|")[1].strip() for line in run.stdout.splitlines() if line.startswith("| ")]
+    assert rows == ["figure", "reference normalization, 12 MP JPEG"]
+    assert "only normalization" in results.read_text()
+
+    unknown = subprocess.run(
+        [sys.executable, "-m", "bench", "--only", "poll,nope", "--results", str(results)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert unknown.returncode == 2
+    assert "unknown rows nope" in unknown.stderr
