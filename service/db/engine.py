@@ -66,6 +66,10 @@ class Record(Protocol):
 class Transaction(Protocol):
     """One database transaction. Repositories take it; see docs/architecture.md §5 for who opens it."""
 
+    # Whether one statement may INSERT and UPDATE in its CTEs (PostgreSQL): a repository may then do in one round trip
+    # what takes several statements elsewhere. A capability, not the backend's name.
+    writes_in_ctes: bool
+
     async def rows(self, statement: Executable, params: Params = None) -> list[Record]:
         """Every row the statement returns (none for DML without RETURNING)."""
         ...
@@ -130,6 +134,8 @@ class _Base:
 
 
 class _AlchemyTransaction(_Base):
+    writes_in_ctes = True
+
     def __init__(self, connection: AsyncConnection) -> None:
         self._connection = connection
 
@@ -211,6 +217,8 @@ def _processor(kind: Any, dialect: SQLiteDialect_pysqlite, which: str) -> Callab
 
 
 class _SQLiteTransaction(_Base):
+    writes_in_ctes = False
+
     def __init__(self, connection: sqlite3.Connection, compile: Callable[[Executable, Params], _Compiled]) -> None:
         self._connection = connection
         self._compile = compile

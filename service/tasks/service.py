@@ -173,18 +173,8 @@ async def submit(runtime: Runtime, caller: Caller, submission: Submission, idemp
     }
     try:
         async with runtime.db.transaction() as tx:
-            task = await repository.insert_task(tx, values)
-            debit = await ledger.charge(
-                tx,
-                tenant_id=caller.tenant_id,
-                end_user=caller.end_user,
-                cost=cost,
-                task_id=task_id,
-                reason=f"task {task_id}",
-                now=now,
-            )
-            await runtime.db.announce_work(tx)
-            submitted = task_view(task, debit.balance_after)
+            task, balance_after = await repository.insert_paid(tx, values, reason=f"task {task_id}")
+            submitted = task_view(task, balance_after)
             if idempotency_key is not None:
                 await idempotency.remember(
                     tx,
