@@ -14,6 +14,7 @@ from sqlalchemy import (
     String,
     and_,
     bindparam,
+    case,
     func,
     insert,
     literal,
@@ -105,13 +106,15 @@ async def insert_paid(tx: Transaction, values: dict[str, Any], *, reason: str) -
     return found, int(found.user_balance if end_user is not None else found.tenant_balance)
 
 
+_DEFAULTS = [(column.key, column.default) for column in TASKS.c if column.default is not None]
+
+
 def _with_defaults(values: dict[str, Any]) -> dict[str, Any]:
     """`values` and the client-side defaults of the columns it leaves out, as an INSERT of `values` would fill in."""
     filled = dict(values)
-    for column in TASKS.c:
-        default = column.default
-        if column.key not in filled and default is not None and not default.is_sequence:
-            filled[column.key] = default.arg(None) if default.is_callable else default.arg  # type: ignore[attr-defined]
+    for key, default in _DEFAULTS:
+        if key not in filled:
+            filled[key] = default.arg(None) if default.is_callable else default.arg  # type: ignore[attr-defined]
     return filled
 
 
@@ -134,7 +137,8 @@ def _paid_insert(columns: tuple[str, ...], *, end_user: bool) -> Select[Any]:
         (select(user_debit.c.balance).scalar_subquery() if user_debit is not None else literal(None)).label(
             "user_balance"
         ),
-        func.pg_notify(bindparam("channel", type_=String()), "").label("announced"),
+        # Workers in other processes hear of the task when it commits (never when it rolls back).
+        case((task.c.id.is_not(None), func.pg_notify(bindparam("channel", type_=String()), ""))).label("announced"),
     ).select_from(anchor.outerjoin(task, true()))
     return statement.add_cte(*(entry.cte(f"entry_{i}") for i, entry in enumerate(entries)))
 
