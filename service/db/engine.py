@@ -368,6 +368,24 @@ class Database:
                 yield _AlchemyTransaction(connection)
 
     @asynccontextmanager
+    async def statement(self) -> AsyncIterator[Transaction]:
+        """A unit of work whose writes are one statement, which the database applies all or nothing by itself.
+
+        On PostgreSQL it runs without BEGIN and COMMIT, two round trips fewer: each statement commits as it completes,
+        so a block with two writes would not have them atomic together (use `transaction()`). On SQLite it is a
+        transaction like any other, a statement there costing microseconds. `after_commit` callbacks run when the
+        block ends without an error, as for `transaction()`."""
+        with _committing():
+            if self._sqlite is not None:
+                async with self._sqlite.transaction() as transaction:
+                    yield transaction
+                return
+            assert self._engine is not None
+            async with self._engine.connect() as connection:
+                await connection.execution_options(isolation_level="AUTOCOMMIT")
+                yield _AlchemyTransaction(connection)
+
+    @asynccontextmanager
     async def snapshot(self) -> AsyncIterator[Transaction]:
         """A read-only view of the database as of its first statement."""
         if self._sqlite is not None:

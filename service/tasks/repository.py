@@ -72,8 +72,11 @@ async def insert_paid(tx: Transaction, values: dict[str, Any], *, reason: str) -
 
     Where the database runs INSERTs and UPDATEs inside one statement (PostgreSQL), the task, the debits, their ledger
     entries and the announcement of the queued work to other processes' workers are one statement: one round trip
-    instead of five. Elsewhere (SQLite, where a statement costs microseconds and no other process listens) they are
-    the separate statements."""
+    instead of five. For a task without an end user that statement is all or nothing by itself (the task and its
+    entry exist only when the debit applied), so it needs no transaction around it; an end user's task debits two
+    accounts, one of which may apply while the other does not, and needs the caller's transaction to roll back.
+    Elsewhere (SQLite, where a statement costs microseconds and no other process listens) they are the separate
+    statements, which always need the transaction."""
     tenant_id, end_user, cost, now = values["tenant_id"], values["end_user"], values["cost"], values["created_at"]
     if not tx.writes_in_ctes:
         task = await insert_task(tx, values)
