@@ -91,9 +91,10 @@ def debit_ctes(*, end_user: bool) -> tuple[CTE, CTE | None]:
     return tenant, _MOVE_ALLOWANCE.cte("user_debit") if end_user else None
 
 
-def debit_entry(debit: CTE, *, account: str, entry_id: str) -> Insert:
-    """The ledger entry of one debit CTE, inserted only when that debit applied. Parameters: `entry_id` (named by the
-    caller: one per account), `of_tenant`, `of_user`, `amount`, `task_id`, `reason`, `now`."""
+def debit_entry(debit: CTE, *, account: str, entry_id: str, debits: list[CTE]) -> Insert:
+    """The ledger entry of the debit CTE `debit`, inserted only when every one of `debits` applied (as the task it
+    pays for is). Parameters: `entry_id` (named by the caller: one per account), `of_tenant`, `of_user`, `amount`,
+    `task_id`, `reason`, `now`."""
     typed = {column.key: column.type for column in LEDGER.c}
     values = {
         "id": bindparam(entry_id, type_=typed["id"]),
@@ -107,7 +108,7 @@ def debit_entry(debit: CTE, *, account: str, entry_id: str) -> Insert:
         "reason": bindparam("reason", type_=typed["reason"]),
         "created_at": bindparam("now", type_=typed["created_at"]),
     }
-    return insert(LEDGER).from_select(list(values), select(*values.values()))
+    return insert(LEDGER).from_select(list(values), select(*values.values()).select_from(*debits))
 
 
 def count_task_debit(cost: int) -> None:

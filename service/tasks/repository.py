@@ -130,9 +130,9 @@ def _paid_insert(columns: tuple[str, ...], *, end_user: bool) -> Select[Any]:
     task_values = [bindparam(f"task_{key}", type_=TASKS.c[key].type) for key in columns]
     paid = select(*task_values).select_from(*debits)
     task = insert(TASKS).from_select(list(columns), paid, include_defaults=False).returning(*TASKS.c).cte("task")
-    entries = [ledger.debit_entry(tenant_debit, account=ledger.TENANT, entry_id="tenant_entry")]
+    entries = [ledger.debit_entry(tenant_debit, account=ledger.TENANT, entry_id="tenant_entry", debits=debits)]
     if user_debit is not None:
-        entries.append(ledger.debit_entry(user_debit, account=ledger.USER, entry_id="user_entry"))
+        entries.append(ledger.debit_entry(user_debit, account=ledger.USER, entry_id="user_entry", debits=debits))
     anchor = select(literal(1).label("one")).subquery("anchor")
     statement = select(
         *task.c,
