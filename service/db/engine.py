@@ -176,7 +176,12 @@ class _Compiled:
         self.fixed = {name: value for name, value in compiled.params.items() if not binds[name].required}
         self.bind = [(name, _processor(bind.type, dialect, "bind")) for name, bind in binds.items()]
         columns = list(getattr(statement, "exported_columns", ()))
-        self.convert = [_processor(column.type, dialect, "result") for column in columns]
+        # Only the columns whose type converts what the driver returns (times, JSON…), by position.
+        self.convert = [
+            (index, convert)
+            for index, column in enumerate(columns)
+            if (convert := _processor(column.type, dialect, "result")) is not None
+        ]
         self.row: Callable[..., Any] | None = (
             namedtuple("Row", [column.key for column in columns], rename=True) if columns else None
         )
@@ -202,10 +207,12 @@ class _Compiled:
         if self.row is None:
             return [], cursor.rowcount
         convert, row = self.convert, self.row
-        found = [
-            row(*[value if each is None else each(value) for each, value in zip(convert, raw, strict=True)])
-            for raw in cursor.fetchall()
-        ]
+        found = []
+        for raw in cursor.fetchall():
+            columns = list(raw)
+            for index, each in convert:
+                columns[index] = each(columns[index])
+            found.append(row(*columns))
         return found, cursor.rowcount
 
 

@@ -279,6 +279,7 @@ async def wait_until_finished(runtime: Runtime, caller: Caller, task_id: str, se
             if remaining <= 0:
                 return None
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(changed.wait(), min(remaining, WAIT_RECHECK_SECONDS))
+                async with asyncio.timeout(min(remaining, WAIT_RECHECK_SECONDS)):
+                    await changed.wait()
     finally:
         runtime.unwatch(task_id)
