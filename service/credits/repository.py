@@ -5,7 +5,21 @@ from __future__ import annotations
 from datetime import datetime
 from typing import NamedTuple
 
-from sqlalchemy import BigInteger, ColumnElement, String, and_, bindparam, case, func, insert, select, update
+from sqlalchemy import (
+    CTE,
+    BigInteger,
+    ColumnElement,
+    Insert,
+    String,
+    and_,
+    bindparam,
+    case,
+    func,
+    insert,
+    literal,
+    select,
+    update,
+)
 
 from service.db.engine import Record, Transaction
 from service.db.models import END_USERS, LEDGER, TENANTS, EndUser, LedgerEntry, Tenant, UTCDateTime
@@ -56,9 +70,50 @@ _MOVE_ALLOWANCE = (
     .values(balance=END_USERS.c.balance + _AMOUNT, updated_at=bindparam("now", type_=UTCDateTime()))
     .returning(END_USERS.c.balance)
 )
+_MOVE_BALANCE_OF = (
+    update(TENANTS)
+    .where(TENANTS.c.id == bindparam("of_tenant", type_=String()), TENANTS.c.balance + _AMOUNT >= 0)
+    .values(balance=TENANTS.c.balance + _AMOUNT, updated_at=bindparam("now", type_=UTCDateTime()))
+    .returning(TENANTS.c.balance)
+)
 _APPEND = insert(LEDGER)
 TENANT = "tenant"
 USER = "user"
+
+
+def debit_ctes(*, end_user: bool) -> tuple[CTE, CTE | None]:
+    """The guarded debits of `charge` as CTEs, for a statement that does more in the same round trip (PostgreSQL):
+    the tenant's balance, and the end user's allowance when `end_user`. Each returns the balance after it, or no row
+    when it would have gone below zero (then the caller's transaction must roll back what the other one did).
+    Parameters: `of_tenant`, `of_user` (for the allowance), `amount` (negative) and `now`: none named after a column
+    of either table, which an UPDATE in the same statement would take for its SET clause."""
+    tenant = _MOVE_BALANCE_OF.cte("tenant_debit")
+    return tenant, _MOVE_ALLOWANCE.cte("user_debit") if end_user else None
+
+
+def debit_entry(debit: CTE, *, account: str, entry_id: str, debits: list[CTE]) -> Insert:
+    """The ledger entry of the debit CTE `debit`, inserted only when every one of `debits` applied (as the task it
+    pays for is). Parameters: `entry_id` (named by the caller: one per account), `of_tenant`, `of_user`, `amount`,
+    `task_id`, `reason`, `now`."""
+    typed = {column.key: column.type for column in LEDGER.c}
+    values = {
+        "id": bindparam(entry_id, type_=typed["id"]),
+        "tenant_id": bindparam("of_tenant", type_=typed["tenant_id"]),
+        "account": literal(account, typed["account"]),
+        "end_user": bindparam("of_user", type_=typed["end_user"]),
+        "kind": literal("debit", typed["kind"]),
+        "amount": bindparam("amount", type_=typed["amount"]),
+        "balance_after": debit.c.balance,
+        "task_id": bindparam("task_id", type_=typed["task_id"]),
+        "reason": bindparam("reason", type_=typed["reason"]),
+        "created_at": bindparam("now", type_=typed["created_at"]),
+    }
+    return insert(LEDGER).from_select(list(values), select(*values.values()).select_from(*debits))
+
+
+def count_task_debit(cost: int) -> None:
+    """Count a task's debit that a combined statement applied (see `debit_ctes`), as `post_entry` counts its own."""
+    count_credits("debit", -cost)
 
 
 async def post_entry(

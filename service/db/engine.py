@@ -18,6 +18,7 @@ import asyncio
 import contextlib
 import logging
 import sqlite3
+import time
 from collections import OrderedDict, namedtuple
 from collections.abc import AsyncIterator, Callable, Iterator, Mapping
 from contextlib import asynccontextmanager
@@ -26,12 +27,12 @@ from pathlib import Path
 from typing import Any, Protocol, cast
 
 import asyncpg
-from sqlalchemy import ClauseElement, Executable, Insert, String, bindparam, func, select
+from sqlalchemy import ClauseElement, Executable, Insert, String, bindparam, event, func, select
 from sqlalchemy.dialects.postgresql import insert as postgresql_insert
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.dialects.sqlite.pysqlite import SQLiteDialect_pysqlite
 from sqlalchemy.engine import CursorResult, make_url
-from sqlalchemy.exc import IntegrityError
+from sqlalchemy.exc import DisconnectionError, IntegrityError
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_engine
 from sqlalchemy.sql.compiler import SQLCompiler
 
@@ -43,6 +44,7 @@ COMPILED_CACHE_SIZE = 512
 _NOTIFY = select(func.pg_notify(bindparam("channel", type_=String()), bindparam("payload", type_=String())))
 WORK_CHANNEL = "imagegen_work"
 LISTEN_RETRY_SECONDS = 2.0
+PING_AFTER_IDLE_SECONDS = 10.0
 log = logging.getLogger("service.db")
 _ON_COMMIT: ContextVar[list[Callable[[], None]] | None] = ContextVar("on_commit", default=None)
 
@@ -63,6 +65,10 @@ class Record(Protocol):
 
 class Transaction(Protocol):
     """One database transaction. Repositories take it; see docs/architecture.md §5 for who opens it."""
+
+    # Whether one statement may INSERT and UPDATE in its CTEs (PostgreSQL): a repository may then do in one round trip
+    # what takes several statements elsewhere. A capability, not the backend's name.
+    writes_in_ctes: bool
 
     async def rows(self, statement: Executable, params: Params = None) -> list[Record]:
         """Every row the statement returns (none for DML without RETURNING)."""
@@ -128,6 +134,8 @@ class _Base:
 
 
 class _AlchemyTransaction(_Base):
+    writes_in_ctes = True
+
     def __init__(self, connection: AsyncConnection) -> None:
         self._connection = connection
 
@@ -168,7 +176,12 @@ class _Compiled:
         self.fixed = {name: value for name, value in compiled.params.items() if not binds[name].required}
         self.bind = [(name, _processor(bind.type, dialect, "bind")) for name, bind in binds.items()]
         columns = list(getattr(statement, "exported_columns", ()))
-        self.convert = [_processor(column.type, dialect, "result") for column in columns]
+        # Only the columns whose type converts what the driver returns (times, JSON…), by position.
+        self.convert = [
+            (index, convert)
+            for index, column in enumerate(columns)
+            if (convert := _processor(column.type, dialect, "result")) is not None
+        ]
         self.row: Callable[..., Any] | None = (
             namedtuple("Row", [column.key for column in columns], rename=True) if columns else None
         )
@@ -194,10 +207,12 @@ class _Compiled:
         if self.row is None:
             return [], cursor.rowcount
         convert, row = self.convert, self.row
-        found = [
-            row(*[value if each is None else each(value) for each, value in zip(convert, raw, strict=True)])
-            for raw in cursor.fetchall()
-        ]
+        found = []
+        for raw in cursor.fetchall():
+            columns = list(raw)
+            for index, each in convert:
+                columns[index] = each(columns[index])
+            found.append(row(*columns))
         return found, cursor.rowcount
 
 
@@ -209,6 +224,8 @@ def _processor(kind: Any, dialect: SQLiteDialect_pysqlite, which: str) -> Callab
 
 
 class _SQLiteTransaction(_Base):
+    writes_in_ctes = False
+
     def __init__(self, connection: sqlite3.Connection, compile: Callable[[Executable, Params], _Compiled]) -> None:
         self._connection = connection
         self._compile = compile
@@ -305,6 +322,31 @@ class _SQLite:
         self._writer = None
 
 
+def _check_connections_on_checkout(engine: AsyncEngine) -> None:
+    """Hand out only live PostgreSQL connections, without a round trip on a busy pool.
+
+    A connection the server closed (a restart, a terminated backend) is known closed to asyncpg already, which costs
+    nothing to ask; one that sat idle longer than PING_AFTER_IDLE_SECONDS, long enough for the network to have dropped
+    it silently, is pinged first. Either failing makes the pool replace it before anyone uses it. (SQLAlchemy's own
+    pre-ping costs three round trips, a BEGIN, a query and a ROLLBACK, on every checkout.)
+    """
+
+    @event.listens_for(engine.sync_engine.pool, "checkin")
+    def idle_from(dbapi_connection: Any, record: Any) -> None:
+        record.info["idle_since"] = time.monotonic()
+
+    @event.listens_for(engine.sync_engine.pool, "checkout")
+    def alive(dbapi_connection: Any, record: Any, proxy: Any) -> None:
+        if dbapi_connection.driver_connection.is_closed():
+            raise DisconnectionError("the server closed this connection")
+        idle_since = record.info.pop("idle_since", None)
+        if idle_since is not None and time.monotonic() - idle_since > PING_AFTER_IDLE_SECONDS:
+            try:
+                dbapi_connection.ping()
+            except Exception as exc:
+                raise DisconnectionError("the idle connection did not answer") from exc
+
+
 class Database:
     """The database of one process. `transaction()` to change it, `snapshot()` to read it."""
 
@@ -317,7 +359,8 @@ class Database:
             prepare_sqlite_directory(url)
             self._sqlite = _SQLite(make_url(url).database or ":memory:")
         else:
-            self._engine = create_async_engine(url, pool_size=10, max_overflow=10, pool_pre_ping=True)
+            self._engine = create_async_engine(url, pool_size=10, max_overflow=10)
+            _check_connections_on_checkout(self._engine)
 
     @asynccontextmanager
     async def transaction(self) -> AsyncIterator[Transaction]:
@@ -329,6 +372,24 @@ class Database:
                 return
             assert self._engine is not None
             async with self._engine.begin() as connection:
+                yield _AlchemyTransaction(connection)
+
+    @asynccontextmanager
+    async def statement(self) -> AsyncIterator[Transaction]:
+        """A unit of work whose writes are one statement, which the database applies all or nothing by itself.
+
+        On PostgreSQL it runs without BEGIN and COMMIT, two round trips fewer: each statement commits as it completes,
+        so a block with two writes would not have them atomic together (use `transaction()`). On SQLite it is a
+        transaction like any other, a statement there costing microseconds. `after_commit` callbacks run when the
+        block ends without an error, as for `transaction()`."""
+        with _committing():
+            if self._sqlite is not None:
+                async with self._sqlite.transaction() as transaction:
+                    yield transaction
+                return
+            assert self._engine is not None
+            async with self._engine.connect() as connection:
+                await connection.execution_options(isolation_level="AUTOCOMMIT")
                 yield _AlchemyTransaction(connection)
 
     @asynccontextmanager

@@ -1,12 +1,13 @@
 """Per-key request rate limits: a token bucket per key that refills continuously, and the `RateLimit-*` headers
 (IETF draft) that describe a decision. Buckets live in memory on SQLite and in the database on PostgreSQL, where several
-API processes must share them."""
+API processes must share them; there a process takes a busy key's tokens a few at a time (see `SharedRateLimiter`)."""
 
 from __future__ import annotations
 
+import asyncio
 import math
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Protocol
 
 from service.db.engine import Database
@@ -65,17 +66,64 @@ def rate_limiter(db: Database) -> RateLimiter:
     return LocalRateLimiter() if db.is_sqlite else SharedRateLimiter(db)
 
 
+# A process takes from a shared bucket at most what the bucket refills in this many seconds at once.
+SHARE_SECONDS = 0.1
+
+
+@dataclass(slots=True)
+class _Held:
+    """Tokens this process took from a shared bucket and has not spent yet."""
+
+    per_minute: int
+    lock: asyncio.Lock = field(default_factory=asyncio.Lock)  # one refill at a time, so none is taken twice
+    tokens: int = 0
+    left: float = 0.0  # what the shared bucket held after the last take
+    scarce: bool = False  # the bucket held less than a batch: take one at a time until it holds more
+
+
 class SharedRateLimiter:
-    """The same token buckets kept in the database, so every API process counts against one limit per key."""
+    """The same token buckets kept in the database, so every API process counts against one limit per key.
+
+    A key whose limit refills fast is not worth a database write per request: the process takes up to SHARE_SECONDS
+    of its refill from the shared bucket at once and spends those tokens from memory. No request passes without a
+    token taken from the shared bucket, so all processes together never exceed the limit; the cost is that a process
+    may hold a few tokens another process could have used (at most SHARE_SECONDS of refill per process and key).
+    Limits of up to 600 a minute are taken one token at a time, as is a bucket that holds less than a batch.
+    """
 
     def __init__(self, db: Database) -> None:
         self._db = db
+        self._held: dict[str, _Held] = {}
 
     async def take(self, key: str, per_minute: int) -> Decision:
-        """Spend one request from the bucket kept in the database, in a transaction of its own."""
+        """Spend one request: from the tokens held in memory, else from the bucket kept in the database."""
+        rate = per_minute / 60.0
+        batch = max(1, int(rate * SHARE_SECONDS))
+        if batch == 1:
+            left, allowed = await self._spend(key, per_minute, 1)
+            return _decision(allowed, per_minute, left, rate)
+        held = self._held.get(key)
+        if held is None or held.per_minute != per_minute:
+            # New, or the limit changed: what was held under the old limit is given up.
+            held = self._held[key] = _Held(per_minute)
+        async with held.lock:
+            if held.tokens == 0:
+                count = 1 if held.scarce else batch
+                left, allowed = await self._spend(key, per_minute, count)
+                if not allowed and count > 1 and left >= 1:
+                    count = 1
+                    left, allowed = await self._spend(key, per_minute, count)
+                held.left, held.scarce = left, left < batch
+                if not allowed:
+                    return _decision(False, per_minute, left, rate)
+                held.tokens = count
+            held.tokens -= 1
+            return _decision(True, per_minute, held.left + held.tokens, rate)
+
+    async def _spend(self, key: str, per_minute: int, count: int) -> tuple[float, bool]:
+        """Take `count` tokens from the shared bucket, all or none, in a transaction of its own."""
         async with self._db.transaction() as tx:
-            tokens, allowed = await repository.spend(tx, key=key, per_minute=per_minute, now=time.time())
-        return _decision(allowed, per_minute, tokens, per_minute / 60.0)
+            return await repository.spend(tx, key=key, per_minute=per_minute, now=time.time(), count=count)
 
 
 def _decision(allowed: bool, per_minute: int, tokens: float, rate: float) -> Decision:

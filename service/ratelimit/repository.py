@@ -1,5 +1,5 @@
-"""Rate bucket queries (PostgreSQL, where API processes share the buckets). The spend runs on every request, so it is
-one statement built once: only its parameters change."""
+"""Rate bucket queries (PostgreSQL, where API processes share the buckets). The spend runs often, so it is one
+statement built once: only its parameters change."""
 
 from __future__ import annotations
 
@@ -11,30 +11,32 @@ from service.db.models import RateBucket
 
 _NOW = bindparam("now", type_=Float())
 _FULL = bindparam("full", type_=Float())
+_COUNT = bindparam("count", type_=Float())
 _REFILLED = func.least(_FULL, RateBucket.tokens + (_NOW - RateBucket.stamp) * bindparam("rate", type_=Float()))
 _SPEND = (
     postgresql_insert(RateBucket)
     .values(
         key=bindparam("key", type_=String()),
-        tokens=_FULL - 1,
+        tokens=_FULL - _COUNT,
         stamp=_NOW,
         allowed=True,
     )
     .on_conflict_do_update(
         index_elements=[RateBucket.key],
         set_={
-            "tokens": case((_REFILLED >= 1, _REFILLED - 1), else_=_REFILLED),
+            "tokens": case((_REFILLED >= _COUNT, _REFILLED - _COUNT), else_=_REFILLED),
             "stamp": _NOW,
-            "allowed": _REFILLED >= 1,
+            "allowed": _REFILLED >= _COUNT,
         },
     )
     .returning(RateBucket.tokens, RateBucket.allowed)
 )
 
 
-async def spend(tx: Transaction, *, key: str, per_minute: int, now: float) -> tuple[float, bool]:
-    """Spend one token of `key`'s bucket (full at `per_minute`, refilling continuously) if one is left: the tokens
-    left and whether the request may pass. One upsert decides, spends and reports, locking the row for it alone."""
-    params = {"key": key, "now": now, "full": float(per_minute), "rate": per_minute / 60.0}
+async def spend(tx: Transaction, *, key: str, per_minute: int, now: float, count: int = 1) -> tuple[float, bool]:
+    """Spend `count` tokens of `key`'s bucket (full at `per_minute`, refilling continuously) if as many are left, else
+    none: the tokens left and whether they were spent. One upsert decides, spends and reports, locking the row for it
+    alone."""
+    params = {"key": key, "now": now, "full": float(per_minute), "rate": per_minute / 60.0, "count": float(count)}
     [(tokens, allowed)] = await tx.rows(_SPEND, params)
     return float(tokens), bool(allowed)

@@ -3,15 +3,33 @@ ever sees another's; every status change is a compare-and-set on the status the 
 
 from __future__ import annotations
 
+import functools
 from datetime import datetime, timedelta
 from typing import Any
 
-from sqlalchemy import ColumnElement, Integer, String, and_, bindparam, func, insert, or_, select, update
+from sqlalchemy import (
+    ColumnElement,
+    Integer,
+    Select,
+    String,
+    and_,
+    bindparam,
+    case,
+    func,
+    insert,
+    literal,
+    or_,
+    select,
+    true,
+    update,
+)
 
 from service.credits import repository as ledger
-from service.db.engine import Record, Transaction
+from service.db.engine import WORK_CHANNEL, Record, Transaction
 from service.db.models import TASKS, TENANTS, UTCDateTime
 from service.db.scoping import CallerValue
+from service.errors import InsufficientCredits
+from service.ids import new_id
 from service.metrics import count_finished, count_submitted
 
 TERMINAL = ("completed", "failed", "cancelled")
@@ -50,6 +68,87 @@ async def insert_task(tx: Transaction, values: dict[str, Any]) -> Record:
     [task] = await tx.rows(_INSERT, values)
     count_submitted()
     return task
+
+
+async def insert_paid(tx: Transaction, values: dict[str, Any], *, reason: str) -> tuple[Record, int]:
+    """Insert a new task (as `insert_task`) and debit its cost as `ledger.charge` does, in the caller's transaction;
+    the task as stored and the spender's balance after the debit (the allowance's for an end user's task). Refused
+    with 402 naming the account that falls short; the caller's rollback then undoes the rest.
+
+    Where the database runs INSERTs and UPDATEs inside one statement (PostgreSQL), the task, the debits, their ledger
+    entries and the announcement of the queued work to other processes' workers are one statement: one round trip
+    instead of five. For a task without an end user that statement is all or nothing by itself (the task and its
+    entry exist only when the debit applied), so it needs no transaction around it; an end user's task debits two
+    accounts, one of which may apply while the other does not, and needs the caller's transaction to roll back.
+    Elsewhere (SQLite, where a statement costs microseconds and no other process listens) they are the separate
+    statements, which always need the transaction."""
+    tenant_id, end_user, cost, now = values["tenant_id"], values["end_user"], values["cost"], values["created_at"]
+    if not tx.writes_in_ctes:
+        task = await insert_task(tx, values)
+        debit = await ledger.charge(
+            tx, tenant_id=tenant_id, end_user=end_user, cost=cost, task_id=task.id, reason=reason, now=now
+        )
+        return task, debit.balance_after
+    values = _with_defaults(values)
+    params = {f"task_{key}": value for key, value in values.items()}
+    params |= {
+        "of_tenant": tenant_id,
+        "of_user": end_user,
+        "amount": -cost,
+        "now": now,
+        "task_id": values["id"],
+        "reason": reason,
+        "tenant_entry": new_id(),
+        "user_entry": new_id(),
+        "channel": WORK_CHANNEL,
+    }
+    [found] = await tx.rows(_paid_insert(tuple(values), end_user=end_user is not None), params)
+    if found.tenant_balance is None:
+        balance = None if end_user is not None else await ledger.balance_of(tx, tenant_id)
+        raise InsufficientCredits(balance=balance, cost=cost, account=ledger.TENANT)
+    if end_user is not None and found.user_balance is None:
+        balance, _ = await ledger.allowance_of(tx, tenant_id, end_user)
+        raise InsufficientCredits(balance=balance, cost=cost, account=ledger.USER)
+    count_submitted()
+    ledger.count_task_debit(cost)
+    return found, int(found.user_balance if end_user is not None else found.tenant_balance)
+
+
+_DEFAULTS = [(column.key, column.default) for column in TASKS.c if column.default is not None]
+
+
+def _with_defaults(values: dict[str, Any]) -> dict[str, Any]:
+    """`values` and the client-side defaults of the columns it leaves out, as an INSERT of `values` would fill in."""
+    filled = dict(values)
+    for key, default in _DEFAULTS:
+        if key not in filled:
+            filled[key] = default.arg(None) if default.is_callable else default.arg  # type: ignore[attr-defined]
+    return filled
+
+
+@functools.lru_cache(maxsize=8)
+def _paid_insert(columns: tuple[str, ...], *, end_user: bool) -> Select[Any]:
+    """The statement of `insert_paid` for tasks given `columns`: the debits, the task and the entries only when every
+    debit applied, and one row that always comes back, saying which debit did not."""
+    tenant_debit, user_debit = ledger.debit_ctes(end_user=end_user)
+    debits = [tenant_debit, *([user_debit] if user_debit is not None else [])]
+    task_values = [bindparam(f"task_{key}", type_=TASKS.c[key].type) for key in columns]
+    paid = select(*task_values).select_from(*debits)
+    task = insert(TASKS).from_select(list(columns), paid, include_defaults=False).returning(*TASKS.c).cte("task")
+    entries = [ledger.debit_entry(tenant_debit, account=ledger.TENANT, entry_id="tenant_entry", debits=debits)]
+    if user_debit is not None:
+        entries.append(ledger.debit_entry(user_debit, account=ledger.USER, entry_id="user_entry", debits=debits))
+    anchor = select(literal(1).label("one")).subquery("anchor")
+    statement = select(
+        *task.c,
+        select(tenant_debit.c.balance).scalar_subquery().label("tenant_balance"),
+        (select(user_debit.c.balance).scalar_subquery() if user_debit is not None else literal(None)).label(
+            "user_balance"
+        ),
+        # Workers in other processes hear of the task when it commits (never when it rolls back).
+        case((task.c.id.is_not(None), func.pg_notify(bindparam("channel", type_=String()), ""))).label("announced"),
+    ).select_from(anchor.outerjoin(task, true()))
+    return statement.add_cte(*(entry.cte(f"entry_{i}") for i, entry in enumerate(entries)))
 
 
 async def list_owned(

@@ -160,7 +160,8 @@ class WorkerPool:
                 # submissions wake the pool at once. A cool-down ends by time alone, so the wait ends with it.
                 cooldown = self.health.cooldown_left()
                 idle = self.settings.idle_poll_seconds
-                await asyncio.wait_for(self._wake.wait(), timeout=min(idle, cooldown) if cooldown else idle)
+                async with asyncio.timeout(min(idle, cooldown) if cooldown else idle):
+                    await self._wake.wait()
 
     def _cooling_down(self) -> bool:
         """While the upstream cools down after saying it cannot serve, new tasks stay queued rather than each
@@ -353,7 +354,9 @@ class WorkerPool:
         while True:
             remaining = (task.deadline_at - utcnow()).total_seconds()
             try:
-                return await asyncio.wait_for(call(), timeout=max(remaining, 0.001))
+                # A timeout scope rather than `wait_for`, which would run the call as a task of its own.
+                async with asyncio.timeout(max(remaining, 0.001)):
+                    return await call()
             except TimeoutError:
                 raise last_error from None
             except UpstreamError as exc:

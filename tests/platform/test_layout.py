@@ -148,11 +148,12 @@ def test_the_check_names_each_way_of_reaching_the_database() -> None:
     ]
 
 
-TRANSACTION_OPENERS = {"transaction", "snapshot"}
+TRANSACTION_OPENERS = {"transaction", "snapshot", "statement"}
 
 
 def transactions_opened(source: str, name: str) -> list[str]:
-    """Each place in `source` that opens a transaction (`db.transaction()`, `db.snapshot()`), as `name:line`."""
+    """Each place in `source` that opens a unit of work (`db.transaction()`, `db.snapshot()`, `db.statement()`), as
+    `name:line`."""
     tree = ast.parse(source, filename=name)
     return [
         f"{name}:{node.lineno}"

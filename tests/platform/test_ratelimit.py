@@ -1,10 +1,18 @@
-"""The rate limiter's arithmetic: a burst up to the limit, then a refusal that says when to come back."""
+"""The rate limiter's arithmetic: a burst up to the limit, then a refusal that says when to come back; and on PostgreSQL
+one limit shared by every API process."""
 
 from __future__ import annotations
 
 import asyncio
+import math
+import time
 
-from service.ratelimit import LocalRateLimiter
+import pytest
+
+from service.db.engine import Database
+from service.db.migrations import upgrade
+from service.ratelimit import Decision, LocalRateLimiter, SharedRateLimiter
+from tests.conftest import database_env
 
 
 def test_rate_limiter_allows_a_burst_then_says_when_to_come_back() -> None:
@@ -22,3 +30,54 @@ def test_rate_limiter_allows_a_burst_then_says_when_to_come_back() -> None:
     }
     assert 55 <= refused.reset_seconds <= 60
     assert asyncio.run(limiter.take("other", 3)).allowed
+
+
+@pytest.fixture(scope="module")
+def shared_database(tmp_path_factory: pytest.TempPathFactory) -> str:
+    """A PostgreSQL database, where API processes share their buckets; SQLite keeps them in memory."""
+    url = database_env(tmp_path_factory.mktemp("ratelimit")).get("DATABASE_URL")
+    if url is None:
+        pytest.skip("buckets are shared through PostgreSQL only")
+    upgrade(url)
+    return url
+
+
+def _share(url: str, per_minute: int, requests: int) -> tuple[list[Decision], list[Decision]]:
+    """Two processes' limiters (each with its own database pool) taking turns on one key; their decisions."""
+
+    async def main() -> tuple[list[Decision], list[Decision]]:
+        databases = [Database(url), Database(url)]
+        try:
+            first, second = (SharedRateLimiter(db) for db in databases)
+            decisions: tuple[list[Decision], list[Decision]] = ([], [])
+            for _ in range(requests):
+                decisions[0].append(await first.take(f"key-{per_minute}", per_minute))
+                decisions[1].append(await second.take(f"key-{per_minute}", per_minute))
+            return decisions
+        finally:
+            for db in databases:
+                await db.dispose()
+
+    return asyncio.run(main())
+
+
+def test_processes_share_one_limit_token_by_token(shared_database: str) -> None:
+    first, second = _share(shared_database, 3, 3)
+    # Three requests a minute in all, whichever process answers: the fourth is refused, by the other process too.
+    assert [d.allowed for d in first] == [True, True, False]
+    assert [d.allowed for d in second] == [True, False, False]
+    assert second[0].remaining == 1 and second[-1].retry_after >= 1
+
+
+def test_processes_taking_tokens_in_batches_never_pass_more_than_the_limit(shared_database: str) -> None:
+    # 1,200 a minute refill 20 a second: each process takes 2 tokens at a time from the shared bucket.
+    started = time.monotonic()
+    first, second = _share(shared_database, 1200, 700)
+    elapsed = time.monotonic() - started
+    passed = sum(d.allowed for d in first + second)
+    # Every request that passed spent a token of the one bucket: the bucket's 1,200 and what it refilled meanwhile.
+    assert passed <= 1200 + math.ceil(20 * elapsed)
+    # Once the bucket runs dry, the requests that still pass are what refills, taken one at a time.
+    assert passed >= 1200 - 2
+    assert not first[-1].allowed or not second[-1].allowed
+    assert all(d.remaining <= 1200 for d in first + second)
