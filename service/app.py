@@ -7,7 +7,7 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Any
 
-from litestar import Litestar, Request
+from litestar import Litestar, Request, Router
 from litestar.datastructures import MutableScopeHeaders
 from litestar.di import Provide
 from litestar.enums import ScopeType
@@ -34,12 +34,23 @@ from service.tenants.auth import Caller, authenticate, authenticate_then_read_bo
 API_VERSION = "1.0.0"
 
 
-def parts_of(started: list[Runtime]) -> dict[str, Provide]:
+def parts_of(started: list[Runtime], *, after_caller: bool = False) -> dict[str, Provide]:
     """One dependency per part of the process's `Runtime`, by the name of its field: handlers name the parts they use
     (`db: Database`, `tasks: TaskService`, …) and none receives the whole runtime. Each reads the runtime the lifespan
-    started from `started` (taking the app's `State` instead would copy it on every request)."""
+    started from `started` (taking the app's `State` instead would copy it on every request).
+
+    On the tenant routes the parts are resolved after the caller (`after_caller`): the framework resolves the
+    dependencies of one level together in a task group of their own, which costs a poll about a third of its time,
+    while a chain (the caller, then the part) is resolved in order with none."""
 
     def part(name: str) -> Provide:
+        if after_caller:
+
+            def provide_after(caller: Caller) -> Any:
+                return getattr(started[-1], name)
+
+            return Provide(provide_after, sync_to_thread=False)
+
         def provide() -> Any:
             return getattr(started[-1], name)
 
@@ -97,11 +108,17 @@ def create_app(settings: Settings | None = None) -> Litestar:
 
     app = Litestar(
         route_handlers=[
-            tasks.router,
-            prompts.router,
-            credits.router,
-            credits.end_user_router,
-            end_users.router,
+            Router(
+                "/",
+                route_handlers=[
+                    tasks.router,
+                    prompts.router,
+                    credits.router,
+                    credits.end_user_router,
+                    end_users.router,
+                ],
+                dependencies=parts_of(started, after_caller=True),
+            ),
             admin.AdminController,
             health.health,
             health.ready,
