@@ -176,6 +176,16 @@ class ChunkWriter:
         return _frame({"error": {"code": code, "message": message}})
 
 
+def checked_prompt(prompt: str, max_chars: int) -> str:
+    """The prompt without surrounding blanks; 422 when that leaves nothing or more than `max_chars` characters."""
+    prompt = prompt.strip()
+    if not prompt:
+        raise InvalidInput("prompt must not be empty", code="empty_prompt", field="prompt")
+    if len(prompt) > max_chars:
+        raise InvalidInput(f"prompt is longer than {max_chars} characters", code="prompt_too_long", field="prompt")
+    return prompt
+
+
 class Enhancer:
     def __init__(self, settings: Settings, db: Database, model: PromptModel | None) -> None:
         self.settings = settings
@@ -193,15 +203,7 @@ class Enhancer:
         return prompt_models(self.settings)
 
     def plan(self, tenant_id: str, request: EnhanceRequest, end_user: str | None = None) -> Plan:
-        prompt = request.prompt.strip()
-        if not prompt:
-            raise InvalidInput("prompt must not be empty", code="empty_prompt", field="prompt")
-        if len(prompt) > self.settings.max_prompt_chars:
-            raise InvalidInput(
-                f"prompt is longer than {self.settings.max_prompt_chars} characters",
-                code="prompt_too_long",
-                field="prompt",
-            )
+        prompt = checked_prompt(request.prompt, self.settings.max_prompt_chars)
         style = find_style(request.style)
         if self._model is None or not (request.model or self._model.model):
             raise ServiceUnavailable(

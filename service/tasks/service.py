@@ -24,7 +24,7 @@ from service.images.decoder import ImageDecoder
 from service.images.processing import EXTENSIONS, PreparedImage, normalize_reference, read_header
 from service.images.sizes import InvalidSize, normalize_size
 from service.images.storage import BlobStore
-from service.prompts.service import Enhancer, EnhanceRequest
+from service.prompts.service import Enhancer, EnhanceRequest, checked_prompt
 from service.settings import Settings
 from service.tasks import repository
 from service.tasks.finished import FinishedTasks
@@ -83,16 +83,7 @@ class TaskService:
         self.finished = FinishedTasks()
 
     def _checked_prompt(self, prompt: str) -> str:
-        prompt = prompt.strip()
-        if not prompt:
-            raise InvalidInput("prompt must not be empty", code="empty_prompt", field="prompt")
-        if len(prompt) > self.settings.max_prompt_chars:
-            raise InvalidInput(
-                f"prompt is longer than {self.settings.max_prompt_chars} characters",
-                code="prompt_too_long",
-                field="prompt",
-            )
-        return prompt
+        return checked_prompt(prompt, self.settings.max_prompt_chars)
 
     def _check_uploads(self, submission: Submission) -> None:
         settings = self.settings
