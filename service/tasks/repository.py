@@ -162,14 +162,6 @@ async def list_owned(
     return await tx.rows(statement.order_by(_t.id.desc()).limit(limit))
 
 
-_BY_ID = select(TASKS).where(TASKS.c.id == bindparam("task_id"))
-
-
-async def get_task(tx: Transaction, task_id: str) -> Record | None:
-    """Unscoped read, for workers only."""
-    return await tx.first(_BY_ID, {"task_id": task_id})
-
-
 async def all_tasks(tx: Transaction) -> list[Record]:
     """Every task of every tenant, for the ledger audit."""
     return await tx.rows(select(TASKS))
@@ -321,13 +313,13 @@ _FINISH_RUN = (
         error_message=_typed("error_message"),
         **_ENDED,
     )
-    .returning(_t.id)
+    .returning(*TASKS.c)
 )
 _CANCEL = (
     update(TASKS)
     .where(_t.id == _TASK_ID, or_(_t.status == "queued", _t.status == "running"))
     .values(status="cancelled", refunded=_typed("refunded"), **_ENDED)
-    .returning(_t.id)
+    .returning(*TASKS.c)
 )
 
 
@@ -346,9 +338,10 @@ async def finish_run(
     upstream_ids: list[str],
     error_code: str | None,
     error_message: str | None,
-) -> bool:
-    """Record a run's outcome and refund `refund` credits, in the caller's transaction; False (and nothing changed)
-    when the task is no longer running under this worker's lease, because it was cancelled or taken over."""
+) -> Record | None:
+    """Record a run's outcome and refund `refund` credits, in the caller's transaction; the task as it now stands, or
+    None (and nothing changed) when it is no longer running under this worker's lease, because it was cancelled or
+    taken over."""
     params = {
         "task_id": task.id,
         "owner": owner,
@@ -366,8 +359,9 @@ async def finish_run(
     return await _end(tx, _FINISH_RUN, params, task, status=status, refund=refund, now=now)
 
 
-async def cancel(tx: Transaction, task: Record, *, now: datetime) -> bool:
-    """Cancel a queued or running task and refund what it has not refunded yet; False when it already ended."""
+async def cancel(tx: Transaction, task: Record, *, now: datetime) -> Record | None:
+    """Cancel a queued or running task and refund what it has not refunded yet; the task as it now stands, or None
+    when it already ended."""
     refund = task.cost - task.refunded
     params = {"task_id": task.id, "refunded": refund, "now": now}
     return await _end(tx, _CANCEL, params, task, status="cancelled", refund=refund, now=now)
@@ -382,10 +376,11 @@ async def _end(
     status: str,
     refund: int,
     now: datetime,
-) -> bool:
+) -> Record | None:
     """The status change is a compare-and-set: of two racing finishers exactly one matches, and only it refunds."""
-    if not await tx.rows(statement, params):
-        return False
+    ended = await tx.first(statement, params)
+    if ended is None:
+        return None
     count_finished(status)
     if refund > 0:
         await ledger.credit_back(
@@ -397,7 +392,7 @@ async def _end(
             reason=f"refund: task {status}",
             now=now,
         )
-    return True
+    return ended
 
 
 _FAIL_ABANDONED = (

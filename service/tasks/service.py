@@ -153,9 +153,9 @@ class TaskService:
         if request.enhance is not None:
             # Fail now, not in the worker, when no prompt model could run the enhancement.
             self.enhancer.plan(caller.tenant_id, EnhanceRequest(prompt=prompt, direction=request.enhance))
-        fingerprint = request_hash(submission, prompt, model)
-
+        fingerprint = ""
         if idempotency_key is not None:
+            fingerprint = request_hash(submission, prompt, model)
             replay = await self._replay(caller, idempotency_key, fingerprint)
             if replay is not None:
                 return replay
@@ -236,6 +236,8 @@ class TaskService:
     async def _store_inputs(
         self, task_id: str, references: list[PreparedImage], mask: PreparedImage | None
     ) -> list[dict[str, object]]:
+        if not references:
+            return []
         named = [
             (f"references/{task_id}/{i}.{EXTENSIONS[image.content_type]}", image) for i, image in enumerate(references)
         ]
@@ -254,14 +256,13 @@ class TaskService:
             task = await repository.find_owned(tx, caller.tenant_id, caller.end_user, task_id)
             if task is None:
                 raise NotFound("No such task", code="task_not_found")
-            cancelled = task.status not in repository.TERMINAL and await repository.cancel(tx, task, now=now)
-            if not cancelled:
+            cancelled = None if task.status in repository.TERMINAL else await repository.cancel(tx, task, now=now)
+            if cancelled is None:
                 raise Conflict(f"The task is already {task.status}", code="task_not_cancellable")
-            task = await repository.get_task(tx, task_id) or task
         if self.workers is not None:
             self.workers.abandon(task_id)
-        self.watchers.changed(task_id)
-        return task
+        self.watchers.changed(task_id, cancelled)
+        return cancelled
 
     async def find(self, caller: Caller, task_id: str) -> Record | None:
         """The task, when the caller may see it; a finished one this process read before comes from memory."""
@@ -288,16 +289,24 @@ class TaskService:
         """
         deadline = asyncio.get_running_loop().time() + seconds
         try:
+            task = None
             while True:
                 changed = self.watchers.watch(task_id)
-                task = await self.find(caller, task_id)
+                if task is None:
+                    task = await self.find(caller, task_id)
                 if task is not None and task.status in repository.TERMINAL:
                     return task
                 remaining = deadline - asyncio.get_running_loop().time()
                 if remaining <= 0:
                     return None
+                task = None
                 with contextlib.suppress(TimeoutError):
                     async with asyncio.timeout(min(remaining, WAIT_RECHECK_SECONDS)):
-                        await changed.wait()
+                        # The row this process committed, when it changed the task: no need to read it back.
+                        task = await asyncio.shield(changed)
+                if task is not None:
+                    if not repository.is_owned(task, caller.tenant_id, caller.end_user):
+                        return None
+                    self.finished.keep(task)
         finally:
             self.watchers.unwatch(task_id)

@@ -290,7 +290,7 @@ class WorkerPool:
             log.info("task %s was settled elsewhere; this run's outcome is dropped", task.id)
             await self._delete_images(outcome)
         else:
-            self.watchers.changed(task.id)
+            self.watchers.changed(task.id, settled)
             log.info("task %s %s%s", task.id, outcome.status, f" ({outcome.error_code})" if outcome.error_code else "")
 
     async def _after_failed_commit(self, task: Record, outcome: Outcome) -> None:
