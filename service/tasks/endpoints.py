@@ -11,12 +11,12 @@ from litestar import Request, Response, Router, get, post
 from litestar.datastructures import ResponseHeader
 from litestar.openapi.spec import OpenAPIHeader, OpenAPIMediaType, OpenAPIResponse, Operation, Reference, Schema
 from litestar.params import HeaderParameter, Parameter
-from litestar.response import Stream
 
 from service.bodies import TypeReference
 from service.catalog import ModelList, model_list
 from service.errors import Conflict, NotFound, problem_responses
 from service.idempotency import IdempotencyKey
+from service.images.download import StoredImage
 from service.pagination import Cursor, Limit, next_cursor
 from service.settings import Settings
 from service.tasks.schemas import GenerateRequest, GenerateUpload, TaskOut, TaskPage, TaskStatus, task_view
@@ -201,10 +201,8 @@ async def get_task_image(
     headers = {"ETag": f'"{image["sha256"]}"', "Cache-Control": "private, max-age=31536000, immutable"}
     if _matches(request.headers.get("if-none-match"), image["sha256"]):
         return Response(content=b"", status_code=304, headers=headers)
-    return Stream(
-        tasks.store.stream(image["key"]),
-        media_type=image["content_type"],
-        headers={**headers, "Content-Length": str(image["bytes"])},
+    return StoredImage(
+        tasks.store.stream(image["key"]), length=image["bytes"], media_type=image["content_type"], headers=headers
     )
 
 
