@@ -400,6 +400,7 @@ def test_any_parameters_are_accepted_exactly_when_valid_and_otherwise_refused_wi
         (lambda: immutable_band(4, 4, "right", immutable=4, policy="seam"), "immutable"),
         (lambda: immutable_band(4, 9, "up", immutable=9, policy="seam"), "immutable"),
         (lambda: immutable_band(5, 9, "up", immutable=3, policy="border"), "immutable"),
+        (lambda: immutable_band(9, 4, "up", immutable=2, policy="border"), "immutable"),
         (lambda: immutable_band(4, 4, "right", immutable=1, policy="ring"), "policy"),
         (
             lambda: restore_immutable(
@@ -421,6 +422,12 @@ def test_bad_parameters_are_a_geometry_error_naming_the_field(call: Any, field: 
     with pytest.raises(GeometryError) as caught:
         call()
     assert caught.value.field == field
+
+
+def test_the_largest_bands_that_leave_room_are_accepted() -> None:
+    assert immutable_band(9, 5, "up", immutable=2, policy="border")[0] == (0, 0, 9, 2)
+    assert immutable_band(9, 5, "up", immutable=4, policy="seam") == ((0, 0, 9, 4),)
+    assert immutable_band(9, 5, "left", immutable=8, policy="seam") == ((0, 0, 8, 5),)
 
 
 @EXAMPLES
