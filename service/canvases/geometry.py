@@ -133,6 +133,24 @@ def _box(value: object) -> Box:
     return left, upper, right, lower
 
 
+def _shift(direction: Direction, length: int) -> tuple[int, int]:
+    """How far what lies behind the seam moves when `length` pixels are added in front of it: only a Step on the left
+    or on top pushes it (the old canvas in the new one, the context strip in the model's input)."""
+    return {Direction.RIGHT: (0, 0), Direction.DOWN: (0, 0), Direction.LEFT: (length, 0), Direction.UP: (0, length)}[
+        direction
+    ]
+
+
+def _edge(width: int, height: int, direction: Direction, depth: int) -> Box:
+    """The strip `depth` pixels deep along the side of a `width` x `height` image that faces the Step."""
+    return {
+        Direction.RIGHT: (width - depth, 0, width, height),
+        Direction.LEFT: (0, 0, depth, height),
+        Direction.DOWN: (0, height - depth, width, height),
+        Direction.UP: (0, 0, width, depth),
+    }[direction]
+
+
 def output_size(
     width: int, height: int, direction: Direction | str, extension: int, *, max_pixels: int | None = None
 ) -> Size:
@@ -155,11 +173,7 @@ def output_size(
 def old_offset(direction: Direction | str, extension: int) -> tuple[int, int]:
     """Where the old canvas's top-left corner sits in the new canvas: it moves only when the Step grows on the left
     or on top."""
-    way = _direction(direction)
-    length = _count(extension, "extension", 1)
-    return {Direction.RIGHT: (0, 0), Direction.DOWN: (0, 0), Direction.LEFT: (length, 0), Direction.UP: (0, length)}[
-        way
-    ]
+    return _shift(_direction(direction), _count(extension, "extension", 1))
 
 
 def new_box(width: int, height: int, direction: Direction | str, extension: int) -> Box:
@@ -179,13 +193,7 @@ def context_box(width: int, height: int, direction: Direction | str, overlap: in
     """The strip of the old canvas next to the seam, in the old canvas's coordinates: what the model sees of it."""
     width, height = _canvas_size(width, height)
     way = _direction(direction)
-    depth = _overlap(width, height, way, overlap)
-    return {
-        Direction.RIGHT: (width - depth, 0, width, height),
-        Direction.LEFT: (0, 0, depth, height),
-        Direction.DOWN: (0, height - depth, width, height),
-        Direction.UP: (0, 0, width, depth),
-    }[way]
+    return _edge(width, height, way, _overlap(width, height, way, overlap))
 
 
 def step_input_size(width: int, height: int, direction: Direction | str, extension: int, overlap: int) -> Size:
@@ -209,16 +217,6 @@ def step_new_box(width: int, height: int, direction: Direction | str, extension:
     }[_direction(direction)]
 
 
-def _step_context_offset(direction: Direction, extension: int) -> tuple[int, int]:
-    """Where the context strip sits in the model's input: after the new pixels when the Step grows left or up."""
-    return {
-        Direction.RIGHT: (0, 0),
-        Direction.DOWN: (0, 0),
-        Direction.LEFT: (extension, 0),
-        Direction.UP: (0, extension),
-    }[direction]
-
-
 def step_input(
     canvas: Image.Image, direction: Direction | str, extension: int, overlap: int, *, max_pixels: int | None = None
 ) -> tuple[Image.Image, Image.Image]:
@@ -232,7 +230,7 @@ def step_input(
     size = step_input_size(width, height, way, extension, overlap)
     context = canvas.crop(context_box(width, height, way, overlap)).convert("RGBA")
     image = Image.new("RGBA", size, BLANK)
-    image.paste(context, _step_context_offset(way, extension))
+    image.paste(context, _shift(way, extension))
     mask = Image.new("RGBA", size, KEEP)
     mask.paste(BLANK, step_new_box(width, height, way, extension, overlap))
     return image, mask
@@ -308,14 +306,7 @@ def immutable_band(
             (0, depth, depth, height - depth),
             (width - depth, depth, width, height - depth),
         )
-    return (
-        {
-            Direction.RIGHT: (width - depth, 0, width, height),
-            Direction.LEFT: (0, 0, depth, height),
-            Direction.DOWN: (0, height - depth, width, height),
-            Direction.UP: (0, 0, width, depth),
-        }[way],
-    )
+    return (_edge(width, height, way, depth),)
 
 
 def immutable_boxes(
