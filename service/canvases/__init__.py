@@ -1,0 +1,1 @@
+"""Growing canvases: a canvas extended step by step in one of four directions."""
