@@ -175,6 +175,7 @@ class _Compiled:
         binds = {name: bind for bind, name in compiled.bind_names.items()}
         self.fixed = {name: value for name, value in compiled.params.items() if not binds[name].required}
         self.bind = [(name, _processor(bind.type, dialect, "bind")) for name, bind in binds.items()]
+        self.converters = {name: convert for name, convert in self.bind if convert is not None}
         columns = list(getattr(statement, "exported_columns", ()))
         # Only the columns whose type converts what the driver returns (times, JSON…), by position.
         self.convert = [
@@ -193,9 +194,10 @@ class _Compiled:
         return {name: given[name] if bind is None else bind(given[name]) for name, bind in self.bind}
 
     def expanded(self, params: Params) -> tuple[str, dict[str, Any]]:
-        """The statement with its lists expanded, and its parameters."""
+        """The statement with its lists expanded, and its parameters: the expanded state converts the lists' items,
+        the statement's own converters its other values."""
         state = self.compiled.construct_expanded_state(dict(params or {}))
-        bind = state.processors
+        bind = {**self.converters, **(state.processors or {})}
         values = {
             name: value if bind.get(name) is None else bind[name](value) for name, value in state.parameters.items()
         }

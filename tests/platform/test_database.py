@@ -101,6 +101,54 @@ def test_lists_of_values_expand_with_their_types_converted(url: str) -> None:
     assert run(url, scenario) == (1, ["in-a"], ["in-c"])
 
 
+def test_a_statement_with_a_list_converts_its_other_values_too(url: str) -> None:
+    """Beside an expanded list, the statement's other values keep their types' conversions: a timestamp is stored as
+    every other timestamp is (so an equality on it matches), and a JSON value as JSON."""
+    stamp = NOW + timedelta(minutes=5, microseconds=1)
+
+    async def scenario(db: Database) -> tuple[int, list[str], object]:
+        await _tenant(db, "listed-a")
+        async with db.transaction() as tx:
+            matched = await tx.execute(
+                update(TENANTS).where(TENANTS.c.id.in_(["listed-a", "listed-missing"])).values(updated_at=stamp)
+            )
+            await tx.execute(
+                insert(TASKS),
+                {**_task_values("listed-task", "listed-a"), "images": []},
+            )
+            await tx.execute(
+                update(TASKS)
+                .where(TASKS.c.id.in_(["listed-task"]), TASKS.c.status.in_(["queued", "running"]))
+                .values(images=[{"key": "k", "bytes": 1}], updated_at=stamp)
+            )
+        async with db.snapshot() as tx:
+            same = await tx.rows(select(TENANTS.c.id).where(TENANTS.c.updated_at == stamp))
+            images = await tx.scalar(select(TASKS.c.images).where(TASKS.c.updated_at == stamp))
+        return matched, [row.id for row in same], images
+
+    assert run(url, scenario) == (1, ["listed-a"], [{"key": "k", "bytes": 1}])
+
+
+def _task_values(task_id: str, tenant_id: str) -> dict[str, object]:
+    return {
+        "id": task_id,
+        "tenant_id": tenant_id,
+        "status": "queued",
+        "mode": "text",
+        "prompt": "p",
+        "model": "m",
+        "size": "auto",
+        "requested_size": "auto",
+        "quality": "auto",
+        "n": 1,
+        "cost": 1,
+        "upstream": "tasks",
+        "deadline_at": NOW,
+        "created_at": NOW,
+        "updated_at": NOW,
+    }
+
+
 def test_a_failed_block_rolls_back_and_skips_its_after_commit_callbacks(url: str) -> None:
     committed: list[str] = []
 
