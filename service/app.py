@@ -18,6 +18,7 @@ from litestar.types import ASGIApp, Message, Receive, Scope, Send
 
 from service import health, observability
 from service.bodies import StrictBody, document_bodies
+from service.canvases import endpoints as canvases
 from service.cors import cors
 from service.credits import endpoints as credits
 from service.endusers import endpoints as end_users
@@ -112,6 +113,7 @@ def create_app(settings: Settings | None = None) -> Litestar:
                 "/",
                 route_handlers=[
                     tasks.router,
+                    canvases.router,
                     prompts.router,
                     credits.router,
                     credits.end_user_router,

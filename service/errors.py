@@ -34,6 +34,9 @@ class Problem(msgspec.Struct, omit_defaults=True):
     # On 402: whose credits fell short, `tenant` or the end user's allowance (`user`).
     account: Literal["tenant", "user"] | None = None
     retry_after: int | None = None
+    # On 409 `step_running`: the canvas step that runs now, and its task.
+    running_step: int | None = None
+    running_task: str | None = None
 
 
 class ServiceError(Exception):

@@ -8,6 +8,9 @@ import contextlib
 import secrets
 from collections.abc import AsyncIterator
 
+from service.canvases.service import CanvasService
+from service.canvases.steps import MODE as CANVAS_STEP
+from service.canvases.steps import CanvasSteps
 from service.db.engine import Database
 from service.images.decoder import ImageDecoder
 from service.images.storage import open_store
@@ -53,6 +56,9 @@ async def running(settings: Settings, *, workers: bool) -> AsyncIterator[Runtime
         if workers:
             upstream = open_image_upstream(settings, base_url, api_key, health)
             stack.push_async_callback(upstream.close)
+            canvas_steps = CanvasSteps(
+                settings=settings, db=db, store=store, upstream=upstream, health=health, decoder=decoder
+            )
             pool = WorkerPool(
                 settings=settings,
                 db=db,
@@ -62,11 +68,15 @@ async def running(settings: Settings, *, workers: bool) -> AsyncIterator[Runtime
                 decoder=decoder,
                 enhancer=enhancer,
                 watchers=watchers,
+                kinds={CANVAS_STEP: canvas_steps},
             )
             await pool.start()
             stack.push_async_callback(pool.stop)
         tasks = TaskService(
             settings=settings, db=db, store=store, decoder=decoder, enhancer=enhancer, watchers=watchers, workers=pool
+        )
+        canvases = CanvasService(
+            settings=settings, db=db, store=store, decoder=decoder, enhancer=enhancer, workers=pool
         )
         yield Runtime(
             settings=settings,
@@ -78,4 +88,5 @@ async def running(settings: Settings, *, workers: bool) -> AsyncIterator[Runtime
             keys=keys,
             enhancer=enhancer,
             tasks=tasks,
+            canvases=canvases,
         )

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from service.canvases.service import CanvasService
 from service.db.engine import Database
 from service.images.storage import BlobStore
 from service.prompts.service import Enhancer
@@ -27,3 +28,4 @@ class Runtime:
     keys: KeyCache
     enhancer: Enhancer
     tasks: TaskService
+    canvases: CanvasService

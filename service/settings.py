@@ -90,6 +90,9 @@ class Settings:
     gc_interval_seconds: float = 3600.0
     reference_retention_hours: float = 168.0
 
+    max_canvas_pixels: int = 16_000_000
+    max_canvas_steps: int = 200
+
     @property
     def is_offline(self) -> bool:
         return self.upstream_base_url is None
@@ -183,6 +186,8 @@ class Settings:
             upstream_cooldown_seconds=read.number("UPSTREAM_COOLDOWN_SECONDS", 30.0, minimum=0.0),
             gc_interval_seconds=read.number("GC_INTERVAL_SECONDS", 3600.0, minimum=0.0),
             reference_retention_hours=read.number("REFERENCE_RETENTION_HOURS", 168.0, minimum=0.0),
+            max_canvas_pixels=read.integer("MAX_CANVAS_PIXELS", 16_000_000, minimum=4096),
+            max_canvas_steps=read.integer("MAX_CANVAS_STEPS", 200, minimum=1),
         )
         _check_urls(settings)
         if settings.end_user_token_secret is not None and len(settings.end_user_token_secret) < 32:

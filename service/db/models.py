@@ -257,6 +257,62 @@ class CachedEnhancement(Base):
     expires_at: Mapped[float] = mapped_column(Float)
 
 
+class Canvas(Base):
+    """A tenant's growing image (an end user's, with a token): its current picture is the output of step `head`."""
+
+    __tablename__ = "canvases"
+    __table_args__ = (
+        Index("ix_canvases_tenant_id_id", "tenant_id", "id"),
+        Index("ix_canvases_tenant_id_end_user_id", "tenant_id", "end_user", "id"),
+    )
+
+    id: Mapped[str] = mapped_column(String(32), primary_key=True)
+    tenant_id: Mapped[str] = mapped_column(ForeignKey("tenants.id"))
+    end_user: Mapped[str | None] = mapped_column(String(256), nullable=True)
+    # `ready` once it has a picture; `creating` while the generation that draws its first one runs; `failed` when
+    # that generation failed (the canvas then never gets a picture).
+    status: Mapped[str] = mapped_column(String(16))
+    origin: Mapped[str] = mapped_column(String(8))
+    # The committed step whose output is the current picture (0: the first picture), and how many steps were made.
+    head: Mapped[int] = mapped_column(Integer, default=0)
+    steps_made: Mapped[int] = mapped_column(Integer, default=0)
+    # The task of the step that may be running: the canvas is busy while that task has not ended.
+    busy_task: Mapped[str | None] = mapped_column(String(32), nullable=True)
+    width: Mapped[int] = mapped_column(Integer, default=0)
+    height: Mapped[int] = mapped_column(Integer, default=0)
+    image: Mapped[dict[str, Any] | None] = mapped_column(JSONType, nullable=True)
+    # The first picture (the upload, or what step 0 drew), which a revert to step 0 brings back.
+    first_image: Mapped[dict[str, Any] | None] = mapped_column(JSONType, nullable=True)
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime())
+    updated_at: Mapped[datetime] = mapped_column(UTCDateTime())
+
+
+class CanvasStep(Base):
+    """One step of a canvas, run as a task (`tasks.mode = 'canvas'`): the task carries its status, cost and refund;
+    the step its geometry, its artifacts and its record."""
+
+    __tablename__ = "canvas_steps"
+    __table_args__ = (UniqueConstraint("canvas_id", "n", name="uq_canvas_steps_canvas_id_n"),)
+
+    task_id: Mapped[str] = mapped_column(ForeignKey("tasks.id"), primary_key=True)
+    canvas_id: Mapped[str] = mapped_column(ForeignKey("canvases.id"))
+    n: Mapped[int] = mapped_column(Integer)
+    # Step 0 of a canvas made from a prompt draws the first picture: it has no direction and no base.
+    direction: Mapped[str | None] = mapped_column(String(8), nullable=True)
+    extension_px: Mapped[int] = mapped_column(Integer, default=0)
+    overlap_px: Mapped[int] = mapped_column(Integer, default=0)
+    immutable_px: Mapped[int] = mapped_column(Integer, default=0)
+    immutable_policy: Mapped[str] = mapped_column(String(8), default="seam")
+    # The step whose output this step extends, and that output as it was when the step was submitted.
+    base_step: Mapped[int | None] = mapped_column(Integer, nullable=True)
+    base_image: Mapped[dict[str, Any] | None] = mapped_column(JSONType, nullable=True)
+    # The picture the step committed, what it stored along the way, what it checked and its reproducibility record.
+    image: Mapped[dict[str, Any] | None] = mapped_column(JSONType, nullable=True)
+    artifacts: Mapped[dict[str, Any]] = mapped_column(JSONType, default=dict)
+    validation: Mapped[dict[str, Any] | None] = mapped_column(JSONType, nullable=True)
+    record: Mapped[dict[str, Any] | None] = mapped_column(JSONType, nullable=True)
+
+
 # The tables themselves, for the statements on the hot paths: a statement built on a table (not on a mapped class)
 # runs as plain Core, without the ORM's bulk-update bookkeeping.
 TASKS = cast(Table, Task.__table__)
@@ -264,3 +320,5 @@ TENANTS = cast(Table, Tenant.__table__)
 LEDGER = cast(Table, LedgerEntry.__table__)
 END_USERS = cast(Table, EndUser.__table__)
 TENANT_ORIGINS = cast(Table, TenantOrigin.__table__)
+CANVASES = cast(Table, Canvas.__table__)
+CANVAS_STEPS = cast(Table, CanvasStep.__table__)

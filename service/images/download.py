@@ -1,11 +1,14 @@
-"""Stored images as HTTP answers: the object's bytes sent chunk by chunk as the store reads them, with its length."""
+"""Stored images as HTTP answers: the object's bytes sent chunk by chunk as the store reads them, with its length, its
+ETag, and 304 when the client has it already."""
 
 from __future__ import annotations
 
 from collections.abc import AsyncIterator
+from dataclasses import dataclass
 from typing import Any
 
 from litestar import Request, Response
+from litestar.openapi.spec import OpenAPIHeader, OpenAPIMediaType, OpenAPIResponse, Operation, Reference, Schema
 from litestar.response.base import ASGIResponse
 from litestar.types import Receive, Send
 
@@ -44,3 +47,35 @@ class StoredImage(Response[bytes]):
             media_type=str(self.media_type),
             headers={**(headers or {}), **self.headers},
         )
+
+
+BINARY = Schema(type="string", format="binary")  # type: ignore[arg-type]
+
+
+@dataclass
+class ImageOperation(Operation):
+    """The image route answers bytes of one of several image types, with cache headers, or 304."""
+
+    def __post_init__(self) -> None:
+        headers: dict[str, OpenAPIHeader | Reference] = {
+            "ETag": OpenAPIHeader(schema=Schema(type="string"), description="Strong validator: the image's SHA-256"),  # type: ignore[arg-type]
+            "Cache-Control": OpenAPIHeader(
+                schema=Schema(type="string"),  # type: ignore[arg-type]
+                description="private; immutable for a task's images and a step's artifacts, no-cache (revalidated) "
+                "for a canvas's current picture",
+            ),
+        }
+        assert self.responses is not None
+        self.responses["200"] = OpenAPIResponse(
+            description="The image",
+            content={kind: OpenAPIMediaType(schema=BINARY) for kind in ("image/png", "image/jpeg", "image/webp")},
+            headers=headers,
+        )
+        self.responses["304"] = OpenAPIResponse(description="Not modified (If-None-Match matched)", headers=headers)
+
+
+def etag_matches(if_none_match: str | None, digest: str) -> bool:
+    if not if_none_match:
+        return False
+    tags = {tag.strip().removeprefix("W/") for tag in if_none_match.split(",")}
+    return "*" in tags or f'"{digest}"' in tags

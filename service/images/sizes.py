@@ -15,6 +15,8 @@ IMAGES_API_SIZES: dict[str, tuple[int, int]] = {
     "1536x1024": (1536, 1024),
     "1024x1536": (1024, 1536),
 }
+# The pixels a ratio stands for when the service itself draws an input at that ratio (a canvas step's context).
+RATIO_PIXELS: dict[str, tuple[int, int]] = {"1:1": (1024, 1024), "16:9": (1536, 864), "9:16": (864, 1536)}
 MIN_SIDE, MAX_SIDE = 64, 8192
 # A side of 64 to 8192 pixels, spelled out so the OpenAPI document can state exactly what is accepted.
 _SIDE = r"(?:6[4-9]|[7-9]\d|[1-9]\d{2}|[1-7]\d{3}|80\d{2}|81[0-8]\d|819[0-2])"
@@ -63,3 +65,13 @@ def expected_aspect(normalized: str) -> float | None:
 
 def supported_sizes(protocol: str) -> list[str]:
     return ["auto", *(RATIOS if protocol == "tasks" else IMAGES_API_SIZES)]
+
+
+def nearest_size(width: int, height: int, protocol: str) -> str:
+    """The size the protocol accepts that is nearest in aspect to `width` x `height`."""
+    return _nearest((width, height), RATIOS if protocol == "tasks" else IMAGES_API_SIZES)
+
+
+def size_pixels(normalized: str) -> tuple[int, int]:
+    """The pixels of a normalized size other than `auto`: its own for `WxH`, the ratio's for a ratio."""
+    return RATIO_PIXELS.get(normalized) or IMAGES_API_SIZES[normalized]

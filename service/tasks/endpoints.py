@@ -9,14 +9,14 @@ from typing import Annotated, Any
 
 from litestar import Request, Response, Router, get, post
 from litestar.datastructures import ResponseHeader
-from litestar.openapi.spec import OpenAPIHeader, OpenAPIMediaType, OpenAPIResponse, Operation, Reference, Schema
+from litestar.openapi.spec import OpenAPIHeader, OpenAPIMediaType, OpenAPIResponse, Operation, Schema
 from litestar.params import HeaderParameter, Parameter
 
 from service.bodies import TypeReference
 from service.catalog import ModelList, model_list
 from service.errors import Conflict, NotFound, problem_responses
 from service.idempotency import IdempotencyKey
-from service.images.download import StoredImage
+from service.images.download import ImageOperation, StoredImage, etag_matches
 from service.pagination import Cursor, Limit, next_cursor
 from service.settings import Settings
 from service.tasks.schemas import GenerateRequest, GenerateUpload, TaskOut, TaskPage, TaskStatus, task_view
@@ -55,27 +55,6 @@ class GenerateOperation(Operation):
                 )
             },
         )
-
-
-BINARY = Schema(type="string", format="binary")  # type: ignore[arg-type]
-
-
-@dataclass
-class ImageOperation(Operation):
-    """The image route answers bytes of one of several image types, with cache headers, or 304."""
-
-    def __post_init__(self) -> None:
-        headers: dict[str, OpenAPIHeader | Reference] = {
-            "ETag": OpenAPIHeader(schema=Schema(type="string"), description="Strong validator: the image's SHA-256"),  # type: ignore[arg-type]
-            "Cache-Control": OpenAPIHeader(schema=Schema(type="string"), description="private, immutable"),  # type: ignore[arg-type]
-        }
-        assert self.responses is not None
-        self.responses["200"] = OpenAPIResponse(
-            description="The image",
-            content={kind: OpenAPIMediaType(schema=BINARY) for kind in ("image/png", "image/jpeg", "image/webp")},
-            headers=headers,
-        )
-        self.responses["304"] = OpenAPIResponse(description="Not modified (If-None-Match matched)", headers=headers)
 
 
 @post(
@@ -199,18 +178,11 @@ async def get_task_image(
         raise NotFound(f"The task has {len(task.images)} image(s)", code="image_not_found", field="index")
     image = task.images[index]
     headers = {"ETag": f'"{image["sha256"]}"', "Cache-Control": "private, max-age=31536000, immutable"}
-    if _matches(request.headers.get("if-none-match"), image["sha256"]):
+    if etag_matches(request.headers.get("if-none-match"), image["sha256"]):
         return Response(content=b"", status_code=304, headers=headers)
     return StoredImage(
         tasks.store.stream(image["key"]), length=image["bytes"], media_type=image["content_type"], headers=headers
     )
-
-
-def _matches(if_none_match: str | None, digest: str) -> bool:
-    if not if_none_match:
-        return False
-    tags = {tag.strip().removeprefix("W/") for tag in if_none_match.split(",")}
-    return "*" in tags or f'"{digest}"' in tags
 
 
 @get(

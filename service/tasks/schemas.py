@@ -113,7 +113,8 @@ class TaskOut(msgspec.Struct):
 
     id: str
     status: TaskStatus
-    mode: Literal["text", "image"]
+    # `canvas`: a step of a canvas (see /api/canvases), whose image is the canvas after the step.
+    mode: Literal["text", "image", "canvas"]
     prompt: str
     revised_prompt: str | None
     model: str

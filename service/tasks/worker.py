@@ -17,13 +17,13 @@ import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from datetime import timedelta
-from typing import Any, TypeVar
+from typing import Any, Protocol, TypeVar
 
 import msgspec
 
 from service import idempotency
 from service.clock import utcnow
-from service.db.engine import Database, Record
+from service.db.engine import Database, Record, Transaction
 from service.ids import new_id
 from service.images import sweep
 from service.images.decoder import ImageDecoder
@@ -65,6 +65,23 @@ class Outcome:
     upstream_ids: list[str] = field(default_factory=list)
     error_code: str | None = None
     error_message: str | None = None
+    # What a task kind's own `settle` records, and the objects it stored that are deleted when the run's outcome is
+    # not committed.
+    details: dict[str, Any] = field(default_factory=dict)
+    stored: list[str] = field(default_factory=list)
+
+
+Retrying = Callable[[Callable[[], Awaitable[T]]], Awaitable[T]]
+
+
+class TaskKind(Protocol):
+    """How tasks of one `mode` other than plain generations run (a canvas step, say): `produce` does the work, with
+    `retrying` to call the upstream under the task's retries and deadline; `settle` records the outcome, whatever it
+    is, in the transaction that ends the task (after its status change and refund), so both commit or neither."""
+
+    async def produce(self, task: Record, prompt: str, retrying: Retrying[Any]) -> Outcome: ...
+
+    async def settle(self, tx: Transaction, task: Record, outcome: Outcome) -> None: ...
 
 
 def backoff_delay(attempt: int, base: float, cap: float, retry_after: float | None) -> float:
@@ -85,8 +102,10 @@ class WorkerPool:
         decoder: ImageDecoder,
         enhancer: Enhancer,
         watchers: TaskWatchers,
+        kinds: dict[str, TaskKind] | None = None,
     ) -> None:
         self.settings = settings
+        self.kinds = kinds or {}
         self.db = db
         self.store = store
         self.upstream = upstream
@@ -282,6 +301,9 @@ class WorkerPool:
                     error_code=outcome.error_code,
                     error_message=outcome.error_message,
                 )
+                kind = self.kinds.get(task.mode)
+                if settled is not None and kind is not None:
+                    await kind.settle(tx, task, outcome)
         except Exception:
             log.exception("task %s: committing its outcome failed", task.id)
             await self._after_failed_commit(task, outcome)
@@ -316,13 +338,19 @@ class WorkerPool:
         await self._delete_images(outcome)
 
     async def _delete_images(self, outcome: Outcome) -> None:
-        await asyncio.gather(*(self.store.delete(image["key"]) for image in outcome.images))
+        keys = {image["key"] for image in outcome.images} | set(outcome.stored)
+        await asyncio.gather(*(self.store.delete(key) for key in keys))
 
     async def _produce(self, task: Record) -> Outcome:
         if task.deadline_at <= utcnow():
             return self._failure(task, "deadline_exceeded", "The task ran past its deadline")
         try:
             final_prompt = await self._final_prompt(task)
+            kind = self.kinds.get(task.mode)
+            if kind is not None:
+                outcome = await kind.produce(task, final_prompt, lambda call: self._with_retries(task, call))
+                outcome.final_prompt = outcome.final_prompt or final_prompt
+                return outcome
             request = await self._request_for(task, final_prompt)
             result = await self._with_retries(task, lambda: self.upstream.generate(request))
         except UpstreamError as exc:

@@ -49,11 +49,23 @@ def _bomb() -> bytes:
     )
 
 
+BODIES: dict[str, dict[str, Any]] = {
+    "/api/images/generate": {"prompt": "probe"},
+    "/api/prompts/enhance": {"prompt": "probe"},
+    "/api/canvases": {"prompt": "probe"},
+    "/api/canvases/{canvas_id}/steps": {"direction": "right", "prompt": "probe"},
+    "/api/canvases/{canvas_id}/revert": {"to_step": 0},
+}
+
+
 def _call(client: httpx.Client, method: str, path: str, ids: dict[str, str]) -> httpx.Response:
-    url = path.replace("{task_id}", ids["task"])
-    body: dict[str, Any] | None = None
-    if path in {"/api/images/generate", "/api/prompts/enhance"}:
-        body = {"prompt": "probe"}
+    url = (
+        path.replace("{task_id}", ids["task"])
+        .replace("{canvas_id}", ids["canvas"])
+        .replace("{n}", "1")
+        .replace("{name}", "canvas.png")
+    )
+    body = BODIES.get(path) if method == "POST" else None
     return client.request(method, url, json=body, headers={"Accept": "application/json"})
 
 
@@ -61,14 +73,25 @@ def test_every_tenant_route_hides_other_tenants_and_refuses_suspended_and_revoke
     owner = service.new_tenant(credits=10, name="owner")
     task = owner.wait(owner.submit("private picture")["id"])
     assert task["status"] == "completed"
+    canvas = owner.client.post("/api/canvases", files={"image": ("first.png", _png(), "image/png")}).json()
+    step = owner.client.post(f"/api/canvases/{canvas['id']}/steps", json={"direction": "up", "prompt": "more"}).json()
+    wait_until(
+        lambda: owner.client.get(f"/api/canvases/{canvas['id']}/steps/1").json()["status"] == "committed",
+        20,
+        "the owner's canvas step never committed",
+    )
     intruder = service.new_tenant(credits=10, name="intruder")
-    ids = {"task": task["id"]}
+    ids = {"task": task["id"], "canvas": canvas["id"]}
     for method, path in TENANT_OPERATIONS:
-        if "{task_id}" in path:
-            response = _call(intruder.client, method, path, ids)
-            assert response.status_code == 404, (method, path, response.text)
-            assert response.json()["code"] == "task_not_found"
-            assert task["id"] not in response.text
+        for placeholder, code, secret in (
+            ("{task_id}", "task_not_found", task["id"]),
+            ("{canvas_id}", "canvas_not_found", canvas["id"]),
+        ):
+            if placeholder in path:
+                response = _call(intruder.client, method, path, ids)
+                assert response.status_code == 404, (method, path, response.text)
+                assert response.json()["code"] == code
+                assert secret not in response.text and step["task_id"] not in response.text
     listed = intruder.client.get("/api/images/tasks", params={"limit": 100}).json()
     assert all(item["id"] != task["id"] for item in listed["items"])
     assert all(entry["task_id"] != task["id"] for entry in intruder.ledger())
@@ -94,7 +117,7 @@ def test_every_tenant_route_hides_other_tenants_and_refuses_suspended_and_revoke
             assert gone.status_code == 401, (method, path)
     finally:
         revoked.close()
-    assert owner.balance() == 9
+    assert owner.balance() == 8
 
 
 def test_request_rate_limit_is_per_tenant_and_set_by_the_admin(service: Service) -> None:

@@ -1,0 +1,238 @@
+"""The Pillow work of a step, run on the decoder threads: the model's input and mask at the size the upstream accepts,
+and the validation gate that turns the model's answer into the next canvas or says why it cannot (I1, I2, I4 of
+docs/architecture.md §6). Everything here is a function of bytes and numbers; nothing touches storage or the network.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import time
+import warnings
+from dataclasses import dataclass, field
+from typing import Any
+
+from PIL import Image, ImageChops, ImageStat, UnidentifiedImageError
+
+from service.canvases import geometry
+from service.canvases.geometry import Direction, ImmutablePolicy
+from service.images.processing import MAX_DECODE_PIXELS, sniff_format
+
+# How far (mean absolute difference per channel, 0-255) the model's rendition of the pixels it was told to keep may
+# stray from them, compared at a scale where resampling to and from the upstream's size no longer shows.
+KEPT_TOLERANCE = 16.0
+COMPARE_SIDE = 64
+ASPECT_TOLERANCE = 0.05
+
+
+class StepFailure(Exception):
+    """The step cannot commit: `code` is one of the failure taxonomy's (`FailureCode`), `checks` what was found."""
+
+    def __init__(self, code: str, message: str, checks: dict[str, Any] | None = None) -> None:
+        super().__init__(message)
+        self.code = code
+        self.message = message
+        self.checks = checks or {}
+
+
+@dataclass(frozen=True, slots=True)
+class StepParameters:
+    direction: Direction
+    extension: int
+    overlap: int
+    immutable: int
+    policy: ImmutablePolicy
+    max_pixels: int
+
+
+@dataclass(frozen=True, slots=True)
+class ModelInput:
+    """What goes upstream: the context with blank new pixels, and the mask, both PNG at `sent_size`."""
+
+    image: bytes
+    mask: bytes
+    sent_size: tuple[int, int]
+    input_size: tuple[int, int]
+    base_sha256: str
+
+
+@dataclass(slots=True)
+class NewCanvas:
+    """A step's result that passed the gate: the next canvas as PNG, and the record of every check."""
+
+    png: bytes
+    width: int
+    height: int
+    sha256: str
+    output_sha256: str
+    checks: dict[str, Any] = field(default_factory=dict)
+    seconds: float = 0.0
+
+
+def sha256(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def png(image: Image.Image) -> bytes:
+    out = io.BytesIO()
+    image.save(out, format="PNG", compress_level=1)
+    return out.getvalue()
+
+
+def open_canvas(data: bytes, *, max_pixels: int) -> Image.Image:
+    """A stored or uploaded picture as a canvas: decoded, in RGB (RGBA when it has transparency), within the limit."""
+    if sniff_format(data) is None:
+        raise StepFailure("decode_failed", "The picture is not a PNG, JPEG or WebP image")
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            image = Image.open(io.BytesIO(data))
+            width, height = image.size
+            if width * height > min(max_pixels, MAX_DECODE_PIXELS):
+                raise StepFailure(
+                    "dimension_mismatch",
+                    f"The picture is {width}x{height}, more than the {max_pixels} pixels a canvas may have",
+                )
+            image.load()
+    except StepFailure:
+        raise
+    except (UnidentifiedImageError, OSError, ValueError, Image.DecompressionBombError, Image.DecompressionBombWarning):
+        raise StepFailure("decode_failed", "The picture does not decode") from None
+    has_alpha = image.mode in ("RGBA", "LA", "PA") or (image.mode == "P" and "transparency" in image.info)
+    wanted = "RGBA" if has_alpha else "RGB"
+    return image if image.mode == wanted else image.convert(wanted)
+
+
+def first_picture(data: bytes, *, max_pixels: int) -> NewCanvas:
+    """The first picture of a canvas (an upload, or the answer of its first generation), stored as PNG."""
+    started = time.process_time()
+    canvas = open_canvas(data, max_pixels=max_pixels)
+    encoded = png(canvas)
+    return NewCanvas(
+        encoded,
+        canvas.width,
+        canvas.height,
+        sha256(encoded),
+        sha256(data),
+        {"decodes": True, "mode": canvas.mode, "size": [canvas.width, canvas.height]},
+        time.process_time() - started,
+    )
+
+
+def model_input(base: bytes, step: StepParameters, sent_size: tuple[int, int]) -> ModelInput:
+    """The context strip of the canvas and blank new pixels, with the mask that marks the new ones, stretched to
+    `sent_size` (a size the upstream accepts, nearest in aspect); the answer is stretched back the same way."""
+    canvas = open_canvas(base, max_pixels=MAX_DECODE_PIXELS)
+    image, mask = geometry.step_input(canvas, step.direction, step.extension, step.overlap)
+    input_size = image.size
+    if image.size != sent_size:
+        image = image.resize(sent_size, Image.Resampling.LANCZOS)
+        mask = mask.resize(sent_size, Image.Resampling.NEAREST)
+    return ModelInput(png(image), png(mask), sent_size, input_size, sha256(base))
+
+
+def validate(base: bytes, answer: bytes, step: StepParameters, sent_size: tuple[int, int]) -> NewCanvas:
+    """The gate before a step commits (I4): the answer decodes, has the aspect of what was sent, kept the pixels it
+    was told to keep (within `KEPT_TOLERANCE`); the composite has exactly the expected size and mode; and after the
+    immutable band is restored from the old canvas, the band's digest equals the old canvas's (I2). Any failure is a
+    `StepFailure` naming the check."""
+    started = time.process_time()
+    old = open_canvas(base, max_pixels=MAX_DECODE_PIXELS)
+    width, height = old.size
+    checks: dict[str, Any] = {"decodes": False}
+    try:
+        answered = open_canvas(answer, max_pixels=MAX_DECODE_PIXELS)
+    except StepFailure as failure:
+        raise StepFailure("decode_failed", "The model's answer is not a readable image", checks) from failure
+    checks["decodes"] = True
+    checks["answer_size"] = list(answered.size)
+    sent_aspect = sent_size[0] / sent_size[1]
+    aspect = answered.width / answered.height
+    if abs(aspect - sent_aspect) > sent_aspect * ASPECT_TOLERANCE:
+        raise StepFailure(
+            "dimension_mismatch",
+            f"The model answered {answered.width}x{answered.height} for a {sent_size[0]}x{sent_size[1]} request",
+            checks,
+        )
+    input_size = geometry.step_input_size(width, height, step.direction, step.extension, step.overlap)
+    generated = answered if answered.size == input_size else answered.resize(input_size, Image.Resampling.LANCZOS)
+    generated = generated.convert(old.mode)
+    checks["kept_difference"] = _kept_difference(old, generated, step)
+    if checks["kept_difference"] is not None and checks["kept_difference"] > KEPT_TOLERANCE:
+        raise StepFailure(
+            "immutable_violation",
+            f"The model changed the pixels it was to keep (mean difference {checks['kept_difference']:.1f} of 255, "
+            f"at most {KEPT_TOLERANCE:g} allowed)",
+            checks,
+        )
+    try:
+        composite = geometry.composite(
+            old, generated, step.direction, step.extension, step.overlap, max_pixels=step.max_pixels
+        )
+    except geometry.GeometryError as exc:
+        raise StepFailure("dimension_mismatch", exc.detail, checks) from None
+    restored = geometry.restore_immutable(
+        composite, old, step.direction, step.extension, immutable=step.immutable, policy=step.policy
+    )
+    expected = geometry.output_size(width, height, step.direction, step.extension)
+    checks["size"] = list(restored.size)
+    checks["expected_size"] = list(expected)
+    checks["mode"] = restored.mode
+    if restored.size != expected or restored.mode != old.mode:
+        raise StepFailure("dimension_mismatch", f"The new canvas is {restored.size}, expected {expected}", checks)
+    band = geometry.immutable_band(width, height, step.direction, immutable=step.immutable, policy=step.policy)
+    moved = geometry.immutable_boxes(
+        width, height, step.direction, step.extension, immutable=step.immutable, policy=step.policy
+    )
+    before = geometry.immutable_digest(old, band)
+    after = geometry.immutable_digest(restored, moved)
+    checks["immutable_sha256_before"] = before
+    checks["immutable_sha256_after"] = after
+    if before != after:
+        raise StepFailure("immutable_violation", "The immutable band differs after the step", checks)
+    old_region = geometry.immutable_digest(old, [(0, 0, width, height)])
+    dx, dy = geometry.old_offset(step.direction, step.extension)
+    checks["old_canvas_unchanged"] = old_region == geometry.immutable_digest(
+        restored, [(dx, dy, dx + width, dy + height)]
+    )
+    if not checks["old_canvas_unchanged"]:
+        raise StepFailure("immutable_violation", "The old canvas does not appear unchanged in the new one", checks)
+    encoded = png(restored)
+    return NewCanvas(
+        encoded,
+        restored.width,
+        restored.height,
+        sha256(encoded),
+        sha256(answer),
+        checks,
+        time.process_time() - started,
+    )
+
+
+def _kept_difference(old: Image.Image, generated: Image.Image, step: StepParameters) -> float | None:
+    """How far the model strayed, inside the context it saw, from the immutable band: the mean absolute difference
+    per channel of the two, both reduced to at most COMPARE_SIDE pixels a side. None when the band and the context
+    do not meet (nothing the model saw was to be kept)."""
+    width, height = old.size
+    band = geometry.immutable_band(width, height, step.direction, immutable=step.immutable, policy=step.policy)
+    context = geometry.context_box(width, height, step.direction, step.overlap)
+    # Where the context sits in the model's input: the same shift the old canvas gets in the new canvas.
+    cx, cy = geometry.old_offset(step.direction, step.extension)
+    total, weight = 0.0, 0
+    for box in band:
+        left, upper = max(box[0], context[0]), max(box[1], context[1])
+        right, lower = min(box[2], context[2]), min(box[3], context[3])
+        if right <= left or lower <= upper:
+            continue
+        kept = old.crop((left, upper, right, lower))
+        shift_x, shift_y = left - context[0] + cx, upper - context[1] + cy
+        seen = generated.crop((shift_x, shift_y, shift_x + right - left, shift_y + lower - upper))
+        scale = min(1.0, COMPARE_SIDE / max(kept.size))
+        small = (max(1, round(kept.width * scale)), max(1, round(kept.height * scale)))
+        difference = ImageChops.difference(
+            kept.resize(small, Image.Resampling.BOX), seen.resize(small, Image.Resampling.BOX)
+        )
+        area = (right - left) * (lower - upper)
+        total += sum(ImageStat.Stat(difference).mean) / len(difference.getbands()) * area
+        weight += area
+    return round(total / weight, 2) if weight else None

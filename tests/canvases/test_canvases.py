@@ -1,0 +1,260 @@
+"""Canvases over HTTP, on the database and storage under test: a canvas grown in four directions with its sizes and
+immutable bands checked here from the pictures themselves; steps that fail at every gate leave the canvas as it was,
+refund once and keep their failure report; one step at a time; revert; export; a worker killed mid-step."""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import zipfile
+from collections.abc import Iterator
+from typing import Any
+
+import httpx
+import pytest
+from PIL import Image
+
+from tests.conftest import Service, Tenant, Upstream, service_env, wait_until
+
+RUNNING = {"queued", "running"}
+
+
+@pytest.fixture(scope="module")
+def service(upstream: Upstream, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Service]:
+    process = Service(
+        tmp_path_factory.mktemp("canvases"),
+        service_env(upstream, MAX_CANVAS_PIXELS="400000", MAX_CANVAS_STEPS="12", END_USER_TOKEN_SECRET="s" * 32),
+    )
+    yield process
+    process.stop()
+
+
+def gradient(width: int, height: int) -> bytes:
+    """A smooth picture (a model that repaints it is seen at once) that differs on every side."""
+    image = Image.merge(
+        "RGB",
+        (
+            Image.linear_gradient("L").resize((width, height)),
+            Image.linear_gradient("L").rotate(90).resize((width, height)),
+            Image.new("L", (width, height), 90),
+        ),
+    )
+    out = io.BytesIO()
+    image.save(out, "PNG")
+    return out.getvalue()
+
+
+def picture(response: httpx.Response) -> Image.Image:
+    assert response.status_code == 200, response.text
+    return Image.open(io.BytesIO(response.content)).convert("RGB")
+
+
+def band_digest(image: Image.Image, box: tuple[int, int, int, int]) -> str:
+    return hashlib.sha256(image.crop(box).tobytes()).hexdigest()
+
+
+def create(tenant: Tenant, width: int = 160, height: int = 120) -> dict[str, Any]:
+    response = tenant.client.post("/api/canvases", files={"image": ("first.png", gradient(width, height), "image/png")})
+    assert response.status_code == 201, response.text
+    return dict(response.json())
+
+
+def extend(tenant: Tenant, canvas_id: str, **fields: Any) -> httpx.Response:
+    return tenant.client.post(f"/api/canvases/{canvas_id}/steps", json={"prompt": "more of the same", **fields})
+
+
+def finished_step(tenant: Tenant, canvas_id: str, n: int, timeout: float = 20) -> dict[str, Any]:
+    def ended() -> dict[str, Any] | None:
+        step = tenant.client.get(f"/api/canvases/{canvas_id}/steps/{n}").json()
+        return None if step["status"] in RUNNING else dict(step)
+
+    return wait_until(ended, timeout, f"step {n} of canvas {canvas_id} never ended")
+
+
+def test_a_canvas_grows_in_four_directions_keeping_every_old_pixel(service: Service, upstream: Upstream) -> None:
+    tenant = service.new_tenant(credits=20)
+    canvas = create(tenant)
+    assert (canvas["status"], canvas["width"], canvas["height"], canvas["head"]) == ("ready", 160, 120, 0)
+    old = picture(tenant.client.get(canvas["image"]["url"]))
+    placed = {"right": (0, 0), "left": (40, 0), "up": (0, 30), "down": (0, 0)}
+    for n, (direction, length) in enumerate((("right", 40), ("left", 40), ("up", 30), ("down", 30)), start=1):
+        accepted = extend(tenant, canvas["id"], direction=direction, extension_px=length, overlap_px=24)
+        assert accepted.status_code == 202, accepted.text
+        assert accepted.json()["n"] == n and accepted.json()["status"] == "queued"
+        step = finished_step(tenant, canvas["id"], n)
+        assert step["status"] == "committed", step
+        new = picture(tenant.client.get(f"/api/canvases/{canvas['id']}/image"))
+        grows_wide = direction in ("right", "left")
+        expected = (old.width + length, old.height) if grows_wide else (old.width, old.height + length)
+        assert new.size == expected == (step["width"], step["height"])
+        # The old canvas is unchanged at its new offset: the test's own crop and hash, not the service's.
+        dx, dy = placed[direction]
+        assert band_digest(new, (dx, dy, dx + old.width, dy + old.height)) == band_digest(old, (0, 0, *old.size))
+        names = {artifact["name"] for artifact in step["artifacts"]}
+        assert {"input.png", "context.png", "mask.png", "canvas.png", "record.json", "validation.json"} <= names
+        record = tenant.client.get(f"/api/canvases/{canvas['id']}/steps/{n}/artifacts/record.json").json()
+        assert record["sha256"]["output_canvas"] == hashlib.sha256(
+            tenant.client.get(f"/api/canvases/{canvas['id']}/steps/{n}/artifacts/canvas.png").content
+        ).hexdigest()
+        assert record["parameters"]["direction"] == direction and record["final_prompt"].endswith("more of the same")
+        old = new
+    assert old.size == (240, 180)
+    # What the upstream received for the last step: the context and the mask the record names.
+    last = upstream.received()[-1]
+    assert "more of the same" in last["prompt"]
+    balance = tenant.balance()
+    assert balance == 16
+    listed = tenant.client.get(f"/api/canvases/{canvas['id']}/steps").json()
+    assert [step["n"] for step in listed["items"]] == [1, 2, 3, 4]
+    assert service.audit()[0] == 0
+
+
+def test_a_changed_immutable_band_or_a_bad_answer_fails_the_step_and_changes_nothing(
+    service: Service, upstream: Upstream
+) -> None:
+    tenant = service.new_tenant(credits=10)
+    canvas = create(tenant)
+    before = tenant.client.get(f"/api/canvases/{canvas['id']}").json()
+    for n, (fault, code) in enumerate(
+        (("wrong_size", "dimension_mismatch"), ("bad_image", "decode_failed"), ("repaint_kept", "immutable_violation")),
+        start=1,
+    ):
+        marker = f"canvas-fault-{fault}"
+        upstream.faults({"fault": fault, "match": marker})
+        accepted = extend(tenant, canvas["id"], direction="right", prompt=marker, immutable_px=16, overlap_px=32)
+        assert accepted.status_code == 202, accepted.text
+        step = finished_step(tenant, canvas["id"], n)
+        assert step["status"] == "failed" and step["error"]["code"] == code, step
+        assert step["refunded"] == step["cost"] == 1
+        after = tenant.client.get(f"/api/canvases/{canvas['id']}").json()
+        assert (after["width"], after["height"], after["head"], after["image"]) == (
+            before["width"],
+            before["height"],
+            before["head"],
+            before["image"],
+        )
+        report = tenant.client.get(f"/api/canvases/{canvas['id']}/steps/{n}/artifacts/failure.txt")
+        assert report.status_code == 200 and code in report.text and "refunded" in report.text
+        validation = tenant.client.get(f"/api/canvases/{canvas['id']}/steps/{n}/artifacts/validation.json").json()
+        assert validation["passed"] is False and validation["failure"]["code"] == code
+    assert tenant.balance() == 10
+    assert service.audit()[0] == 0
+
+
+def test_one_step_runs_at_a_time_and_revert_waits_for_it(service: Service, upstream: Upstream) -> None:
+    tenant = service.new_tenant(credits=10)
+    canvas = create(tenant)
+    upstream.settings(latency=1.5)
+    first = extend(tenant, canvas["id"], direction="down", extension_px=20)
+    assert first.status_code == 202
+    second = extend(tenant, canvas["id"], direction="up", extension_px=20)
+    assert second.status_code == 409
+    problem = second.json()
+    assert problem["code"] == "step_running" and problem["running_step"] == 1
+    assert problem["running_task"] == first.json()["task_id"]
+    busy = tenant.client.post(f"/api/canvases/{canvas['id']}/revert", json={"to_step": 0})
+    assert busy.status_code == 409 and busy.json()["code"] == "step_running"
+    assert tenant.client.get(f"/api/canvases/{canvas['id']}").json()["busy_step"] == 1
+    assert finished_step(tenant, canvas["id"], 1)["status"] == "committed"
+    upstream.reset_settings()
+    assert tenant.balance() == 9
+    grown = tenant.client.get(f"/api/canvases/{canvas['id']}").json()
+    assert (grown["height"], grown["head"], grown["busy_step"]) == (140, 1, None)
+    reverted = tenant.client.post(f"/api/canvases/{canvas['id']}/revert", json={"to_step": 0})
+    assert reverted.status_code == 200, reverted.text
+    assert (reverted.json()["height"], reverted.json()["head"]) == (120, 0)
+    assert reverted.json()["image"]["sha256"] == canvas["image"]["sha256"]
+    step = tenant.client.get(f"/api/canvases/{canvas['id']}/steps/1").json()
+    assert step["reverted"] is True
+    # The next step extends the picture reverted to, and is numbered after every step made.
+    again = extend(tenant, canvas["id"], direction="right", extension_px=10)
+    assert again.status_code == 202 and again.json()["n"] == 2
+    assert finished_step(tenant, canvas["id"], 2)["width"] == 170
+    assert tenant.client.get(f"/api/canvases/{canvas['id']}/image").headers["etag"] != f'"{canvas["image"]["sha256"]}"'
+
+
+def test_bad_steps_are_refused_before_anything_is_paid(service: Service) -> None:
+    tenant = service.new_tenant(credits=5)
+    canvas = create(tenant)
+    for fields, code, field in (
+        ({"direction": "right", "overlap_px": 161}, "invalid_geometry", "overlap_px"),
+        ({"direction": "up", "immutable_px": 120}, "invalid_geometry", "immutable_px"),
+        ({"direction": "right", "immutable_px": 60, "immutable_policy": "border"}, "invalid_geometry", "immutable_px"),
+        ({"direction": "down", "extension_px": 4000}, "canvas_too_large", "extension_px"),
+        ({"direction": "sideways"}, "invalid_field", "direction"),
+        ({"direction": "right", "extension_px": 0}, "invalid_field", "extension_px"),
+    ):
+        refused = extend(tenant, canvas["id"], **fields)
+        assert refused.status_code == 422, (fields, refused.text)
+        assert (refused.json()["code"], refused.json()["field"]) == (code, field)
+    not_an_image = tenant.client.post("/api/canvases", files={"image": ("a.png", b"not an image", "image/png")})
+    assert not_an_image.status_code == 422
+    huge = tenant.client.post("/api/canvases", files={"image": ("big.png", gradient(800, 600), "image/png")})
+    assert huge.status_code == 422 and huge.json()["code"] == "canvas_too_large"
+    assert tenant.client.get("/api/canvases/01a2378f5a48f702b9e0c71ba6ce459f").status_code == 404
+    assert tenant.balance() == 5
+    assert tenant.client.get("/api/canvases").json()["items"][0]["id"] == canvas["id"]
+
+
+def test_a_canvas_from_a_prompt_and_its_export(service: Service) -> None:
+    tenant = service.new_tenant(credits=5)
+    made = tenant.client.post("/api/canvases", json={"prompt": "a lighthouse at dusk", "size": "16:9"})
+    assert made.status_code == 201, made.text
+    canvas = made.json()
+    assert (canvas["status"], canvas["busy_step"], canvas["image"]) == ("creating", 0, None)
+    first = finished_step(tenant, canvas["id"], 0)
+    assert first["status"] == "committed" and first["kind"] == "create"
+    ready = tenant.client.get(f"/api/canvases/{canvas['id']}").json()
+    assert ready["status"] == "ready" and ready["width"] / ready["height"] == pytest.approx(16 / 9, rel=0.05)
+    assert extend(tenant, canvas["id"], direction="left", extension_px=64).status_code == 202
+    assert finished_step(tenant, canvas["id"], 1)["status"] == "committed"
+    exported = tenant.client.get(f"/api/canvases/{canvas['id']}/export")
+    assert exported.status_code == 200 and exported.headers["content-type"] == "application/zip"
+    archive = zipfile.ZipFile(io.BytesIO(exported.content))
+    names = set(archive.namelist())
+    assert {"canvas.json", "steps/0/step.json", "steps/0/canvas.png", "steps/1/canvas.png", "steps/1/mask.png"} <= names
+    current = tenant.client.get(f"/api/canvases/{canvas['id']}/image").content
+    assert archive.read("steps/1/canvas.png") == current
+    assert tenant.balance() == 3
+
+
+def test_an_end_user_sees_only_their_own_canvases(service: Service) -> None:
+    tenant = service.new_tenant(credits=10)
+    tokens = [tenant.client.post("/api/end-user-tokens", json={"user": user}).json()["token"] for user in ("a", "b")]
+    clients = [httpx.Client(base_url=service.base_url, headers={"Authorization": f"Bearer {t}"}) for t in tokens]
+    try:
+        mine = clients[0].post("/api/canvases", files={"image": ("a.png", gradient(64, 64), "image/png")})
+        assert mine.status_code == 201, mine.text
+        canvas_id = mine.json()["id"]
+        assert clients[1].get(f"/api/canvases/{canvas_id}").status_code == 404
+        assert clients[1].get("/api/canvases").json()["items"] == []
+        assert tenant.client.get(f"/api/canvases/{canvas_id}").status_code == 200
+    finally:
+        for client in clients:
+            client.close()
+
+
+def test_a_step_survives_its_worker_being_killed(upstream: Upstream, tmp_path_factory: pytest.TempPathFactory) -> None:
+    process = Service(tmp_path_factory.mktemp("canvas-crash"), service_env(upstream, WORKER_LEASE_SECONDS="1"))
+    try:
+        tenant = process.new_tenant(credits=5)
+        canvas = create(tenant)
+        upstream.settings(latency=3)
+        assert extend(tenant, canvas["id"], direction="right", extension_px=16).status_code == 202
+        wait_until(
+            lambda: tenant.client.get(f"/api/canvases/{canvas['id']}/steps/1").json()["status"] == "running",
+            10,
+            "the step never started",
+        )
+        process.kill()
+        upstream.reset_settings()
+        process.start()
+        step = finished_step(tenant, canvas["id"], 1, timeout=30)
+        grown = tenant.client.get(f"/api/canvases/{canvas['id']}").json()
+        if step["status"] == "committed":
+            assert grown["width"] == 176 and tenant.balance() == 4
+        else:
+            assert grown["width"] == 160 and tenant.balance() == 5
+        assert process.audit()[0] == 0
+    finally:
+        process.stop()
