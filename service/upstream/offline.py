@@ -176,6 +176,8 @@ def draw_caption(pen: ImageDraw.ImageDraw, prompt: str, width: int, height: int)
 FADE_SHARE = 0.25
 TINT_MAX = 150
 TEXTURE_AMPLITUDE = 24
+# How far (in pixels of each pyramid level) the kept colours spread past their edge before the next level shows.
+SPREAD_RADIUS = 1.5
 # The distance field is measured on a copy whose longer side is at most this many pixels: fast and smooth enough.
 _FIELD_SIDE = 128
 _FADE_RINGS = int(_FIELD_SIDE * FADE_SHARE)
@@ -221,20 +223,23 @@ def paint_extension(prompt: str, reference: Image.Image, keep: Image.Image, inde
 
 
 def _pull_push(layer: Image.Image, backdrop: Image.Image) -> Image.Image:
-    """Fill the transparent pixels of `layer` from a pyramid of ever smaller copies of it: each copy averages the
-    kept pixels (resizing RGBA weights colours by alpha), a copy covered at least half way counts as opaque, and
-    every level is laid over the enlarged coarser result, so a hole takes the colours of the nearest kept pixels at
-    the scale of its distance from them. Where no level sees a kept pixel, the backdrop shows."""
-    boost = [min(255, 2 * value) for value in range(256)]
-    levels = [layer]
-    while max(levels[-1].size) > 1:
-        width, height = levels[-1].size
-        smaller = levels[-1].resize((max(1, (width + 1) // 2), max(1, (height + 1) // 2)), Image.Resampling.BOX)
-        smaller.putalpha(smaller.getchannel("A").point(boost))
-        levels.append(smaller)
-    filled = backdrop.resize(levels[-1].size, Image.Resampling.BOX).convert("RGBA")
+    """Fill the transparent pixels of `layer` from a pyramid of ever smaller copies of it. Each copy averages the
+    kept pixels (resizing RGBA weights colours by alpha) and spreads them a little past their edge (a blur of the
+    alpha-weighted colours); a pixel covered a third of the way counts as opaque. Every level is laid over the
+    enlarged coarser result, so a hole takes the colours of the kept pixels nearest to it, averaged over a span that
+    grows with its distance from them. Where no level sees a kept pixel, the backdrop shows."""
+    boost = [min(255, 3 * value) for value in range(256)]
+    # Premultiplied ("RGBa"), halving and blurring average the kept colours weighted by their alpha.
+    plain = layer.convert("RGBa")
+    spread: list[Image.Image] = []
+    while max(plain.size) > 1:
+        plain = plain.reduce(2)
+        level = plain.filter(ImageFilter.GaussianBlur(SPREAD_RADIUS)).convert("RGBA")
+        level.putalpha(level.getchannel("A").point(boost))
+        spread.append(level)
+    filled = backdrop.resize(plain.size, Image.Resampling.BOX).convert("RGBA")
     # The full-size level is left out: its kept pixels are laid over the result by the caller anyway.
-    for level in reversed(levels[1:]):
+    for level in reversed(spread):
         filled = Image.alpha_composite(filled.resize(level.size, Image.Resampling.BILINEAR), level)
     return filled.convert("RGB").resize(layer.size, Image.Resampling.BILINEAR)
 
