@@ -101,7 +101,8 @@ class FakeUpstreamProcess:
         self.settings(**DEFAULT_OFFLINE_SETTINGS)
 
     def received(self) -> list[dict[str, Any]]:
-        """The recent image requests the upstream received: path, prompt, model, n, size and number of images."""
+        """The recent image requests the upstream received: path, prompt, model, n, size, number of images, and the
+        sha256, bytes, width and height of each image (`image_files`) and of the mask (`mask`, None without one)."""
         return list(self.control.get("/_offline/received").json()["items"])
 
     def served(self) -> list[dict[str, Any]]:

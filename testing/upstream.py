@@ -2,11 +2,13 @@
 what only they need, through its hooks.
 
 - Fault switches: rules under `PUT /_offline/faults` make image submissions, polls, task results, image files and chat
-  completions fail the way real upstreams do (5xx, 429, hangs, errors, refusals, broken or wrong images).
+  completions fail the way real upstreams do (5xx, 429, hangs, errors, refusals, broken or wrong images, and an edit
+  with a mask whose kept pixels come back changed, `repaint_kept`).
 - Knobs under `PUT /_offline/settings`: latency, token delay, files served in pieces with pauses, big noise images, the
   shape of finished answers.
-- Recorders: requests by route (`/_offline/stats`), the image requests received (`/_offline/received`), the images
-  served with their sha256 (`/_offline/served`), the chat requests (`/_offline/chat-requests`).
+- Recorders: requests by route (`/_offline/stats`), the image requests received (`/_offline/received`, with the
+  sha256, byte count and pixel size of each image and of the mask), the images served with their sha256
+  (`/_offline/served`), the chat requests (`/_offline/chat-requests`).
 - A bench mode (`--bench`) that answers the OpenAI Images API with a precomputed body and streams chat answers stamped
   with the upstream's clock, computing nothing per request, so that it is never what a benchmark measures.
 
@@ -19,6 +21,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import base64
+import contextlib
 import functools
 import hashlib
 import io
@@ -34,7 +37,7 @@ import msgspec
 import uvloop
 from aiohttp import web
 from aiohttp.typedefs import Handler, Middleware
-from PIL import Image, ImageDraw
+from PIL import Image, ImageChops, ImageDraw
 
 from service.upstream.offline import (
     STREAM_END,
@@ -48,8 +51,11 @@ from service.upstream.offline import (
     chat_chunk,
     draw_caption,
     draw_image,
+    edit_layers,
+    encode_png,
     json_error,
     json_object,
+    paint_extension,
     serve_until_signalled,
 )
 
@@ -65,6 +71,7 @@ FAULT_NAMES = frozenset(
         "image_404",
         "bad_image",
         "wrong_size",
+        "repaint_kept",
         "short_result",
         "chat_500",
         "chat_midstream_error",
@@ -212,10 +219,12 @@ def _refusal_response(fault: str, *, task_api: bool) -> web.Response:
 
 @dataclass(frozen=True, slots=True)
 class FakeImage(StoredImage):
-    """A stored image that may be broken (`bad_image`) or big seeded noise (the `noise` knob)."""
+    """A stored image that may be broken (`bad_image`), big seeded noise (the `noise` knob), or an edit whose kept
+    pixels come back inverted (`repaint_kept`)."""
 
     corrupt: bool = False
     noise: bool = False
+    repaint_kept: bool = False
 
     def render(self) -> bytes:
         return _rendered(self)
@@ -228,7 +237,29 @@ def _rendered(image: FakeImage) -> bytes:
         return NOT_AN_IMAGE
     if image.noise:
         return draw_noise_image(image.prompt, image.width, image.height, image.index)
+    if image.mask is not None:
+        return encode_png(_painted_edit(image))
     return draw_image(image.prompt, image.width, image.height, image.index)
+
+
+def _painted_edit(image: FakeImage) -> Image.Image:
+    """The offline upstream's answer to an edit with a mask, with the kept pixels inverted under `repaint_kept`: a
+    model that did not respect the context it was given."""
+    assert image.mask is not None
+    reference, keep = edit_layers(image.source, image.mask, image.width, image.height)
+    painted = paint_extension(image.prompt, reference, keep, image.index)
+    if image.repaint_kept:
+        painted = Image.composite(ImageChops.invert(painted), painted, keep)
+    return painted
+
+
+def _file_note(data: bytes) -> dict[str, Any]:
+    """What identifies one received file: its sha256, byte count and pixel size (None when it is not an image)."""
+    width: int | None = None
+    height: int | None = None
+    with contextlib.suppress(OSError, ValueError, Image.DecompressionBombError), Image.open(io.BytesIO(data)) as opened:
+        width, height = opened.size
+    return {"sha256": hashlib.sha256(data).hexdigest(), "bytes": len(data), "width": width, "height": height}
 
 
 def draw_noise_image(prompt: str, width: int, height: int, index: int = 0) -> bytes:
@@ -390,8 +421,20 @@ class FakeUpstream(OfflineUpstream):
         count = max(order.n - 1, 0) if self.faults.fires("short_result", prompts) else order.n
         corrupt = self.faults.fires("bad_image", prompts)
         unreachable = self.faults.fires("image_404", prompts)
+        source, mask = order.edit_inputs()
+        repaint = mask is not None and self.faults.fires("repaint_kept", prompts)
         images = (
-            FakeImage(order.prompt, width, height, index, corrupt=corrupt, noise=self.serving.noise)
+            FakeImage(
+                order.prompt,
+                width,
+                height,
+                index,
+                source,
+                mask,
+                corrupt=corrupt,
+                noise=self.serving.noise,
+                repaint_kept=repaint,
+            )
             for index in range(count)
         )
         return ImageOutcome(tuple(images), reachable=not unreachable)
@@ -441,6 +484,8 @@ class FakeUpstream(OfflineUpstream):
                 "n": order.n,
                 "size": order.size,
                 "images": len(order.source_images),
+                "image_files": [_file_note(image) for image in order.source_images],
+                "mask": None if order.mask is None else _file_note(order.mask),
             }
         )
 

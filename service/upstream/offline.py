@@ -1,6 +1,11 @@
 """The built-in offline upstream: a loopback HTTP server speaking the chatgpt2api task API, the OpenAI Images API and
 OpenAI chat completions, drawing deterministic images with Pillow and enhancing prompts with fixed phrases.
 
+An edit that carries a mask is answered like an outpainting model: the answer keeps the first reference image's pixels
+where the mask is opaque and paints the transparent part as a continuation of them (the kept pixels pulled outward and
+blurred with distance, fading toward the prompt's colours, with a little seeded texture), deterministically. An edit
+without a mask is drawn from the prompt like a generation.
+
 `imagegen serve` runs it when no upstream is configured. It always answers plainly; the methods under "Hooks" are
 where a subclass may change an answer or note what it saw (the tests' fake upstream does), and they do nothing here.
 """
@@ -15,6 +20,7 @@ import hashlib
 import hmac
 import io
 import json
+import random
 import re
 import secrets
 import signal
@@ -26,7 +32,7 @@ from typing import Any, Literal
 
 from aiohttp import BodyPartReader, web
 from aiohttp.typedefs import Handler, Middleware
-from PIL import Image, ImageDraw, ImageFont
+from PIL import Image, ImageChops, ImageDraw, ImageFilter, ImageFont
 
 MODELS = ("gpt-image-2", "gpt-image-1", "gpt-5.5")
 DEFAULT_IMAGE_MODEL = "gpt-image-2"
@@ -49,12 +55,15 @@ class BadRequest(Exception):
 
 @dataclass(frozen=True, slots=True)
 class StoredImage:
-    """One image an answer hands out, drawn when it is first asked for."""
+    """One image an answer hands out, drawn when it is first asked for. An edit with a mask carries the first reference
+    image and the mask, and is painted from them."""
 
     prompt: str
     width: int
     height: int
     index: int
+    source: bytes = b""
+    mask: bytes | None = None
 
     def render(self) -> bytes:
         return _drawn(self)
@@ -63,6 +72,8 @@ class StoredImage:
 @functools.lru_cache(maxsize=16)
 def _drawn(image: StoredImage) -> bytes:
     """Drawn once per image: an image is polled and downloaded more than once."""
+    if image.mask is not None:
+        return outpaint(image.prompt, image.source, image.mask, image.width, image.height, index=image.index)
     return draw_image(image.prompt, image.width, image.height, image.index)
 
 
@@ -86,6 +97,14 @@ class ImageRequest:
     response_format: str
     client_task_id: str | None
     source_images: tuple[bytes, ...] = ()
+    mask: bytes | None = None
+
+    def edit_inputs(self) -> tuple[bytes, bytes | None]:
+        """What an image painted for this request is made from: the first reference and the mask of an edit with a
+        mask, nothing otherwise."""
+        if self.mask is None:
+            return b"", None
+        return next(image for image in self.source_images if image), self.mask
 
 
 @dataclass(slots=True)
@@ -118,6 +137,12 @@ def draw_image(prompt: str, width: int, height: int, index: int = 0) -> bytes:
     return buffer.getvalue()
 
 
+def encode_png(image: Image.Image) -> bytes:
+    buffer = io.BytesIO()
+    image.save(buffer, "PNG", compress_level=1)
+    return buffer.getvalue()
+
+
 def _gradient(digest: bytes, width: int, height: int) -> Image.Image:
     start = (digest[0], digest[1], digest[2])
     end = (digest[3], digest[4], digest[5])
@@ -142,6 +167,111 @@ def draw_caption(pen: ImageDraw.ImageDraw, prompt: str, width: int, height: int)
     # A fresh font per call: FreeType faces must not be shared between the threads that render concurrently.
     font = ImageFont.load_default(size=max(12, min(width, height) // 24))
     pen.text((16, 16), prompt[:40], fill=(255, 255, 255), font=font, stroke_width=2, stroke_fill=(0, 0, 0))
+
+
+# Outpainting ----------------------------------------------------------------------------------------------------------
+
+# How far from the kept pixels the painted part keeps fading toward the prompt's colours, as a share of the answer's
+# longer side; how strongly it is tinted there at most (of 255); how strong the texture is there at most (+/-).
+FADE_SHARE = 0.25
+TINT_MAX = 150
+TEXTURE_AMPLITUDE = 24
+# How far (in pixels of each pyramid level) the kept colours spread past their edge before the next level shows.
+SPREAD_RADIUS = 1.5
+# The distance field is measured on a copy whose longer side is at most this many pixels: fast and smooth enough.
+_FIELD_SIDE = 128
+_FADE_RINGS = int(_FIELD_SIDE * FADE_SHARE)
+
+
+def edit_layers(source: bytes, mask: bytes, width: int, height: int) -> tuple[Image.Image, Image.Image]:
+    """The first reference image as RGB and the kept region as an L image (255 where the mask is opaque, 0 where the
+    model may paint), both at the answer's size. A mask without alpha keeps everything."""
+    size = (width, height)
+    with Image.open(io.BytesIO(source)) as opened:
+        reference = opened.convert("RGB")
+    with Image.open(io.BytesIO(mask)) as opened:
+        alpha = opened.convert("RGBA").getchannel("A")
+    if reference.size != size:
+        reference = reference.resize(size, Image.Resampling.BICUBIC)
+    if alpha.size != size:
+        alpha = alpha.resize(size, Image.Resampling.NEAREST)
+    return reference, alpha.point([0] * 128 + [255] * 128)
+
+
+def outpaint(prompt: str, source: bytes, mask: bytes, width: int, height: int, *, index: int = 0) -> bytes:
+    """A PNG answer to an edit with a mask: see `paint_extension`."""
+    reference, keep = edit_layers(source, mask, width, height)
+    return encode_png(paint_extension(prompt, reference, keep, index))
+
+
+def paint_extension(prompt: str, reference: Image.Image, keep: Image.Image, index: int = 0) -> Image.Image:
+    """The reference where `keep` is set, and elsewhere a continuation of the kept pixels: pulled outward and blurred
+    more the farther it reaches, fading toward a gradient chosen by the prompt, with seeded texture growing with the
+    distance, so the seam is smooth and the far side still looks painted. Where nothing is kept, the prompt's
+    gradient and texture alone."""
+    digest = hashlib.sha256(f"{prompt}\x00{index}".encode()).digest()
+    width, height = reference.size
+    # A gradient is smooth: drawn small and enlarged it looks the same and costs a fraction.
+    backdrop = _gradient(digest, max(1, width // 8), max(1, height // 8)).resize(reference.size)
+    layer = reference.convert("RGBA")
+    layer.putalpha(keep)
+    continued = _pull_push(layer, backdrop)
+    distance = _distance(keep)
+    tinted = Image.composite(backdrop, continued, distance.point([v * TINT_MAX // 255 for v in range(256)]))
+    textured = ImageChops.add(tinted, _texture(digest, reference.size, distance), 1.0, -128)
+    return Image.composite(reference, textured, keep)
+
+
+def _pull_push(layer: Image.Image, backdrop: Image.Image) -> Image.Image:
+    """Fill the transparent pixels of `layer` from a pyramid of ever smaller copies of it. Each copy averages the
+    kept pixels (resizing RGBA weights colours by alpha) and spreads them a little past their edge (a blur of the
+    alpha-weighted colours); a pixel covered a third of the way counts as opaque. Every level is laid over the
+    enlarged coarser result, so a hole takes the colours of the kept pixels nearest to it, averaged over a span that
+    grows with its distance from them. Where no level sees a kept pixel, the backdrop shows."""
+    boost = [min(255, 3 * value) for value in range(256)]
+    # Premultiplied ("RGBa"), halving and blurring average the kept colours weighted by their alpha.
+    plain = layer.convert("RGBa")
+    spread: list[Image.Image] = []
+    while max(plain.size) > 1:
+        plain = plain.reduce(2)
+        level = plain.filter(ImageFilter.GaussianBlur(SPREAD_RADIUS)).convert("RGBA")
+        level.putalpha(level.getchannel("A").point(boost))
+        spread.append(level)
+    filled = backdrop.resize(plain.size, Image.Resampling.BOX).convert("RGBA")
+    # The full-size level is left out: its kept pixels are laid over the result by the caller anyway.
+    for level in reversed(spread):
+        filled = Image.alpha_composite(filled.resize(level.size, Image.Resampling.BILINEAR), level)
+    return filled.convert("RGB").resize(layer.size, Image.Resampling.BILINEAR)
+
+
+def _distance(keep: Image.Image) -> Image.Image:
+    """How far each pixel is from the kept region, as L: 0 on and next to it, rising evenly to 255 at FADE_SHARE of
+    the longer side and beyond; 255 everywhere when nothing is kept. Measured by growing the kept region ring by
+    ring on a small copy."""
+    width, height = keep.size
+    scale = max(1, -(-max(width, height) // _FIELD_SIDE))
+    grown = keep.resize((max(1, width // scale), max(1, height // scale)), Image.Resampling.BOX)
+    grown = grown.point([255 if value else 0 for value in range(256)])
+    step = [255 // _FADE_RINGS if value else 0 for value in range(256)]
+    nearness = grown.point(step)
+    for _ in range(_FADE_RINGS - 1):
+        grown = grown.filter(ImageFilter.MaxFilter(3))
+        nearness = ImageChops.add(nearness, grown.point(step))
+    full = 255 // _FADE_RINGS * _FADE_RINGS
+    far = nearness.point([255 - min(255, value * 255 // full) for value in range(256)])
+    return far.resize((width, height), Image.Resampling.BILINEAR)
+
+
+def _texture(digest: bytes, size: tuple[int, int], distance: Image.Image) -> Image.Image:
+    """Seeded grey grain around 128 (neutral for `ImageChops.add` with offset -128), as strong as the distance
+    allows: none next to the kept pixels."""
+    width, height = size
+    small = (max(1, width // 4), max(1, height // 4))
+    grain = Image.frombytes("L", small, random.Random(digest).randbytes(small[0] * small[1]))
+    lut = [128 - TEXTURE_AMPLITUDE + value * 2 * TEXTURE_AMPLITUDE // 255 for value in range(256)]
+    grain = grain.point(lut).resize(size, Image.Resampling.BILINEAR)
+    neutral = Image.new("L", size, 128)
+    return Image.composite(grain, neutral, distance).convert("RGB")
 
 
 def enhance_prompt(prompt: str, *, creative: bool, style: str | None = None) -> str:
@@ -220,7 +350,9 @@ def _required_text(fields: dict[str, Any], name: str) -> str:
     return value
 
 
-def _image_request(fields: dict[str, Any], *, tasks_api: bool, images: Sequence[bytes] = ()) -> ImageRequest:
+def _image_request(
+    fields: dict[str, Any], *, tasks_api: bool, images: Sequence[bytes] = (), mask: bytes | None = None
+) -> ImageRequest:
     size = _optional_text(fields, "size") or "auto"
     width, height = _parse_size(size, ratios=tasks_api)
     response_format = _optional_text(fields, "response_format") or "b64_json"
@@ -237,7 +369,22 @@ def _image_request(fields: dict[str, Any], *, tasks_api: bool, images: Sequence[
         response_format=response_format,
         client_task_id=_required_text(fields, "client_task_id") if tasks_api else None,
         source_images=tuple(images),
+        mask=mask,
     )
+
+
+def _check_edit_images(order: ImageRequest) -> None:
+    """An edit with a mask is painted from its first image and the mask, so both must be readable images; without a
+    mask the images are not looked at."""
+    source, mask = order.edit_inputs()
+    if mask is None:
+        return
+    for name, data in (("image", source), ("mask", mask)):
+        try:
+            with Image.open(io.BytesIO(data)) as opened:
+                opened.load()
+        except (OSError, ValueError, Image.DecompressionBombError) as exc:
+            raise BadRequest(f"{name} is not a readable image") from exc
 
 
 async def json_object(request: web.Request) -> dict[str, Any]:
@@ -251,12 +398,13 @@ async def json_object(request: web.Request) -> dict[str, Any]:
     return body
 
 
-async def _multipart_form(request: web.Request) -> tuple[dict[str, Any], list[bytes]]:
-    """Text fields and the `image`/`image[]` file contents of an edit request; the mask is accepted and unused."""
+async def _multipart_form(request: web.Request) -> tuple[dict[str, Any], list[bytes], bytes | None]:
+    """Text fields, the `image`/`image[]` file contents and the mask (None when absent) of an edit request."""
     if request.content_type != "multipart/form-data":
         raise BadRequest("Edits must be sent as multipart/form-data")
     fields: dict[str, Any] = {}
     images: list[bytes] = []
+    mask: bytes | None = None
     try:
         reader = await request.multipart()
         while (part := await reader.next()) is not None:
@@ -265,14 +413,21 @@ async def _multipart_form(request: web.Request) -> tuple[dict[str, Any], list[by
             if part.name in {"image", "image[]"}:
                 images.append(bytes(await part.read(decode=True)))
             elif part.name == "mask":
-                await part.read(decode=True)
+                mask = bytes(await part.read(decode=True))
             elif part.name:
                 fields[part.name] = await part.text()
     except ValueError as exc:
         raise BadRequest("Malformed multipart body") from exc
     if not any(images):
         raise BadRequest("image is required")
-    return fields, images
+    return fields, images, mask
+
+
+async def _edit_request(request: web.Request, *, tasks_api: bool) -> ImageRequest:
+    fields, images, mask = await _multipart_form(request)
+    order = _image_request(fields, tasks_api=tasks_api, images=images, mask=mask)
+    await asyncio.to_thread(_check_edit_images, order)
+    return order
 
 
 def _message_text(content: object) -> str:
@@ -417,7 +572,8 @@ class OfflineUpstream:
 
     def _image_outcome(self, order: ImageRequest) -> ImageOutcome:
         """The images an accepted request will hand out: here exactly what it asked for."""
-        images = (StoredImage(order.prompt, order.width, order.height, index) for index in range(order.n))
+        source, mask = order.edit_inputs()
+        images = (StoredImage(order.prompt, order.width, order.height, index, source, mask) for index in range(order.n))
         return ImageOutcome(tuple(images))
 
     def _before_poll(self, tasks: Sequence[Task]) -> web.StreamResponse | None:
@@ -501,8 +657,7 @@ class OfflineUpstream:
         return await self._submit_task(order, "generate")
 
     async def _submit_task_edit(self, request: web.Request) -> web.StreamResponse:
-        fields, images = await _multipart_form(request)
-        order = _image_request(fields, tasks_api=True, images=images)
+        order = await _edit_request(request, tasks_api=True)
         self._note_received(request, order)
         return await self._submit_task(order, "edit")
 
@@ -595,8 +750,7 @@ class OfflineUpstream:
         return await self._generate_images(order)
 
     async def _images_edit(self, request: web.Request) -> web.StreamResponse:
-        fields, images = await _multipart_form(request)
-        order = _image_request(fields, tasks_api=False, images=images)
+        order = await _edit_request(request, tasks_api=False)
         self._note_received(request, order)
         return await self._generate_images(order)
 

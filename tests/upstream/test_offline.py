@@ -539,8 +539,10 @@ def test_answer_shapes_per_protocol(client: httpx.Client, shape: str) -> None:
 
 def test_received_lists_what_image_requests_asked_for(client: httpx.Client) -> None:
     submit(client, "asked", "a kettle", n=2, size="16:9", model="gpt-image-1")
-    files = [("image", ("a.png", draw_image("source", 64, 64), "image/png"))] * 2
+    source = draw_image("source", 64, 64)
+    files = [("image", ("a.png", source, "image/png"))] * 2
     client.post("/v1/images/edits", data={"prompt": "paint it blue", "size": "auto"}, files=files)
+    source_note = {"sha256": hashlib.sha256(source).hexdigest(), "bytes": len(source), "width": 64, "height": 64}
     assert client.get("/_offline/received").json()["items"] == [
         {
             "path": "/api/image-tasks/generations",
@@ -549,6 +551,8 @@ def test_received_lists_what_image_requests_asked_for(client: httpx.Client) -> N
             "n": 2,
             "size": "16:9",
             "images": 0,
+            "image_files": [],
+            "mask": None,
         },
         {
             "path": "/v1/images/edits",
@@ -557,6 +561,8 @@ def test_received_lists_what_image_requests_asked_for(client: httpx.Client) -> N
             "n": 1,
             "size": "auto",
             "images": 2,
+            "image_files": [source_note, source_note],
+            "mask": None,
         },
     ]
 
