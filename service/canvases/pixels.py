@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import hashlib
 import io
+import math
 import time
 import warnings
 from dataclasses import dataclass, field
@@ -103,10 +104,16 @@ def open_canvas(data: bytes, *, max_pixels: int) -> Image.Image:
     return image if image.mode == wanted else image.convert(wanted)
 
 
-def first_picture(data: bytes, *, max_pixels: int) -> NewCanvas:
-    """The first picture of a canvas (an upload, or the answer of its first generation), stored as PNG."""
+def first_picture(data: bytes, *, max_pixels: int, fit: bool = False) -> NewCanvas:
+    """The first picture of a canvas (an upload, or the answer of its first generation), stored as PNG. With `fit`,
+    a picture over `max_pixels` is scaled down to fit (aspect kept) instead of refused: a generated picture's size is
+    the upstream's to choose."""
     started = time.process_time()
-    canvas = open_canvas(data, max_pixels=max_pixels)
+    canvas = open_canvas(data, max_pixels=MAX_DECODE_PIXELS if fit else max_pixels)
+    if canvas.width * canvas.height > max_pixels:
+        scale = math.sqrt(max_pixels / (canvas.width * canvas.height))
+        fitted = (max(1, math.floor(canvas.width * scale)), max(1, math.floor(canvas.height * scale)))
+        canvas = canvas.resize(fitted, Image.Resampling.LANCZOS)
     encoded = png(canvas)
     return NewCanvas(
         encoded,

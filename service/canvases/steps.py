@@ -210,7 +210,9 @@ class _Run:
             task_id=task.id, prompt=prompt, model=task.model, size=task.size, quality=task.quality, n=1
         )
         answer = await self._call(request, retrying)
-        canvas: NewCanvas = await steps.decoder.run(first_picture, answer, max_pixels=steps.settings.max_canvas_pixels)
+        canvas: NewCanvas = await steps.decoder.run(
+            first_picture, answer, max_pixels=steps.settings.max_canvas_pixels, fit=True
+        )
         return await self._committed(canvas, answer, prompt)
 
     async def extend(self, prompt: str, retrying: Retrying[Any]) -> Outcome:
