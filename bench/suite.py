@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import functools
 import io
 import os
 import platform
@@ -37,7 +38,7 @@ import httpx
 from PIL import Image, ImageDraw, ImageFilter
 
 from service.images.processing import normalize_reference
-from testing.harness import PostgresCluster, ServiceProcess, free_port, wait_until
+from testing.harness import FakeUpstreamProcess, PostgresCluster, ServiceProcess, free_port, wait_until
 
 SERVER_CPU = "0"
 LOAD_CPU = "1"
@@ -542,6 +543,36 @@ class Suite:
         row.met = row.met and within
         self.rows.append(row)
 
+    def canvas(self) -> None:
+        """One canvas step's service overhead on a 2048x2048 canvas: the service's CPU (all threads) from the step's
+        submission to its commit, the upstream excluded (a process of its own), against the step's pixel work alone;
+        and the part spent on the event loop, which the decoder threads keep small."""
+        env = {"ADMIN_API_KEY": ADMIN_KEY, "UPSTREAM_API": "images", "MAX_CANVAS_PIXELS": "16000000"}
+        cpu, on_loop, floor = canvas_step_cpu(self.workdir, 3 if self.smoke else 7, env)
+        self.rows.append(
+            Row(
+                "canvas step 2048x2048 (+256 px): service CPU",
+                cpu,
+                "ms",
+                "its pixel work alone",
+                floor,
+                "< 150 ms",
+                cpu < 150,
+            )
+        )
+        share = on_loop / cpu if cpu else 0.0
+        self.rows.append(
+            Row(
+                "canvas step: CPU on the event loop",
+                on_loop,
+                "ms",
+                "the step's service CPU",
+                cpu,
+                "< 25% of it",
+                share < 0.25,
+            )
+        )
+
     def bombs(self) -> None:
         """What hostile uploads cost: 10 concurrent submissions of 4 references + a mask at the largest accepted size
         (the service's peak RSS), then the same at 64 Mpx, which must be refused from their headers, quickly."""
@@ -569,6 +600,86 @@ class Suite:
                 slowest < 50,
             )
         )
+
+
+def canvas_step_cpu(workdir: Path, steps: int, env: dict[str, str]) -> tuple[float, float, float]:
+    """The service's CPU per step of a 2048x2048 canvas (everything but the upstream, which runs in a process of its
+    own), the part of it spent on the event loop's thread, and the floor: the step's pixel work alone (the model's
+    input, the gate, the composite and its hashes) timed in this process."""
+    upstream = FakeUpstreamProcess(workdir / "canvas-upstream.log")
+    service = ServiceProcess(
+        workdir / "canvas",
+        {**env, "CHATGPT2API_BASE_URL": upstream.base_url, "CHATGPT2API_API_KEY": upstream.api_key},
+        name="canvas",
+        cpus=SERVER_CPU,
+    )
+    try:
+        _, key = service.create_tenant(10**6)
+        client = httpx.Client(base_url=service.base_url, headers={"Authorization": f"Bearer {key}"}, timeout=60)
+        first = _photo_png(2048, 2048)
+        canvas = client.post("/api/canvases", files={"image": ("first.png", first, "image/png")}).json()
+        url = f"/api/canvases/{canvas['id']}"
+        spent, on_loop = [], []
+        for _ in range(steps):
+            before, loop_before = _cpu_seconds(service.pid)
+            made = client.post(f"{url}/steps", json={"direction": "right", "prompt": "bench", "extension_px": 256})
+            step_url = f"{url}/steps/{made.json()['n']}"
+            done = wait_until(
+                functools.partial(_ended, client, step_url), 60, "a bench step never ended", interval=0.05
+            )
+            assert done is not None
+            after, loop_after = _cpu_seconds(service.pid)
+            if done["status"] != "committed":
+                raise RuntimeError(f"the bench step failed: {done['error']}")
+            spent.append(after - before)
+            on_loop.append(loop_after - loop_before)
+            client.post(f"{url}/revert", json={"to_step": 0})
+        client.close()
+    finally:
+        service.stop()
+        upstream.stop()
+    return statistics.median(spent) * 1000, statistics.median(on_loop) * 1000, _pixel_floor(first) * 1000
+
+
+def _ended(client: httpx.Client, url: str) -> dict[str, Any] | None:
+    step: dict[str, Any] = client.get(url).json()
+    return step if step["status"] in ("committed", "failed") else None
+
+
+def _photo_png(width: int, height: int) -> bytes:
+    """The synthetic photograph of the normalization row as a PNG canvas."""
+    out = io.BytesIO()
+    Image.open(io.BytesIO(synthetic_photo(width, height))).save(out, "PNG", compress_level=1)
+    return out.getvalue()
+
+
+def _cpu_seconds(pid: int) -> tuple[float, float]:
+    """CPU time of every thread of the process, and of its main thread (the event loop's)."""
+    tick = os.sysconf("SC_CLK_TCK")
+    total = main = 0.0
+    for thread in os.listdir(f"/proc/{pid}/task"):
+        fields = Path(f"/proc/{pid}/task/{thread}/stat").read_text().rsplit(")", 1)[1].split()
+        seconds = (int(fields[11]) + int(fields[12])) / tick
+        total += seconds
+        if int(thread) == pid:
+            main = seconds
+    return total, main
+
+
+def _pixel_floor(first: bytes) -> float:
+    """The pixel work of one step, timed: the model's input, then the gate on an answer that keeps the context."""
+    from service.canvases import pixels  # noqa: PLC0415 - only this row needs it
+    from service.canvases.geometry import Direction, ImmutablePolicy  # noqa: PLC0415
+
+    step = pixels.StepParameters(Direction.RIGHT, 256, 256, 0, ImmutablePolicy.SEAM, 16_000_000)
+    made = pixels.model_input(first, step, (1024, 1536))
+    answer = Image.open(io.BytesIO(made.image)).convert("RGB")
+    out = io.BytesIO()
+    answer.save(out, "PNG", compress_level=1)
+    started = time.process_time()
+    pixels.model_input(first, step, (1024, 1536))
+    pixels.validate(first, out.getvalue(), step, (1024, 1536))
+    return time.process_time() - started
 
 
 def _finished_task(service: ServiceProcess, auth: dict[str, str], prompt: str) -> dict[str, Any]:
@@ -833,7 +944,7 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-ROWS = ("poll", "image", "sync", "streams", "submit", "postgres", "relay", "normalization", "bombs")
+ROWS = ("poll", "image", "sync", "streams", "submit", "postgres", "relay", "normalization", "bombs", "canvas")
 """The rows `--only` selects from; `image` carries its RSS row, `sync` the end-to-end latency, `streams` the
 first-byte latency, `postgres` the submissions on PostgreSQL (skipped in a smoke run)."""
 
@@ -879,3 +990,5 @@ def run_all(suite: Suite, only: tuple[str, ...] = ROWS) -> None:
         suite.normalization()
     if "bombs" in only:
         suite.bombs()
+    if "canvas" in only:
+        suite.canvas()

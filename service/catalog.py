@@ -9,13 +9,16 @@ from service.settings import QUALITIES, Settings
 
 
 class ModelInfo(msgspec.Struct):
-    """An image model, the sizes it accepts and its price in credits per image by quality."""
+    """An image model, the sizes it accepts and its price in credits per image by quality. A canvas step (and the
+    first picture of a canvas made from a prompt) costs one image at its quality, whatever its size:
+    `price_per_canvas_step`."""
 
     id: str
     default: bool
     sizes: list[str]
     qualities: list[str]
     price_per_image: dict[str, int]
+    price_per_canvas_step: dict[str, int]
     max_n: int
 
 
@@ -42,6 +45,7 @@ def model_list(settings: Settings) -> ModelList:
                 sizes=sizes,
                 qualities=list(QUALITIES),
                 price_per_image=dict(settings.prices),
+                price_per_canvas_step=dict(settings.prices),
                 max_n=settings.max_images_per_task,
             )
             for model in settings.image_models

@@ -55,6 +55,8 @@ class ModelInput:
     sent_size: tuple[int, int]
     input_size: tuple[int, int]
     base_sha256: str
+    image_sha256: str
+    mask_sha256: str
 
 
 @dataclass(slots=True)
@@ -135,7 +137,8 @@ def model_input(base: bytes, step: StepParameters, sent_size: tuple[int, int]) -
     if image.size != sent_size:
         image = image.resize(sent_size, Image.Resampling.LANCZOS)
         mask = mask.resize(sent_size, Image.Resampling.NEAREST)
-    return ModelInput(png(image), png(mask), sent_size, input_size, sha256(base))
+    image_png, mask_png = png(image), png(mask)
+    return ModelInput(image_png, mask_png, sent_size, input_size, sha256(base), sha256(image_png), sha256(mask_png))
 
 
 def validate(base: bytes, answer: bytes, step: StepParameters, sent_size: tuple[int, int]) -> NewCanvas:
@@ -197,13 +200,6 @@ def validate(base: bytes, answer: bytes, step: StepParameters, sent_size: tuple[
     checks["immutable_sha256_after"] = after
     if before != after:
         raise StepFailure("immutable_violation", "The immutable band differs after the step", checks)
-    old_region = geometry.immutable_digest(old, [(0, 0, width, height)])
-    dx, dy = geometry.old_offset(step.direction, step.extension)
-    checks["old_canvas_unchanged"] = old_region == geometry.immutable_digest(
-        restored, [(dx, dy, dx + width, dy + height)]
-    )
-    if not checks["old_canvas_unchanged"]:
-        raise StepFailure("immutable_violation", "The old canvas does not appear unchanged in the new one", checks)
     encoded = png(restored)
     return NewCanvas(
         encoded,

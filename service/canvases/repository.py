@@ -191,3 +191,17 @@ async def revert(tx: Transaction, canvas_id: str, target: Record, *, now: dateti
         )
         .returning(*CANVASES.c)
     )
+
+
+async def stored_by(tx: Transaction, canvas_ids: list[str]) -> tuple[dict[str, Record], dict[str, Record]]:
+    """For the storage sweep: the canvases of these ids (with the pictures they show), and all their steps with
+    their tasks' status and what they stored, by task id."""
+    if not canvas_ids:
+        return {}, {}
+    canvases = await tx.rows(select(_c.id, _c.image, _c.first_image).where(_c.id.in_(canvas_ids)))
+    steps = await tx.rows(
+        select(_s.task_id, _s.artifacts, _s.image, _t.status)
+        .join(TASKS, _t.id == _s.task_id)
+        .where(_s.canvas_id.in_(canvas_ids))
+    )
+    return {row.id: row for row in canvases}, {row.task_id: row for row in steps}

@@ -220,15 +220,15 @@ class _Run:
         final = step_prompt(step.direction, prompt)
         self.record["final_prompt"] = final
         base = await steps.store.get(step.base_image["key"])
-        if sha256(base) != step.base_image["sha256"]:
-            raise StepFailure("internal_error", "The canvas picture in storage is not the one the step extends")
         params = parameters(step, steps.settings)
         size = size_pixels(task.size)
         made = await steps.decoder.run(model_input, base, params, size)
+        if made.base_sha256 != step.base_image["sha256"]:
+            raise StepFailure("internal_error", "The canvas picture in storage is not the one the step extends")
         self.record["parameters"]["sent_size"] = list(made.sent_size)
         self.record["parameters"]["input_size"] = list(made.input_size)
-        await self._store("context.png", made.image, "image/png")
-        await self._store("mask.png", made.mask, "image/png")
+        await self._store("context.png", made.image, "image/png", made.image_sha256)
+        await self._store("mask.png", made.mask, "image/png", made.mask_sha256)
         request = GenerationRequest(
             task_id=task.id,
             prompt=final,
@@ -241,7 +241,9 @@ class _Run:
         )
         answer = await self._call(request, retrying)
         answer_type = FORMATS.get(sniff_format(answer) or "", "application/octet-stream")
-        await self._store("output" + (".png" if answer_type == "image/png" else ".bin"), answer, answer_type)
+        output_name = "output" + (".png" if answer_type == "image/png" else ".bin")
+        self.record["sha256"]["model_output"] = await self.steps.decoder.run(sha256, answer)
+        await self._store(output_name, answer, answer_type, self.record["sha256"]["model_output"])
         try:
             canvas: NewCanvas = await steps.decoder.run(validate, base, answer, params, size)
         except StepFailure as failure:
@@ -259,13 +261,13 @@ class _Run:
         answer: bytes = result.images[0]
         if len(answer) > self.steps.settings.max_output_bytes:
             raise StepFailure("decode_failed", "The upstream returned an image larger than allowed")
-        self.record["sha256"]["model_output"] = sha256(answer)
         return answer
 
     async def _committed(self, canvas: NewCanvas, answer: bytes, prompt: str) -> Outcome:
         self.checks = canvas.checks
+        self.record["sha256"].setdefault("model_output", canvas.output_sha256)
         self.record["timings"]["gate_cpu_seconds"] = round(canvas.seconds, 4)
-        await self._store("canvas.png", canvas.png, "image/png")
+        await self._store("canvas.png", canvas.png, "image/png", canvas.sha256)
         image = {**self.artifacts["canvas.png"], "width": canvas.width, "height": canvas.height}
         self.record["sha256"]["output_canvas"] = canvas.sha256
         self.record["output_size"] = [canvas.width, canvas.height]
@@ -278,13 +280,13 @@ class _Run:
             stored=[artifact["key"] for name, artifact in self.artifacts.items() if name != "input.png"],
         )
 
-    async def _store(self, name: str, data: bytes, content_type: str) -> None:
+    async def _store(self, name: str, data: bytes, content_type: str, digest: str) -> None:
+        """Store one artifact; its digest is computed off the event loop by the caller's Pillow work."""
         key = f"canvases/{self.step.canvas_id}/{self.task.id}/{self.task.attempts}-{name}"
         try:
             await self.steps.store.put(key, data)
         except Exception as exc:
             raise StepFailure("write_failed", f"Storing {name} failed ({type(exc).__name__})") from None
-        digest = sha256(data)
         self.artifacts[name] = {"key": key, "content_type": content_type, "bytes": len(data), "sha256": digest}
         if name in ("context.png", "mask.png"):
             self.record["sha256"][name.removesuffix(".png")] = digest

@@ -3,10 +3,12 @@
 Two kinds go. The references (and mask) of tasks that finished more than `REFERENCE_RETENTION_HOURS` ago: the task
 records when they went, so nothing reads them afterwards. And orphans: objects under `results/` or `references/` that
 no task refers to — the images of runs that lost their task, the uploads of submissions that never committed, files a
-crash left half-written. An orphan is deleted only once it is older than a grace period, because objects are stored
-before the row that refers to them commits: a submission stores its references before its task row exists, and a
-worker stores its results before its outcome commits. Nothing of a queued or running task is ever deleted, whatever
-its age: a run still holding the task may yet commit what it stored.
+crash left half-written — and objects under `canvases/` that neither their canvas nor one of its steps refers to (the
+artifacts of a step's run that was not committed, the first picture of an upload whose canvas never committed). An
+orphan is deleted only once it is older than a grace period, because objects are stored before the row that refers to
+them commits: a submission stores its references before its task row exists, and a worker stores its results before
+its outcome commits. Nothing of a queued or running task is ever deleted, whatever its age: a run still holding the
+task may yet commit what it stored.
 
 Workers run the sweep every `GC_INTERVAL_SECONDS`; `imagegen gc` runs it on demand. Two sweeps at once are harmless.
 """
@@ -19,12 +21,13 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
 
+from service.canvases import repository as canvases_repository
 from service.db.engine import Database
 from service.images.storage import BlobStore, StoredObject
 from service.settings import Settings
 from service.tasks import repository
 
-SWEPT_PREFIXES = ("results/", "references/")
+SWEPT_PREFIXES = ("results/", "references/", "canvases/")
 RETENTION_BATCH = 500
 MIN_GRACE_SECONDS = 3600.0
 
@@ -41,14 +44,16 @@ class SweepReport:
     orphan_result_bytes: int = 0
     orphan_references: int = 0
     orphan_reference_bytes: int = 0
+    orphan_canvas_objects: int = 0
+    orphan_canvas_bytes: int = 0
 
     @property
     def deleted(self) -> int:
-        return self.expired_objects + self.orphan_results + self.orphan_references
+        return self.expired_objects + self.orphan_results + self.orphan_references + self.orphan_canvas_objects
 
     @property
     def deleted_bytes(self) -> int:
-        return self.expired_bytes + self.orphan_result_bytes + self.orphan_reference_bytes
+        return self.expired_bytes + self.orphan_result_bytes + self.orphan_reference_bytes + self.orphan_canvas_bytes
 
     def lines(self) -> list[str]:
         verb = "would delete" if self.dry_run else "deleted"
@@ -57,6 +62,7 @@ class SweepReport:
             f" of {self.expired_tasks} finished tasks",
             f"orphaned results: {verb} {self.orphan_results} objects ({self.orphan_result_bytes} bytes)",
             f"orphaned references: {verb} {self.orphan_references} objects ({self.orphan_reference_bytes} bytes)",
+            f"orphaned canvas objects: {verb} {self.orphan_canvas_objects} objects ({self.orphan_canvas_bytes} bytes)",
             f"total: {verb} {self.deleted} objects ({self.deleted_bytes} bytes)",
         ]
 
@@ -80,8 +86,9 @@ async def sweep(
     report = SweepReport(dry_run=dry_run)
     await _expire_references(db, store, report, finished_before=now - retention, now=now)
     for prefix in SWEPT_PREFIXES:
+        delete_orphans = _delete_canvas_orphans if prefix == "canvases/" else _delete_orphans
         async for page in store.list(prefix):
-            await _delete_orphans(db, store, report, [item for item in page if item.modified_at < now - grace])
+            await delete_orphans(db, store, report, [item for item in page if item.modified_at < now - grace])
     return report
 
 
@@ -112,7 +119,7 @@ async def _expire_references(
 
 
 async def _delete_orphans(db: Database, store: BlobStore, report: SweepReport, old: list[StoredObject]) -> None:
-    """Delete the objects of this page (all older than the grace period) that no task needs."""
+    """Delete the objects of this page (all older than the grace period) that no task or canvas needs."""
     owners = {_task_id(item.key) for item in old} - {None}
     async with db.snapshot() as tx:
         tasks = await repository.stored_by(tx, sorted(str(owner) for owner in owners))
@@ -124,6 +131,29 @@ async def _delete_orphans(db: Database, store: BlobStore, report: SweepReport, o
         else:
             report.orphan_references += 1
             report.orphan_reference_bytes += item.size
+    if not report.dry_run:
+        await _delete(store, [item.key for item in orphans])
+
+
+async def _delete_canvas_orphans(db: Database, store: BlobStore, report: SweepReport, old: list[StoredObject]) -> None:
+    """`canvases/<canvas>/first.png` is needed while its canvas shows it as its first picture;
+    `canvases/<canvas>/<task>/…` while the step's task has not ended, or when the step (or its canvas) refers to it."""
+    canvas_ids = sorted({parts[1] for item in old if len(parts := item.key.split("/")) >= 3 and parts[1]})
+    async with db.snapshot() as tx:
+        canvases, steps = await canvases_repository.stored_by(tx, canvas_ids)
+    needed: set[str] = set()
+    for canvas in canvases.values():
+        needed |= {image["key"] for image in (canvas.image, canvas.first_image) if image}
+    for step in steps.values():
+        needed |= {artifact["key"] for artifact in step.artifacts.values() if "key" in artifact}
+    running = {task_id for task_id, step in steps.items() if step.status not in repository.TERMINAL}
+    orphans = [
+        item
+        for item in old
+        if item.key not in needed and not (len(parts := item.key.split("/")) >= 4 and parts[2] in running)
+    ]
+    report.orphan_canvas_objects += len(orphans)
+    report.orphan_canvas_bytes += sum(item.size for item in orphans)
     if not report.dry_run:
         await _delete(store, [item.key for item in orphans])
 

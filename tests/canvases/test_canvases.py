@@ -15,6 +15,7 @@ import pytest
 from PIL import Image
 
 from tests.conftest import Service, Tenant, Upstream, service_env, wait_until
+from tests.images.test_storage import _gc, _plant
 
 RUNNING = {"queued", "running"}
 
@@ -277,3 +278,49 @@ def test_a_step_survives_its_worker_being_killed(upstream: Upstream, tmp_path_fa
         assert process.audit()[0] == 0
     finally:
         process.stop()
+
+
+def test_gc_deletes_canvas_objects_nothing_refers_to_and_keeps_the_rest(
+    upstream: Upstream, tmp_path_factory: pytest.TempPathFactory
+) -> None:
+    process = Service(tmp_path_factory.mktemp("canvas-gc"), service_env(upstream, GC_INTERVAL_SECONDS="0"))
+    try:
+        tenant = process.new_tenant(credits=5)
+        canvas = create(tenant)
+        assert extend(tenant, canvas["id"], direction="right", extension_px=16).status_code == 202
+        assert finished_step(tenant, canvas["id"], 1)["status"] == "committed"
+        upstream.faults({"fault": "bad_image", "match": "gc-failure"})
+        assert extend(tenant, canvas["id"], direction="down", prompt="gc-failure").status_code == 202
+        assert finished_step(tenant, canvas["id"], 2)["status"] == "failed"
+        kept = process.stored_keys("canvases/")
+        orphans = {
+            # a run's artifacts that never committed, of a step that does not exist
+            f"canvases/{canvas['id']}/01a2379365397a866ba9622aeb57e26c/1-canvas.png": b"x" * 7,
+            # the first picture of an upload whose canvas never committed
+            "canvases/01a2379365397a866ba9622aeb57e26d/first.png": b"x" * 9,
+        }
+        for key, data in orphans.items():
+            _plant(process, key, data, aged=True)
+        report = _gc(process, "--grace-seconds", "0")
+        assert "orphaned canvas objects: deleted 2 objects (16 bytes)" in report
+        assert process.stored_keys("canvases/") == kept
+        # What stays is what the canvas and its steps show: the pictures, and the failed step's report's artifacts.
+        assert tenant.client.get(f"/api/canvases/{canvas['id']}/image").status_code == 200
+        for step in tenant.client.get(f"/api/canvases/{canvas['id']}/steps").json()["items"]:
+            for artifact in step["artifacts"]:
+                assert tenant.client.get(artifact["url"]).status_code == 200, artifact["name"]
+    finally:
+        process.stop()
+
+
+def test_a_step_costs_what_the_model_list_says(service: Service) -> None:
+    tenant = service.new_tenant(credits=5)
+    [model] = tenant.client.get("/api/models").json()["data"]
+    price = model["price_per_canvas_step"]["high"]
+    assert price == 2
+    canvas = create(tenant)
+    accepted = extend(tenant, canvas["id"], direction="left", extension_px=8, quality="high")
+    assert accepted.status_code == 202
+    assert accepted.json()["cost"] == price and accepted.json()["remaining_credits"] == 5 - price
+    assert finished_step(tenant, canvas["id"], 1)["status"] == "committed"
+    assert tenant.balance() == 5 - price

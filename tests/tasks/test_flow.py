@@ -158,6 +158,7 @@ def test_quota_and_models(service: Service) -> None:
     models = tenant.client.get("/api/models").json()["data"]
     assert models[0]["id"] == "gpt-image-2" and models[0]["default"] is True
     assert models[0]["price_per_image"] == {"auto": 1, "low": 1, "medium": 1, "high": 2}
+    assert models[0]["price_per_canvas_step"] == models[0]["price_per_image"]
     assert {"1:1", "16:9", "9:16", "auto"} <= set(models[0]["sizes"])
 
 
