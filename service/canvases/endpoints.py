@@ -8,7 +8,7 @@ from typing import Annotated, Any
 
 from litestar import Request, Response, Router, get, post
 from litestar.datastructures import ResponseHeader
-from litestar.openapi.spec import OpenAPIMediaType, OpenAPIResponse
+from litestar.openapi.spec import OpenAPIMediaType, OpenAPIResponse, OpenAPIType, Schema
 from litestar.params import Parameter
 from litestar.response import Stream
 
@@ -21,6 +21,7 @@ from service.canvases.schemas import (
     CanvasPage,
     RevertRequest,
     StepArtifact,
+    StepError,
     StepOut,
     StepPage,
     StepRequest,
@@ -31,7 +32,6 @@ from service.db.engine import Record
 from service.errors import Conflict, problem_responses
 from service.images.download import BINARY, ImageOperation, StoredImage, etag_matches
 from service.pagination import Cursor, Limit, next_cursor
-from service.tasks.schemas import TaskError
 from service.tenants.auth import END_USER_TOO, Caller, authenticate_then_read_body
 
 CanvasId = Annotated[str, Parameter(max_length=64, description="Canvas id")]
@@ -57,7 +57,8 @@ class ArtifactOperation(ImageOperation):
         assert isinstance(ok, OpenAPIResponse)
         assert ok.content is not None
         ok.description = "The artifact: an image, the model's answer as received, or a report"
-        for kind in ("application/json", "text/plain", "application/octet-stream"):
+        ok.content["application/json"] = OpenAPIMediaType(schema=Schema(type=OpenAPIType.OBJECT))
+        for kind in ("text/plain", "application/octet-stream"):
             ok.content[kind] = OpenAPIMediaType(schema=BINARY)
 
 
@@ -125,7 +126,7 @@ def step_view(step: Record, line: set[int], remaining_credits: int | None = None
         width=step.image["width"] if step.image else None,
         height=step.image["height"] if step.image else None,
         reverted=step.image is not None and step.status == "completed" and step.n not in line,
-        error=TaskError(code=code, message=step.error_message or "") if code and step.status == "failed" else None,
+        error=StepError(code=code, message=step.error_message or "") if code and step.status == "failed" else None,
         artifacts=artifacts,
         record=step.record,
         created_at=step.created_at,
@@ -248,9 +249,12 @@ async def list_steps(
     caller: Caller,
     canvases: CanvasService,
     limit: Limit = 20,
-    cursor: Annotated[int | None, Parameter(ge=0, description="`next_cursor` from the previous page")] = None,
+    cursor: Annotated[
+        str | None, Parameter(pattern=r"^[0-9]{1,7}$", description="`next_cursor` from the previous page")
+    ] = None,
 ) -> StepPage:
-    _, page, line = await canvases.steps(caller, canvas_id, limit=limit + 1, after=cursor)
+    after = int(cursor) if cursor is not None else None
+    _, page, line = await canvases.steps(caller, canvas_id, limit=limit + 1, after=after)
     more = len(page) > limit
     return StepPage(
         items=[step_view(step, line) for step in page[:limit]], next_cursor=str(page[limit - 1].n) if more else None

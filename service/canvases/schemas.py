@@ -9,7 +9,7 @@ from typing import Annotated, Any, Literal
 import msgspec
 
 from service.bodies import Upload, part_types
-from service.tasks.schemas import IMAGE_TYPES, Enhance, Model, Prompt, Quality, Size, StyleField, TaskError
+from service.tasks.schemas import IMAGE_TYPES, Enhance, Model, Prompt, Quality, Size, StyleField
 
 MAX_STEP_PX = 4096
 DEFAULT_OVERLAP_PX = 256
@@ -126,6 +126,13 @@ class CanvasPage(msgspec.Struct):
     next_cursor: str | None
 
 
+class StepError(msgspec.Struct):
+    """Why a step failed, in the failure taxonomy; `message` says it in words (upstream text cleaned)."""
+
+    code: FailureCode
+    message: str
+
+
 class StepArtifact(msgspec.Struct):
     name: str
     url: str
@@ -157,7 +164,7 @@ class StepOut(msgspec.Struct):
     width: int | None
     height: int | None
     reverted: bool
-    error: TaskError | None
+    error: StepError | None
     artifacts: list[StepArtifact]
     record: dict[str, Any] | None
     created_at: datetime

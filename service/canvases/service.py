@@ -356,7 +356,7 @@ class CanvasService:
             else:
                 step = await repository.step(tx, canvas.id, to_step)
                 if step is None:
-                    raise NotFound(f"The canvas has no step {to_step}", code="step_not_found", field="to_step")
+                    raise InvalidInput(f"The canvas has no step {to_step}", code="step_not_found", field="to_step")
                 if step.status != "completed" or step.image is None:
                     raise Conflict(f"Step {to_step} did not commit a picture", code="step_not_committed")
                 target = step

@@ -6,11 +6,12 @@ the step's task: a step commits entirely or changes nothing."""
 from __future__ import annotations
 
 import time
-from typing import Any
+from typing import Any, cast
 
 from service.canvases import repository
 from service.canvases.geometry import Direction, ImmutablePolicy
 from service.canvases.pixels import NewCanvas, StepFailure, StepParameters, first_picture, model_input, sha256, validate
+from service.canvases.schemas import FailureCode
 from service.clock import utcnow
 from service.db.engine import Database, Record, Transaction
 from service.images.decoder import ImageDecoder
@@ -32,7 +33,6 @@ TOWARD = {"right": "to the right", "left": "to the left", "up": "upward", "down"
 
 _FAILURES = {
     "content_rejected": "refused",
-    "upstream_rejected": "refused",
     "upstream_bad_image": "decode_failed",
     "upstream_empty_result": "decode_failed",
     "upstream_wrong_size": "dimension_mismatch",
@@ -53,13 +53,11 @@ STEP_FAILURES = frozenset(
 )
 
 
-def failure_code(code: str | None) -> str | None:
+def failure_code(code: str | None) -> FailureCode | None:
     """A task's error code in the canvas failure taxonomy (`FailureCode` in the API)."""
     if code is None:
         return None
-    if code in STEP_FAILURES:
-        return code
-    return _FAILURES.get(code, "upstream_permanent")
+    return cast(FailureCode, code if code in STEP_FAILURES else _FAILURES.get(code, "upstream_permanent"))
 
 
 def step_prompt(direction: str, prompt: str) -> str:

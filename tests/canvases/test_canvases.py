@@ -131,7 +131,12 @@ def test_a_changed_immutable_band_or_a_bad_answer_fails_the_step_and_changes_not
     canvas = create(tenant)
     before = tenant.client.get(f"/api/canvases/{canvas['id']}").json()
     for n, (fault, code) in enumerate(
-        (("wrong_size", "dimension_mismatch"), ("bad_image", "decode_failed"), ("repaint_kept", "immutable_violation")),
+        (
+            ("wrong_size", "dimension_mismatch"),
+            ("bad_image", "decode_failed"),
+            ("repaint_kept", "immutable_violation"),
+            ("submit_400", "upstream_permanent"),
+        ),
         start=1,
     ):
         marker = f"canvas-fault-{fault}"
@@ -154,6 +159,17 @@ def test_a_changed_immutable_band_or_a_bad_answer_fails_the_step_and_changes_not
         assert validation["passed"] is False and validation["failure"]["code"] == code
     assert tenant.balance() == 10
     assert service.audit()[0] == 0
+
+
+def test_a_canvas_makes_at_most_max_canvas_steps(service: Service) -> None:
+    tenant = service.new_tenant(credits=20)
+    canvas = create(tenant, 64, 64)
+    for n in range(1, 13):
+        assert extend(tenant, canvas["id"], direction="right", extension_px=4).status_code == 202
+        assert finished_step(tenant, canvas["id"], n)["status"] == "committed"
+    refused = extend(tenant, canvas["id"], direction="right", extension_px=4)
+    assert refused.status_code == 422 and refused.json()["code"] == "too_many_steps"
+    assert tenant.balance() == 8
 
 
 def test_one_step_runs_at_a_time_and_revert_waits_for_it(service: Service, upstream: Upstream) -> None:
