@@ -273,3 +273,24 @@ def test_the_playground_starts_a_canvas_from_a_prompt(browser: Browser, service:
     expect(page.locator("#credits")).to_have_text("99")
     assert page.inner_text("#canvas-error") == ""
     page.close()
+
+
+def test_the_playground_shows_a_step_it_cannot_pay_for(browser: Browser, service: Service, tmp_path: Path) -> None:
+    tenant = service.new_tenant(credits=0)
+    first = tmp_path / "first.png"
+    gradient_png(first, 64, 48)
+    page = browser.new_page()
+    page.goto(service.base_url + "/")
+    page.fill("#key", tenant.api_key)
+    page.click("#connect")
+    expect(page.locator("#credits")).to_have_text("0")
+    page.set_input_files("#canvas-file", str(first))
+    page.click("#canvas-upload")
+    expect_canvas(page, 64, 48)
+    page.fill("#extension-px", "16")
+    page.click("#step-down")
+    expect(page.locator("#canvas-error")).to_contain_text("(402, insufficient_credits)")
+    canvas = tenant.client.get(f"/api/canvases/{page.inner_text('#canvas-id')}").json()
+    assert (canvas["width"], canvas["height"], canvas["steps"]) == (64, 48, 0)
+    expect(page.locator("#canvas-steps tr[data-step]")).to_have_count(1)
+    page.close()
