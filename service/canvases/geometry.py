@@ -14,6 +14,7 @@ from __future__ import annotations
 import enum
 import hashlib
 from collections.abc import Iterable
+from typing import TypeVar
 
 from PIL import Image
 
@@ -67,28 +68,25 @@ def _count(value: object, field: str, minimum: int) -> int:
     return value
 
 
-def _direction(value: object) -> Direction:
-    if isinstance(value, Direction):
+Choice = TypeVar("Choice", Direction, ImmutablePolicy)
+
+
+def _choice(kind: type[Choice], value: object, field: str) -> Choice:
+    """One of the enum's values, given as the enum or its string; anything else names the choices."""
+    if isinstance(value, kind):
         return value
-    try:
-        if isinstance(value, str):
-            return Direction(value)
-    except ValueError:
-        pass
-    choices = ", ".join(d.value for d in Direction)
-    raise GeometryError(f"direction must be one of {choices}, got {value!r}", field="direction")
+    if isinstance(value, str) and value in {member.value for member in kind}:
+        return kind(value)
+    choices = ", ".join(member.value for member in kind)
+    raise GeometryError(f"{field} must be one of {choices}, got {value!r}", field=field)
+
+
+def _direction(value: object) -> Direction:
+    return _choice(Direction, value, "direction")
 
 
 def _policy(value: object) -> ImmutablePolicy:
-    if isinstance(value, ImmutablePolicy):
-        return value
-    try:
-        if isinstance(value, str):
-            return ImmutablePolicy(value)
-    except ValueError:
-        pass
-    choices = ", ".join(p.value for p in ImmutablePolicy)
-    raise GeometryError(f"policy must be one of {choices}, got {value!r}", field="policy")
+    return _choice(ImmutablePolicy, value, "policy")
 
 
 def _canvas_size(width: object, height: object) -> Size:
