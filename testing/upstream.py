@@ -65,6 +65,7 @@ FAULT_NAMES = frozenset(
         "submit_429",
         "submit_timeout",
         "submit_400",
+        "content_policy",
         "poll_500",
         "task_error",
         "task_missing",
@@ -408,6 +409,13 @@ class FakeUpstream(OfflineUpstream):
             )
         if self.faults.fires("submit_400", [prompt]):
             return json_error(400, "Invalid request", "invalid_request_error")
+        if self.faults.fires("content_policy", [prompt]):
+            return json_error(
+                400,
+                "Your request was rejected as a result of our safety system.",
+                "invalid_request_error",
+                "content_policy_violation",
+            )
         return None
 
     def _task_fate(self, order: ImageRequest) -> TaskFate:
