@@ -4,6 +4,7 @@ refund once and keep their failure report; one step at a time; revert; export; a
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import io
 import zipfile
@@ -341,3 +342,30 @@ def test_a_step_costs_what_the_model_list_says(service: Service) -> None:
     assert accepted.json()["cost"] == price and accepted.json()["remaining_credits"] == 5 - price
     assert finished_step(tenant, canvas["id"], 1)["status"] == "committed"
     assert tenant.balance() == 5 - price
+
+
+def test_concurrent_steps_on_one_canvas_start_exactly_one(service: Service, upstream: Upstream) -> None:
+    tenant = service.new_tenant(credits=20)
+    canvas = create(tenant)
+    upstream.settings(latency=1.0)
+
+    async def race() -> list[int]:
+        headers = {"Authorization": f"Bearer {tenant.api_key}"}
+        async with httpx.AsyncClient(base_url=service.base_url, headers=headers, timeout=30) as client:
+            answers = await asyncio.gather(
+                *(
+                    client.post(
+                        f"/api/canvases/{canvas['id']}/steps",
+                        json={"prompt": f"racer {i}", "direction": "right", "extension_px": 8},
+                    )
+                    for i in range(10)
+                )
+            )
+        return sorted(answer.status_code for answer in answers)
+
+    assert asyncio.run(race()) == [202] + [409] * 9
+    assert finished_step(tenant, canvas["id"], 1)["status"] == "committed"
+    upstream.reset_settings()
+    # One step was made and paid; the refused ones cost nothing and numbered nothing.
+    assert tenant.balance() == 19
+    assert [step["n"] for step in tenant.client.get(f"/api/canvases/{canvas['id']}/steps").json()["items"]] == [1]
