@@ -8,7 +8,7 @@ from typing import Annotated, Any
 
 from litestar import Request, Response, Router, get, post
 from litestar.datastructures import ResponseHeader
-from litestar.openapi.spec import OpenAPIMediaType, OpenAPIResponse, Operation
+from litestar.openapi.spec import OpenAPIMediaType, OpenAPIResponse, OpenAPIType, Operation, Schema
 from litestar.params import Parameter
 from litestar.response import Stream
 
@@ -36,6 +36,13 @@ from service.tenants.auth import END_USER_TOO, Caller, authenticate_then_read_bo
 
 CanvasId = Annotated[str, Parameter(max_length=64, description="Canvas id")]
 StepNumber = Annotated[int, Parameter(ge=0, le=MAX_STEP_NUMBER, description="Step number (0 is the first picture)")]
+StepCursor = Annotated[
+    Annotated[int, Parameter(ge=0, le=MAX_STEP_NUMBER)] | None,
+    Parameter(ge=0, le=MAX_STEP_NUMBER, description="`next_cursor` from the previous page"),
+]
+"""A step number, so bounded like one (a larger integer would not fit the database's column). The bounds are given
+twice: on the optional type they are checked but left out of the document, on the integer inside they are documented
+but not checked."""
 ArtifactName = Annotated[
     str,
     Parameter(
@@ -57,8 +64,9 @@ class ArtifactOperation(ImageOperation):
         assert isinstance(ok, OpenAPIResponse)
         assert ok.content is not None
         ok.description = "The artifact: an image, the model's answer as received, or a report"
-        for kind in ("application/json", "text/plain", "application/octet-stream"):
-            ok.content[kind] = OpenAPIMediaType(schema=BINARY)
+        ok.content["application/json"] = OpenAPIMediaType(schema=Schema(type=OpenAPIType.OBJECT))
+        ok.content["text/plain"] = OpenAPIMediaType(schema=Schema(type=OpenAPIType.STRING))
+        ok.content["application/octet-stream"] = OpenAPIMediaType(schema=BINARY)
 
 
 @dataclass
@@ -261,7 +269,7 @@ async def list_steps(
     caller: Caller,
     canvases: CanvasService,
     limit: Limit = 20,
-    cursor: Annotated[int | None, Parameter(ge=0, description="`next_cursor` from the previous page")] = None,
+    cursor: StepCursor = None,
 ) -> StepPage:
     _, page, line = await canvases.steps(caller, canvas_id, limit=limit + 1, after=cursor)
     more = len(page) > limit

@@ -173,8 +173,18 @@ def test_generated_python_client_drives_a_canvas(sdk: Any, service: Service) -> 
             picture = _operation(canvases + "get_canvas_image").sync(canvas.id, client=tenant)
             assert _size(picture) == expected[n]
 
-        listed = _operation(canvases + "list_canvas_steps").sync(canvas.id, client=tenant)
+        list_steps = _operation(canvases + "list_canvas_steps")
+        listed = list_steps.sync(canvas.id, client=tenant)
         assert [(item.n, item.width, item.height) for item in listed.items] == [(1, 160, 64), (2, 160, 96)]
+        assert [item.n for item in list_steps.sync(canvas.id, client=tenant, limit=1, cursor=1).items] == [2]
+        # A cursor is a step number: one the document's bounds exclude is a 400, also past the database's integers.
+        for cursor in (-1, 10**13):
+            refused = list_steps.sync_detailed(canvas.id, client=tenant, cursor=cursor)
+            assert (refused.status_code, refused.parsed.code, refused.parsed.field) == (
+                400,
+                "invalid_parameter",
+                "cursor",
+            )
         names = {artifact.name for artifact in listed.items[0].artifacts}
         assert {"input.png", "context.png", "mask.png", "canvas.png", "record.json"} <= names
         artifact = _operation(canvases + "get_canvas_step_artifact")
