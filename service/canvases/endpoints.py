@@ -8,7 +8,7 @@ from typing import Annotated, Any
 
 from litestar import Request, Response, Router, get, post
 from litestar.datastructures import ResponseHeader
-from litestar.openapi.spec import OpenAPIMediaType, OpenAPIResponse, OpenAPIType, Schema
+from litestar.openapi.spec import OpenAPIMediaType, OpenAPIResponse, OpenAPIType, Operation, Schema
 from litestar.params import Parameter
 from litestar.response import Stream
 
@@ -58,8 +58,21 @@ class ArtifactOperation(ImageOperation):
         assert ok.content is not None
         ok.description = "The artifact: an image, the model's answer as received, or a report"
         ok.content["application/json"] = OpenAPIMediaType(schema=Schema(type=OpenAPIType.OBJECT))
-        for kind in ("text/plain", "application/octet-stream"):
-            ok.content[kind] = OpenAPIMediaType(schema=BINARY)
+        ok.content["text/plain"] = OpenAPIMediaType(schema=Schema(type=OpenAPIType.STRING))
+        ok.content["application/octet-stream"] = OpenAPIMediaType(schema=BINARY)
+
+
+@dataclass
+class ExportOperation(Operation):
+    """The export is a zip streamed as it is written; declared as binary so that generated clients read it as a file
+    rather than dropping the response for want of a schema."""
+
+    def __post_init__(self) -> None:
+        assert self.responses is not None
+        ok = self.responses["200"]
+        assert isinstance(ok, OpenAPIResponse)
+        ok.description = "The canvas as a zip archive"
+        ok.content = {"application/zip": OpenAPIMediaType(schema=BINARY)}
 
 
 def canvas_url(canvas_id: str) -> str:
@@ -314,6 +327,7 @@ async def revert_canvas(canvas_id: CanvasId, data: RevertRequest, caller: Caller
     summary="The canvas whole, as a zip",
     description="`canvas.json`, then per step `steps/<n>/`: `step.json`, `record.json`, `validation.json`, "
     "`failure.txt` for a failed step, and its stored images. Written as it is sent.",
+    operation_class=ExportOperation,
     responses=problem_responses(401, 403, 429, 404),
     media_type="application/zip",
 )
