@@ -65,7 +65,7 @@ FAULT_NAMES = frozenset(
         "submit_429",
         "submit_timeout",
         "submit_400",
-        "content_policy",
+        "safety_refusal",
         "poll_500",
         "task_error",
         "task_missing",
@@ -409,7 +409,7 @@ class FakeUpstream(OfflineUpstream):
             )
         if self.faults.fires("submit_400", [prompt]):
             return json_error(400, "Invalid request", "invalid_request_error")
-        if self.faults.fires("content_policy", [prompt]):
+        if self.faults.fires("safety_refusal", [prompt]):
             return json_error(
                 400,
                 "Your request was rejected as a result of our safety system.",

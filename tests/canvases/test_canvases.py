@@ -137,7 +137,7 @@ def test_a_changed_immutable_band_or_a_bad_answer_fails_the_step_and_changes_not
             ("bad_image", "decode_failed"),
             ("repaint_kept", "immutable_violation"),
             ("submit_400", "upstream_permanent"),
-            ("content_policy", "refused"),
+            ("safety_refusal", "refused"),
         ),
         start=1,
     ):
