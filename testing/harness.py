@@ -27,6 +27,8 @@ import httpx
 
 T = TypeVar("T")
 ROOT = Path(__file__).resolve().parent.parent
+# Older than the storage sweep's default grace period (an hour with the tests' task deadlines).
+AGED_SECONDS = 2 * 3600
 
 
 def free_port() -> int:
@@ -227,6 +229,35 @@ class ServiceProcess:
             stored_key = f"{parts.path.strip('/')}/{key}"
             return bytes(_s3_client(self.env).get_object(Bucket=parts.netloc, Key=stored_key)["Body"].read())
         return (Path(self.storage_url) / key).read_bytes()
+
+    def plant(self, key: str, data: bytes, *, aged: bool) -> None:
+        """Store an object as the service would, aged past the storage sweep's grace period when the store allows
+        setting its time (a local file; S3 sets LastModified itself, so there it is always fresh)."""
+        parts = urlsplit(self.storage_url)
+        if parts.scheme == "s3":
+            stored_key = f"{parts.path.strip('/')}/{key}"
+            _s3_client(self.env).put_object(Bucket=parts.netloc, Key=stored_key, Body=data)
+            return
+        path = Path(self.storage_url) / key
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(data)
+        if aged:
+            past = time.time() - AGED_SECONDS
+            os.utime(path, (past, past))
+
+    def gc(self, *args: str) -> str:
+        """`imagegen gc [args]` on this process's database and storage; its report."""
+        result = subprocess.run(
+            [sys.executable, "-m", "service", "gc", *args],
+            env=self.env,
+            cwd=self.data_dir,
+            capture_output=True,
+            text=True,
+            check=False,
+            timeout=120,
+        )
+        assert result.returncode == 0, result.stdout + result.stderr
+        return result.stdout
 
     def query(self, sql: str, *params: Any) -> list[tuple[Any, ...]]:
         return query(self.database_url, sql, *params)

@@ -16,7 +16,6 @@ import pytest
 from PIL import Image
 
 from tests.conftest import Service, Tenant, Upstream, service_env, wait_until
-from tests.images.test_storage import _gc, _plant
 
 RUNNING = {"queued", "running"}
 
@@ -318,8 +317,8 @@ def test_gc_deletes_canvas_objects_nothing_refers_to_and_keeps_the_rest(
             "canvases/01a2379365397a866ba9622aeb57e26d/first.png": b"x" * 9,
         }
         for key, data in orphans.items():
-            _plant(process, key, data, aged=True)
-        report = _gc(process, "--grace-seconds", "0")
+            process.plant(key, data, aged=True)
+        report = process.gc("--grace-seconds", "0")
         assert "orphaned canvas objects: deleted 2 objects (16 bytes)" in report
         assert process.stored_keys("canvases/") == kept
         # What stays is what the canvas and its steps show: the pictures, and the failed step's report's artifacts.

@@ -7,13 +7,9 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import io
-import os
 import socket
 import struct
-import subprocess
-import sys
 import threading
-import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -24,8 +20,6 @@ import pytest
 from PIL import Image
 
 from tests.conftest import TEST_DATABASE, Service, Tenant, Upstream, database_env, service_env, wait_until
-
-AGED_SECONDS = 2 * 3600  # older than the default grace period (an hour with the tests' 20 s task deadline)
 
 
 def _png(color: tuple[int, int, int] = (10, 120, 200)) -> bytes:
@@ -54,36 +48,6 @@ def _s3(service: Service) -> tuple[Any, str, str] | None:
         region_name=env["AWS_DEFAULT_REGION"],
     ).client("s3", endpoint_url=env["AWS_ENDPOINT_URL"])
     return client, parts.netloc, parts.path.strip("/")
-
-
-def _plant(service: Service, key: str, data: bytes, *, aged: bool) -> None:
-    """Store an object as the service would, aged past the grace period when the store allows setting its time (a
-    local file; S3 sets LastModified itself, so there it is always fresh)."""
-    s3 = _s3(service)
-    if s3 is not None:
-        client, bucket, prefix = s3
-        client.put_object(Bucket=bucket, Key=f"{prefix}/{key}", Body=data)
-        return
-    path = Path(service.storage_url) / key
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_bytes(data)
-    if aged:
-        past = time.time() - AGED_SECONDS
-        os.utime(path, (past, past))
-
-
-def _gc(service: Service, *args: str) -> str:
-    result = subprocess.run(
-        [sys.executable, "-m", "service", "gc", *args],
-        env=service.env,
-        cwd=service.data_dir,
-        capture_output=True,
-        text=True,
-        check=False,
-        timeout=120,
-    )
-    assert result.returncode == 0, result.stdout + result.stderr
-    return result.stdout
 
 
 def _total(report: str) -> tuple[int, int]:
@@ -127,13 +91,13 @@ def test_gc_deletes_exactly_what_no_task_needs(upstream: Upstream, tmp_path: Pat
         fresh = {"references/01NOSUCHTASK00000000000002/0.png": b"x" * 19}
         live_result = f"results/{live_id}/1-0.png"  # what a running worker has stored but not committed yet
         for key, data in aged.items():
-            _plant(service, key, data, aged=True)
+            service.plant(key, data, aged=True)
         for key, data in fresh.items():
-            _plant(service, key, data, aged=False)
-        _plant(service, live_result, b"x" * 23, aged=True)
+            service.plant(key, data, aged=False)
+        service.plant(live_result, b"x" * 23, aged=True)
         before = service.stored_keys()
 
-        dry = _gc(service, "--dry-run", "--grace-seconds", "0")
+        dry = service.gc("--dry-run", "--grace-seconds", "0")
         assert "would delete" in dry
         # The edit's reference, past the retention of 0 hours, and every orphan.
         reference_bytes = len(service.stored(f"references/{edited['id']}/0.png"))
@@ -141,7 +105,7 @@ def test_gc_deletes_exactly_what_no_task_needs(upstream: Upstream, tmp_path: Pat
         assert service.stored_keys() == before
 
         # The default grace period (an hour): only what is older goes.
-        report = _gc(service)
+        report = service.gc()
         stored_now = service.stored_keys()
         assert f"references/{edited['id']}/0.png" not in stored_now
         for key in aged:
@@ -150,7 +114,7 @@ def test_gc_deletes_exactly_what_no_task_needs(upstream: Upstream, tmp_path: Pat
             assert key in stored_now
         assert _total(report)[0] == (1 if _s3(service) is not None else 4)
 
-        _gc(service, "--grace-seconds", "0")
+        service.gc("--grace-seconds", "0")
         assert service.stored_keys() == sorted(
             [
                 f"results/{text['id']}/1-0.png",
@@ -159,7 +123,7 @@ def test_gc_deletes_exactly_what_no_task_needs(upstream: Upstream, tmp_path: Pat
                 live_result,
             ]
         )
-        assert _total(_gc(service, "--grace-seconds", "0")) == (0, 0)
+        assert _total(service.gc("--grace-seconds", "0")) == (0, 0)
 
         # The edit records that its references are gone; both completed tasks' images still download.
         [(deleted_at,)] = service.query("SELECT references_deleted_at FROM tasks WHERE id = $1", edited["id"])
@@ -180,9 +144,9 @@ def test_workers_sweep_storage_periodically(upstream: Upstream, tmp_path: Path) 
         tenant = service.new_tenant(credits=10)
         fresh = "references/01NOSUCHTASK00000000000003/0.png"
         aged = "results/01NOSUCHTASK00000000000004/1-0.png"
-        _plant(service, fresh, b"fresh", aged=False)
+        service.plant(fresh, b"fresh", aged=False)
         if _s3(service) is None:
-            _plant(service, aged, b"aged", aged=True)
+            service.plant(aged, b"aged", aged=True)
         task = tenant.wait(_submit_with_reference(tenant, "swept after it finished"))
         assert task["status"] == "completed"
         wait_until(
