@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import msgspec
 
+from service.errors import InvalidInput
 from service.images.sizes import RATIOS, supported_sizes
 from service.settings import QUALITIES, Settings
 
@@ -24,6 +25,15 @@ class ModelInfo(msgspec.Struct):
 
 class ModelList(msgspec.Struct):
     data: list[ModelInfo]
+
+
+def checked_model(settings: Settings, model: str | None) -> str:
+    """The image model a request asked for (the default when none), refused with 422 when the service has no such
+    model."""
+    chosen = model or settings.image_model
+    if chosen not in settings.image_models:
+        raise InvalidInput(f"unknown model {chosen!r}; see GET /api/models", code="unknown_model", field="model")
+    return chosen
 
 
 def price_per_image(settings: Settings, quality: str) -> int:

@@ -17,7 +17,7 @@ from service.canvases import geometry, repository
 from service.canvases.pixels import NewCanvas, StepFailure, first_picture
 from service.canvases.schemas import DEFAULT_OVERLAP_PX, CanvasFromImage, CanvasFromPrompt, StepRequest
 from service.canvases.steps import MODE, failure_code
-from service.catalog import task_cost
+from service.catalog import checked_model, task_cost
 from service.clock import utcnow
 from service.db.engine import Database, Record, Transaction
 from service.errors import Conflict, InvalidInput, NotFound, PayloadTooLarge
@@ -122,7 +122,7 @@ class CanvasService:
     async def _from_prompt(self, caller: Caller, body: CanvasFromPrompt) -> Submitted:
         settings = self.settings
         prompt = checked_prompt(body.prompt, settings.max_prompt_chars)
-        model = self._model(body.model)
+        model = checked_model(settings, body.model)
         try:
             size = normalize_size(body.size, settings.upstream_api)
         except InvalidSize as exc:
@@ -169,7 +169,7 @@ class CanvasService:
         """Debit the step and queue it, when the canvas is ready and no other step of it runs (409 otherwise)."""
         settings = self.settings
         prompt = checked_prompt(body.prompt, settings.max_prompt_chars)
-        model = self._model(body.model)
+        model = checked_model(settings, body.model)
         self._check_enhance(caller, prompt, body.enhance)
         task_id, now = new_id(), utcnow()
         async with self.db.transaction() as tx:
@@ -274,12 +274,6 @@ class CanvasService:
         step = await repository.step(tx, canvas_id, n)
         assert step is not None
         return step, balance
-
-    def _model(self, model: str | None) -> str:
-        chosen = model or self.settings.image_model
-        if chosen not in self.settings.image_models:
-            raise InvalidInput(f"unknown model {chosen!r}; see GET /api/models", code="unknown_model", field="model")
-        return chosen
 
     def _check_enhance(self, caller: Caller, prompt: str, enhance: str | None) -> None:
         if enhance is not None:

@@ -14,7 +14,7 @@ from sqlalchemy.exc import IntegrityError
 
 from service import idempotency
 from service.bodies import Upload
-from service.catalog import task_cost
+from service.catalog import checked_model, task_cost
 from service.clock import utcnow
 from service.credits import repository as ledger
 from service.db.engine import Database, Record
@@ -137,9 +137,7 @@ class TaskService:
         settings = self.settings
         request = submission.request
         prompt = self._checked_prompt(request.prompt)
-        model = request.model or settings.image_model
-        if model not in settings.image_models:
-            raise InvalidInput(f"unknown model {model!r}; see GET /api/models", code="unknown_model", field="model")
+        model = checked_model(settings, request.model)
         if request.n > settings.max_images_per_task:
             raise InvalidInput(f"n must be at most {settings.max_images_per_task}", code="too_many_images", field="n")
         try:

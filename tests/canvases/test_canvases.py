@@ -7,7 +7,9 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import io
+import struct
 import zipfile
+import zlib
 from collections.abc import Iterator
 from typing import Any
 
@@ -43,6 +45,18 @@ def gradient(width: int, height: int) -> bytes:
     out = io.BytesIO()
     image.save(out, "PNG")
     return out.getvalue()
+
+
+def _declared_png(width: int, height: int) -> bytes:
+    """A PNG of a few hundred bytes whose header declares `width` x `height` pixels."""
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    header = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
+    return (
+        b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(b"\0" * 64)) + chunk(b"IEND", b"")
+    )
 
 
 def picture(response: httpx.Response) -> Image.Image:
@@ -223,6 +237,16 @@ def test_bad_steps_are_refused_before_anything_is_paid(service: Service) -> None
     assert not_an_image.status_code == 415 and not_an_image.json()["code"] == "unsupported_image_type"
     huge = tenant.client.post("/api/canvases", files={"image": ("big.png", gradient(800, 600), "image/png")})
     assert huge.status_code == 422 and huge.json()["code"] == "canvas_too_large"
+    # Pictures tiny on disk whose headers declare many pixels (the pixel data is garbage, so a decode would answer
+    # 422 invalid_image): refused from the header alone, before any decode.
+    for declared, status, code in (
+        ((50_000, 50_000), 413, "image_too_many_pixels"),
+        ((4000, 3000), 422, "canvas_too_large"),
+    ):
+        bomb = tenant.client.post("/api/canvases", files={"image": ("bomb.png", _declared_png(*declared), "image/png")})
+        assert (bomb.status_code, bomb.json()["code"]) == (status, code), bomb.text
+    unknown = extend(tenant, canvas["id"], direction="right", model="no-such-model")
+    assert unknown.status_code == 422 and unknown.json()["code"] == "unknown_model"
     assert tenant.client.get("/api/canvases/01a2378f5a48f702b9e0c71ba6ce459f").status_code == 404
     assert tenant.balance() == 5
     assert tenant.client.get("/api/canvases").json()["items"][0]["id"] == canvas["id"]
