@@ -39,6 +39,7 @@ from aiohttp import web
 from aiohttp.typedefs import Handler, Middleware
 from PIL import Image, ImageChops, ImageDraw
 
+from service.images.png import encode_png
 from service.upstream.offline import (
     STREAM_END,
     BadRequest,
@@ -52,7 +53,6 @@ from service.upstream.offline import (
     draw_caption,
     draw_image,
     edit_layers,
-    encode_png,
     json_error,
     json_object,
     paint_extension,

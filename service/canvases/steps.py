@@ -5,7 +5,9 @@ the step's task: a step commits entirely or changes nothing."""
 
 from __future__ import annotations
 
+import contextlib
 import time
+from collections.abc import Iterator
 from typing import Any, cast
 
 from service.canvases import repository
@@ -53,6 +55,31 @@ STEP_FAILURES = frozenset(
 )
 
 
+# Decoded canvases a process keeps between a step's two halves (the model's input, then the gate), so the gate need
+# not decode the canvas again; past this, a step's canvas is decoded twice instead of held while the upstream works.
+KEPT_DECODED_BYTES = 256 * 1024 * 1024
+
+
+class DecodedBudget:
+    """How many bytes of decoded canvases the running steps of this process hold."""
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self.held = 0
+
+    @contextlib.contextmanager
+    def hold(self, size: int) -> Iterator[bool]:
+        """Whether a canvas of `size` bytes may be held until the block ends."""
+        kept = self.held + size <= self.limit
+        if kept:
+            self.held += size
+        try:
+            yield kept
+        finally:
+            if kept:
+                self.held -= size
+
+
 def failure_code(code: str | None) -> FailureCode | None:
     """A task's error code in the canvas failure taxonomy (`FailureCode` in the API)."""
     if code is None:
@@ -94,6 +121,7 @@ class CanvasSteps:
         self.upstream = upstream
         self.health = health
         self.decoder = decoder
+        self.decoded = DecodedBudget(KEPT_DECODED_BYTES)
 
     async def produce(self, task: Record, prompt: str, retrying: Retrying[Any]) -> Outcome:
         async with self.db.snapshot() as tx:
@@ -214,13 +242,19 @@ class _Run:
         return await self._committed(canvas, answer, prompt)
 
     async def extend(self, prompt: str, retrying: Retrying[Any]) -> Outcome:
-        task, step, steps = self.task, self.step, self.steps
+        step, steps = self.step, self.steps
         final = step_prompt(step.direction, prompt)
         self.record["final_prompt"] = final
         base = await steps.store.get(step.base_image["key"])
+        # Pillow holds RGB in four bytes a pixel, as RGBA.
+        with steps.decoded.hold(step.base_image["width"] * step.base_image["height"] * 4) as keep:
+            return await self._extend(base, final, keep, retrying)
+
+    async def _extend(self, base: bytes, final: str, keep: bool, retrying: Retrying[Any]) -> Outcome:
+        task, step, steps = self.task, self.step, self.steps
         params = parameters(step, steps.settings)
         size = size_pixels(task.size)
-        made = await steps.decoder.run(model_input, base, params, size)
+        made = await steps.decoder.run(model_input, base, params, size, keep=keep)
         if made.base_sha256 != step.base_image["sha256"]:
             raise StepFailure("internal_error", "The canvas picture in storage is not the one the step extends")
         self.record["parameters"]["sent_size"] = list(made.sent_size)
@@ -243,7 +277,7 @@ class _Run:
         self.record["sha256"]["model_output"] = await self.steps.decoder.run(sha256, answer)
         await self._store(output_name, answer, answer_type, self.record["sha256"]["model_output"])
         try:
-            canvas: NewCanvas = await steps.decoder.run(validate, base, answer, params, size)
+            canvas: NewCanvas = await steps.decoder.run(validate, base, answer, params, size, made.canvas)
         except StepFailure as failure:
             self.checks = failure.checks
             raise

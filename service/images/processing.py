@@ -14,6 +14,7 @@ from typing import Any
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from service.errors import InvalidInput, PayloadTooLarge, UnsupportedMediaType
+from service.images.png import encode_png
 from service.upstream.base import UpstreamError
 
 FORMATS = {"PNG": "image/png", "JPEG": "image/jpeg", "WEBP": "image/webp"}
@@ -146,14 +147,12 @@ def normalize_reference(
         scale = math.sqrt(max_pixels / (image.width * image.height))
         size = (max(1, math.floor(image.width * scale)), max(1, math.floor(image.height * scale)))
         image = image.resize(size, Image.Resampling.LANCZOS, reducing_gap=3.0)
-    out = io.BytesIO()
     if header.format == "JPEG" and image.mode == "RGB" and not lossless:
+        out = io.BytesIO()
         image.save(out, format="JPEG", quality=JPEG_QUALITY)
-        content_type = "image/jpeg"
+        encoded, content_type = out.getvalue(), "image/jpeg"
     else:
-        image.save(out, format="PNG", compress_level=1)
-        content_type = "image/png"
-    encoded = out.getvalue()
+        encoded, content_type = encode_png(image), "image/png"
     return PreparedImage(encoded, content_type, image.width, image.height, hashlib.sha256(encoded).hexdigest())
 
 

@@ -34,6 +34,8 @@ from aiohttp import BodyPartReader, web
 from aiohttp.typedefs import Handler, Middleware
 from PIL import Image, ImageChops, ImageDraw, ImageFilter, ImageFont
 
+from service.images.png import encode_png
+
 MODELS = ("gpt-image-2", "gpt-image-1", "gpt-5.5")
 DEFAULT_IMAGE_MODEL = "gpt-image-2"
 DEFAULT_CHAT_MODEL = "gpt-5.5"
@@ -132,15 +134,7 @@ def draw_image(prompt: str, width: int, height: int, index: int = 0) -> bytes:
     pen = ImageDraw.Draw(canvas)
     _draw_shapes(pen, digest, width, height)
     draw_caption(pen, prompt, width, height)
-    buffer = io.BytesIO()
-    canvas.save(buffer, "PNG", compress_level=1)
-    return buffer.getvalue()
-
-
-def encode_png(image: Image.Image) -> bytes:
-    buffer = io.BytesIO()
-    image.save(buffer, "PNG", compress_level=1)
-    return buffer.getvalue()
+    return encode_png(canvas)
 
 
 def _gradient(digest: bytes, width: int, height: int) -> Image.Image:
