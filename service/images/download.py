@@ -5,12 +5,14 @@ from __future__ import annotations
 
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, cast
 
 from litestar import Request, Response
 from litestar.openapi.spec import OpenAPIHeader, OpenAPIMediaType, OpenAPIResponse, Operation, Reference, Schema
 from litestar.response.base import ASGIResponse
 from litestar.types import Receive, Send
+
+from service.images.storage import Chunk
 
 
 class _Chunks(ASGIResponse):
@@ -20,20 +22,22 @@ class _Chunks(ASGIResponse):
 
     __slots__ = ("_chunks",)
 
-    def __init__(self, chunks: AsyncIterator[bytes], *, length: int, media_type: str, headers: dict[str, str]) -> None:
+    def __init__(self, chunks: AsyncIterator[Chunk], *, length: int, media_type: str, headers: dict[str, str]) -> None:
         super().__init__(content_length=length, headers=headers, media_type=media_type, status_code=200)
         self._chunks = chunks
 
     async def send_body(self, send: Send, receive: Receive) -> None:
         async for chunk in self._chunks:
-            await send({"type": "http.response.body", "body": chunk, "more_body": True})
+            # A mapped file's view goes to the server as it is: uvicorn's httptools protocol, which serves this app,
+            # hands a body with a known length straight to the transport, which takes any bytes-like object.
+            await send({"type": "http.response.body", "body": cast(bytes, chunk), "more_body": True})
         await send({"type": "http.response.body", "body": b"", "more_body": False})
 
 
 class StoredImage(Response[bytes]):
     """A 200 answer whose body is `chunks`, `length` bytes of `media_type` in all."""
 
-    def __init__(self, chunks: AsyncIterator[bytes], *, length: int, media_type: str, headers: dict[str, str]) -> None:
+    def __init__(self, chunks: AsyncIterator[Chunk], *, length: int, media_type: str, headers: dict[str, str]) -> None:
         super().__init__(content=b"", media_type=media_type, headers=headers)
         self._chunks = chunks
         self._length = length

@@ -4,9 +4,11 @@ and a settle whose commit succeeded at the server but whose connection died keep
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import hashlib
 import io
+import os
 import socket
 import struct
 import threading
@@ -19,6 +21,7 @@ import boto3
 import pytest
 from PIL import Image
 
+from service.images.storage import CHUNK_BYTES, open_store
 from tests.conftest import TEST_DATABASE, Service, Tenant, Upstream, database_env, service_env, wait_until
 
 
@@ -293,3 +296,62 @@ def test_a_commit_that_succeeded_before_the_connection_died_keeps_its_images(
         assert tenant.balance() == 4
     finally:
         service.stop()
+
+
+# Serving a local file: mapped when the page cache holds all of it, read a chunk at a time when it does not.
+
+
+def _streamed(store: Any, key: str) -> list[bytes | memoryview]:
+    async def collect() -> list[bytes | memoryview]:
+        return [chunk async for chunk in store.stream(key)]
+
+    return asyncio.run(collect())
+
+
+def _evict(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+    finally:
+        os.close(fd)
+
+
+def test_a_local_image_is_served_whole_from_the_page_cache_or_the_disk(tmp_path: Path) -> None:
+    store = open_store(str(tmp_path))
+    data = os.urandom(CHUNK_BYTES * 3 + 12345)
+    asyncio.run(store.put("results/t/0-0.png", data))
+    path = tmp_path / "results/t/0-0.png"
+
+    # Just written, so cached: one mapped view of the whole file.
+    (mapped,) = _streamed(store, "results/t/0-0.png")
+    assert isinstance(mapped, memoryview)
+    assert mapped.readonly
+    assert bytes(mapped) == data
+    del mapped  # pages still mapped stay in the page cache
+
+    # Not in the page cache: chunks read from the disk, the same bytes.
+    _evict(path)
+    chunks = _streamed(store, "results/t/0-0.png")
+    assert len(chunks) == 4
+    assert all(isinstance(chunk, bytes) for chunk in chunks)
+    assert b"".join(chunks) == data
+
+
+def test_a_mapped_image_stays_whole_when_its_key_is_overwritten_or_deleted(tmp_path: Path) -> None:
+    store = open_store(str(tmp_path))
+    first, second = os.urandom(500_000), os.urandom(300_000)
+    asyncio.run(store.put("canvases/c/t/0-canvas.png", first))
+
+    async def overwrite_while_sending() -> bytes:
+        stream = store.stream("canvases/c/t/0-canvas.png")
+        view = await anext(stream)
+        await store.put("canvases/c/t/0-canvas.png", second)
+        overwritten = bytes(view)
+        await store.delete("canvases/c/t/0-canvas.png")
+        assert bytes(view) == overwritten
+        await stream.aclose()
+        return overwritten
+
+    assert asyncio.run(overwrite_while_sending()) == first
+    assert not (tmp_path / "canvases").exists()
