@@ -16,20 +16,17 @@ from service.canvases.schemas import (
     MAX_STEP_NUMBER,
     CanvasFromImage,
     CanvasFromPrompt,
-    CanvasImageOut,
     CanvasOut,
     CanvasPage,
     RevertRequest,
-    StepArtifact,
-    StepError,
     StepOut,
     StepPage,
     StepRequest,
 )
-from service.canvases.service import CanvasService, reports_of, step_metadata
-from service.canvases.steps import failure_code
-from service.db.engine import Record
+from service.canvases.service import CanvasService
+from service.canvases.views import canvas_url, canvas_view, step_view
 from service.errors import Conflict, problem_responses
+from service.idempotency import IdempotencyKey
 from service.images.download import BINARY, ImageOperation, StoredImage, etag_matches
 from service.pagination import Cursor, Limit, next_cursor
 from service.tenants.auth import END_USER_TOO, Caller, authenticate_then_read_body
@@ -73,83 +70,6 @@ class ExportOperation(Operation):
         assert isinstance(ok, OpenAPIResponse)
         ok.description = "The canvas as a zip archive"
         ok.content = {"application/zip": OpenAPIMediaType(schema=BINARY)}
-
-
-def canvas_url(canvas_id: str) -> str:
-    return f"/api/canvases/{canvas_id}"
-
-
-def canvas_view(canvas: Record, busy_step: int | None = None) -> CanvasOut:
-    image = canvas.image
-    return CanvasOut(
-        id=canvas.id,
-        status=canvas.status,
-        origin=canvas.origin,
-        width=canvas.width,
-        height=canvas.height,
-        head=canvas.head,
-        steps=canvas.steps_made,
-        busy_step=busy_step,
-        image=None
-        if image is None
-        else CanvasImageOut(
-            url=f"{canvas_url(canvas.id)}/image",
-            width=image["width"],
-            height=image["height"],
-            bytes=image["bytes"],
-            sha256=image["sha256"],
-        ),
-        created_at=canvas.created_at,
-        updated_at=canvas.updated_at,
-    )
-
-
-def step_view(step: Record, line: set[int], remaining_credits: int | None = None) -> StepOut:
-    meta = step_metadata(step, line)
-    base = f"{canvas_url(step.canvas_id)}/steps/{step.n}/artifacts/"
-    artifacts = [
-        StepArtifact(
-            name=name,
-            url=base + name,
-            content_type=artifact["content_type"],
-            bytes=artifact.get("bytes"),
-            sha256=artifact.get("sha256"),
-        )
-        for name, artifact in step.artifacts.items()
-    ]
-    artifacts += [StepArtifact(name, base + name, _report_type(name), None, None) for name in reports_of(step)]
-    code = failure_code(step.error_code)
-    return StepOut(
-        n=step.n,
-        canvas_id=step.canvas_id,
-        task_id=step.task_id,
-        status=meta["status"],
-        kind="create" if step.direction is None else "extend",
-        direction=step.direction,
-        extension_px=step.extension_px,
-        overlap_px=step.overlap_px,
-        immutable_px=step.immutable_px,
-        immutable_policy=step.immutable_policy,
-        prompt=step.prompt,
-        final_prompt=step.final_prompt,
-        model=step.model,
-        cost=step.cost,
-        refunded=step.refunded,
-        remaining_credits=remaining_credits,
-        width=step.image["width"] if step.image else None,
-        height=step.image["height"] if step.image else None,
-        reverted=step.image is not None and step.status == "completed" and step.n not in line,
-        error=StepError(code=code, message=step.error_message or "") if code and step.status == "failed" else None,
-        artifacts=artifacts,
-        record=step.record,
-        created_at=step.created_at,
-        started_at=step.started_at,
-        finished_at=step.finished_at,
-    )
-
-
-def _report_type(name: str) -> str:
-    return "text/plain; charset=utf-8" if name.endswith(".txt") else "application/json"
 
 
 @post(
@@ -236,18 +156,22 @@ def _stored(
     operation_id="extendCanvas",
     summary="Extend the canvas by one step",
     description="Debits one image at the step's quality and queues the step; poll it (or the canvas). One step runs "
-    "per canvas at a time: a second one is refused with 409 `step_running`, naming the running step.",
+    "per canvas at a time: a second one is refused with 409 `step_running`, naming the running step. A retry with "
+    "the same `Idempotency-Key` gets the first answer back (even while that step runs) instead of a second step.",
     status_code=202,
     responses=problem_responses(401, 402, 403, 404, 409, 422, 429),
     before_request=authenticate_then_read_body,
 )
 async def extend_canvas(
-    canvas_id: CanvasId, data: StepRequest, caller: Caller, canvases: CanvasService
+    canvas_id: CanvasId,
+    data: StepRequest,
+    caller: Caller,
+    canvases: CanvasService,
+    idempotency_key: IdempotencyKey = None,
 ) -> Response[StepOut]:
-    made = await canvases.submit_step(caller, canvas_id, data)
-    assert made.step is not None
-    location = f"{canvas_url(made.canvas.id)}/steps/{made.step.n}"
-    return Response(step_view(made.step, set(), made.balance_after), status_code=202, headers={"Location": location})
+    step = await canvases.submit_step(caller, canvas_id, data, idempotency_key)
+    location = f"{canvas_url(step.canvas_id)}/steps/{step.n}"
+    return Response(step, status_code=202, headers={"Location": location})
 
 
 @get(

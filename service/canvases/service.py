@@ -12,11 +12,16 @@ from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any
 
+import msgspec
+from sqlalchemy.exc import IntegrityError
+
+from service import idempotency
 from service.bodies import Upload
 from service.canvases import geometry, repository
 from service.canvases.pixels import NewCanvas, StepFailure, first_picture
-from service.canvases.schemas import DEFAULT_OVERLAP_PX, CanvasFromImage, CanvasFromPrompt, StepRequest
+from service.canvases.schemas import DEFAULT_OVERLAP_PX, CanvasFromImage, CanvasFromPrompt, StepOut, StepRequest
 from service.canvases.steps import MODE, failure_code
+from service.canvases.views import public_image, reports_of, step_metadata, step_status, step_view
 from service.catalog import checked_model, task_cost
 from service.clock import utcnow
 from service.db.engine import Database, Record, Transaction
@@ -33,6 +38,10 @@ from service.tasks.worker import WorkerPool
 from service.tenants.auth import Caller
 
 GENERATED_ARTIFACTS = ("record.json", "validation.json", "failure.txt")
+
+
+# The key space of step submissions' idempotency keys (tasks have their own).
+IDEMPOTENCY_SCOPE = "canvas-step"
 
 
 @dataclass(frozen=True, slots=True)
@@ -165,12 +174,59 @@ class CanvasService:
 
     # Extending
 
-    async def submit_step(self, caller: Caller, canvas_id: str, body: StepRequest) -> Submitted:
-        """Debit the step and queue it, when the canvas is ready and no other step of it runs (409 otherwise)."""
+    async def submit_step(
+        self, caller: Caller, canvas_id: str, body: StepRequest, idempotency_key: str | None = None
+    ) -> StepOut:
+        """Debit the step and queue it, when the canvas is ready and no other step of it runs (409 otherwise); the
+        step as submitted. With an idempotency key, a retry gets the first answer back instead."""
         settings = self.settings
         prompt = checked_prompt(body.prompt, settings.max_prompt_chars)
         model = checked_model(settings, body.model)
         self._check_enhance(caller, prompt, body.enhance)
+        fingerprint = ""
+        if idempotency_key is not None:
+            fingerprint = idempotency.fingerprint(canvas_id, msgspec.to_builtins(body))
+            replay = await self._replay(caller, idempotency_key, fingerprint)
+            if replay is not None:
+                return replay
+        try:
+            return await self._submit_step(
+                caller, canvas_id, body, prompt=prompt, model=model, key=idempotency_key, fingerprint=fingerprint
+            )
+        except (IntegrityError, Conflict) as exc:
+            if idempotency_key is None or (isinstance(exc, Conflict) and exc.code != "step_running"):
+                raise
+            # Another request with this key committed between our check and our transaction: the step it started
+            # is running now (or its key's record came first), and its answer is this request's.
+            replay = await self._replay(caller, idempotency_key, fingerprint)
+            if replay is None:
+                raise
+            return replay
+
+    async def _replay(self, caller: Caller, key: str, fingerprint: str) -> StepOut | None:
+        async with self.db.snapshot() as tx:
+            body = await idempotency.recall(
+                tx,
+                tenant_id=caller.tenant_id,
+                scope=idempotency.caller_scope(IDEMPOTENCY_SCOPE, caller.end_user),
+                key=key,
+                request_hash=fingerprint,
+                now=utcnow(),
+            )
+        return None if body is None else msgspec.json.decode(body, type=StepOut)
+
+    async def _submit_step(
+        self,
+        caller: Caller,
+        canvas_id: str,
+        body: StepRequest,
+        *,
+        prompt: str,
+        model: str,
+        key: str | None,
+        fingerprint: str,
+    ) -> StepOut:
+        settings = self.settings
         task_id, now = new_id(), utcnow()
         async with self.db.transaction() as tx:
             canvas = await self._owned(tx, caller, canvas_id)
@@ -217,9 +273,20 @@ class CanvasService:
                     "base_image": canvas.image,
                 },
             )
-            canvas = await self._owned(tx, caller, canvas_id)
+            submitted = step_view(step, set(), balance)
+            if key is not None:
+                await idempotency.remember(
+                    tx,
+                    tenant_id=caller.tenant_id,
+                    scope=idempotency.caller_scope(IDEMPOTENCY_SCOPE, caller.end_user),
+                    key=key,
+                    request_hash=fingerprint,
+                    response=msgspec.json.encode(submitted),
+                    now=now,
+                    ttl_seconds=settings.idempotency_ttl,
+                )
         self._wake()
-        return Submitted(canvas, step, balance)
+        return submitted
 
     async def _paid_step(
         self,
@@ -380,8 +447,8 @@ class CanvasService:
             "head": canvas.head,
             "width": canvas.width,
             "height": canvas.height,
-            "image": _public(canvas.image),
-            "steps": [{"n": step.n, "status": _step_status(step), "on_canvas": step.n in line} for step in every],
+            "image": public_image(canvas.image),
+            "steps": [{"n": step.n, "status": step_status(step), "on_canvas": step.n in line} for step in every],
         }
         archive.writestr("canvas.json", json.dumps(meta, indent=2, default=str))
         yield sink.take()
@@ -466,51 +533,6 @@ def _image_record(key: str, picture: NewCanvas) -> dict[str, Any]:
         "bytes": len(picture.png),
         "sha256": picture.sha256,
     }
-
-
-def _public(image: dict[str, Any] | None) -> dict[str, Any] | None:
-    return None if image is None else {name: value for name, value in image.items() if name != "key"}
-
-
-def _step_status(step: Record) -> str:
-    """A step's status is its task's, except that a completed step is `committed`."""
-    status = str(step.status)
-    return "committed" if status == "completed" else status
-
-
-def step_metadata(step: Record, line: set[int]) -> dict[str, Any]:
-    return {
-        "n": step.n,
-        "task_id": step.task_id,
-        "status": _step_status(step),
-        "on_canvas": step.n in line,
-        "direction": step.direction,
-        "extension_px": step.extension_px,
-        "overlap_px": step.overlap_px,
-        "immutable_px": step.immutable_px,
-        "immutable_policy": step.immutable_policy,
-        "base_step": step.base_step,
-        "prompt": step.prompt,
-        "final_prompt": step.final_prompt,
-        "model": step.model,
-        "cost": step.cost,
-        "refunded": step.refunded,
-        "error": {"code": failure_code(step.error_code), "message": step.error_message} if step.error_code else None,
-        "image": _public(step.image),
-        "created_at": step.created_at,
-        "finished_at": step.finished_at,
-    }
-
-
-def reports_of(step: Record) -> list[str]:
-    names = []
-    if step.record is not None:
-        names.append("record.json")
-    if step.validation is not None:
-        names.append("validation.json")
-    if step.status == "failed":
-        names.append("failure.txt")
-    return names
 
 
 def _report(step: Record, name: str) -> tuple[dict[str, Any], bytes] | None:

@@ -392,3 +392,48 @@ def test_concurrent_steps_on_one_canvas_start_exactly_one(service: Service, upst
     # One step was made and paid; the refused ones cost nothing and numbered nothing.
     assert tenant.balance() == 19
     assert [step["n"] for step in tenant.client.get(f"/api/canvases/{canvas['id']}/steps").json()["items"]] == [1]
+
+
+def test_a_retried_step_with_its_idempotency_key_is_made_and_paid_once(service: Service, upstream: Upstream) -> None:
+    tenant = service.new_tenant(credits=20)
+    canvas = create(tenant)
+    url = f"/api/canvases/{canvas['id']}/steps"
+    body = {"prompt": "a retried step", "direction": "right", "extension_px": 12}
+    upstream.settings(latency=1.0)
+
+    async def retries() -> list[httpx.Response]:
+        """The same request sent ten times at once, as a client that times out and retries might."""
+        headers = {"Authorization": f"Bearer {tenant.api_key}", "Idempotency-Key": "extend-right-1"}
+        async with httpx.AsyncClient(base_url=service.base_url, headers=headers, timeout=30) as client:
+            return list(await asyncio.gather(*(client.post(url, json=body) for _ in range(10))))
+
+    answers = asyncio.run(retries())
+    assert [answer.status_code for answer in answers] == [202] * 10, [answer.text for answer in answers]
+    first = answers[0].json()
+    assert all(answer.json() == first for answer in answers)
+    assert {answer.headers["location"] for answer in answers} == {f"{url}/1"}
+    assert first["n"] == 1 and first["remaining_credits"] == 19
+    # While the step runs, and after it committed, the key still answers with the first answer.
+    again = tenant.client.post(url, json=body, headers={"Idempotency-Key": "extend-right-1"})
+    assert again.status_code == 202 and again.json() == first
+    assert finished_step(tenant, canvas["id"], 1)["status"] == "committed"
+    upstream.reset_settings()
+    after = tenant.client.post(url, json=body, headers={"Idempotency-Key": "extend-right-1"})
+    assert after.status_code == 202 and after.json() == first
+    # The key with another body, or on another canvas, is a conflict; nothing is paid for it.
+    other = tenant.client.post(url, json={**body, "extension_px": 13}, headers={"Idempotency-Key": "extend-right-1"})
+    assert other.status_code == 409 and other.json()["code"] == "idempotency_key_reused"
+    elsewhere = create(tenant)
+    moved = tenant.client.post(
+        f"/api/canvases/{elsewhere['id']}/steps", json=body, headers={"Idempotency-Key": "extend-right-1"}
+    )
+    assert moved.status_code == 409 and moved.json()["code"] == "idempotency_key_reused"
+    assert tenant.balance() == 19
+    assert [step["n"] for step in tenant.client.get(url).json()["items"]] == [1]
+    # Another tenant's same key is its own.
+    stranger = service.new_tenant(credits=5)
+    theirs = create(stranger)
+    made = stranger.client.post(
+        f"/api/canvases/{theirs['id']}/steps", json=body, headers={"Idempotency-Key": "extend-right-1"}
+    )
+    assert made.status_code == 202 and made.json()["canvas_id"] == theirs["id"]
