@@ -437,3 +437,40 @@ def test_a_retried_step_with_its_idempotency_key_is_made_and_paid_once(service: 
         f"/api/canvases/{theirs['id']}/steps", json=body, headers={"Idempotency-Key": "extend-right-1"}
     )
     assert made.status_code == 202 and made.json()["canvas_id"] == theirs["id"]
+
+
+def test_a_step_whose_picture_cannot_be_stored_fails_and_changes_nothing(
+    upstream: Upstream, tmp_path_factory: pytest.TempPathFactory
+) -> None:
+    """`write_failed`: the new canvas cannot be written (a folder stands where its file goes, which even root cannot
+    replace), so the step fails, is refunded and leaves the canvas as it was. The storage is a local folder in both
+    runs: what is tested is the step's handling of a failed write, which is the same for every store."""
+    data_dir = tmp_path_factory.mktemp("canvas-write")
+    images = data_dir / "images"
+    process = Service(data_dir, service_env(upstream, STORAGE_URL=str(images)))
+    try:
+        tenant = process.new_tenant(credits=5)
+        canvas = create(tenant)
+        upstream.settings(latency=1.5)
+        accepted = extend(tenant, canvas["id"], direction="right", extension_px=16)
+        assert accepted.status_code == 202, accepted.text
+        task = accepted.json()["task_id"]
+        (images / "canvases" / canvas["id"] / task / "1-canvas.png" / "in-the-way").mkdir(parents=True)
+        step = finished_step(tenant, canvas["id"], 1)
+        upstream.reset_settings()
+        assert step["status"] == "failed" and step["error"]["code"] == "write_failed", step
+        assert "canvas.png" in step["error"]["message"]
+        assert step["refunded"] == step["cost"] == 1
+        assert tenant.balance() == 5
+        after = tenant.client.get(f"/api/canvases/{canvas['id']}").json()
+        assert (after["width"], after["head"], after["busy_step"], after["image"]) == (160, 0, None, canvas["image"])
+        report = tenant.client.get(f"/api/canvases/{canvas['id']}/steps/1/artifacts/failure.txt")
+        assert report.status_code == 200 and "write_failed" in report.text
+        validation = tenant.client.get(f"/api/canvases/{canvas['id']}/steps/1/artifacts/validation.json").json()
+        assert validation["failure"]["code"] == "write_failed"
+        # What the step did store is still readable from its report.
+        context = tenant.client.get(f"/api/canvases/{canvas['id']}/steps/1/artifacts/context.png")
+        assert context.status_code == 200 and context.headers["content-type"] == "image/png"
+        assert process.audit()[0] == 0
+    finally:
+        process.stop()
