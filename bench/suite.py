@@ -545,29 +545,43 @@ class Suite:
 
     def canvas(self) -> None:
         """One canvas step's service overhead on a 2048x2048 canvas: the service's CPU (all threads) from the step's
-        submission to its commit, the upstream excluded (a process of its own), against the step's pixel work alone;
-        and the part spent on the event loop, which the decoder threads keep small."""
+        submission to its commit, the upstream excluded (a process of its own), against the step's pixel work alone.
+        The first step of the run reads and decodes its base picture; the next ones extend a picture the process has
+        decoded already (each step is reverted, so every step extends the same picture), as consecutive steps of a
+        canvas do. And the part spent on the event loop, which the decoder threads keep small."""
         env = {"ADMIN_API_KEY": ADMIN_KEY, "UPSTREAM_API": "images", "MAX_CANVAS_PIXELS": "16000000"}
-        cpu, on_loop, floor = canvas_step_cpu(self.workdir, 3 if self.smoke else 7, env)
+        measured = canvas_step_cpu(self.workdir, 3 if self.smoke else 7, env)
+        floor_next, floor_first = _pixel_floor(measured.first_picture)
         self.rows.append(
             Row(
                 "canvas step 2048x2048 (+256 px): service CPU",
-                cpu,
+                measured.next_steps,
                 "ms",
                 "its pixel work alone",
-                floor,
+                floor_next,
                 "< 150 ms",
-                cpu < 150,
+                measured.next_steps < 150,
             )
         )
-        share = on_loop / cpu if cpu else 0.0
+        self.rows.append(
+            Row(
+                "canvas step, base not yet decoded: service CPU",
+                measured.first_step,
+                "ms",
+                "its pixel work alone",
+                floor_first,
+                "< 150 ms",
+                measured.first_step < 150,
+            )
+        )
+        share = measured.on_loop / measured.next_steps if measured.next_steps else 0.0
         self.rows.append(
             Row(
                 "canvas step: CPU on the event loop",
-                on_loop,
+                measured.on_loop,
                 "ms",
                 "the step's service CPU",
-                cpu,
+                measured.next_steps,
                 "< 25% of it",
                 share < 0.25,
             )
@@ -602,10 +616,20 @@ class Suite:
         )
 
 
-def canvas_step_cpu(workdir: Path, steps: int, env: dict[str, str]) -> tuple[float, float, float]:
+@dataclass
+class CanvasSteps:
+    """Milliseconds of service CPU: the first step (its base read and decoded), the median of the next ones, the
+    median of their CPU on the event loop's thread; and the canvas's first picture (PNG)."""
+
+    first_step: float
+    next_steps: float
+    on_loop: float
+    first_picture: bytes
+
+
+def canvas_step_cpu(workdir: Path, steps: int, env: dict[str, str]) -> CanvasSteps:
     """The service's CPU per step of a 2048x2048 canvas (everything but the upstream, which runs in a process of its
-    own), the part of it spent on the event loop's thread, and the floor: the step's pixel work alone (the model's
-    input, the gate, the composite and its hashes) timed in this process."""
+    own), and the part of it spent on the event loop's thread."""
     upstream = FakeUpstreamProcess(workdir / "canvas-upstream.log")
     service = ServiceProcess(
         workdir / "canvas",
@@ -619,6 +643,7 @@ def canvas_step_cpu(workdir: Path, steps: int, env: dict[str, str]) -> tuple[flo
         first = _photo_png(2048, 2048)
         canvas = client.post("/api/canvases", files={"image": ("first.png", first, "image/png")}).json()
         url = f"/api/canvases/{canvas['id']}"
+        stored = client.get(f"{url}/image").content
         spent, on_loop = [], []
         for _ in range(steps):
             before, loop_before = _cpu_seconds(service.pid)
@@ -638,7 +663,9 @@ def canvas_step_cpu(workdir: Path, steps: int, env: dict[str, str]) -> tuple[flo
     finally:
         service.stop()
         upstream.stop()
-    return statistics.median(spent) * 1000, statistics.median(on_loop) * 1000, _pixel_floor(first) * 1000
+    return CanvasSteps(
+        spent[0] * 1000, statistics.median(spent[1:]) * 1000, statistics.median(on_loop[1:]) * 1000, stored
+    )
 
 
 def _ended(client: httpx.Client, url: str) -> dict[str, Any] | None:
@@ -666,21 +693,27 @@ def _cpu_seconds(pid: int) -> tuple[float, float]:
     return total, main
 
 
-def _pixel_floor(first: bytes) -> float:
-    """The pixel work of one step, timed: the model's input, then the gate on an answer that keeps the context."""
+def _pixel_floor(stored: bytes) -> tuple[float, float]:
+    """The pixel work of one step, timed in this process: the model's input, then the gate on an answer that keeps
+    the context; with the base decoded already, and with its decoding."""
     from service.canvases import pixels  # noqa: PLC0415 - only this row needs it
     from service.canvases.geometry import Direction, ImmutablePolicy  # noqa: PLC0415
 
     step = pixels.StepParameters(Direction.RIGHT, 256, 256, 0, ImmutablePolicy.SEAM, 16_000_000)
-    stored = pixels.first_picture(first, max_pixels=16_000_000).png
-    made = pixels.model_input(stored, step, (1024, 1536))
+    digest = pixels.sha256(stored)
+    base = pixels.decode_base(stored, digest)
+    made = pixels.model_input(base, step, (1024, 1536))
     answer = Image.open(io.BytesIO(made.image)).convert("RGB")
     out = io.BytesIO()
     answer.save(out, "PNG", compress_level=1)
     started = time.process_time()
-    made = pixels.model_input(stored, step, (1024, 1536), keep=True)
-    pixels.validate(stored, out.getvalue(), step, (1024, 1536), made.canvas)
-    return time.process_time() - started
+    pixels.model_input(base, step, (1024, 1536))
+    pixels.validate(base, out.getvalue(), step, (1024, 1536))
+    warm = time.process_time() - started
+    started = time.process_time()
+    pixels.decode_base(stored, digest)
+    decode = time.process_time() - started
+    return warm * 1000, (warm + decode) * 1000
 
 
 def _finished_task(service: ServiceProcess, auth: dict[str, str], prompt: str) -> dict[str, Any]:

@@ -25,6 +25,8 @@ from service.images.processing import MAX_DECODE_PIXELS, sniff_format
 KEPT_TOLERANCE = 16.0
 COMPARE_SIDE = 64
 ASPECT_TOLERANCE = 0.05
+# A box in fractional pixels, for resampling exactly the part of a picture that maps onto another.
+FloatBox = tuple[float, float, float, float]
 # How the context is stretched to the size the upstream accepts, and the answer back: bicubic, at about half the CPU
 # of Lanczos on these sizes.
 RESAMPLING = Image.Resampling.BICUBIC
@@ -58,11 +60,8 @@ class ModelInput:
     mask: bytes
     sent_size: tuple[int, int]
     input_size: tuple[int, int]
-    base_sha256: str
     image_sha256: str
     mask_sha256: str
-    # The decoded canvas, when the caller asked to keep it for the gate (which then need not decode it again).
-    canvas: Image.Image | None = None
 
 
 @dataclass(slots=True)
@@ -76,6 +75,8 @@ class NewCanvas:
     output_sha256: str
     checks: dict[str, Any] = field(default_factory=dict)
     seconds: float = 0.0
+    # The picture itself, decoded: the next step's base.
+    image: Image.Image | None = None
 
 
 def sha256(data: bytes) -> str:
@@ -125,42 +126,73 @@ def first_picture(data: bytes, *, max_pixels: int, fit: bool = False) -> NewCanv
         sha256(data),
         {"decodes": True, "mode": canvas.mode, "size": [canvas.width, canvas.height]},
         time.process_time() - started,
+        canvas,
     )
 
 
-def model_input(base: bytes, step: StepParameters, sent_size: tuple[int, int], *, keep: bool = False) -> ModelInput:
-    """The context strip of the canvas and blank new pixels, with the mask that marks the new ones, stretched to
-    `sent_size` (a size the upstream accepts, nearest in aspect); the answer is stretched back the same way. With
-    `keep`, the decoded canvas comes back too, for `validate`."""
-    canvas = open_canvas(base, max_pixels=MAX_DECODE_PIXELS)
-    image, mask = geometry.step_input(canvas, step.direction, step.extension, step.overlap)
-    input_size = image.size
-    if image.size != sent_size:
-        image = image.resize(sent_size, RESAMPLING)
-        mask = mask.resize(sent_size, Image.Resampling.NEAREST)
+def decode_base(data: bytes, digest: str) -> Image.Image:
+    """A step's base picture as read from storage, which must be the one the step recorded (`digest`)."""
+    if sha256(data) != digest:
+        raise StepFailure("internal_error", "The canvas picture in storage is not the one the step extends")
+    return open_canvas(data, max_pixels=MAX_DECODE_PIXELS)
+
+
+def model_input(canvas: Image.Image, step: StepParameters, sent_size: tuple[int, int]) -> ModelInput:
+    """The context strip of the canvas and blank new pixels, with the mask that marks the new ones, at `sent_size`
+    (a size the upstream accepts, nearest in aspect): the context is stretched there straight from the canvas, and
+    the answer's new pixels are stretched back the same way (`validate`)."""
+    input_size = geometry.step_input_size(canvas.width, canvas.height, step.direction, step.extension, step.overlap)
+    if input_size == sent_size:
+        image, mask = geometry.step_input(canvas, step.direction, step.extension, step.overlap)
+    else:
+        image, mask = _stretched_input(canvas, step, input_size, sent_size)
     image_png, mask_png = encode_png(image), encode_png(mask)
-    return ModelInput(
-        image_png,
-        mask_png,
-        sent_size,
-        input_size,
-        sha256(base),
-        sha256(image_png),
-        sha256(mask_png),
-        canvas if keep else None,
+    return ModelInput(image_png, mask_png, sent_size, input_size, sha256(image_png), sha256(mask_png))
+
+
+def _stretched_input(
+    canvas: Image.Image, step: StepParameters, input_size: tuple[int, int], sent_size: tuple[int, int]
+) -> tuple[Image.Image, Image.Image]:
+    """The model's input and mask at `sent_size`. The context's place there is its place in the input scaled and
+    rounded to whole pixels; it is filled from exactly the part of the canvas that maps onto it, so only the context
+    is resampled, never the blank pixels beside it."""
+    scale_x, scale_y = sent_size[0] / input_size[0], sent_size[1] / input_size[1]
+    offset_x, offset_y = geometry.old_offset(step.direction, step.extension)
+    context = geometry.context_box(canvas.width, canvas.height, step.direction, step.overlap)
+    inside = (offset_x, offset_y, offset_x + context[2] - context[0], offset_y + context[3] - context[1])
+    left, right = _rounded_span(inside[0] * scale_x, inside[2] * scale_x, sent_size[0])
+    upper, lower = _rounded_span(inside[1] * scale_y, inside[3] * scale_y, sent_size[1])
+    source = _within(
+        (
+            context[0] + (left - offset_x) / scale_x,
+            context[1] + (upper - offset_y) / scale_y,
+            context[0] + (right - offset_x) / scale_x,
+            context[1] + (lower - offset_y) / scale_y,
+        ),
+        canvas.size,
     )
+    stretched = canvas.resize((right - left, lower - upper), RESAMPLING, box=source).convert("RGBA")
+    image = Image.new("RGBA", sent_size, geometry.BLANK)
+    image.paste(stretched, (left, upper))
+    mask = Image.new("RGBA", sent_size, geometry.BLANK)
+    mask.paste(geometry.KEEP, (left, upper, right, lower))
+    return image, mask
 
 
-def validate(
-    base: bytes, answer: bytes, step: StepParameters, sent_size: tuple[int, int], old: Image.Image | None = None
-) -> NewCanvas:
+def _rounded_span(start: float, end: float, limit: int) -> tuple[int, int]:
+    """`[start, end)` rounded to whole pixels within `[0, limit)`, never empty."""
+    first, last = round(start), round(end)
+    if last <= first:
+        first, last = (first, first + 1) if first < limit else (limit - 1, limit)
+    return first, last
+
+
+def validate(old: Image.Image, answer: bytes, step: StepParameters, sent_size: tuple[int, int]) -> NewCanvas:
     """The gate before a step commits (I4): the answer decodes, has the aspect of what was sent, kept the pixels it
     was told to keep (within `KEPT_TOLERANCE`); the composite has exactly the expected size and mode; and after the
     immutable band is restored from the old canvas, the band's digest equals the old canvas's (I2). Any failure is a
-    `StepFailure` naming the check. `old` is `base` decoded, when the caller kept it from `model_input`."""
+    `StepFailure` naming the check. `old` is the step's base picture, decoded; it is only read."""
     started = time.process_time()
-    if old is None:
-        old = open_canvas(base, max_pixels=MAX_DECODE_PIXELS)
     width, height = old.size
     checks: dict[str, Any] = {"decodes": False}
     try:
@@ -178,9 +210,8 @@ def validate(
             checks,
         )
     input_size = geometry.step_input_size(width, height, step.direction, step.extension, step.overlap)
-    generated = answered if answered.size == input_size else answered.resize(input_size, RESAMPLING)
-    generated = generated.convert(old.mode)
-    checks["kept_difference"] = _kept_difference(old, generated, step)
+    scale = (answered.width / input_size[0], answered.height / input_size[1])
+    checks["kept_difference"] = _kept_difference(old, answered, scale, step)
     if checks["kept_difference"] is not None and checks["kept_difference"] > KEPT_TOLERANCE:
         raise StepFailure(
             "immutable_violation",
@@ -188,6 +219,13 @@ def validate(
             f"at most {KEPT_TOLERANCE:g} allowed)",
             checks,
         )
+    # Only the answer's new pixels go into the canvas: they alone are stretched back to the input's scale.
+    fresh = geometry.step_new_box(width, height, step.direction, step.extension, step.overlap)
+    new_pixels = answered.resize(
+        (fresh[2] - fresh[0], fresh[3] - fresh[1]), RESAMPLING, box=_scaled(fresh, scale, answered.size)
+    )
+    generated = Image.new(old.mode, input_size)
+    generated.paste(new_pixels.convert(old.mode), fresh[:2])
     try:
         composite = geometry.composite(
             old, generated, step.direction, step.extension, step.overlap, max_pixels=step.max_pixels
@@ -222,13 +260,28 @@ def validate(
         sha256(answer),
         checks,
         time.process_time() - started,
+        restored,
     )
 
 
-def _kept_difference(old: Image.Image, generated: Image.Image, step: StepParameters) -> float | None:
+def _scaled(box: geometry.Box, scale: tuple[float, float], size: tuple[int, int]) -> FloatBox:
+    """`box` times `scale`, within an image of `size`."""
+    return _within((box[0] * scale[0], box[1] * scale[1], box[2] * scale[0], box[3] * scale[1]), size)
+
+
+def _within(box: FloatBox, size: tuple[int, int]) -> FloatBox:
+    """A box of fractional pixels clamped to an image of `size`: the arithmetic that scales boxes may overshoot an
+    edge by a rounding error, which Pillow refuses."""
+    return (max(0.0, box[0]), max(0.0, box[1]), min(float(size[0]), box[2]), min(float(size[1]), box[3]))
+
+
+def _kept_difference(
+    old: Image.Image, answered: Image.Image, scale: tuple[float, float], step: StepParameters
+) -> float | None:
     """How far the model strayed, inside the context it saw, from the immutable band: the mean absolute difference
-    per channel of the two, both reduced to at most COMPARE_SIDE pixels a side. None when the band and the context
-    do not meet (nothing the model saw was to be kept)."""
+    per channel of the two, both reduced to at most COMPARE_SIDE pixels a side (the answer straight from its own
+    scale, `scale` times the input's). None when the band and the context do not meet (nothing the model saw was to
+    be kept)."""
     width, height = old.size
     band = geometry.immutable_band(width, height, step.direction, immutable=step.immutable, policy=step.policy)
     context = geometry.context_box(width, height, step.direction, step.overlap)
@@ -242,12 +295,12 @@ def _kept_difference(old: Image.Image, generated: Image.Image, step: StepParamet
             continue
         kept = old.crop((left, upper, right, lower))
         shift_x, shift_y = left - context[0] + cx, upper - context[1] + cy
-        seen = generated.crop((shift_x, shift_y, shift_x + right - left, shift_y + lower - upper))
-        scale = min(1.0, COMPARE_SIDE / max(kept.size))
-        small = (max(1, round(kept.width * scale)), max(1, round(kept.height * scale)))
-        difference = ImageChops.difference(
-            kept.resize(small, Image.Resampling.BOX), seen.resize(small, Image.Resampling.BOX)
-        )
+        seen_box = (shift_x, shift_y, shift_x + right - left, shift_y + lower - upper)
+        reduction = min(1.0, COMPARE_SIDE / max(kept.size))
+        small = (max(1, round(kept.width * reduction)), max(1, round(kept.height * reduction)))
+        seen_scaled = _scaled(seen_box, scale, answered.size)
+        seen = answered.resize(small, Image.Resampling.BOX, box=seen_scaled).convert(old.mode)
+        difference = ImageChops.difference(kept.resize(small, Image.Resampling.BOX), seen)
         area = (right - left) * (lower - upper)
         total += sum(ImageStat.Stat(difference).mean) / len(difference.getbands()) * area
         weight += area

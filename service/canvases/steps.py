@@ -5,14 +5,25 @@ the step's task: a step commits entirely or changes nothing."""
 
 from __future__ import annotations
 
-import contextlib
+import asyncio
 import time
-from collections.abc import Iterator
+from collections import OrderedDict
 from typing import Any, cast
+
+from PIL import Image
 
 from service.canvases import repository
 from service.canvases.geometry import Direction, ImmutablePolicy
-from service.canvases.pixels import NewCanvas, StepFailure, StepParameters, first_picture, model_input, sha256, validate
+from service.canvases.pixels import (
+    NewCanvas,
+    StepFailure,
+    StepParameters,
+    decode_base,
+    first_picture,
+    model_input,
+    sha256,
+    validate,
+)
 from service.canvases.schemas import FailureCode
 from service.clock import utcnow
 from service.db.engine import Database, Record, Transaction
@@ -55,29 +66,57 @@ STEP_FAILURES = frozenset(
 )
 
 
-# Decoded canvases a process keeps between a step's two halves (the model's input, then the gate), so the gate need
-# not decode the canvas again; past this, a step's canvas is decoded twice instead of held while the upstream works.
-KEPT_DECODED_BYTES = 256 * 1024 * 1024
+# How many bytes of decoded canvases a process keeps, and for how long one unused stays (see `DecodedCanvases`).
+DECODED_CANVAS_BYTES = 256 * 1024 * 1024
+DECODED_CANVAS_SECONDS = 600.0
 
 
-class DecodedBudget:
-    """How many bytes of decoded canvases the running steps of this process hold."""
+class DecodedCanvases:
+    """Decoded canvas pictures by the sha256 of their PNG, so that a step decodes its base once (not again for the
+    gate) and not at all when it extends the picture the previous step of this process made, the usual way of growing
+    a canvas. At most `limit` bytes, the least recently used going first; a picture unused for `idle_seconds` is
+    dropped, so an idle process gives the memory back. Used on the event loop only; the pictures are never changed."""
 
-    def __init__(self, limit: int) -> None:
+    def __init__(self, limit: int, idle_seconds: float) -> None:
         self.limit = limit
+        self.idle_seconds = idle_seconds
         self.held = 0
+        self._pictures: OrderedDict[str, tuple[Image.Image, float]] = OrderedDict()
+        self._timer: asyncio.TimerHandle | None = None
 
-    @contextlib.contextmanager
-    def hold(self, size: int) -> Iterator[bool]:
-        """Whether a canvas of `size` bytes may be held until the block ends."""
-        kept = self.held + size <= self.limit
-        if kept:
-            self.held += size
-        try:
-            yield kept
-        finally:
-            if kept:
-                self.held -= size
+    def get(self, digest: str) -> Image.Image | None:
+        found = self._pictures.pop(digest, None)
+        if found is None:
+            return None
+        self._pictures[digest] = (found[0], time.monotonic())
+        return found[0]
+
+    def put(self, digest: str, picture: Image.Image) -> None:
+        size = _decoded_bytes(picture)
+        if size > self.limit or self.get(digest) is not None:
+            return
+        self._pictures[digest] = (picture, time.monotonic())
+        self.held += size
+        while self.held > self.limit:
+            _, (dropped, _) = self._pictures.popitem(last=False)
+            self.held -= _decoded_bytes(dropped)
+        if self._timer is None:
+            self._timer = asyncio.get_running_loop().call_later(self.idle_seconds, self._drop_idle)
+
+    def _drop_idle(self) -> None:
+        self._timer = None
+        cutoff = time.monotonic() - self.idle_seconds
+        for digest, (picture, used) in list(self._pictures.items()):
+            if used <= cutoff:
+                del self._pictures[digest]
+                self.held -= _decoded_bytes(picture)
+        if self._pictures:
+            self._timer = asyncio.get_running_loop().call_later(self.idle_seconds, self._drop_idle)
+
+
+def _decoded_bytes(picture: Image.Image) -> int:
+    """Pillow keeps a pixel of three or four channels in four bytes."""
+    return picture.width * picture.height * (1 if len(picture.getbands()) == 1 else 4)
 
 
 def failure_code(code: str | None) -> FailureCode | None:
@@ -121,7 +160,7 @@ class CanvasSteps:
         self.upstream = upstream
         self.health = health
         self.decoder = decoder
-        self.decoded = DecodedBudget(KEPT_DECODED_BYTES)
+        self.decoded = DecodedCanvases(DECODED_CANVAS_BYTES, DECODED_CANVAS_SECONDS)
 
     async def produce(self, task: Record, prompt: str, retrying: Retrying[Any]) -> Outcome:
         async with self.db.snapshot() as tx:
@@ -242,21 +281,12 @@ class _Run:
         return await self._committed(canvas, answer, prompt)
 
     async def extend(self, prompt: str, retrying: Retrying[Any]) -> Outcome:
-        step, steps = self.step, self.steps
+        task, step, steps = self.task, self.step, self.steps
         final = step_prompt(step.direction, prompt)
         self.record["final_prompt"] = final
-        base = await steps.store.get(step.base_image["key"])
-        # Pillow holds RGB in four bytes a pixel, as RGBA.
-        with steps.decoded.hold(step.base_image["width"] * step.base_image["height"] * 4) as keep:
-            return await self._extend(base, final, keep, retrying)
-
-    async def _extend(self, base: bytes, final: str, keep: bool, retrying: Retrying[Any]) -> Outcome:
-        task, step, steps = self.task, self.step, self.steps
         params = parameters(step, steps.settings)
         size = size_pixels(task.size)
-        made = await steps.decoder.run(model_input, base, params, size, keep=keep)
-        if made.base_sha256 != step.base_image["sha256"]:
-            raise StepFailure("internal_error", "The canvas picture in storage is not the one the step extends")
+        made = await steps.decoder.run(model_input, await self._base(), params, size)
         self.record["parameters"]["sent_size"] = list(made.sent_size)
         self.record["parameters"]["input_size"] = list(made.input_size)
         await self._store("context.png", made.image, "image/png", made.image_sha256)
@@ -277,11 +307,22 @@ class _Run:
         self.record["sha256"]["model_output"] = await self.steps.decoder.run(sha256, answer)
         await self._store(output_name, answer, answer_type, self.record["sha256"]["model_output"])
         try:
-            canvas: NewCanvas = await steps.decoder.run(validate, base, answer, params, size, made.canvas)
+            canvas: NewCanvas = await steps.decoder.run(validate, await self._base(), answer, params, size)
         except StepFailure as failure:
             self.checks = failure.checks
             raise
         return await self._committed(canvas, answer, final)
+
+    async def _base(self) -> Image.Image:
+        """The step's base picture, decoded: from this process's decoded canvases, else read and decoded (and kept,
+        for the gate and the next step). Not held across the upstream call: the gate asks again."""
+        steps, base = self.steps, self.step.base_image
+        picture = steps.decoded.get(base["sha256"])
+        if picture is None:
+            data = await steps.store.get(base["key"])
+            picture = await steps.decoder.run(decode_base, data, base["sha256"])
+            steps.decoded.put(base["sha256"], picture)
+        return picture
 
     async def _call(self, request: GenerationRequest, retrying: Retrying[Any]) -> bytes:
         started = time.perf_counter()
@@ -296,6 +337,10 @@ class _Run:
         return answer
 
     async def _committed(self, canvas: NewCanvas, answer: bytes, prompt: str) -> Outcome:
+        if canvas.image is not None:
+            # Kept whether or not the step then commits: a picture is named by its digest, so one that never became
+            # a canvas's is simply never asked for.
+            self.steps.decoded.put(canvas.sha256, canvas.image)
         self.checks = canvas.checks
         self.record["sha256"].setdefault("model_output", canvas.output_sha256)
         self.record["timings"]["gate_cpu_seconds"] = round(canvas.seconds, 4)
