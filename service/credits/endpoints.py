@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+from datetime import date
 from typing import Annotated
 
 from litestar import Router, get, post
 from litestar.params import Parameter
 
 from service.credits import service
-from service.credits.schemas import CheckIn, LedgerPage, Quota
+from service.credits.schemas import CheckIn, LedgerPage, Quota, UsageGroup, UsageReport
 from service.db.engine import Database
 from service.endusers import service as allowances
 from service.errors import Forbidden, problem_responses
@@ -60,5 +61,26 @@ async def list_ledger(
     return LedgerPage(items=entries[:limit], next_cursor=next_cursor([entry.id for entry in entries], limit))
 
 
-router = Router("/api", route_handlers=[get_quota, list_ledger], tags=["quota"], security=[{"tenantKey": []}])
+@get(
+    "/quota/usage",
+    operation_id="getUsage",
+    summary="Spending by day, model or end user",
+    description="The tenant's debits and refunds over the UTC days `from` to `to` (both included; by default the "
+    "30 days up to today, at most 366), grouped by `group_by`. The totals equal the ledger's.",
+    responses=problem_responses(401, 403, 422, 429),
+    guards=[tenant_key_only],
+)
+async def get_usage(
+    caller: Caller,
+    db: Database,
+    group_by: Annotated[UsageGroup, Parameter(description="What each line of the report is for")] = "day",
+    first: Annotated[date | None, Parameter(query="from", description="First UTC day (YYYY-MM-DD)")] = None,
+    last: Annotated[date | None, Parameter(query="to", description="Last UTC day (YYYY-MM-DD), included")] = None,
+) -> UsageReport:
+    return await service.usage(db, caller.tenant_id, first=first, last=last, group_by=group_by)
+
+
+router = Router(
+    "/api", route_handlers=[get_quota, list_ledger, get_usage], tags=["quota"], security=[{"tenantKey": []}]
+)
 end_user_router = Router("/api", route_handlers=[check_in], tags=["quota"], security=END_USER_TOO)

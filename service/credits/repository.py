@@ -22,7 +22,7 @@ from sqlalchemy import (
 )
 
 from service.db.engine import Record, Transaction
-from service.db.models import END_USERS, LEDGER, TENANTS, EndUser, LedgerEntry, Tenant, UTCDateTime
+from service.db.models import END_USERS, LEDGER, TASKS, TENANTS, EndUser, LedgerEntry, Tenant, UTCDateTime, utc_day
 from service.db.scoping import CallerValue
 from service.endusers.repository import owned_end_users
 from service.errors import InsufficientCredits
@@ -283,6 +283,37 @@ async def totals(tx: Transaction, tenant_id: str, end_user: str | None = None) -
     )
     assert row is not None
     return {"granted": int(row[0]), "adjusted": int(row[1]), "spent": int(row[2]), "refunded": int(row[3])}
+
+
+async def usage(tx: Transaction, tenant_id: str, *, start: datetime, end: datetime, group_by: str) -> list[Record]:
+    """The tenant's spending from `start` to `end` (excluded) by UTC day, by the model of the task an entry is for,
+    or by end user: (key, spent, refunded, debits), the sums of its account's debits (as positive amounts) and
+    refunds and how many debits there were. An end user's spending moves the tenant's account too, so the tenant's
+    account alone counts everything once."""
+    key = {
+        "day": utc_day(LEDGER.c.created_at),
+        "model": TASKS.c.model,
+        "end_user": LEDGER.c.end_user,
+    }[group_by]
+    source = LEDGER.outerjoin(TASKS, TASKS.c.id == LEDGER.c.task_id) if group_by == "model" else LEDGER
+    return await tx.rows(
+        select(
+            key.label("key"),
+            func.coalesce(func.sum(case((LEDGER.c.kind == "debit", -LEDGER.c.amount), else_=0)), 0).label("spent"),
+            func.coalesce(func.sum(case((LEDGER.c.kind == "refund", LEDGER.c.amount), else_=0)), 0).label("refunded"),
+            func.count(case((LEDGER.c.kind == "debit", 1))).label("debits"),
+        )
+        .select_from(source)
+        .where(
+            owned_ledger_entries(tenant_id, None),
+            LEDGER.c.account == TENANT,
+            LEDGER.c.kind.in_(("debit", "refund")),
+            LEDGER.c.created_at >= start,
+            LEDGER.c.created_at < end,
+        )
+        .group_by(key)
+        .order_by(key)
+    )
 
 
 # The ledger audit's reads: every tenant's and end user's, for the operator.

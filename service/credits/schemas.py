@@ -53,6 +53,33 @@ class Quota(msgspec.Struct):
     allowance: Allowance | None = None
 
 
+UsageGroup = Literal["day", "model", "end_user"]
+
+
+class UsageLine(msgspec.Struct):
+    """The spending of one day, model or end user: debits (as a positive amount), refunds, and what is left of them
+    (`net` = `spent` - `refunded`), with the number of debits (tasks and steps paid for)."""
+
+    key: str | None
+    spent: int
+    refunded: int
+    net: int
+    debits: int
+
+
+class UsageReport(msgspec.Struct):
+    """The tenant's spending over the UTC days `from` to `to` (both included), by `group_by`: the day
+    (`YYYY-MM-DD`), the task's model (null for entries not for a task, such as prompt enhancements), or the end user
+    (null for the tenant's own). `total` (its `key` null) is the sum of the lines, and equals what the ledger's
+    entries of the tenant's account over those days sum to."""
+
+    from_: str = msgspec.field(name="from")
+    to: str
+    group_by: UsageGroup
+    items: list[UsageLine]
+    total: UsageLine
+
+
 class CheckIn(msgspec.Struct):
     """The outcome of a check-in. The second one of a UTC day changes nothing and says so."""
 
