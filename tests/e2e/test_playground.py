@@ -7,6 +7,7 @@ from __future__ import annotations
 import io
 import re
 from collections.abc import Iterator
+from datetime import UTC, datetime
 from pathlib import Path
 
 import pytest
@@ -49,6 +50,8 @@ def test_the_playground_runs_the_whole_flow(
     page.click("#connect")
     expect(page.locator("#credits")).to_have_text("100")
     expect(page.locator("#style option")).to_have_count(7)
+    # The daily check-in is an end user's: a tenant key does not see it.
+    expect(page.locator("#check-in")).to_be_hidden()
 
     page.fill("#prompt", "a lighthouse on a cliff")
     page.select_option("#style", "watercolor")
@@ -66,6 +69,13 @@ def test_the_playground_runs_the_whole_flow(
     size = page.locator("#image").evaluate("image => [image.naturalWidth, image.naturalHeight]")
     assert abs(size[0] / size[1] - 16 / 9) < 0.05
     expect(page.locator("#credits")).to_have_text("99")
+    # The spending chart: 30 days, today's bar the only one standing, the total under the title.
+    today = datetime.now(UTC).date().isoformat()
+    expect(page.locator("#spending-total")).to_have_text("1 credits (1 spent, 0 refunded)")
+    expect(page.locator("#spending-chart rect")).to_have_count(30)
+    bar = page.locator(f'#spending-chart rect[data-day="{today}"]')
+    assert bar.get_attribute("data-net") == "1" and float(bar.get_attribute("height") or 0) > 80
+    assert page.locator('#spending-chart rect[data-net="0"]').count() == 29
     expect(page.locator("#tasks tr")).to_have_count(1)
     expect(page.locator("#tasks tr td").nth(1)).to_have_text("completed")
     assert page.locator("#error").inner_text() == ""
@@ -97,6 +107,8 @@ def test_the_playground_runs_in_end_user_mode(
     page.fill("#key", minted.json()["token"])
     page.click("#connect")
     expect(page.locator("#credits-label")).to_have_text("Allowance")
+    # The spending report is the tenant's: the panel stays hidden for an end user.
+    expect(page.locator("#spending")).to_be_hidden()
     expect(page.locator("#credits")).to_have_text("0")
     expect(page.locator("#check-in")).to_be_visible()
     page.click("#check-in")
