@@ -164,10 +164,10 @@ def _stretched_input(
     upper, lower = _rounded_span(inside[1] * scale_y, inside[3] * scale_y, sent_size[1])
     source = _within(
         (
-            context[0] + (left - offset_x) / scale_x,
-            context[1] + (upper - offset_y) / scale_y,
-            context[0] + (right - offset_x) / scale_x,
-            context[1] + (lower - offset_y) / scale_y,
+            context[0] + left / scale_x - offset_x,
+            context[1] + upper / scale_y - offset_y,
+            context[0] + right / scale_x - offset_x,
+            context[1] + lower / scale_y - offset_y,
         ),
         canvas.size,
     )
