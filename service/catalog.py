@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import math
+
 import msgspec
 
-from service.errors import InvalidInput
+from service.errors import InvalidInput, ServiceUnavailable
 from service.images.sizes import RATIOS, supported_sizes
 from service.settings import QUALITIES, Settings
+from service.upstream.registry import Upstreams
 
 
 class ModelInfo(msgspec.Struct):
@@ -36,6 +39,18 @@ def checked_model(settings: Settings, model: str | None) -> str:
     return chosen
 
 
+def check_served(upstreams: Upstreams, model: str) -> None:
+    """Refuse a submission with 503 `no_upstream_available` (and a Retry-After) while no upstream instance serving
+    `model` takes work, as this process's breakers see it: nothing is debited or queued. Accepting it would only queue
+    work to fail at its deadline."""
+    if not upstreams.available(model):
+        raise ServiceUnavailable(
+            f"No upstream serving {model!r} is available right now; retry later",
+            code="no_upstream_available",
+            retry_after=max(1, math.ceil(upstreams.retry_in(model))),
+        )
+
+
 def price_per_image(settings: Settings, quality: str) -> int:
     return settings.prices[quality]
 
@@ -45,14 +60,14 @@ def task_cost(settings: Settings, quality: str, n: int) -> int:
 
 
 def model_list(settings: Settings) -> ModelList:
-    # Ratios are accepted by every protocol and normalized, so they are listed alongside the upstream's own sizes.
-    sizes = list(dict.fromkeys([*supported_sizes(settings.upstream_api), *RATIOS]))
+    """Every model some upstream instance serves, with its sizes (by the protocol of its instances) and prices."""
+    # Ratios are accepted by every protocol and normalized, so they are listed alongside the protocol's own sizes.
     return ModelList(
         data=[
             ModelInfo(
                 id=model,
                 default=model == settings.image_model,
-                sizes=sizes,
+                sizes=list(dict.fromkeys([*supported_sizes(settings.protocol_for(model)), *RATIOS])),
                 qualities=list(QUALITIES),
                 price_per_image=dict(settings.prices),
                 price_per_canvas_step=dict(settings.prices),

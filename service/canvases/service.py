@@ -17,7 +17,7 @@ from service.canvases import geometry, repository
 from service.canvases.pixels import NewCanvas, StepFailure, first_picture
 from service.canvases.schemas import DEFAULT_OVERLAP_PX, CanvasFromImage, CanvasFromPrompt, StepRequest
 from service.canvases.steps import MODE, failure_code
-from service.catalog import checked_model, task_cost
+from service.catalog import check_served, checked_model, task_cost
 from service.clock import utcnow
 from service.db.engine import Database, Record, Transaction
 from service.errors import Conflict, InvalidInput, NotFound, PayloadTooLarge
@@ -31,6 +31,7 @@ from service.settings import Settings
 from service.tasks import repository as tasks
 from service.tasks.worker import WorkerPool
 from service.tenants.auth import Caller
+from service.upstream.registry import Upstreams
 
 GENERATED_ARTIFACTS = ("record.json", "validation.json", "failure.txt")
 
@@ -54,8 +55,10 @@ class CanvasService:
         decoder: ImageDecoder,
         enhancer: Enhancer,
         workers: WorkerPool | None,
+        upstreams: Upstreams,
     ) -> None:
         self.settings = settings
+        self.upstreams = upstreams
         self.db = db
         self.store = store
         self.decoder = decoder
@@ -124,10 +127,11 @@ class CanvasService:
         prompt = checked_prompt(body.prompt, settings.max_prompt_chars)
         model = checked_model(settings, body.model)
         try:
-            size = normalize_size(body.size, settings.upstream_api)
+            size = normalize_size(body.size, settings.protocol_for(model))
         except InvalidSize as exc:
             raise InvalidInput(str(exc), code="invalid_size", field="size") from None
         self._check_enhance(caller, prompt, body.enhance)
+        check_served(self.upstreams, model)
         canvas_id, task_id, now = new_id(), new_id(), utcnow()
         async with self.db.transaction() as tx:
             canvas = await repository.insert_canvas(
@@ -171,6 +175,7 @@ class CanvasService:
         prompt = checked_prompt(body.prompt, settings.max_prompt_chars)
         model = checked_model(settings, body.model)
         self._check_enhance(caller, prompt, body.enhance)
+        check_served(self.upstreams, model)
         task_id, now = new_id(), utcnow()
         async with self.db.transaction() as tx:
             canvas = await self._owned(tx, caller, canvas_id)
@@ -193,7 +198,7 @@ class CanvasService:
                     running_step=running.n if running else None,
                     running_task=canvas.busy_task,
                 )
-            size = nearest_size(*input_size, settings.upstream_api)
+            size = nearest_size(*input_size, settings.protocol_for(model))
             step, balance = await self._paid_step(
                 tx,
                 caller,
@@ -261,7 +266,7 @@ class CanvasService:
             "enhance_cost": enhance_cost,
             "references": [],
             "mask": None,
-            "upstream": settings.upstream_api,
+            "upstream": settings.protocol_for(model),
             "deadline_at": now + timedelta(seconds=settings.task_deadline),
             "created_at": now,
             "updated_at": now,

@@ -309,6 +309,7 @@ _FINISH_RUN = (
         final_prompt=_typed("final_prompt"),
         retries=_t.retries + bindparam("retried", type_=Integer()),
         upstream_ids=_typed("upstream_ids"),
+        upstream_instance=_typed("upstream_instance"),
         error_code=_typed("error_code"),
         error_message=_typed("error_message"),
         **_ENDED,
@@ -336,6 +337,7 @@ async def finish_run(
     final_prompt: str | None,
     retried: int,
     upstream_ids: list[str],
+    upstream_instance: str | None,
     error_code: str | None,
     error_message: str | None,
 ) -> Record | None:
@@ -353,10 +355,24 @@ async def finish_run(
         "final_prompt": final_prompt,
         "retried": retried,
         "upstream_ids": upstream_ids,
+        "upstream_instance": upstream_instance,
         "error_code": error_code,
         "error_message": error_message,
     }
     return await _end(tx, _FINISH_RUN, params, task, status=status, refund=refund, now=now)
+
+
+_ACCEPTED = (
+    update(TASKS)
+    .where(_t.id == _TASK_ID, _t.status == "running", _t.lease_owner == bindparam("owner", type_=String()))
+    .values(upstream_instance=_typed("upstream_instance"), upstream_accepted=True)
+)
+
+
+async def mark_accepted(tx: Transaction, task_id: str, *, owner: str, instance: str) -> None:
+    """Record that `instance` accepted the task's job, while this worker still holds the task: every later attempt,
+    after a crash too, goes to that instance."""
+    await tx.execute(_ACCEPTED, {"task_id": task_id, "owner": owner, "upstream_instance": instance})
 
 
 async def cancel(tx: Transaction, task: Record, *, now: datetime) -> Record | None:

@@ -14,7 +14,7 @@ from sqlalchemy.exc import IntegrityError
 
 from service import idempotency
 from service.bodies import Upload
-from service.catalog import checked_model, task_cost
+from service.catalog import check_served, checked_model, task_cost
 from service.clock import utcnow
 from service.credits import repository as ledger
 from service.db.engine import Database, Record
@@ -32,6 +32,7 @@ from service.tasks.schemas import GenerateRequest, TaskOut, task_view
 from service.tasks.watchers import TaskWatchers
 from service.tasks.worker import WorkerPool
 from service.tenants.auth import Caller
+from service.upstream.registry import Upstreams
 
 IDEMPOTENCY_SCOPE = "generate"
 WAIT_RECHECK_SECONDS = 0.5
@@ -72,8 +73,10 @@ class TaskService:
         enhancer: Enhancer,
         watchers: TaskWatchers,
         workers: WorkerPool | None,
+        upstreams: Upstreams,
     ) -> None:
         self.settings = settings
+        self.upstreams = upstreams
         self.db = db
         self.store = store
         self.decoder = decoder
@@ -141,7 +144,7 @@ class TaskService:
         if request.n > settings.max_images_per_task:
             raise InvalidInput(f"n must be at most {settings.max_images_per_task}", code="too_many_images", field="n")
         try:
-            size = normalize_size(request.size, settings.upstream_api)
+            size = normalize_size(request.size, settings.protocol_for(model))
         except InvalidSize as exc:
             raise InvalidInput(str(exc), code="invalid_size", field="size") from None
         self._check_uploads(submission)
@@ -157,6 +160,7 @@ class TaskService:
             replay = await self._replay(caller, idempotency_key, fingerprint)
             if replay is not None:
                 return replay
+        check_served(self.upstreams, model)
 
         enhance_cost = settings.enhance_cost if request.enhance else 0
         cost = task_cost(settings, request.quality, request.n) + enhance_cost
@@ -183,7 +187,7 @@ class TaskService:
             "enhance_cost": enhance_cost,
             "references": stored[: len(references)],
             "mask": stored[-1] if mask is not None else None,
-            "upstream": settings.upstream_api,
+            "upstream": settings.protocol_for(model),
             "deadline_at": now + timedelta(seconds=settings.task_deadline),
             "created_at": now,
             "updated_at": now,
