@@ -241,7 +241,8 @@ def _check_urls(settings: Settings) -> None:
     scheme = settings.database_url.split(":", 1)[0]
     if scheme not in ("sqlite+aiosqlite", "postgresql+asyncpg"):
         raise SettingsError("DATABASE_URL: use sqlite+aiosqlite:///path or postgresql+asyncpg://…")
-    if settings.upstream_base_url is None and settings.upstream_api_key:
+    # With an upstreams file, the key may be one an instance names (`api_key_env`) rather than a stray one.
+    if settings.upstream_base_url is None and settings.upstream_api_key and settings.upstreams_file is None:
         raise SettingsError("CHATGPT2API_API_KEY: set CHATGPT2API_BASE_URL too, or unset the key to run offline")
     if settings.upstream_base_url is not None and not settings.upstream_api_key:
         raise SettingsError("CHATGPT2API_API_KEY: required when CHATGPT2API_BASE_URL is set")

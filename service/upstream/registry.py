@@ -27,6 +27,8 @@ from collections import deque
 from collections.abc import AsyncIterator, Awaitable, Callable, Collection
 from dataclasses import dataclass, field
 
+from prometheus_client import Counter, Histogram
+
 from service.metrics import INSTANCE_ATTEMPTS, INSTANCE_BREAKER, INSTANCE_IN_FLIGHT, INSTANCE_SECONDS
 from service.settings import Settings, SettingsError
 from service.upstream import images_api, offline_instance, tasks_api
@@ -48,6 +50,13 @@ class Instance:
     in_flight: int = 0
     # Durations of the latest successful attempts, for the percentiles operators see.
     latencies: deque[float] = field(default_factory=lambda: deque(maxlen=LATENCY_WINDOW))
+    # This instance's series of the per-instance metrics, looked up once.
+    succeeded: Counter = field(init=False)
+    seconds: Histogram = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.succeeded = INSTANCE_ATTEMPTS.labels(self.config.name, "ok")
+        self.seconds = INSTANCE_SECONDS.labels(self.config.name)
 
     @property
     def name(self) -> str:
@@ -166,8 +175,8 @@ class Upstreams:
         elapsed = time.perf_counter() - started
         health.succeeded()
         instance.latencies.append(elapsed)
-        INSTANCE_ATTEMPTS.labels(instance.name, "ok").inc()
-        INSTANCE_SECONDS.labels(instance.name).observe(elapsed)
+        instance.succeeded.inc()
+        instance.seconds.observe(elapsed)
         return result
 
     async def _instance_for(self, model: str, route: Route) -> Instance:
@@ -180,6 +189,10 @@ class Upstreams:
                     transient=False,
                 )
             return pinned
+        if model not in self._groups:
+            raise UpstreamError(
+                "upstream_model_unserved", "No upstream instance serves this model any more", transient=False
+            )
         while True:
             instance = self.choose(model, route.tried)
             if instance is None:
