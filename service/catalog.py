@@ -2,14 +2,11 @@
 
 from __future__ import annotations
 
-import math
-
 import msgspec
 
-from service.errors import InvalidInput, ServiceUnavailable
+from service.errors import InvalidInput
 from service.images.sizes import RATIOS, supported_sizes
 from service.settings import QUALITIES, Settings
-from service.upstream.registry import Upstreams
 
 
 class ModelInfo(msgspec.Struct):
@@ -37,18 +34,6 @@ def checked_model(settings: Settings, model: str | None) -> str:
     if chosen not in settings.image_models:
         raise InvalidInput(f"unknown model {chosen!r}; see GET /api/models", code="unknown_model", field="model")
     return chosen
-
-
-def check_served(upstreams: Upstreams, model: str) -> None:
-    """Refuse a submission with 503 `no_upstream_available` (and a Retry-After) while no upstream instance serving
-    `model` takes work, as this process's breakers see it: nothing is debited or queued. Accepting it would only queue
-    work to fail at its deadline."""
-    if not upstreams.available(model):
-        raise ServiceUnavailable(
-            f"No upstream serving {model!r} is available right now; retry later",
-            code="no_upstream_available",
-            retry_after=max(1, math.ceil(upstreams.retry_in(model))),
-        )
 
 
 def price_per_image(settings: Settings, quality: str) -> int:

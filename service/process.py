@@ -76,7 +76,6 @@ async def running(settings: Settings, *, workers: bool) -> AsyncIterator[Runtime
             enhancer=enhancer,
             watchers=watchers,
             workers=pool,
-            upstreams=upstreams,
         )
         canvases = CanvasService(
             settings=settings,
@@ -85,7 +84,6 @@ async def running(settings: Settings, *, workers: bool) -> AsyncIterator[Runtime
             decoder=decoder,
             enhancer=enhancer,
             workers=pool,
-            upstreams=upstreams,
         )
         yield Runtime(
             settings=settings,

@@ -17,7 +17,7 @@ from service.canvases import geometry, repository
 from service.canvases.pixels import NewCanvas, StepFailure, first_picture
 from service.canvases.schemas import DEFAULT_OVERLAP_PX, CanvasFromImage, CanvasFromPrompt, StepRequest
 from service.canvases.steps import MODE, failure_code
-from service.catalog import check_served, checked_model, task_cost
+from service.catalog import checked_model, task_cost
 from service.clock import utcnow
 from service.db.engine import Database, Record, Transaction
 from service.errors import Conflict, InvalidInput, NotFound, PayloadTooLarge
@@ -31,7 +31,6 @@ from service.settings import Settings
 from service.tasks import repository as tasks
 from service.tasks.worker import WorkerPool
 from service.tenants.auth import Caller
-from service.upstream.registry import Upstreams
 
 GENERATED_ARTIFACTS = ("record.json", "validation.json", "failure.txt")
 
@@ -55,10 +54,8 @@ class CanvasService:
         decoder: ImageDecoder,
         enhancer: Enhancer,
         workers: WorkerPool | None,
-        upstreams: Upstreams,
     ) -> None:
         self.settings = settings
-        self.upstreams = upstreams
         self.db = db
         self.store = store
         self.decoder = decoder
@@ -131,7 +128,6 @@ class CanvasService:
         except InvalidSize as exc:
             raise InvalidInput(str(exc), code="invalid_size", field="size") from None
         self._check_enhance(caller, prompt, body.enhance)
-        check_served(self.upstreams, model)
         canvas_id, task_id, now = new_id(), new_id(), utcnow()
         async with self.db.transaction() as tx:
             canvas = await repository.insert_canvas(
@@ -175,7 +171,6 @@ class CanvasService:
         prompt = checked_prompt(body.prompt, settings.max_prompt_chars)
         model = checked_model(settings, body.model)
         self._check_enhance(caller, prompt, body.enhance)
-        check_served(self.upstreams, model)
         task_id, now = new_id(), utcnow()
         async with self.db.transaction() as tx:
             canvas = await self._owned(tx, caller, canvas_id)

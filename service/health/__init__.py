@@ -26,8 +26,8 @@ class Readiness(msgspec.Struct):
     """`upstream` is `degraded` when some model has no upstream instance taking work (every breaker serving it is
     open: a run of failed attempts, or an instance saying it cannot serve, `upstream_quota_exhausted` or
     `upstream_auth_failed`); `models_unavailable` names those models and `upstream_error` gives the latest error of
-    one of their instances. Submissions for them are refused with 503; reads and cancellations keep working. One
-    sick instance among healthy ones leaves the service `ok`: see GET /api/admin/upstreams."""
+    one of their instances. Their tasks stay queued meanwhile; reads and cancellations keep working. One sick instance
+    among healthy ones leaves the service `ok`: see GET /api/admin/upstreams."""
 
     status: Literal["ready"]
     database: Literal["ok"]

@@ -14,7 +14,7 @@ from sqlalchemy.exc import IntegrityError
 
 from service import idempotency
 from service.bodies import Upload
-from service.catalog import check_served, checked_model, task_cost
+from service.catalog import checked_model, task_cost
 from service.clock import utcnow
 from service.credits import repository as ledger
 from service.db.engine import Database, Record
@@ -32,7 +32,6 @@ from service.tasks.schemas import GenerateRequest, TaskOut, task_view
 from service.tasks.watchers import TaskWatchers
 from service.tasks.worker import WorkerPool
 from service.tenants.auth import Caller
-from service.upstream.registry import Upstreams
 
 IDEMPOTENCY_SCOPE = "generate"
 WAIT_RECHECK_SECONDS = 0.5
@@ -73,10 +72,8 @@ class TaskService:
         enhancer: Enhancer,
         watchers: TaskWatchers,
         workers: WorkerPool | None,
-        upstreams: Upstreams,
     ) -> None:
         self.settings = settings
-        self.upstreams = upstreams
         self.db = db
         self.store = store
         self.decoder = decoder
@@ -160,7 +157,6 @@ class TaskService:
             replay = await self._replay(caller, idempotency_key, fingerprint)
             if replay is not None:
                 return replay
-        check_served(self.upstreams, model)
 
         enhance_cost = settings.enhance_cost if request.enhance else 0
         cost = task_cost(settings, request.quality, request.n) + enhance_cost

@@ -177,8 +177,9 @@ class WorkerPool:
                     await self._wake.wait()
 
     def _cooling_down(self) -> bool:
-        """While every upstream instance cools down after saying it cannot serve, new tasks stay queued rather than
-        each meeting the same refusal; tasks already running finish or fail on their own."""
+        """While no upstream instance takes work (each one's breaker is open: it failed too often, or said it cannot
+        serve), new tasks stay queued rather than each meeting the same refusal; tasks already running finish or fail
+        on their own. The claims themselves leave the tasks of any model without an available instance queued."""
         return self.upstreams.cooldown_left() > 0
 
     def _run_done(self, run: asyncio.Task[None]) -> None:
@@ -188,6 +189,7 @@ class WorkerPool:
     async def _claim(self, most: int) -> list[Record]:
         """Up to `most` tasks, claimed one statement each in one transaction."""
         claimed: list[Record] = []
+        unavailable = self.upstreams.unavailable_models()
         async with self.db.transaction() as tx:
             while len(claimed) < most:
                 task = await repository.claim_next(
@@ -198,6 +200,7 @@ class WorkerPool:
                     max_attempts=self.settings.max_attempts,
                     default_running_limit=self.settings.max_running_tasks,
                     default_end_user_running_limit=self.settings.end_user_max_running_tasks,
+                    skip_models=unavailable,
                 )
                 if task is None:
                     break

@@ -119,10 +119,15 @@ class Upstreams:
         waits = [instance.health.open_for() for group in self._groups.get(model, ()) for instance in group]
         return min(waits, default=0.0)
 
+    def unavailable_models(self) -> frozenset[str]:
+        """The models no instance takes work for now: the worker pool leaves their tasks queued."""
+        return frozenset(model for model in self._groups if not self.available(model))
+
     def cooldown_left(self) -> float:
-        """Seconds until some instance may be sent work again when every one is cooling down after saying it cannot
-        serve (no quota, key refused); 0 while any instance may be."""
-        return min((instance.health.cooldown_left() for instance in self._instances.values()), default=0.0)
+        """While no model has an instance taking work, the seconds until one may again; 0 while some model has."""
+        if any(self.available(model) for model in self._groups):
+            return 0.0
+        return min((instance.health.open_for() for instance in self._instances.values()), default=0.0)
 
     def choose(self, model: str, avoid: Collection[str] = ()) -> Instance | None:
         """The instance for a new attempt at `model`, not one in `avoid` while another is available; None when no

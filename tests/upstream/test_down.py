@@ -45,8 +45,6 @@ def test_a_hung_upstream_does_not_hold_up_reads_or_cancels(upstream: Upstream, t
             assert cancelled.status_code == 200 and cancelled.json()["status"] == "cancelled" and seconds < 1
         assert tenant.balance() == 50
         upstream.faults()
-        # Once the breaker's cool-down ends the upstream takes work again: a task probes it.
-        wait_until(lambda: _ready(service)["upstream"] == "ok", 15, "the breaker never let a probe through")
         task = tenant.wait(tenant.submit("the upstream is back")["id"], timeout=30)
         assert task["status"] == "completed"
         assert _ready(service)["upstream"] == "ok"

@@ -15,8 +15,8 @@ from tests.conftest import Service, Upstream, service_env
 def protocol_service(
     request: pytest.FixtureRequest, upstream: Upstream, tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[Service]:
-    # Each fault is one task's: the breaker, which would refuse the next test's submissions, is not what is tested here
-    # (tests/upstream/test_registry.py is where it is).
+    # Each fault is one task's: the breaker, which would hold the next test's tasks back for its cool-down, is not what
+    # is tested here (tests/upstream/test_registry.py is where it is).
     env = service_env(
         upstream,
         UPSTREAM_API=request.param,

@@ -154,7 +154,7 @@ def test_a_job_an_instance_accepted_stays_with_it_through_failures(
     ]
 
 
-def test_a_model_whose_only_instance_is_down_fails_cleanly_and_is_refused_while_it_is(
+def test_a_model_whose_only_instance_is_down_fails_cleanly_and_waits_queued_while_it_is(
     fakes: tuple[FakeUpstreamProcess, FakeUpstreamProcess], tmp_path: Path
 ) -> None:
     a, b = fakes
@@ -171,16 +171,14 @@ def test_a_model_whose_only_instance_is_down_fails_cleanly_and_is_refused_while_
         assert task["upstream"] == "a"
         assert tenant.balance() == 10
 
-        refused = tenant.generate("a second desert", model="only-a")
-        assert refused.status_code == 503, refused.text
-        assert refused.headers["content-type"].startswith("application/problem+json")
-        assert refused.json()["code"] == "no_upstream_available"
-        assert int(refused.headers["Retry-After"]) > 0
-        assert tenant.balance() == 10
-
-        # The other models still have a healthy instance: b takes them.
+        # Accepted and paid, it stays queued while no instance takes its model, while a later task of a model with a
+        # healthy instance is claimed (oldest first) and completes on b.
+        waiting = tenant.submit("a second desert", model="only-a")
+        assert tenant.balance() == 9
         served = tenant.wait(tenant.submit("a forest")["id"])
         assert served["status"] == "completed" and served["upstream"] == "b"
+        assert tenant.task(waiting["id"])["status"] == "queued"
+        assert received(a, "a second desert") == []
 
         ready = httpx.get(f"{service.base_url}/readyz").json()
         assert ready["upstream"] == "degraded"
@@ -211,6 +209,10 @@ def test_a_model_whose_only_instance_is_down_fails_cleanly_and_is_refused_while_
         assert 'imagegen_upstream_instance_breaker{instance="a"} 2.0' in metrics
         assert 'imagegen_upstream_instance_breaker{instance="b"} 0.0' in metrics
         assert 'imagegen_upstream_instance_attempts_total{instance="a",outcome="upstream_unavailable"}' in metrics
+
+        cancelled = tenant.client.post(f"/api/images/tasks/{waiting['id']}/cancel").json()
+        assert (cancelled["status"], cancelled["refunded"]) == ("cancelled", 1)
+        assert tenant.balance() == 9
         code, report = service.audit()
         assert code == 0, report
     finally:
