@@ -24,7 +24,6 @@ from service.tasks.watchers import TaskWatchers
 from service.tasks.worker import WorkerPool
 from service.tenants.keycache import KeyCache
 from service.tenants.tokens import TokenSigner, shared_secret
-from service.upstream.http import UpstreamHealth
 from service.upstream.offline import OfflineUpstream
 from service.upstream.registry import open_upstreams
 
@@ -37,7 +36,6 @@ async def running(settings: Settings, *, workers: bool) -> AsyncIterator[Runtime
         store = open_store(settings.storage_url)
         decoder = ImageDecoder(settings.decode_concurrency)
         stack.callback(decoder.shutdown)
-        prompt_health = UpstreamHealth(cooldown_seconds=settings.upstream_cooldown_seconds)
         upstreams = await stack.enter_async_context(open_upstreams(settings))
         tokens = TokenSigner(await shared_secret(db, settings.end_user_token_secret))
         keys = KeyCache(db)
@@ -50,7 +48,7 @@ async def running(settings: Settings, *, workers: bool) -> AsyncIterator[Runtime
             )
             base_url = await offline.start()
             stack.push_async_callback(offline.stop)
-        enhancer = Enhancer(settings, db, open_prompt_model(settings, base_url, api_key, prompt_health))
+        enhancer = Enhancer(settings, db, open_prompt_model(settings, base_url, api_key))
         stack.push_async_callback(enhancer.close)
         watchers = TaskWatchers()
         pool = None

@@ -39,8 +39,8 @@ class UpstreamHealth:
     probe it (`begin`), and the probe's success closes it while its failure opens it again. Any answer that is not a
     transient failure counts as a success: the upstream is there.
 
-    While a blocking error's cool-down runs, `cooldown_left` is above 0: the worker pool claims nothing while every
-    instance is cooling down, so queued work waits instead of each task meeting the same refusal.
+    The worker pool claims no task of a model none of whose instances is available, so queued work waits instead of
+    each task meeting the same refusal (see `service.upstream.registry`).
     """
 
     def __init__(
@@ -59,7 +59,6 @@ class UpstreamHealth:
         self._clock = clock
         self._consecutive_failures = 0
         self._open = False
-        self._blocked = False
         self._open_until = 0.0
         self._probe_until = 0.0
         self.last_error: str | None = None
@@ -70,10 +69,6 @@ class UpstreamHealth:
         if not self._open:
             return "closed"
         return "open" if self._clock() < self._open_until else "half_open"
-
-    @property
-    def degraded(self) -> bool:
-        return self._open
 
     @property
     def consecutive_failures(self) -> int:
@@ -89,8 +84,9 @@ class UpstreamHealth:
     def begin(self) -> None:
         """Work is going to the upstream; when half-open, it is the probe, and no other work goes until it ends (or
         outlives a cool-down, as a probe whose end was never reported would)."""
-        if self._open:
-            self._probe_until = self._clock() + max(self._cooldown_seconds, 1.0)
+        now = self._clock()
+        if self._open and now >= self._open_until:
+            self._probe_until = now + max(self._cooldown_seconds, 1.0)
             if self._name is not None:
                 log.info("upstream instance %s: breaker half-open, probing", self._name)
 
@@ -98,20 +94,16 @@ class UpstreamHealth:
         """Seconds until the breaker lets a probe through; 0 when it lets work through now."""
         return 0.0 if self.available() else max(self._open_until, self._probe_until) - self._clock()
 
-    def cooldown_left(self) -> float:
-        """Seconds until work may go to the upstream again after a blocking error; 0 when it may now."""
-        return max(0.0, self._open_until - self._clock()) if self._blocked else 0.0
-
     def block(self, code: str) -> None:
+        """The upstream says it cannot serve anyone: open at once, for the longer cool-down."""
         self.last_error = code
-        self._blocked = True
         self._trip(self._block_seconds)
 
     def succeeded(self) -> None:
         if self._open and self._name is not None:
             log.info("upstream instance %s: breaker closed", self._name)
         self._consecutive_failures = 0
-        self._open = self._blocked = False
+        self._open = False
         self._probe_until = 0.0
         self.last_error = None
 

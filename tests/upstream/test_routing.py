@@ -136,11 +136,11 @@ def test_a_blocking_error_opens_the_breaker_at_once_for_the_longer_cool_down() -
     clock = Clock()
     health = UpstreamHealth(failures_to_open=3, cooldown_seconds=5, block_seconds=30, clock=clock)
     health.block("upstream_quota_exhausted")
-    assert health.state == "open" and health.cooldown_left() == 30
+    assert health.state == "open" and health.open_for() == 30
     clock.now += 29
     assert not health.available()
     clock.now += 1
-    assert health.available() and health.cooldown_left() == 0
+    assert health.available() and health.open_for() == 0
 
 
 def _instance(name: str, models: list[str], clock: Clock, **extra: int | float) -> Instance:
