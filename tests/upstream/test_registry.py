@@ -154,6 +154,43 @@ def test_a_job_an_instance_accepted_stays_with_it_through_failures(
     ]
 
 
+def test_a_job_accepted_before_a_worker_crash_goes_back_to_its_instance_after_it(
+    fakes: tuple[FakeUpstreamProcess, FakeUpstreamProcess], tmp_path: Path
+) -> None:
+    a, b = fakes
+    service = start_service(tmp_path, two_instances(a, b), a, b)
+    try:
+        tenant = service.new_tenant(credits=10)
+        crash = marker()
+        a.settings(latency=3)
+        task_id = tenant.submit(f"{crash} a lantern", model="prio-model")["id"]
+        wait_until(lambda: tenant.task(task_id)["upstream"] == "a", 20, "a never accepted the job")
+        service.kill()
+        # Started again with b first for the model: only the recorded acceptance can send the task back to a.
+        (tmp_path / "upstreams.yaml").write_text(
+            "\n".join(
+                [
+                    "instances:",
+                    instance_yaml("a", a, A_MODELS, priority=2),
+                    instance_yaml("b", b, ["gpt-image-2"]),
+                    instance_yaml("b2", b, ["prio-model"], priority=1),
+                ]
+            )
+        )
+        service.start()
+        task = tenant.wait(task_id, timeout=40)
+        assert task["status"] == "completed", task["error"]
+        assert task["upstream"] == "a" and task["refunded"] == 0
+        assert [item["client_task_id"] for item in received(a, crash)] == [task_id, task_id]
+        assert received(b, crash) == []
+        fresh = tenant.wait(tenant.submit("after the restart", model="prio-model")["id"])
+        assert fresh["upstream"] == "b2"
+        code, report = service.audit()
+        assert code == 0, report
+    finally:
+        service.stop()
+
+
 def test_a_model_whose_only_instance_is_down_fails_cleanly_and_waits_queued_while_it_is(
     fakes: tuple[FakeUpstreamProcess, FakeUpstreamProcess], tmp_path: Path
 ) -> None:
@@ -186,6 +223,10 @@ def test_a_model_whose_only_instance_is_down_fails_cleanly_and_waits_queued_whil
         assert ready["upstream_error"] == "upstream_unavailable"
 
         listed = admin_upstreams(service)
+        with service.admin() as admin:
+            shown_to_admin = admin.get("/api/admin/upstreams").text
+        for secret in (a.api_key, b.api_key):
+            assert secret not in shown_to_admin and secret not in service.log_text()
         assert listed["a"]["state"] == "unavailable"
         assert listed["a"]["breaker"]["state"] == "open"
         assert listed["a"]["recent_error"] == "upstream_unavailable"
