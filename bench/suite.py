@@ -37,6 +37,7 @@ import aiohttp
 import httpx
 from PIL import Image, ImageDraw, ImageFilter
 
+from bench.upstreams import failover_seconds, routing_overhead_us
 from service.images.processing import normalize_reference
 from testing.harness import FakeUpstreamProcess, PostgresCluster, ServiceProcess, free_port, wait_until
 
@@ -616,6 +617,34 @@ class Suite:
         )
 
 
+def upstream_rows(suite: Suite) -> None:
+    """Routing and breaker bookkeeping per task against the adapter call alone, and the failover time."""
+    overhead, alone = routing_overhead_us()
+    suite.rows.append(
+        Row(
+            "upstream routing + breaker bookkeeping per task",
+            overhead,
+            "µs",
+            "adapter call alone",
+            alone,
+            "< 50 µs",
+            overhead < 50,
+        )
+    )
+    seconds = failover_seconds(suite.workdir, ADMIN_KEY, SERVER_CPU)
+    suite.rows.append(
+        Row(
+            "failover: preferred instance killed -> first task completed on the other",
+            seconds * 1000,
+            "ms",
+            "-",
+            None,
+            "< 2000 ms",
+            seconds < 2,
+        )
+    )
+
+
 @dataclass
 class CanvasSteps:
     """Milliseconds of service CPU: the first step (its base read and decoded), the median of the next ones, the
@@ -978,9 +1007,22 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-ROWS = ("poll", "image", "sync", "streams", "submit", "postgres", "relay", "normalization", "bombs", "canvas")
+ROWS = (
+    "poll",
+    "image",
+    "sync",
+    "streams",
+    "submit",
+    "postgres",
+    "relay",
+    "normalization",
+    "bombs",
+    "canvas",
+    "upstreams",
+)
 """The rows `--only` selects from; `image` carries its RSS row, `sync` the end-to-end latency, `streams` the
-first-byte latency, `postgres` the submissions on PostgreSQL (skipped in a smoke run)."""
+first-byte latency, `postgres` the submissions on PostgreSQL (skipped in a smoke run), `upstreams` the routing overhead
+and the failover time."""
 
 
 def _rows(text: str) -> tuple[str, ...]:
@@ -1026,3 +1068,5 @@ def run_all(suite: Suite, only: tuple[str, ...] = ROWS) -> None:
         suite.bombs()
     if "canvas" in only:
         suite.canvas()
+    if "upstreams" in only:
+        upstream_rows(suite)

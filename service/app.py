@@ -31,6 +31,7 @@ from service.settings import Settings
 from service.tasks import endpoints as tasks
 from service.tenants import endpoints as admin
 from service.tenants.auth import Caller, authenticate, authenticate_then_read_body, scope_state
+from service.upstream.endpoints import list_upstreams
 
 API_VERSION = "1.0.0"
 
@@ -122,6 +123,7 @@ def create_app(settings: Settings | None = None) -> Litestar:
                 dependencies=parts_of(started, after_caller=True),
             ),
             admin.AdminController,
+            list_upstreams,
             health.health,
             health.ready,
             observability.metrics,

@@ -45,14 +45,14 @@ def task_cost(settings: Settings, quality: str, n: int) -> int:
 
 
 def model_list(settings: Settings) -> ModelList:
-    # Ratios are accepted by every protocol and normalized, so they are listed alongside the upstream's own sizes.
-    sizes = list(dict.fromkeys([*supported_sizes(settings.upstream_api), *RATIOS]))
+    """Every model some upstream instance serves, with its sizes (by the protocol of its instances) and prices."""
+    # Ratios are accepted by every protocol and normalized, so they are listed alongside the protocol's own sizes.
     return ModelList(
         data=[
             ModelInfo(
                 id=model,
                 default=model == settings.image_model,
-                sizes=sizes,
+                sizes=list(dict.fromkeys([*supported_sizes(settings.protocol_for(model)), *RATIOS])),
                 qualities=list(QUALITIES),
                 price_per_image=dict(settings.prices),
                 price_per_canvas_step=dict(settings.prices),

@@ -7,8 +7,11 @@ import argparse
 import asyncio
 import json
 import logging
+import os
 import signal
 import sys
+import urllib.error
+import urllib.request
 from datetime import timedelta
 from pathlib import Path
 
@@ -31,6 +34,9 @@ from service.settings import Settings, SettingsError
 from service.tenants.service import create_tenant as create
 from service.tenants.service import grant_credits as grant
 from service.upstream.offline import run_offline_upstream
+from service.upstream.registry import import_adapter_modules
+from service.upstream.schemas import UpstreamList
+from service.upstream_config import SAMPLE
 
 DEFAULT_SPEC = Path("openapi/openapi.json")
 
@@ -38,6 +44,15 @@ DEFAULT_SPEC = Path("openapi/openapi.json")
 def _settings() -> Settings:
     try:
         return Settings.from_env()
+    except SettingsError as exc:
+        print(f"imagegen: configuration error: {exc}", file=sys.stderr)
+        raise SystemExit(2) from None
+
+
+def _check_upstream_types(settings: Settings) -> None:
+    """Every instance's type is known (after importing the file's adapter modules), or start-up stops on one line."""
+    try:
+        import_adapter_modules(settings)
     except SettingsError as exc:
         print(f"imagegen: configuration error: {exc}", file=sys.stderr)
         raise SystemExit(2) from None
@@ -75,6 +90,7 @@ def serve(args: argparse.Namespace) -> None:
     settings = _settings()
     _configure_logging(settings)
     _check_admin_key(settings, args.host)
+    _check_upstream_types(settings)
     if settings.auto_migrate:
         _migrate(settings)
     app = create_app(settings)
@@ -93,6 +109,7 @@ def serve(args: argparse.Namespace) -> None:
 def worker(_: argparse.Namespace) -> None:
     settings = _settings()
     _configure_logging(settings)
+    _check_upstream_types(settings)
     if settings.auto_migrate:
         _migrate(settings)
 
@@ -210,6 +227,67 @@ def openapi(args: argparse.Namespace) -> None:
     print(f"wrote {args.output}")
 
 
+def upstreams(args: argparse.Namespace) -> None:
+    """`imagegen upstreams`: the instances of a running service as its admin API shows them; `sample`: a documented
+    upstreams file."""
+    if args.action == "sample":
+        print(SAMPLE, end="")
+        return
+    key = os.environ.get("ADMIN_API_KEY") or Settings.from_env().admin_api_key
+    if not key:
+        print("imagegen: set ADMIN_API_KEY to read the upstreams of a running service", file=sys.stderr)
+        raise SystemExit(2)
+    request = urllib.request.Request(  # noqa: S310 - the operator's own service URL
+        args.url.rstrip("/") + "/api/admin/upstreams", headers={"Authorization": f"Bearer {key}"}
+    )
+    try:
+        with urllib.request.urlopen(request, timeout=10) as response:  # noqa: S310
+            body = response.read()
+    except urllib.error.HTTPError as exc:
+        print(f"imagegen: the service answered {exc.code}", file=sys.stderr)
+        raise SystemExit(1) from None
+    except (urllib.error.URLError, OSError) as exc:
+        print(f"imagegen: cannot reach {args.url} ({getattr(exc, 'reason', exc)})", file=sys.stderr)
+        raise SystemExit(1) from None
+    if args.json:
+        print(body.decode())
+        return
+    print("\n".join(upstream_lines(msgspec.json.decode(body, type=UpstreamList))))
+
+
+def upstream_lines(listing: UpstreamList) -> list[str]:
+    """The instances as an aligned table, one row each."""
+
+    def seconds(value: float | None) -> str:
+        return "-" if value is None else f"{value * 1000:.0f}ms"
+
+    rows = [["NAME", "TYPE", "MODELS", "PRIO", "WEIGHT", "STATE", "BREAKER", "IN-FLIGHT", "ERROR", "P50", "P95"]]
+    for item in listing.items:
+        breaker: str = item.breaker.state
+        if item.breaker.state != "closed":
+            breaker += f" ({item.breaker.consecutive_failures} failures, {item.breaker.retry_in_seconds:.0f}s)"
+        rows.append(
+            [
+                item.name,
+                item.type,
+                ",".join(item.models),
+                str(item.priority),
+                f"{item.weight:g}",
+                item.state,
+                breaker,
+                f"{item.in_flight}/{item.max_concurrency}",
+                item.recent_error or "-",
+                seconds(item.latency_p50_seconds),
+                seconds(item.latency_p95_seconds),
+            ]
+        )
+    widths = [max(len(row[column]) for row in rows) for column in range(len(rows[0]))]
+    lines = ["  ".join(cell.ljust(width) for cell, width in zip(row, widths, strict=True)).rstrip() for row in rows]
+    if not listing.attempts_seen:
+        lines.append("(this process runs no workers: breakers and latencies are those of each worker process)")
+    return lines
+
+
 def offline_upstream(args: argparse.Namespace) -> None:
     logging.basicConfig(level="INFO", format="%(asctime)s %(levelname)s %(name)s %(message)s")
     run_offline_upstream(args.host, args.port, args.api_key, args.latency)
@@ -271,6 +349,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--style", help="a style preset (GET /api/prompts/styles)")
     p.add_argument("--out", type=Path, help="where to write the image (default: <task id>.png)")
     p.set_defaults(func=client.run)
+
+    p = commands.add_parser(
+        "upstreams", help="show the upstream instances of a running service, or print a sample UPSTREAMS_FILE"
+    )
+    p.add_argument("action", nargs="?", choices=["show", "sample"], default="show")
+    p.add_argument("--url", default="http://127.0.0.1:8000", help="the service (default: %(default)s)")
+    p.add_argument("--json", action="store_true", help="print the admin API's JSON as it is")
+    p.set_defaults(func=upstreams)
 
     p = commands.add_parser("offline-upstream", help="run the built-in offline upstream on its own")
     p.add_argument("--host", default="127.0.0.1")

@@ -72,3 +72,30 @@ def upstream_call() -> Iterator[None]:
     finally:
         (_UPSTREAM_OK if outcome == "ok" else UPSTREAM_CALLS.labels(outcome)).inc()
         UPSTREAM_SECONDS.observe(time.perf_counter() - started)
+
+
+INSTANCE_ATTEMPTS = Counter(
+    "imagegen_upstream_instance_attempts",
+    "Attempts of tasks on each upstream instance by outcome (`ok` or the error code)",
+    ["instance", "outcome"],
+    registry=REGISTRY,
+)
+INSTANCE_SECONDS = Histogram(
+    "imagegen_upstream_instance_attempt_seconds",
+    "Time of the successful attempts on each upstream instance",
+    ["instance"],
+    registry=REGISTRY,
+    buckets=(0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120),
+)
+INSTANCE_IN_FLIGHT = Gauge(
+    "imagegen_upstream_instance_in_flight",
+    "Attempts this process has under way on each upstream instance",
+    ["instance"],
+    registry=REGISTRY,
+)
+INSTANCE_BREAKER = Gauge(
+    "imagegen_upstream_instance_breaker",
+    "Each upstream instance's circuit breaker in this process: 0 closed, 1 half-open, 2 open",
+    ["instance"],
+    registry=REGISTRY,
+)

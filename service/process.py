@@ -1,6 +1,6 @@
 """The composition root: assembles what one process runs, each part given what it uses — database, storage, the
-upstream (the built-in offline one when none is configured), the prompt enhancer, the task service and, when asked,
-the worker pool — into a `Runtime`."""
+upstream instances (the built-in offline one when none is configured), the prompt enhancer, the task service and,
+when asked, the worker pool — into a `Runtime`."""
 
 from __future__ import annotations
 
@@ -24,9 +24,8 @@ from service.tasks.watchers import TaskWatchers
 from service.tasks.worker import WorkerPool
 from service.tenants.keycache import KeyCache
 from service.tenants.tokens import TokenSigner, shared_secret
-from service.upstream import open_image_upstream
-from service.upstream.http import UpstreamHealth
 from service.upstream.offline import OfflineUpstream
+from service.upstream.registry import open_upstreams
 
 
 @contextlib.asynccontextmanager
@@ -37,7 +36,7 @@ async def running(settings: Settings, *, workers: bool) -> AsyncIterator[Runtime
         store = open_store(settings.storage_url)
         decoder = ImageDecoder(settings.decode_concurrency)
         stack.callback(decoder.shutdown)
-        health = UpstreamHealth(cooldown_seconds=settings.upstream_cooldown_seconds)
+        upstreams = await stack.enter_async_context(open_upstreams(settings))
         tokens = TokenSigner(await shared_secret(db, settings.end_user_token_secret))
         keys = KeyCache(db)
         await stack.enter_async_context(keys.following())
@@ -49,22 +48,17 @@ async def running(settings: Settings, *, workers: bool) -> AsyncIterator[Runtime
             )
             base_url = await offline.start()
             stack.push_async_callback(offline.stop)
-        enhancer = Enhancer(settings, db, open_prompt_model(settings, base_url, api_key, health))
+        enhancer = Enhancer(settings, db, open_prompt_model(settings, base_url, api_key))
         stack.push_async_callback(enhancer.close)
         watchers = TaskWatchers()
         pool = None
         if workers:
-            upstream = open_image_upstream(settings, base_url, api_key, health)
-            stack.push_async_callback(upstream.close)
-            canvas_steps = CanvasSteps(
-                settings=settings, db=db, store=store, upstream=upstream, health=health, decoder=decoder
-            )
+            canvas_steps = CanvasSteps(settings=settings, db=db, store=store, decoder=decoder)
             pool = WorkerPool(
                 settings=settings,
                 db=db,
                 store=store,
-                upstream=upstream,
-                health=health,
+                upstreams=upstreams,
                 decoder=decoder,
                 enhancer=enhancer,
                 watchers=watchers,
@@ -73,17 +67,28 @@ async def running(settings: Settings, *, workers: bool) -> AsyncIterator[Runtime
             await pool.start()
             stack.push_async_callback(pool.stop)
         tasks = TaskService(
-            settings=settings, db=db, store=store, decoder=decoder, enhancer=enhancer, watchers=watchers, workers=pool
+            settings=settings,
+            db=db,
+            store=store,
+            decoder=decoder,
+            enhancer=enhancer,
+            watchers=watchers,
+            workers=pool,
         )
         canvases = CanvasService(
-            settings=settings, db=db, store=store, decoder=decoder, enhancer=enhancer, workers=pool
+            settings=settings,
+            db=db,
+            store=store,
+            decoder=decoder,
+            enhancer=enhancer,
+            workers=pool,
         )
         yield Runtime(
             settings=settings,
             db=db,
             store=store,
             limiter=rate_limiter(db),
-            upstream_health=health,
+            upstreams=upstreams,
             tokens=tokens,
             keys=keys,
             enhancer=enhancer,

@@ -14,7 +14,7 @@ from service.settings import Settings
 from service.tasks.service import TaskService
 from service.tenants.keycache import KeyCache
 from service.tenants.tokens import TokenSigner
-from service.upstream.http import UpstreamHealth
+from service.upstream.registry import Upstreams
 
 
 @dataclass(frozen=True, slots=True)
@@ -23,7 +23,7 @@ class Runtime:
     db: Database
     store: BlobStore
     limiter: RateLimiter
-    upstream_health: UpstreamHealth
+    upstreams: Upstreams
     tokens: TokenSigner
     keys: KeyCache
     enhancer: Enhancer

@@ -13,6 +13,8 @@ from pathlib import Path
 from typing import TypeVar
 from urllib.parse import urlsplit
 
+from service.upstream_config import ConfigError, InstanceConfig, check_protocols, implicit_instance, read_upstreams
+
 T = TypeVar("T")
 
 QUALITIES = ("auto", "low", "medium", "high")
@@ -86,6 +88,16 @@ class Settings:
     stream_idle_seconds: float = 60.0
 
     upstream_cooldown_seconds: float = 30.0
+    upstream_breaker_failures: int = 3
+    upstream_breaker_cooldown_seconds: float = 5.0
+    # The upstream instances: from UPSTREAMS_FILE, or the one implicit `default` instance; keys by instance name.
+    upstreams_file: Path | None = None
+    upstreams: tuple[InstanceConfig, ...] = field(
+        default_factory=lambda: (implicit_instance(None, "tasks", ("gpt-image-2",)),)
+    )
+    upstream_keys: Mapping[str, str] = field(default_factory=dict, repr=False)
+    adapter_modules: tuple[str, ...] = ()
+    model_protocols: Mapping[str, str] = field(default_factory=lambda: {"gpt-image-2": "tasks"})
 
     gc_interval_seconds: float = 3600.0
     reference_retention_hours: float = 168.0
@@ -95,7 +107,12 @@ class Settings:
 
     @property
     def is_offline(self) -> bool:
-        return self.upstream_base_url is None
+        """Every image instance is the built-in offline upstream (the case with no upstream configured at all)."""
+        return all(instance.type == "offline" for instance in self.upstreams)
+
+    def protocol_for(self, model: str) -> str:
+        """The protocol (`tasks` or `images`) of the instances serving `model`, for which its sizes are normalized."""
+        return self.model_protocols.get(model, self.upstream_api)
 
     @property
     def prompt_model_name(self) -> str | None:
@@ -129,6 +146,24 @@ class Settings:
         image_model = read.text("CHATGPT2API_IMAGE_MODEL", "gpt-image-2")
         extra_models = read.csv("IMAGE_MODELS")
         models = tuple(dict.fromkeys([image_model, *extra_models]))
+        upstream_api = read.choice("UPSTREAM_API", "tasks", ("tasks", "images"))
+        upstreams_file = read.optional_text("UPSTREAMS_FILE")
+        adapter_modules: tuple[str, ...] = ()
+        keys: dict[str, str] = {}
+        if upstreams_file is None:
+            instances: tuple[InstanceConfig, ...] = (implicit_instance(base_url, upstream_api, models),)
+            if base_url is not None and read.optional_text("CHATGPT2API_API_KEY"):
+                keys["default"] = read.text("CHATGPT2API_API_KEY", "")
+        else:
+            try:
+                parsed, keys = read_upstreams(Path(upstreams_file), env)
+            except ConfigError as exc:
+                raise SettingsError(f"UPSTREAMS_FILE: {exc}") from None
+            instances = tuple(parsed.instances)
+            adapter_modules = tuple(parsed.adapter_modules)
+            served = tuple(dict.fromkeys(model for instance in instances for model in instance.models))
+            image_model = image_model if image_model in served else served[0]
+            models = served
         settings = cls(
             data_dir=data_dir,
             database_url=read.text("DATABASE_URL", f"sqlite+aiosqlite:///{data_dir / 'imagegen.db'}"),
@@ -139,7 +174,7 @@ class Settings:
             auto_migrate=read.boolean("AUTO_MIGRATE", True),
             upstream_base_url=base_url,
             upstream_api_key=read.optional_text("CHATGPT2API_API_KEY"),
-            upstream_api=read.choice("UPSTREAM_API", "tasks", ("tasks", "images")),
+            upstream_api=upstream_api,
             image_model=image_model,
             prompt_model=read.text("CHATGPT2API_PROMPT_MODEL", "gpt-5.5"),
             image_models=models,
@@ -184,6 +219,13 @@ class Settings:
             max_connections=read.integer("HTTP_MAX_CONNECTIONS", 2048, minimum=1),
             stream_idle_seconds=read.number("STREAM_IDLE_SECONDS", 60.0, minimum=0.1),
             upstream_cooldown_seconds=read.number("UPSTREAM_COOLDOWN_SECONDS", 30.0, minimum=0.0),
+            upstream_breaker_failures=read.integer("UPSTREAM_BREAKER_FAILURES", 3, minimum=1),
+            upstream_breaker_cooldown_seconds=read.number("UPSTREAM_BREAKER_COOLDOWN_SECONDS", 5.0, minimum=0.0),
+            upstreams_file=Path(upstreams_file) if upstreams_file else None,
+            upstreams=instances,
+            upstream_keys=keys,
+            adapter_modules=adapter_modules,
+            model_protocols=check_protocols(list(instances)),
             gc_interval_seconds=read.number("GC_INTERVAL_SECONDS", 3600.0, minimum=0.0),
             reference_retention_hours=read.number("REFERENCE_RETENTION_HOURS", 168.0, minimum=0.0),
             max_canvas_pixels=read.integer("MAX_CANVAS_PIXELS", 16_000_000, minimum=4096),
@@ -199,7 +241,8 @@ def _check_urls(settings: Settings) -> None:
     scheme = settings.database_url.split(":", 1)[0]
     if scheme not in ("sqlite+aiosqlite", "postgresql+asyncpg"):
         raise SettingsError("DATABASE_URL: use sqlite+aiosqlite:///path or postgresql+asyncpg://…")
-    if settings.upstream_base_url is None and settings.upstream_api_key:
+    # With an upstreams file, the key may be one an instance names (`api_key_env`) rather than a stray one.
+    if settings.upstream_base_url is None and settings.upstream_api_key and settings.upstreams_file is None:
         raise SettingsError("CHATGPT2API_API_KEY: set CHATGPT2API_BASE_URL too, or unset the key to run offline")
     if settings.upstream_base_url is not None and not settings.upstream_api_key:
         raise SettingsError("CHATGPT2API_API_KEY: required when CHATGPT2API_BASE_URL is set")

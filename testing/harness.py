@@ -5,6 +5,7 @@ cluster and an S3 server."""
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import re
 import secrets
@@ -61,11 +62,19 @@ DEFAULT_OFFLINE_SETTINGS: dict[str, float | bool | str | None] = {
 class FakeUpstreamProcess:
     """The fake upstream (`python -m testing.upstream`) as its own process, driven over its control routes."""
 
-    def __init__(self, log_path: Path) -> None:
+    def __init__(self, log_path: Path, *, journal: Path | None = None) -> None:
         self.api_key = "upstream-" + secrets.token_hex(16)
         self.port = free_port()
         self.base_url = f"http://127.0.0.1:{self.port}"
+        self.journal = journal
         self._log = log_path.open("wb")
+        self.control = httpx.Client(
+            base_url=self.base_url, headers={"Authorization": f"Bearer {self.api_key}"}, timeout=10
+        )
+        self.start()
+
+    def start(self) -> None:
+        """Start the server on its port (again, after `kill`: with no memory of its tasks, as after a crash)."""
         command = [
             sys.executable,
             "-m",
@@ -76,12 +85,22 @@ class FakeUpstreamProcess:
             self.api_key,
             "--latency",
             "0",
+            *(["--journal", str(self.journal)] if self.journal is not None else []),
         ]
         self.process = subprocess.Popen(command, stdout=self._log, stderr=subprocess.STDOUT, cwd=ROOT)
-        self.control = httpx.Client(
-            base_url=self.base_url, headers={"Authorization": f"Bearer {self.api_key}"}, timeout=10
-        )
         wait_until(self._up, 20, "the fake upstream did not start")
+
+    def kill(self) -> None:
+        """SIGKILL: the server dies at once, forgetting every task it held."""
+        self.process.send_signal(signal.SIGKILL)
+        self.process.wait(10)
+
+    def journaled(self) -> list[dict[str, Any]]:
+        """Every image request received since the journal began, across restarts (needs `journal`)."""
+        assert self.journal is not None
+        if not self.journal.exists():
+            return []
+        return [json.loads(line) for line in self.journal.read_text().splitlines() if line.strip()]
 
     def _up(self) -> bool:
         try:

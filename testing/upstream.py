@@ -31,6 +31,7 @@ import time
 from collections import Counter, deque
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import msgspec
@@ -353,9 +354,18 @@ class FakeUpstream(OfflineUpstream):
     """The offline upstream with fault switches, knobs, recorders and their control routes (bearer key required like
     every route), or, with `bench`, only the fast answers of the bench mode, to anyone."""
 
-    def __init__(self, api_key: str, *, latency: float = 0.0, token_delay: float = 0.0, bench: bool = False) -> None:
+    def __init__(
+        self,
+        api_key: str,
+        *,
+        latency: float = 0.0,
+        token_delay: float = 0.0,
+        bench: bool = False,
+        journal: Path | None = None,
+    ) -> None:
         super().__init__(api_key, latency=latency, token_delay=token_delay)
         self.bench = bench
+        self.journal = journal
         self.serving = ServingSettings()
         self.faults = FaultBoard()
         self.requests: Counter[str] = Counter()
@@ -483,19 +493,23 @@ class FakeUpstream(OfflineUpstream):
         return response
 
     def _note_received(self, request: web.Request, order: ImageRequest) -> None:
-        """Note what arrived, for a test to compare with what the service meant to send."""
-        self.received.append(
-            {
-                "path": request.path,
-                "prompt": order.prompt,
-                "model": order.model,
-                "n": order.n,
-                "size": order.size,
-                "images": len(order.source_images),
-                "image_files": [_file_note(image) for image in order.source_images],
-                "mask": None if order.mask is None else _file_note(order.mask),
-            }
-        )
+        """Note what arrived, for a test to compare with what the service meant to send; with a journal, also as one
+        JSON line appended to it, which outlives the process (a test may kill it and start it again)."""
+        note = {
+            "path": request.path,
+            "client_task_id": order.client_task_id,
+            "prompt": order.prompt,
+            "model": order.model,
+            "n": order.n,
+            "size": order.size,
+            "images": len(order.source_images),
+            "image_files": [_file_note(image) for image in order.source_images],
+            "mask": None if order.mask is None else _file_note(order.mask),
+        }
+        self.received.append(note)
+        if self.journal is not None:
+            with self.journal.open("ab") as journal:
+                journal.write(msgspec.json.encode(note) + b"\n")
 
     def _note_served(self, image: StoredImage, data: bytes, via: str) -> None:
         """Note an image as served whole, with its digest, for a test to compare with what the service kept."""
@@ -611,10 +625,13 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--latency", type=float, default=0.0)
     parser.add_argument("--token-delay", type=float, default=0.0)
     parser.add_argument("--bench", action="store_true", help="only the fast answers of the benchmarks, to anyone")
+    parser.add_argument("--journal", type=Path, help="append each image request received to this file (JSON lines)")
     args = parser.parse_args(argv)
     if not args.api_key and not args.bench:
         parser.error("--api-key is required unless --bench")
-    upstream = FakeUpstream(args.api_key, latency=args.latency, token_delay=args.token_delay, bench=args.bench)
+    upstream = FakeUpstream(
+        args.api_key, latency=args.latency, token_delay=args.token_delay, bench=args.bench, journal=args.journal
+    )
     uvloop.run(serve_until_signalled(upstream, args.host, args.port))
 
 

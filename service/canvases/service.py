@@ -133,7 +133,7 @@ class CanvasService:
         prompt = checked_prompt(body.prompt, settings.max_prompt_chars)
         model = checked_model(settings, body.model)
         try:
-            size = normalize_size(body.size, settings.upstream_api)
+            size = normalize_size(body.size, settings.protocol_for(model))
         except InvalidSize as exc:
             raise InvalidInput(str(exc), code="invalid_size", field="size") from None
         self._check_enhance(caller, prompt, body.enhance)
@@ -249,7 +249,7 @@ class CanvasService:
                     running_step=running.n if running else None,
                     running_task=canvas.busy_task,
                 )
-            size = nearest_size(*input_size, settings.upstream_api)
+            size = nearest_size(*input_size, settings.protocol_for(model))
             step, balance = await self._paid_step(
                 tx,
                 caller,
@@ -328,7 +328,7 @@ class CanvasService:
             "enhance_cost": enhance_cost,
             "references": [],
             "mask": None,
-            "upstream": settings.upstream_api,
+            "upstream": settings.protocol_for(model),
             "deadline_at": now + timedelta(seconds=settings.task_deadline),
             "created_at": now,
             "updated_at": now,

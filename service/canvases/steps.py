@@ -32,9 +32,8 @@ from service.images.processing import FORMATS, sniff_format
 from service.images.sizes import size_pixels
 from service.images.storage import BlobStore
 from service.settings import Settings
-from service.tasks.worker import Outcome, Retrying
-from service.upstream.base import GenerationRequest, ImageInput, ImageUpstream, UpstreamError, caller_text
-from service.upstream.http import UpstreamHealth
+from service.tasks.worker import Generate, Outcome
+from service.upstream.base import GenerationRequest, ImageInput, UpstreamError, caller_text
 
 MODE = "canvas"
 # What the model is told besides the prompt, so that it continues the picture instead of drawing a new one.
@@ -57,6 +56,7 @@ _FAILURES = {
     "upstream_failed": "upstream_transient",
     "upstream_stream_broken": "upstream_transient",
     "upstream_bad_response": "upstream_transient",
+    "no_upstream_available": "upstream_transient",
     "deadline_exceeded": "deadline_exceeded",
     "internal_error": "internal_error",
     "worker_lost": "internal_error",
@@ -150,19 +150,15 @@ class CanvasSteps:
         settings: Settings,
         db: Database,
         store: BlobStore,
-        upstream: ImageUpstream,
-        health: UpstreamHealth,
         decoder: ImageDecoder,
     ) -> None:
         self.settings = settings
         self.db = db
         self.store = store
-        self.upstream = upstream
-        self.health = health
         self.decoder = decoder
         self.decoded = DecodedCanvases(DECODED_CANVAS_BYTES, DECODED_CANVAS_SECONDS)
 
-    async def produce(self, task: Record, prompt: str, retrying: Retrying[Any]) -> Outcome:
+    async def produce(self, task: Record, prompt: str, generate: Generate) -> Outcome:
         async with self.db.snapshot() as tx:
             step = await repository.step_of_task(tx, task.id)
         if step is None:
@@ -170,11 +166,9 @@ class CanvasSteps:
         run = _Run(self, task, step)
         try:
             if step.direction is None:
-                return await run.first_picture(prompt, retrying)
-            return await run.extend(prompt, retrying)
+                return await run.first_picture(prompt, generate)
+            return await run.extend(prompt, generate)
         except UpstreamError as exc:
-            if exc.blocking:
-                self.health.block(exc.code)
             shown = caller_text(exc.message, subject=f"canvas step {task.id} failed ({exc.code})")
             return _failed(task, exc.code, shown, run.details(failure_code(exc.code), shown))
         except StepFailure as failure:
@@ -268,19 +262,19 @@ class _Run:
             validation["failure"] = {"code": code, "message": message}
         return {"artifacts": self.artifacts, "validation": validation, "record": self.record}
 
-    async def first_picture(self, prompt: str, retrying: Retrying[Any]) -> Outcome:
+    async def first_picture(self, prompt: str, generate: Generate) -> Outcome:
         task, steps = self.task, self.steps
         self.record["final_prompt"] = prompt
         request = GenerationRequest(
             task_id=task.id, prompt=prompt, model=task.model, size=task.size, quality=task.quality, n=1
         )
-        answer = await self._call(request, retrying)
+        answer = await self._call(request, generate)
         canvas: NewCanvas = await steps.decoder.run(
             first_picture, answer, max_pixels=steps.settings.max_canvas_pixels, fit=True
         )
         return await self._committed(canvas, answer, prompt)
 
-    async def extend(self, prompt: str, retrying: Retrying[Any]) -> Outcome:
+    async def extend(self, prompt: str, generate: Generate) -> Outcome:
         task, step, steps = self.task, self.step, self.steps
         final = step_prompt(step.direction, prompt)
         self.record["final_prompt"] = final
@@ -301,7 +295,7 @@ class _Run:
             references=[ImageInput(made.image, "image/png", "canvas.png")],
             mask=ImageInput(made.mask, "image/png", "mask.png"),
         )
-        answer = await self._call(request, retrying)
+        answer = await self._call(request, generate)
         answer_type = FORMATS.get(sniff_format(answer) or "", "application/octet-stream")
         output_name = "output" + (".png" if answer_type == "image/png" else ".bin")
         self.record["sha256"]["model_output"] = await self.steps.decoder.run(sha256, answer)
@@ -324,9 +318,9 @@ class _Run:
             steps.decoded.put(base["sha256"], picture)
         return picture
 
-    async def _call(self, request: GenerationRequest, retrying: Retrying[Any]) -> bytes:
+    async def _call(self, request: GenerationRequest, generate: Generate) -> bytes:
         started = time.perf_counter()
-        result = await retrying(lambda: self.steps.upstream.generate(request))
+        result = await generate(request)
         self.record["timings"]["upstream_seconds"] = round(time.perf_counter() - started, 3)
         self.record["upstream_ids"] = result.upstream_ids
         if not result.images:

@@ -22,6 +22,7 @@ from sqlalchemy import (
     Text,
     TypeDecorator,
     UniqueConstraint,
+    false,
     text,
     true,
 )
@@ -208,6 +209,10 @@ class Task(Base):
     error_message: Mapped[str | None] = mapped_column(Text, nullable=True)
     upstream: Mapped[str] = mapped_column(String(16))
     upstream_ids: Mapped[list[str]] = mapped_column(JSONType, default=list)
+    # The upstream instance of the latest attempt (the one that produced the result, once finished), and whether it
+    # accepted the job: an accepted job stays with its instance on every later attempt (no second upstream charge).
+    upstream_instance: Mapped[str | None] = mapped_column(String(64), nullable=True)
+    upstream_accepted: Mapped[bool] = mapped_column(Boolean, default=False, server_default=false())
     attempts: Mapped[int] = mapped_column(Integer, default=0)
     retries: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
     lease_owner: Mapped[str | None] = mapped_column(String(64), nullable=True)

@@ -13,7 +13,7 @@ from service.errors import ServiceUnavailable, problem_responses
 from service.health import repository
 from service.images.storage import BlobStore
 from service.settings import Settings
-from service.upstream.http import UpstreamHealth
+from service.upstream.registry import Upstreams
 
 log = logging.getLogger("service.health")
 
@@ -23,8 +23,11 @@ class Health(msgspec.Struct):
 
 
 class Readiness(msgspec.Struct):
-    """`upstream` is `degraded` after a run of failed upstream calls, or at once when the upstream says it cannot
-    serve (`upstream_quota_exhausted`, `upstream_auth_failed`); reads and cancellations keep working."""
+    """`upstream` is `degraded` when some model has no upstream instance taking work (every breaker serving it is
+    open: a run of failed attempts, or an instance saying it cannot serve, `upstream_quota_exhausted` or
+    `upstream_auth_failed`); `models_unavailable` names those models and `upstream_error` gives the latest error of
+    one of their instances. Their tasks stay queued meanwhile; reads and cancellations keep working. One sick instance
+    among healthy ones leaves the service `ok`: see GET /api/admin/upstreams."""
 
     status: Literal["ready"]
     database: Literal["ok"]
@@ -32,6 +35,7 @@ class Readiness(msgspec.Struct):
     upstream: Literal["ok", "degraded"]
     upstream_api: Literal["offline", "tasks", "images"]
     upstream_error: str | None
+    models_unavailable: list[str]
 
 
 @get("/healthz", operation_id="health", summary="Liveness", tags=["health"])
@@ -46,7 +50,7 @@ async def health() -> Health:
     tags=["health"],
     responses=problem_responses(503),
 )
-async def ready(settings: Settings, db: Database, store: BlobStore, upstream_health: UpstreamHealth) -> Readiness:
+async def ready(settings: Settings, db: Database, store: BlobStore, upstreams: Upstreams) -> Readiness:
     try:
         async with db.snapshot() as tx:
             await repository.ping(tx)
@@ -57,12 +61,20 @@ async def ready(settings: Settings, db: Database, store: BlobStore, upstream_hea
         await store.check()
     except OSError:
         raise ServiceUnavailable("Image storage is not writable", code="storage_unavailable") from None
-    health = upstream_health
+    unavailable = [model for model in upstreams.models() if not upstreams.available(model)]
+    errors = [
+        instance.health.last_error
+        for model in unavailable
+        for name in upstreams.instances_for(model)
+        if (instance := upstreams.instance(name)) is not None and instance.health.last_error
+    ]
+    protocol = settings.protocol_for(settings.image_model)
     return Readiness(
         status="ready",
         database="ok",
         storage="ok",
-        upstream="degraded" if health.degraded else "ok",
-        upstream_api="offline" if settings.is_offline else settings.upstream_api,  # type: ignore[arg-type]
-        upstream_error=health.last_error,
+        upstream="degraded" if unavailable else "ok",
+        upstream_api="offline" if settings.is_offline else protocol,  # type: ignore[arg-type]
+        upstream_error=errors[0] if errors else None,
+        models_unavailable=unavailable,
     )

@@ -10,7 +10,7 @@ import aiohttp
 from service.settings import Settings
 from service.upstream import openai_base
 from service.upstream.base import UpstreamError
-from service.upstream.http import UpstreamHealth, UpstreamHTTP
+from service.upstream.http import UpstreamHTTP
 
 
 class ChatStream:
@@ -80,13 +80,11 @@ class PromptModel:
         await self._http.close()
 
 
-def open_prompt_model(settings: Settings, base_url: str, api_key: str, health: UpstreamHealth) -> PromptModel:
+def open_prompt_model(settings: Settings, base_url: str, api_key: str) -> PromptModel:
     """The chat endpoint for enhancements: `PROMPT_BASE_URL` when set (e.g. a local Ollama), else the upstream's."""
     timeout = settings.upstream_timeout
     if settings.prompt_base_url is not None:
-        http = UpstreamHTTP(
-            settings.prompt_base_url, settings.prompt_api_key, timeout=timeout, connections=32, health=health
-        )
+        http = UpstreamHTTP(settings.prompt_base_url, settings.prompt_api_key, timeout=timeout, connections=32)
     else:
-        http = UpstreamHTTP(openai_base(base_url), api_key, timeout=timeout, connections=32, health=health)
+        http = UpstreamHTTP(openai_base(base_url), api_key, timeout=timeout, connections=32)
     return PromptModel(http, settings.prompt_model_name)

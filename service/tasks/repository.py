@@ -222,27 +222,30 @@ _UNDER_END_USER_LIMIT = or_(
 )
 _LAPSED = and_(_t.status == "running", _t.lease_expires_at < _NOW, _t.attempts < _MAX_ATTEMPTS)
 # SKIP LOCKED (PostgreSQL; SQLite serializes writers anyway): concurrent workers take different tasks.
-_NEXT_ID = (
-    select(_t.id)
-    .where(or_(and_(_t.status == "queued", _UNDER_RUNNING_LIMIT, _UNDER_END_USER_LIMIT), _LAPSED))
-    .order_by(_t.id)
-    .limit(1)
-    .with_for_update(skip_locked=True)
-    .scalar_subquery()
-)
-_CLAIM = (
-    update(TASKS)
-    .where(_t.id == _NEXT_ID, or_(_t.status == "queued", _LAPSED))
-    .values(
-        status="running",
-        lease_owner=bindparam("owner", type_=String()),
-        lease_expires_at=bindparam("lease_until", type_=UTCDateTime()),
-        attempts=_t.attempts + 1,
-        started_at=func.coalesce(_t.started_at, _NOW),
-        updated_at=_NOW,
+
+
+@functools.cache
+def _claim(skip_models: frozenset[str]) -> Any:
+    """The claim statement, leaving out the tasks of `skip_models` (one statement per set of models, kept)."""
+    claimable = or_(and_(_t.status == "queued", _UNDER_RUNNING_LIMIT, _UNDER_END_USER_LIMIT), _LAPSED)
+    if skip_models:
+        claimable = and_(claimable, _t.model.not_in(sorted(skip_models)))
+    next_id = (
+        select(_t.id).where(claimable).order_by(_t.id).limit(1).with_for_update(skip_locked=True).scalar_subquery()
     )
-    .returning(*TASKS.c)
-)
+    return (
+        update(TASKS)
+        .where(_t.id == next_id, or_(_t.status == "queued", _LAPSED))
+        .values(
+            status="running",
+            lease_owner=bindparam("owner", type_=String()),
+            lease_expires_at=bindparam("lease_until", type_=UTCDateTime()),
+            attempts=_t.attempts + 1,
+            started_at=func.coalesce(_t.started_at, _NOW),
+            updated_at=_NOW,
+        )
+        .returning(*TASKS.c)
+    )
 
 
 async def claim_next(
@@ -254,9 +257,11 @@ async def claim_next(
     max_attempts: int,
     default_running_limit: int,
     default_end_user_running_limit: int,
+    skip_models: frozenset[str] = frozenset(),
 ) -> Record | None:
     """Take the oldest queued task whose tenant (and end user, for an end user's task) is under its running limit, or
-    one whose worker's lease lapsed, in one compare-and-set statement."""
+    one whose worker's lease lapsed, in one compare-and-set statement; tasks of `skip_models` (those no upstream
+    instance takes now) stay where they are."""
     params = {
         "owner": owner,
         "now": now,
@@ -265,7 +270,7 @@ async def claim_next(
         "default_limit": default_running_limit,
         "default_end_user_limit": default_end_user_running_limit,
     }
-    return await tx.first(_CLAIM, params)
+    return await tx.first(_claim(skip_models), params)
 
 
 async def renew_leases(tx: Transaction, *, owner: str, task_ids: list[str], until: datetime) -> set[str]:
@@ -309,6 +314,7 @@ _FINISH_RUN = (
         final_prompt=_typed("final_prompt"),
         retries=_t.retries + bindparam("retried", type_=Integer()),
         upstream_ids=_typed("upstream_ids"),
+        upstream_instance=_typed("upstream_instance"),
         error_code=_typed("error_code"),
         error_message=_typed("error_message"),
         **_ENDED,
@@ -336,6 +342,7 @@ async def finish_run(
     final_prompt: str | None,
     retried: int,
     upstream_ids: list[str],
+    upstream_instance: str | None,
     error_code: str | None,
     error_message: str | None,
 ) -> Record | None:
@@ -353,10 +360,24 @@ async def finish_run(
         "final_prompt": final_prompt,
         "retried": retried,
         "upstream_ids": upstream_ids,
+        "upstream_instance": upstream_instance,
         "error_code": error_code,
         "error_message": error_message,
     }
     return await _end(tx, _FINISH_RUN, params, task, status=status, refund=refund, now=now)
+
+
+_ACCEPTED = (
+    update(TASKS)
+    .where(_t.id == _TASK_ID, _t.status == "running", _t.lease_owner == bindparam("owner", type_=String()))
+    .values(upstream_instance=_typed("upstream_instance"), upstream_accepted=True)
+)
+
+
+async def mark_accepted(tx: Transaction, task_id: str, *, owner: str, instance: str) -> None:
+    """Record that `instance` accepted the task's job, while this worker still holds the task: every later attempt,
+    after a crash too, goes to that instance."""
+    await tx.execute(_ACCEPTED, {"task_id": task_id, "owner": owner, "upstream_instance": instance})
 
 
 async def cancel(tx: Transaction, task: Record, *, now: datetime) -> Record | None:

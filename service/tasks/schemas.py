@@ -109,7 +109,8 @@ class TaskError(msgspec.Struct):
 class TaskOut(msgspec.Struct):
     """An image task as it stands. `prompt` is what the client sent; `final_prompt` what went to the upstream (after
     enhancement and style); `revised_prompt` the upstream's own revision. `remaining_credits` is set only on the
-    submit response."""
+    submit response. `upstream` names the upstream instance of the task's latest attempt: the one that produced
+    its images once it completed (null before any attempt)."""
 
     id: str
     status: TaskStatus
@@ -130,6 +131,7 @@ class TaskOut(msgspec.Struct):
     images: list[TaskImage]
     image: str | None
     error: TaskError | None
+    upstream: str | None
     created_at: datetime
     updated_at: datetime
     started_at: datetime | None
@@ -182,6 +184,7 @@ def task_view(task: Any, remaining_credits: int | None = None) -> TaskOut:
         images=images,
         image=images[0].url if images else None,
         error=TaskError(code=task.error_code, message=task.error_message or "") if task.error_code else None,
+        upstream=task.upstream_instance,
         created_at=task.created_at,
         updated_at=task.updated_at,
         started_at=task.started_at,

@@ -141,7 +141,7 @@ class TaskService:
         if request.n > settings.max_images_per_task:
             raise InvalidInput(f"n must be at most {settings.max_images_per_task}", code="too_many_images", field="n")
         try:
-            size = normalize_size(request.size, settings.upstream_api)
+            size = normalize_size(request.size, settings.protocol_for(model))
         except InvalidSize as exc:
             raise InvalidInput(str(exc), code="invalid_size", field="size") from None
         self._check_uploads(submission)
@@ -183,7 +183,7 @@ class TaskService:
             "enhance_cost": enhance_cost,
             "references": stored[: len(references)],
             "mask": stored[-1] if mask is not None else None,
-            "upstream": settings.upstream_api,
+            "upstream": settings.protocol_for(model),
             "deadline_at": now + timedelta(seconds=settings.task_deadline),
             "created_at": now,
             "updated_at": now,

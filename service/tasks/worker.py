@@ -35,15 +35,8 @@ from service.prompts.styles import STYLES
 from service.settings import Settings
 from service.tasks import repository
 from service.tasks.watchers import TaskWatchers
-from service.upstream.base import (
-    GenerationRequest,
-    GenerationResult,
-    ImageInput,
-    ImageUpstream,
-    UpstreamError,
-    caller_text,
-)
-from service.upstream.http import UpstreamHealth
+from service.upstream.base import GenerationRequest, GenerationResult, ImageInput, UpstreamError, caller_text
+from service.upstream.registry import Route, Upstreams
 
 log = logging.getLogger("service.worker")
 T = TypeVar("T")
@@ -63,6 +56,7 @@ class Outcome:
     final_prompt: str | None = None
     retries: int = 0
     upstream_ids: list[str] = field(default_factory=list)
+    upstream_instance: str | None = None
     error_code: str | None = None
     error_message: str | None = None
     # What a task kind's own `settle` records, and the objects it stored that are deleted when the run's outcome is
@@ -71,15 +65,16 @@ class Outcome:
     stored: list[str] = field(default_factory=list)
 
 
-Retrying = Callable[[Callable[[], Awaitable[T]]], Awaitable[T]]
+Generate = Callable[[GenerationRequest], Awaitable[GenerationResult]]
 
 
 class TaskKind(Protocol):
     """How tasks of one `mode` other than plain generations run (a canvas step, say): `produce` does the work, with
-    `retrying` to call the upstream under the task's retries and deadline; `settle` records the outcome, whatever it
-    is, in the transaction that ends the task (after its status change and refund), so both commit or neither."""
+    `generate` to call the upstream (routed among the instances, retried under the task's deadline); `settle` records
+    the outcome, whatever it is, in the transaction that ends the task (after its status change and refund), so both
+    commit or neither."""
 
-    async def produce(self, task: Record, prompt: str, retrying: Retrying[Any]) -> Outcome: ...
+    async def produce(self, task: Record, prompt: str, generate: Generate) -> Outcome: ...
 
     async def settle(self, tx: Transaction, task: Record, outcome: Outcome) -> None: ...
 
@@ -97,8 +92,7 @@ class WorkerPool:
         settings: Settings,
         db: Database,
         store: BlobStore,
-        upstream: ImageUpstream,
-        health: UpstreamHealth,
+        upstreams: Upstreams,
         decoder: ImageDecoder,
         enhancer: Enhancer,
         watchers: TaskWatchers,
@@ -108,8 +102,7 @@ class WorkerPool:
         self.kinds = kinds or {}
         self.db = db
         self.store = store
-        self.upstream = upstream
-        self.health = health
+        self.upstreams = upstreams
         self.decoder = decoder
         self.enhancer = enhancer
         self.watchers = watchers
@@ -119,6 +112,7 @@ class WorkerPool:
         self._runs: set[asyncio.Task[None]] = set()
         self._loops: list[asyncio.Task[None]] = []
         self._retries: dict[str, int] = {}
+        self._routes: dict[str, Route] = {}
         self._next_purge = utcnow()
         self._next_sweep = 0.0
 
@@ -177,15 +171,16 @@ class WorkerPool:
             with contextlib.suppress(TimeoutError):
                 # Work submitted through another process, and lapsed leases, are found by polling; in-process
                 # submissions wake the pool at once. A cool-down ends by time alone, so the wait ends with it.
-                cooldown = self.health.cooldown_left()
+                cooldown = self.upstreams.cooldown_left()
                 idle = self.settings.idle_poll_seconds
                 async with asyncio.timeout(min(idle, cooldown) if cooldown else idle):
                     await self._wake.wait()
 
     def _cooling_down(self) -> bool:
-        """While the upstream cools down after saying it cannot serve, new tasks stay queued rather than each
-        meeting the same refusal; tasks already running finish or fail on their own."""
-        return self.health.cooldown_left() > 0
+        """While no upstream instance takes work (each one's breaker is open: it failed too often, or said it cannot
+        serve), new tasks stay queued rather than each meeting the same refusal; tasks already running finish or fail
+        on their own. The claims themselves leave the tasks of any model without an available instance queued."""
+        return self.upstreams.cooldown_left() > 0
 
     def _run_done(self, run: asyncio.Task[None]) -> None:
         self._runs.discard(run)
@@ -194,6 +189,7 @@ class WorkerPool:
     async def _claim(self, most: int) -> list[Record]:
         """Up to `most` tasks, claimed one statement each in one transaction."""
         claimed: list[Record] = []
+        unavailable = self.upstreams.unavailable_models()
         async with self.db.transaction() as tx:
             while len(claimed) < most:
                 task = await repository.claim_next(
@@ -204,6 +200,7 @@ class WorkerPool:
                     max_attempts=self.settings.max_attempts,
                     default_running_limit=self.settings.max_running_tasks,
                     default_end_user_running_limit=self.settings.end_user_max_running_tasks,
+                    skip_models=unavailable,
                 )
                 if task is None:
                     break
@@ -280,7 +277,9 @@ class WorkerPool:
         finally:
             self._active.pop(task.id, None)
             retries = self._retries.pop(task.id, 0)
+            route = self._routes.pop(task.id, None)
         outcome.retries = retries
+        outcome.upstream_instance = route.last if route is not None and route.last else task.upstream_instance
         await self._settle(task, outcome)
 
     async def _settle(self, task: Record, outcome: Outcome) -> None:
@@ -298,6 +297,7 @@ class WorkerPool:
                     final_prompt=outcome.final_prompt,
                     retried=outcome.retries,
                     upstream_ids=outcome.upstream_ids,
+                    upstream_instance=outcome.upstream_instance,
                     error_code=outcome.error_code,
                     error_message=outcome.error_message,
                 )
@@ -346,20 +346,34 @@ class WorkerPool:
             return self._failure(task, "deadline_exceeded", "The task ran past its deadline")
         try:
             final_prompt = await self._final_prompt(task)
+            generate = self._generator(task)
             kind = self.kinds.get(task.mode)
             if kind is not None:
-                outcome = await kind.produce(task, final_prompt, lambda call: self._with_retries(task, call))
+                outcome = await kind.produce(task, final_prompt, generate)
                 outcome.final_prompt = outcome.final_prompt or final_prompt
                 return outcome
-            request = await self._request_for(task, final_prompt)
-            result = await self._with_retries(task, lambda: self.upstream.generate(request))
+            result = await generate(await self._request_for(task, final_prompt))
         except UpstreamError as exc:
-            if exc.blocking:
-                self.health.block(exc.code)
             return self._failure(task, exc.code, exc.message)
         outcome = await self._keep_images(task, result)
         outcome.final_prompt = final_prompt
         return outcome
+
+    def _generator(self, task: Record) -> Generate:
+        """The upstream call of this run of `task`: each attempt routed by the registry, retried under the task's
+        deadline; a job an instance accepted (in this run or an earlier one) stays with that instance."""
+        route = Route(pinned=task.upstream_instance if task.upstream_accepted else None)
+        self._routes[task.id] = route
+        upstreams = self.upstreams
+
+        async def accepted(instance: str) -> None:
+            async with self.db.statement() as tx:
+                await repository.mark_accepted(tx, task.id, owner=self.owner, instance=instance)
+
+        async def generate(request: GenerationRequest) -> GenerationResult:
+            return await self._with_retries(task, lambda: upstreams.generate(request, route, accepted))
+
+        return generate
 
     async def _final_prompt(self, task: Record) -> str:
         """The prompt sent upstream: enhanced first when the task asks for it, else shaped by its style."""

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import logging
 import re
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Protocol
 
@@ -40,6 +41,9 @@ class GenerationRequest:
     size: str
     quality: str
     n: int
+    # Called once the upstream holds the job under our task id (the task API answered its submission): from then on
+    # every attempt of the task goes to that upstream and resumes the job, so it is never paid for twice.
+    on_accepted: Callable[[], Awaitable[None]] | None = None
     references: list[ImageInput] = field(default_factory=list)
     mask: ImageInput | None = None
 

@@ -11,8 +11,9 @@ import base64
 import binascii
 import contextlib
 import json
+import logging
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 from urllib.parse import urljoin, urlsplit
 
@@ -22,55 +23,121 @@ import msgspec
 from service.metrics import upstream_call
 from service.upstream.base import GenerationResult, UpstreamError, error_for_status
 
+log = logging.getLogger("service.upstream")
+
 MAX_ERROR_BODY = 64 * 1024
 MAX_JSON_BODY = 256 * 1024 * 1024
 DOWNLOAD_PIECE = 256 * 1024
 
 
 class UpstreamHealth:
-    """What the last upstream calls of this process say: degraded after a run of transient failures (timeouts,
-    refused connections, 5xx, 429), or at once when the upstream says it cannot serve (no quota, our key refused);
-    healthy again at the first success.
+    """A circuit breaker over one upstream's calls, as this process sees them.
 
-    A blocking error also starts a cool-down of `cooldown_seconds`: while it runs the worker pool claims no new tasks,
-    so queued work waits instead of each task meeting the same refusal.
+    closed: calls go through. After `failures_to_open` transient failures in a row (timeouts, refused connections,
+    5xx, 429) it opens for `cooldown_seconds`, and at once when the upstream says it cannot serve anyone (no quota,
+    our key refused: a blocking error) for `block_seconds`: no new work meanwhile. Then it is half-open: one call may
+    probe it (`begin`), and the probe's success closes it while its failure opens it again. Any answer that is not a
+    transient failure counts as a success: the upstream is there.
+
+    The worker pool claims no task of a model none of whose instances is available, so queued work waits instead of
+    each task meeting the same refusal (see `service.upstream.registry`).
     """
 
-    def __init__(self, failures_to_degrade: int = 3, cooldown_seconds: float = 30.0) -> None:
-        self._failures_to_degrade = failures_to_degrade
+    def __init__(
+        self,
+        failures_to_open: int = 3,
+        cooldown_seconds: float = 30.0,
+        *,
+        block_seconds: float | None = None,
+        clock: Callable[[], float] = time.monotonic,
+        name: str | None = None,
+    ) -> None:
+        self._name = name
+        self._failures_to_open = failures_to_open
         self._cooldown_seconds = cooldown_seconds
+        self._block_seconds = cooldown_seconds if block_seconds is None else block_seconds
+        self._clock = clock
         self._consecutive_failures = 0
-        self._blocked = False
-        self._cool_until = 0.0
+        self._open = False
+        self._open_until = 0.0
+        self._probe_until = 0.0
         self.last_error: str | None = None
 
     @property
-    def degraded(self) -> bool:
-        return self._blocked or self._consecutive_failures >= self._failures_to_degrade
+    def state(self) -> str:
+        """`closed`, `open` or `half_open`."""
+        if not self._open:
+            return "closed"
+        return "open" if self._clock() < self._open_until else "half_open"
 
-    def cooldown_left(self) -> float:
-        """Seconds until work may go to the upstream again; 0 when it may now."""
-        return max(0.0, self._cool_until - time.monotonic())
+    @property
+    def consecutive_failures(self) -> int:
+        return self._consecutive_failures
+
+    def available(self) -> bool:
+        """Whether new work may go to the upstream now: closed, or half-open with no probe under way."""
+        if not self._open:
+            return True
+        now = self._clock()
+        return now >= self._open_until and now >= self._probe_until
+
+    def begin(self) -> None:
+        """Work is going to the upstream; when half-open, it is the probe, and no other work goes until it ends (or
+        outlives a cool-down, as a probe whose end was never reported would)."""
+        now = self._clock()
+        if self._open and now >= self._open_until:
+            self._probe_until = now + max(self._cooldown_seconds, 1.0)
+            if self._name is not None:
+                log.info("upstream instance %s: breaker half-open, probing", self._name)
+
+    def open_for(self) -> float:
+        """Seconds until the breaker lets a probe through; 0 when it lets work through now."""
+        return 0.0 if self.available() else max(self._open_until, self._probe_until) - self._clock()
 
     def block(self, code: str) -> None:
-        self._blocked = True
+        """The upstream says it cannot serve anyone: open at once, for the longer cool-down."""
         self.last_error = code
-        self._cool_until = time.monotonic() + self._cooldown_seconds
+        self._trip(self._block_seconds)
+
+    def succeeded(self) -> None:
+        if self._open and self._name is not None:
+            log.info("upstream instance %s: breaker closed", self._name)
+        self._consecutive_failures = 0
+        self._open = False
+        self._probe_until = 0.0
+        self.last_error = None
+
+    def failed(self, code: str) -> None:
+        """A transient failure."""
+        self._consecutive_failures += 1
+        self.last_error = code
+        if self._open or self._consecutive_failures >= self._failures_to_open:
+            self._trip(self._cooldown_seconds)
+
+    def record(self, error: UpstreamError | None) -> None:
+        """The end of one call: its error, or None when it succeeded."""
+        if error is None or not (error.blocking or error.transient):
+            self.succeeded()
+        elif error.blocking:
+            self.block(error.code)
+        else:
+            self.failed(error.code)
+
+    def _trip(self, seconds: float) -> None:
+        self._open = True
+        self._open_until = self._clock() + seconds
+        self._probe_until = 0.0
+        if self._name is not None:
+            log.warning("upstream instance %s: breaker open for %gs (%s)", self._name, seconds, self.last_error)
 
     @contextlib.contextmanager
     def watch(self) -> Iterator[None]:
         try:
             yield
         except UpstreamError as exc:
-            if exc.blocking:
-                self.block(exc.code)
-            elif exc.transient:
-                self._consecutive_failures += 1
-                self.last_error = exc.code
+            self.record(exc)
             raise
-        self._consecutive_failures = 0
-        self._blocked = False
-        self.last_error = None
+        self.record(None)
 
 
 def origin(url: str) -> tuple[str, str, int]:
@@ -81,7 +148,13 @@ def origin(url: str) -> tuple[str, str, int]:
 
 class UpstreamHTTP:
     def __init__(
-        self, base_url: str, api_key: str | None, *, timeout: float, connections: int, health: UpstreamHealth
+        self,
+        base_url: str,
+        api_key: str | None,
+        *,
+        timeout: float,
+        connections: int,
+        health: UpstreamHealth | None = None,
     ) -> None:
         self.base_url = base_url.rstrip("/")
         self.health = health
@@ -104,8 +177,9 @@ class UpstreamHTTP:
 
     @contextlib.contextmanager
     def _call(self, what: str) -> Iterator[None]:
-        """Count the call towards the upstream's health, and turn transport failures into transient UpstreamErrors."""
-        with self.health.watch(), upstream_call():
+        """Count the call towards the upstream's health (when this client keeps one; an image instance's breaker counts
+        whole attempts instead, in the registry), and turn transport failures into transient UpstreamErrors."""
+        with self.health.watch() if self.health is not None else contextlib.nullcontext(), upstream_call():
             try:
                 yield
             except TimeoutError:

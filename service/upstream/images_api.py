@@ -6,6 +6,7 @@ from typing import Any
 
 import aiohttp
 
+from service.upstream.adapters import Opening, register
 from service.upstream.base import GenerationRequest, GenerationResult, UpstreamError
 from service.upstream.http import UpstreamHTTP
 
@@ -46,3 +47,10 @@ class ImagesUpstream:
         if not isinstance(data, list):
             raise UpstreamError("upstream_bad_response", "The upstream answer has no image list", transient=True)
         return await self._http.result_from(data, self._max_image_bytes, upstream_ids=[])
+
+
+async def open_images_upstream(opening: Opening) -> ImagesUpstream:
+    return ImagesUpstream(opening.http(), max_image_bytes=opening.settings.max_output_bytes)
+
+
+register("openai-images", open_images_upstream)

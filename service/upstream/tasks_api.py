@@ -14,6 +14,7 @@ from typing import Any
 
 import aiohttp
 
+from service.upstream.adapters import Opening, register
 from service.upstream.base import QUOTA_MARKER, GenerationRequest, GenerationResult, UpstreamError
 from service.upstream.http import UpstreamHTTP
 
@@ -43,6 +44,8 @@ class TasksUpstream:
 
     async def generate(self, request: GenerationRequest) -> GenerationResult:
         task = await self._submit(request)
+        if request.on_accepted is not None:
+            await request.on_accepted()
         if task.get("status") not in TERMINAL:
             task = await self._wait(request.task_id)
         if task.get("status") == "error":
@@ -152,3 +155,12 @@ def _task_error(error: object) -> UpstreamError:
             "upstream_quota_exhausted", f"The upstream has no quota left: {message}", transient=False, blocking=True
         )
     return UpstreamError("upstream_task_failed", f"The upstream task failed: {message}", transient=False)
+
+
+async def open_tasks_upstream(opening: Opening) -> TasksUpstream:
+    return TasksUpstream(
+        opening.http(), poll_interval=opening.poll_interval, max_image_bytes=opening.settings.max_output_bytes
+    )
+
+
+register("chatgpt2api-tasks", open_tasks_upstream)

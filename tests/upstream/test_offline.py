@@ -546,6 +546,7 @@ def test_received_lists_what_image_requests_asked_for(client: httpx.Client) -> N
     assert client.get("/_offline/received").json()["items"] == [
         {
             "path": "/api/image-tasks/generations",
+            "client_task_id": "asked",
             "prompt": "a kettle",
             "model": "gpt-image-1",
             "n": 2,
@@ -556,6 +557,7 @@ def test_received_lists_what_image_requests_asked_for(client: httpx.Client) -> N
         },
         {
             "path": "/v1/images/edits",
+            "client_task_id": None,
             "prompt": "paint it blue",
             "model": "gpt-image-2",
             "n": 1,
