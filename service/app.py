@@ -26,6 +26,7 @@ from service.errors import EXCEPTION_HANDLERS
 from service.playground import playground
 from service.process import running
 from service.prompts import endpoints as prompts
+from service.providerkeys import endpoints as provider_keys
 from service.runtime import Runtime
 from service.settings import Settings
 from service.tasks import endpoints as tasks
@@ -118,10 +119,12 @@ def create_app(settings: Settings | None = None) -> Litestar:
                     credits.router,
                     credits.end_user_router,
                     end_users.router,
+                    provider_keys.router,
                 ],
                 dependencies=parts_of(started, after_caller=True),
             ),
             admin.AdminController,
+            provider_keys.AdminProviderKeys,
             health.health,
             health.ready,
             observability.metrics,

@@ -25,6 +25,7 @@ from service.images.processing import EXTENSIONS, PreparedImage, normalize_refer
 from service.images.sizes import InvalidSize, normalize_size
 from service.images.storage import BlobStore
 from service.prompts.service import Enhancer, EnhanceRequest, checked_prompt
+from service.providerkeys.service import ProviderKeys
 from service.settings import Settings
 from service.tasks import repository
 from service.tasks.finished import FinishedTasks
@@ -72,8 +73,10 @@ class TaskService:
         enhancer: Enhancer,
         watchers: TaskWatchers,
         workers: WorkerPool | None,
+        provider_keys: ProviderKeys,
     ) -> None:
         self.settings = settings
+        self.provider_keys = provider_keys
         self.db = db
         self.store = store
         self.decoder = decoder
@@ -158,8 +161,11 @@ class TaskService:
             if replay is not None:
                 return replay
 
+        async with self.db.snapshot() as tx:
+            byok = await self.provider_keys.terms(tx, caller.tenant_id, model)
         enhance_cost = settings.enhance_cost if request.enhance else 0
-        cost = task_cost(settings, request.quality, request.n) + enhance_cost
+        images_cost = byok.price_per_image * request.n if byok else task_cost(settings, request.quality, request.n)
+        cost = images_cost + enhance_cost
         references, mask = await self._prepare_uploads(caller, submission, cost)
 
         task_id = new_id()
@@ -184,6 +190,7 @@ class TaskService:
             "references": stored[: len(references)],
             "mask": stored[-1] if mask is not None else None,
             "upstream": settings.upstream_api,
+            "byok_instance": byok.instance if byok else None,
             "deadline_at": now + timedelta(seconds=settings.task_deadline),
             "created_at": now,
             "updated_at": now,
