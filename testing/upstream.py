@@ -539,7 +539,7 @@ class FakeUpstream(OfflineUpstream):
             self.bearers.append({"method": request.method, "path": request.path, "bearer": token})
         own = hmac.compare_digest(token.encode(), self._api_key)
         if not own and (control or token not in self.accepted_keys):
-            return json_error(401, "Incorrect API key provided", "invalid_request_error", "invalid_api_key")
+            return json_error(401, "Invalid API key", "invalid_request_error", "invalid_api_key")
         return await handler(request)
 
     @web.middleware
