@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import base64
 import hashlib
+import io
 import secrets
 import subprocess
 import sys
@@ -17,6 +18,7 @@ from typing import Any
 
 import httpx
 import pytest
+from PIL import Image
 
 from service.providerkeys.keyring import Keyring, KeyringError, generate_key
 from testing.harness import ServiceProcess
@@ -51,6 +53,12 @@ class Exposure:
 
 def provider_key() -> str:
     return "sk-tenant-" + secrets.token_hex(16)
+
+
+def tiny_png() -> bytes:
+    buffer = io.BytesIO()
+    Image.new("RGB", (64, 64), (200, 80, 30)).save(buffer, format="PNG")
+    return buffer.getvalue()
 
 
 def fingerprint(key: str) -> str:
@@ -188,6 +196,13 @@ def test_a_byok_task_runs_with_the_tenants_key_at_its_byok_price(
         assert patched.status_code == 200 and patched.json()["byok_price_per_image"] == 3
     priced = byok.wait(byok.submit(f"{marker} priced fox", n=2, quality="high")["id"])
     assert priced["status"] == "completed" and priced["cost"] == 6 and byok.balance() == 44
+    # An edit with a reference image is priced the same way.
+    files = [("image", ("fox.png", tiny_png(), "image/png"))]
+    edit = byok.client.post("/api/images/generate", data={"prompt": f"{marker} edited fox"}, files=files)
+    assert edit.status_code == 202, edit.text
+    edited = byok.wait(edit.json()["id"])
+    assert edited["status"] == "completed" and edited["cost"] == 3 and edited["byok_instance"] == "default"
+    assert byok.balance() == 41
     assert byok.client.get("/api/provider-keys").json()["byok_price_per_image"] == 3
 
     # Another tenant's task runs on the operator's key at the normal price.
@@ -198,6 +213,7 @@ def test_a_byok_task_runs_with_the_tenants_key_at_its_byok_price(
     assert received == {
         f"{marker} free fox": key,
         f"{marker} priced fox": key,
+        f"{marker} edited fox": key,
         f"{marker} plain fox": own_upstream.api_key,
     }
     # Its polls and image downloads carried the tenant's key too.
