@@ -5,7 +5,7 @@ from __future__ import annotations
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import ColumnElement, insert, select, true, update
+from sqlalchemy import ColumnElement, String, bindparam, insert, select, true, update
 
 from service.db.engine import Record, Transaction
 from service.db.models import PROVIDER_KEYS, TENANTS
@@ -25,8 +25,12 @@ async def list_keys(tx: Transaction, tenant_id: str) -> list[Record]:
     return await tx.rows(select(PROVIDER_KEYS).where(owned_provider_keys(tenant_id)).order_by(_k.instance))
 
 
+_TENANT = bindparam("tenant_id", type_=String())
+_FIND = select(PROVIDER_KEYS).where(owned_provider_keys(_TENANT), _k.instance == bindparam("instance", type_=String()))
+
+
 async def find_key(tx: Transaction, tenant_id: str, instance: str) -> Record | None:
-    return await tx.first(select(PROVIDER_KEYS).where(owned_provider_keys(tenant_id), _k.instance == instance))
+    return await tx.first(_FIND, {"tenant_id": tenant_id, "instance": instance})
 
 
 async def store_key(tx: Transaction, values: dict[str, Any]) -> Record:
@@ -55,14 +59,18 @@ async def revoke_key(tx: Transaction, tenant_id: str, instance: str, now: dateti
     )
 
 
+_LIVE_OF_TENANT = select(_k.instance).where(owned_provider_keys(_TENANT), _LIVE).subquery("live")
+# Built once: a submission runs it, and a statement built per call would be compiled again each time.
+_TERMS = (
+    select(TENANTS.c.byok_price_per_image, _LIVE_OF_TENANT.c.instance)
+    .select_from(TENANTS.outerjoin(_LIVE_OF_TENANT, true()))
+    .where(TENANTS.c.id == _TENANT)
+)
+
+
 async def byok_terms(tx: Transaction, tenant_id: str, instances: list[str]) -> tuple[list[str], int]:
     """Which of `instances` the tenant holds a live key for, and its BYOK price per image, in one read."""
-    live = select(_k.instance).where(owned_provider_keys(tenant_id), _LIVE).subquery("live")
-    rows = await tx.rows(
-        select(TENANTS.c.byok_price_per_image, live.c.instance)
-        .select_from(TENANTS.outerjoin(live, true()))
-        .where(TENANTS.c.id == tenant_id)
-    )
+    rows = await tx.rows(_TERMS, {"tenant_id": tenant_id})
     held = {row.instance for row in rows if row.instance is not None}
     price = int(rows[0].byok_price_per_image) if rows else 0
     return [instance for instance in instances if instance in held], price
