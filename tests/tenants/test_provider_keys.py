@@ -21,6 +21,7 @@ import pytest
 from PIL import Image
 
 from service.providerkeys.keyring import Keyring, KeyringError, generate_key
+from service.settings import Settings, SettingsError
 from testing.harness import ServiceProcess
 from tests.conftest import Service, Tenant, Upstream, service_env
 
@@ -285,6 +286,7 @@ def test_a_revoked_key_fails_its_queued_tasks_with_a_refund(
         code, report = api.audit()
         assert code == 0, report
         exposure.assert_hidden(api, key)
+        assert key not in worker.log_text()
     finally:
         if worker is not None:
             worker.stop()
@@ -363,3 +365,22 @@ def test_a_ciphertext_opens_only_for_its_tenant_and_instance_and_under_a_listed_
             keyring.open(sealed, tenant_id=tenant_id, instance=instance)
     with pytest.raises(KeyringError):
         Keyring((base64.b64decode(SECOND_KEY),)).open(sealed, tenant_id="tenant-a", instance="default")
+
+
+def test_encryption_keys_are_read_as_base64_32_byte_keys_and_a_bad_one_is_named_by_position_only() -> None:
+    raw = base64.b64decode(FIRST_KEY)
+    url_safe_unpadded = base64.urlsafe_b64encode(raw).decode().rstrip("=")
+    read = Settings.from_mapping({"ENCRYPTION_KEYS": f" {SECOND_KEY} , {url_safe_unpadded} "})
+    assert read.encryption_keys == (base64.b64decode(SECOND_KEY), raw)
+    assert Settings.from_mapping({}).encryption_keys == ()
+    short = base64.b64encode(b"sixteen byte key").decode()
+    for value, problem in (
+        (f"{FIRST_KEY},{short}", "key 2 is not 32 bytes"),
+        ("not base64 at all!", "key 1 is not 32 bytes"),
+        (f"{FIRST_KEY},{FIRST_KEY}", "the same key is listed twice"),
+    ):
+        with pytest.raises(SettingsError) as raised:
+            Settings.from_mapping({"ENCRYPTION_KEYS": value})
+        assert str(raised.value).startswith("ENCRYPTION_KEYS: ") and problem in str(raised.value)
+        assert FIRST_KEY not in str(raised.value) and short not in str(raised.value)
+    assert "encryption_keys" not in repr(read) and FIRST_KEY not in repr(read)
