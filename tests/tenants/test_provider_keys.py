@@ -225,6 +225,33 @@ def test_a_byok_task_runs_with_the_tenants_key_at_its_byok_price(
     exposure.assert_hidden(byok_service, key)
 
 
+def test_an_end_users_task_of_a_byok_tenant_runs_with_the_tenants_key_at_its_byok_price(
+    byok_service: Service, own_upstream: Upstream, exposure: Exposure
+) -> None:
+    tenant = watched_tenant(byok_service, exposure)
+    key = provider_key()
+    own_upstream.accept_keys(key)
+    store_own_key(tenant, key)
+    with admin(byok_service, exposure) as client:
+        client.patch(f"/api/admin/tenants/{tenant.id}", json={"byok_price_per_image": 2}).raise_for_status()
+    token = tenant.client.post("/api/end-user-tokens", json={"user": "customer-byok"}).json()["token"]
+    with exposure.watch(
+        httpx.Client(base_url=byok_service.base_url, headers={"Authorization": f"Bearer {token}"}, timeout=30)
+    ) as user:
+        assert user.post("/api/quota/check-in").status_code == 200
+        submitted = user.post("/api/images/generate", json={"prompt": "an end user's fox"})
+        assert submitted.status_code == 202, submitted.text
+        assert submitted.json()["cost"] == 2 and submitted.json()["byok_instance"] == "default"
+        assert user.get("/api/quota").json()["balance"] == 8
+    task = tenant.wait(submitted.json()["id"])
+    assert task["status"] == "completed", task["error"]
+    assert tenant.balance() == 48
+    assert [item["bearer"] for item in own_upstream.received() if item["prompt"] == "an end user's fox"] == [key]
+    code, report = byok_service.audit(expect_finished=False)
+    assert code == 0, report
+    exposure.assert_hidden(byok_service, key)
+
+
 def test_a_refused_key_fails_only_its_task_and_leaves_the_upstream_healthy(
     byok_service: Service, own_upstream: Upstream, exposure: Exposure
 ) -> None:
