@@ -44,6 +44,7 @@ from service.upstream.base import (
     ImageUpstream,
     UpstreamError,
     caller_text,
+    under_tenant_key,
 )
 from service.upstream.http import UpstreamHealth
 
@@ -364,6 +365,8 @@ class WorkerPool:
         except ProviderKeyUnavailable as exc:
             return self._failure(task, exc.code, exc.message)
         except UpstreamError as exc:
+            if api_key is not None:
+                exc = under_tenant_key(exc)
             if exc.blocking:
                 self.health.block(exc.code)
             # Upstream text that echoes a tenant's key must not carry it into the task or the log.

@@ -15,7 +15,13 @@ from typing import Any
 
 import aiohttp
 
-from service.upstream.base import QUOTA_MARKER, GenerationRequest, GenerationResult, UpstreamError
+from service.upstream.base import (
+    QUOTA_MARKER,
+    GenerationRequest,
+    GenerationResult,
+    UpstreamError,
+    under_tenant_key,
+)
 from service.upstream.http import UpstreamHTTP
 
 log = logging.getLogger("service.upstream.tasks")
@@ -49,7 +55,8 @@ class TasksUpstream:
         if task.get("status") not in TERMINAL:
             task = await self._wait(request.task_id, request.api_key)
         if task.get("status") == "error":
-            raise _task_error(task.get("error"))
+            error = _task_error(task.get("error"))
+            raise under_tenant_key(error) if request.api_key is not None else error
         data = task.get("data")
         return await self._http.result_from(
             data if isinstance(data, list) else [],

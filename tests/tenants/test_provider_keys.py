@@ -268,6 +268,18 @@ def test_a_refused_key_fails_only_its_task_and_leaves_the_upstream_healthy(
     refusals = [(item["method"], item["path"]) for item in own_upstream.bearers() if item["bearer"] == wrong]
     assert refusals == [("POST", "/api/image-tasks/generations")]
 
+    # A key the upstream takes but finds out of quota: the same, with its own code.
+    good = provider_key()
+    own_upstream.accept_keys(good)
+    store_own_key(byok, good)
+    own_upstream.faults({"fault": "quota_429", "match": "fox without quota"})
+    try:
+        broke = byok.wait(byok.submit("fox without quota")["id"])
+    finally:
+        own_upstream.faults()
+    assert broke["status"] == "failed" and broke["error"]["code"] == "provider_key_quota_exhausted"
+    assert broke["refunded"] == 1 and byok.balance() == 50
+
     ready = httpx.get(f"{byok_service.base_url}/readyz", timeout=5).json()
     assert ready["upstream"] == "ok" and ready["upstream_error"] is None
     # No cool-down: the next task of another tenant is claimed and runs at once.
@@ -275,7 +287,7 @@ def test_a_refused_key_fails_only_its_task_and_leaves_the_upstream_healthy(
     assert other["status"] == "completed", other["error"]
     code, report = byok_service.audit(expect_finished=False)
     assert code == 0, report
-    exposure.assert_hidden(byok_service, wrong)
+    exposure.assert_hidden(byok_service, wrong, good)
 
 
 def test_a_revoked_key_fails_its_queued_tasks_with_a_refund(
