@@ -12,7 +12,7 @@ from litestar.datastructures import MutableScopeHeaders
 from litestar.di import Provide
 from litestar.enums import ScopeType
 from litestar.openapi import OpenAPIConfig
-from litestar.openapi.spec import Components, Link, OpenAPIResponse, SecurityScheme
+from litestar.openapi.spec import Components, Link, OpenAPIResponse, Parameter, Schema, SecurityScheme
 from litestar.routes import HTTPRoute
 from litestar.types import ASGIApp, Message, Receive, Scope, Send
 
@@ -26,12 +26,14 @@ from service.errors import EXCEPTION_HANDLERS
 from service.playground import playground
 from service.process import running
 from service.prompts import endpoints as prompts
+from service.providerkeys import endpoints as provider_keys
 from service.runtime import Runtime
 from service.settings import Settings
 from service.tasks import endpoints as tasks
 from service.tenants import endpoints as admin
 from service.tenants.auth import Caller, authenticate, authenticate_then_read_body, scope_state
 from service.upstream.endpoints import list_upstreams
+from service.upstream.instances import instance_names
 
 API_VERSION = "1.0.0"
 
@@ -119,11 +121,13 @@ def create_app(settings: Settings | None = None) -> Litestar:
                     credits.router,
                     credits.end_user_router,
                     end_users.router,
+                    provider_keys.router,
                 ],
                 dependencies=parts_of(started, after_caller=True),
             ),
             admin.AdminController,
             list_upstreams,
+            provider_keys.AdminProviderKeys,
             health.health,
             health.ready,
             observability.metrics,
@@ -149,6 +153,7 @@ def create_app(settings: Settings | None = None) -> Litestar:
     _check_body_routes(app)
     document_bodies(app, settings)
     _document_responses(app)
+    _document_instances(app, settings)
     return app
 
 
@@ -213,6 +218,22 @@ LINKS: dict[tuple[str, str, str], dict[str, tuple[str, dict[str, str]]]] = {
         "RevokeApiKey": ("revokeApiKey", {"key_id": "$response.body#/id"}),
     },
 }
+
+
+def _document_instances(app: Litestar, settings: Settings) -> None:
+    """The `instance` path parameter takes the names of this deployment's upstream instances (any other is 422
+    `unknown_instance`): the document lists them, as it lists the deployment's models."""
+    for item in (app.openapi_schema.paths or {}).values():
+        for method in ("get", "put", "delete"):
+            operation = getattr(item, method)
+            for parameter in (operation.parameters or []) if operation else ():
+                if (
+                    isinstance(parameter, Parameter)
+                    and parameter.name == "instance"
+                    and parameter.param_in == "path"
+                    and isinstance(parameter.schema, Schema)
+                ):
+                    parameter.schema.enum = list(instance_names(settings))
 
 
 def _document_responses(app: Litestar) -> None:

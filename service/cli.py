@@ -30,6 +30,8 @@ from service.images.storage import open_store
 from service.images.sweep import SweepReport, default_grace_seconds, sweep
 from service.observability import configure_logging
 from service.process import running
+from service.providerkeys.keyring import Keyring, generate_key
+from service.providerkeys.service import ProviderKeys, RotationReport
 from service.settings import Settings, SettingsError
 from service.tenants.service import create_tenant as create
 from service.tenants.service import grant_credits as grant
@@ -209,6 +211,30 @@ def gc(args: argparse.Namespace) -> None:
     print("\n".join(asyncio.run(run()).lines()))
 
 
+def rotate_keys(_: argparse.Namespace) -> None:
+    settings = _settings()
+    if not settings.encryption_keys:
+        print("imagegen: configuration error: ENCRYPTION_KEYS: set it to rotate under its first key", file=sys.stderr)
+        raise SystemExit(2)
+    _migrate(settings)
+
+    async def run() -> RotationReport:
+        db = Database(settings.database_url)
+        try:
+            return await ProviderKeys(settings=settings, db=db, keyring=Keyring(settings.encryption_keys)).rotate()
+        finally:
+            await db.dispose()
+
+    report = asyncio.run(run())
+    print("\n".join(report.lines()))
+    if report.unreadable:
+        raise SystemExit(1)
+
+
+def new_encryption_key(_: argparse.Namespace) -> None:
+    print(generate_key())
+
+
 def openapi(args: argparse.Namespace) -> None:
     # Generated from the defaults, never from the caller's environment, so the document is the same everywhere.
     app = create_app(Settings.from_mapping({}))
@@ -317,6 +343,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("amount", type=int)
     p.add_argument("--reason", default="granted from the command line")
     p.set_defaults(func=grant_credits)
+
+    keys = commands.add_parser("keys", help="the keys that encrypt tenants' provider keys").add_subparsers(
+        dest="action", required=True
+    )
+    p = keys.add_parser(
+        "rotate",
+        help="re-encrypt every stored provider key under the first key of ENCRYPTION_KEYS; exits 1 when some key "
+        "cannot be read with the listed keys",
+    )
+    p.set_defaults(func=rotate_keys)
+    keys.add_parser("generate", help="print a new random key for ENCRYPTION_KEYS").set_defaults(func=new_encryption_key)
 
     p = commands.add_parser("audit", help="check the ledger's invariants; exits 1 on any lost or doubled credit")
     p.add_argument("--expect-finished", action="store_true", help="also fail while any task is queued or running")

@@ -203,7 +203,7 @@ _DESCRIPTIONS = {
     422: "A field is invalid (`field` names it)",
     429: "Rate limited (`Retry-After` says when to retry)",
     502: "The upstream image service failed",
-    503: "Not ready, or the upstream is not configured",
+    503: "Not ready, or a part this needs is not configured (the upstream, ENCRYPTION_KEYS)",
 }
 
 

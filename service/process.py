@@ -16,6 +16,8 @@ from service.images.decoder import ImageDecoder
 from service.images.storage import open_store
 from service.prompts.chat import open_prompt_model
 from service.prompts.service import Enhancer
+from service.providerkeys.keyring import Keyring
+from service.providerkeys.service import ProviderKeys
 from service.ratelimit import rate_limiter
 from service.runtime import Runtime
 from service.settings import Settings
@@ -39,6 +41,7 @@ async def running(settings: Settings, *, workers: bool) -> AsyncIterator[Runtime
         upstreams = await stack.enter_async_context(open_upstreams(settings))
         tokens = TokenSigner(await shared_secret(db, settings.end_user_token_secret))
         keys = KeyCache(db)
+        provider_keys = ProviderKeys(settings=settings, db=db, keyring=Keyring(settings.encryption_keys))
         await stack.enter_async_context(keys.following())
         base_url, api_key = settings.upstream_base_url, settings.upstream_api_key
         if base_url is None or api_key is None:
@@ -62,6 +65,7 @@ async def running(settings: Settings, *, workers: bool) -> AsyncIterator[Runtime
                 decoder=decoder,
                 enhancer=enhancer,
                 watchers=watchers,
+                provider_keys=provider_keys,
                 kinds={CANVAS_STEP: canvas_steps},
             )
             await pool.start()
@@ -74,6 +78,7 @@ async def running(settings: Settings, *, workers: bool) -> AsyncIterator[Runtime
             enhancer=enhancer,
             watchers=watchers,
             workers=pool,
+            provider_keys=provider_keys,
         )
         canvases = CanvasService(
             settings=settings,
@@ -94,4 +99,5 @@ async def running(settings: Settings, *, workers: bool) -> AsyncIterator[Runtime
             enhancer=enhancer,
             tasks=tasks,
             canvases=canvases,
+            provider_keys=provider_keys,
         )

@@ -9,6 +9,7 @@ from service.canvases.service import CanvasService
 from service.db.engine import Database
 from service.images.storage import BlobStore
 from service.prompts.service import Enhancer
+from service.providerkeys.service import ProviderKeys
 from service.ratelimit import RateLimiter
 from service.settings import Settings
 from service.tasks.service import TaskService
@@ -29,3 +30,4 @@ class Runtime:
     enhancer: Enhancer
     tasks: TaskService
     canvases: CanvasService
+    provider_keys: ProviderKeys

@@ -6,6 +6,8 @@ A bad value raises `SettingsError` naming the variable; the CLI prints it as one
 
 from __future__ import annotations
 
+import base64
+import binascii
 import os
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
@@ -104,6 +106,9 @@ class Settings:
 
     max_canvas_pixels: int = 16_000_000
     max_canvas_steps: int = 200
+
+    # The keys that encrypt tenants' provider keys at rest, newest first (see service/providerkeys/keyring.py).
+    encryption_keys: tuple[bytes, ...] = field(default=(), repr=False)
 
     @property
     def is_offline(self) -> bool:
@@ -230,6 +235,7 @@ class Settings:
             reference_retention_hours=read.number("REFERENCE_RETENTION_HOURS", 168.0, minimum=0.0),
             max_canvas_pixels=read.integer("MAX_CANVAS_PIXELS", 16_000_000, minimum=4096),
             max_canvas_steps=read.integer("MAX_CANVAS_STEPS", 200, minimum=1),
+            encryption_keys=read.encryption_keys("ENCRYPTION_KEYS"),
         )
         _check_urls(settings)
         if settings.end_user_token_secret is not None and len(settings.end_user_token_secret) < 32:
@@ -324,6 +330,12 @@ class _Reader:
             raise SettingsError(f"{name}: expected a number of at least {minimum}, got {value}")
         return value
 
+    def encryption_keys(self, name: str) -> tuple[bytes, ...]:
+        keys = tuple(_encryption_key(name, i, item) for i, item in enumerate(self.csv(name), start=1))
+        if len(set(keys)) != len(keys):
+            raise SettingsError(f"{name}: the same key is listed twice")
+        return keys
+
     def prices(self, name: str, default: str) -> dict[str, int]:
         raw = self._raw(name) or default
         prices: dict[str, int] = {}
@@ -337,6 +349,25 @@ class _Reader:
         if missing:
             raise SettingsError(f"{name}: no price for {', '.join(missing)}")
         return prices
+
+
+ENCRYPTION_KEY_BYTES = 32
+
+
+def _encryption_key(name: str, position: int, item: str) -> bytes:
+    """One key of the list: 32 bytes in base64 (standard or URL-safe alphabet, padding optional). The error names
+    the key by its position only, never by its value."""
+    text = item.strip().replace("-", "+").replace("_", "/")
+    try:
+        key = base64.b64decode(text + "=" * (-len(text) % 4), validate=True)
+    except (binascii.Error, ValueError):
+        key = b""
+    if len(key) != ENCRYPTION_KEY_BYTES:
+        raise SettingsError(
+            f"{name}: key {position} is not {ENCRYPTION_KEY_BYTES} bytes in base64 "
+            "(make one with `imagegen keys generate`)"
+        )
+    return key
 
 
 def read_dotenv(path: Path) -> dict[str, str]:

@@ -130,6 +130,14 @@ class FakeUpstreamProcess:
         """The recent images the upstream served whole: prompt, index, via (url or b64_json), bytes and sha256."""
         return list(self.control.get("/_offline/served").json()["items"])
 
+    def accept_keys(self, *keys: str) -> None:
+        """Accept these keys besides the upstream's own (tenants' provider keys); any other is refused with 401."""
+        self.control.put("/_offline/keys", json={"accepted": list(keys)}).raise_for_status()
+
+    def bearers(self) -> list[dict[str, Any]]:
+        """The recent requests to the upstream's own routes: method, path and the bearer key each came with."""
+        return list(self.control.get("/_offline/bearers").json()["items"])
+
     def stats(self) -> dict[str, int]:
         return dict(self.control.get("/_offline/stats").json()["requests"])
 

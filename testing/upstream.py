@@ -7,8 +7,12 @@ what only they need, through its hooks.
 - Knobs under `PUT /_offline/settings`: latency, token delay, files served in pieces with pauses, big noise images, the
   shape of finished answers.
 - Recorders: requests by route (`/_offline/stats`), the image requests received (`/_offline/received`, with the
-  sha256, byte count and pixel size of each image and of the mask), the images served with their sha256
-  (`/_offline/served`), the chat requests (`/_offline/chat-requests`).
+  sha256, byte count and pixel size of each image and of the mask, and the bearer key they came with), the images
+  served with their sha256 (`/_offline/served`), the chat requests (`/_offline/chat-requests`), and the bearer key of
+  every request to the upstream's own routes (`/_offline/bearers`).
+- Tenants' keys: `PUT /_offline/keys {"accepted": [...]}` lists keys accepted besides the upstream's own (a tenant's
+  own provider keys); any other key is refused with 401, as a real upstream refuses a wrong key. The control routes
+  take the upstream's own key only.
 - A bench mode (`--bench`) that answers the OpenAI Images API with a precomputed body and streams chat answers stamped
   with the upstream's clock, computing nothing per request, so that it is never what a benchmark measures.
 
@@ -24,6 +28,7 @@ import base64
 import contextlib
 import functools
 import hashlib
+import hmac
 import io
 import os
 import random
@@ -372,6 +377,8 @@ class FakeUpstream(OfflineUpstream):
         self.received: deque[dict[str, Any]] = deque(maxlen=RECENT)
         self.served: deque[dict[str, Any]] = deque(maxlen=RECENT)
         self.chat_requests: deque[dict[str, Any]] = deque(maxlen=RECENT)
+        self.bearers: deque[dict[str, Any]] = deque(maxlen=RECENT)
+        self.accepted_keys: frozenset[str] = frozenset()
         if bench:
             self._bench_image = _bench_answer(noise_png(BENCH_IMAGE_BYTES))
             self._bench_large_image = _bench_answer(noise_png(BENCH_LARGE_IMAGE_BYTES))
@@ -399,6 +406,8 @@ class FakeUpstream(OfflineUpstream):
             web.get("/_offline/received", self._get_received),
             web.get("/_offline/served", self._get_served),
             web.get("/_offline/chat-requests", self._get_chat_requests),
+            web.put("/_offline/keys", self._put_keys),
+            web.get("/_offline/bearers", self._get_bearers),
         ]
 
     # The product's hooks
@@ -505,6 +514,7 @@ class FakeUpstream(OfflineUpstream):
             "images": len(order.source_images),
             "image_files": [_file_note(image) for image in order.source_images],
             "mask": None if order.mask is None else _file_note(order.mask),
+            "bearer": _bearer_of(request),
         }
         self.received.append(note)
         if self.journal is not None:
@@ -532,6 +542,19 @@ class FakeUpstream(OfflineUpstream):
             if self.faults.fires(fault, [prompt]):
                 return _refusal_response(fault, task_api=task_api)
         return None
+
+    @web.middleware
+    async def _authenticate(self, request: web.Request, handler: Handler) -> web.StreamResponse:
+        """The upstream's own key everywhere; a tenant's key listed under `/_offline/keys` on the upstream's own
+        routes. Each request to those routes is noted with the key it came with."""
+        token = _bearer_of(request)
+        control = request.path.startswith("/_offline/")
+        if not control:
+            self.bearers.append({"method": request.method, "path": request.path, "bearer": token})
+        own = hmac.compare_digest(token.encode(), self._api_key)
+        if not own and (control or token not in self.accepted_keys):
+            return json_error(401, "Invalid API key", "invalid_request_error", "invalid_api_key")
+        return await handler(request)
 
     @web.middleware
     async def _count_requests(self, request: web.Request, handler: Handler) -> web.StreamResponse:
@@ -581,6 +604,18 @@ class FakeUpstream(OfflineUpstream):
         """The latest chat completion requests received, oldest first."""
         return web.json_response({"requests": list(self.chat_requests)})
 
+    async def _put_keys(self, request: web.Request) -> web.StreamResponse:
+        body = await json_object(request)
+        accepted = body.get("accepted")
+        if set(body) != {"accepted"} or not isinstance(accepted, list) or not all(isinstance(k, str) for k in accepted):
+            raise BadRequest('Send {"accepted": [keys]}')
+        self.accepted_keys = frozenset(accepted)
+        return web.json_response({"accepted": len(self.accepted_keys)})
+
+    async def _get_bearers(self, request: web.Request) -> web.StreamResponse:
+        """The latest requests to the upstream's own routes, oldest first: method, path and bearer key."""
+        return web.json_response({"items": list(self.bearers)})
+
     # Bench mode
 
     async def _bench_images(self, request: web.Request) -> web.StreamResponse:
@@ -600,6 +635,11 @@ class FakeUpstream(OfflineUpstream):
         await response.write(STREAM_END)
         await response.write_eof()
         return response
+
+
+def _bearer_of(request: web.Request) -> str:
+    scheme, _, token = request.headers.get("Authorization", "").partition(" ")
+    return token.strip() if scheme.lower() == "bearer" else ""
 
 
 def _bench_token(content: str) -> bytes:

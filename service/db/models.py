@@ -116,6 +116,8 @@ class Tenant(Base):
     # What each of the tenant's end users may spend: a daily grant at check-in, up to a cap.
     daily_grant: Mapped[int] = mapped_column(BigInteger, default=10, server_default="10")
     balance_cap: Mapped[int] = mapped_column(BigInteger, default=100, server_default="100")
+    # What a task run with the tenant's own provider key costs per image, whatever its quality.
+    byok_price_per_image: Mapped[int] = mapped_column(BigInteger, default=0, server_default="0")
     created_at: Mapped[datetime] = mapped_column(UTCDateTime())
     updated_at: Mapped[datetime] = mapped_column(UTCDateTime())
 
@@ -213,6 +215,9 @@ class Task(Base):
     # accepted the job: an accepted job stays with its instance on every later attempt (no second upstream charge).
     upstream_instance: Mapped[str | None] = mapped_column(String(64), nullable=True)
     upstream_accepted: Mapped[bool] = mapped_column(Boolean, default=False, server_default=false())
+    # The upstream instance whose provider key of the tenant runs this task (priced at the tenant's BYOK price);
+    # null when the operator's key runs it.
+    byok_instance: Mapped[str | None] = mapped_column(String(64), nullable=True)
     attempts: Mapped[int] = mapped_column(Integer, default=0)
     retries: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
     lease_owner: Mapped[str | None] = mapped_column(String(64), nullable=True)
@@ -224,6 +229,23 @@ class Task(Base):
     finished_at: Mapped[datetime | None] = mapped_column(UTCDateTime(), nullable=True)
     # When the storage sweep deleted the reference images (and mask) of this finished task; their records stay.
     references_deleted_at: Mapped[datetime | None] = mapped_column(UTCDateTime(), nullable=True)
+
+
+class ProviderKey(Base):
+    """A tenant's own key for one upstream instance, sealed by the keyring (service/providerkeys/keyring.py). A
+    deleted key keeps its row, revoked, with its ciphertext wiped."""
+
+    __tablename__ = "provider_keys"
+
+    tenant_id: Mapped[str] = mapped_column(ForeignKey("tenants.id"), primary_key=True)
+    instance: Mapped[str] = mapped_column(String(64), primary_key=True)
+    ciphertext: Mapped[str | None] = mapped_column(Text, nullable=True)
+    key_id: Mapped[str | None] = mapped_column(String(16), nullable=True)
+    hint: Mapped[str] = mapped_column(String(32))
+    fingerprint: Mapped[str] = mapped_column(String(12))
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime())
+    updated_at: Mapped[datetime] = mapped_column(UTCDateTime())
+    revoked_at: Mapped[datetime | None] = mapped_column(UTCDateTime(), nullable=True)
 
 
 class LedgerEntry(Base):
@@ -363,3 +385,4 @@ END_USERS = cast(Table, EndUser.__table__)
 TENANT_ORIGINS = cast(Table, TenantOrigin.__table__)
 CANVASES = cast(Table, Canvas.__table__)
 CANVAS_STEPS = cast(Table, CanvasStep.__table__)
+PROVIDER_KEYS = cast(Table, ProviderKey.__table__)

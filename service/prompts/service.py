@@ -177,10 +177,13 @@ class ChunkWriter:
 
 
 def checked_prompt(prompt: str, max_chars: int) -> str:
-    """The prompt without surrounding blanks; 422 when that leaves nothing or more than `max_chars` characters."""
+    """The prompt without surrounding blanks; 422 when that leaves nothing or more than `max_chars` characters, or
+    when it holds a NUL character, which no upstream takes and PostgreSQL cannot store in text."""
     prompt = prompt.strip()
     if not prompt:
         raise InvalidInput("prompt must not be empty", code="empty_prompt", field="prompt")
+    if "\x00" in prompt:
+        raise InvalidInput("prompt must not contain NUL characters", code="invalid_prompt", field="prompt")
     if len(prompt) > max_chars:
         raise InvalidInput(f"prompt is longer than {max_chars} characters", code="prompt_too_long", field="prompt")
     return prompt

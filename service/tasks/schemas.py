@@ -110,7 +110,9 @@ class TaskOut(msgspec.Struct):
     """An image task as it stands. `prompt` is what the client sent; `final_prompt` what went to the upstream (after
     enhancement and style); `revised_prompt` the upstream's own revision. `remaining_credits` is set only on the
     submit response. `upstream` names the upstream instance of the task's latest attempt: the one that produced
-    its images once it completed (null before any attempt)."""
+    its images once it completed (null before any attempt). `byok_instance` names the upstream instance whose
+    provider key of the tenant runs the task, at the tenant's BYOK price; it is null when the service's own key runs
+    it."""
 
     id: str
     status: TaskStatus
@@ -136,6 +138,7 @@ class TaskOut(msgspec.Struct):
     updated_at: datetime
     started_at: datetime | None
     finished_at: datetime | None
+    byok_instance: str | None = None
 
 
 class TaskPage(msgspec.Struct):
@@ -189,4 +192,5 @@ def task_view(task: Any, remaining_credits: int | None = None) -> TaskOut:
         updated_at=task.updated_at,
         started_at=task.started_at,
         finished_at=task.finished_at,
+        byok_instance=task.byok_instance,
     )

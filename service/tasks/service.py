@@ -25,6 +25,7 @@ from service.images.processing import EXTENSIONS, PreparedImage, normalize_refer
 from service.images.sizes import InvalidSize, normalize_size
 from service.images.storage import BlobStore
 from service.prompts.service import Enhancer, EnhanceRequest, checked_prompt
+from service.providerkeys.service import ByokTerms, ProviderKeys
 from service.settings import Settings
 from service.tasks import repository
 from service.tasks.finished import FinishedTasks
@@ -46,6 +47,13 @@ class Submission:
 
 def _uploads(submission: Submission) -> list[Upload]:
     return [*submission.references, *([submission.mask] if submission.mask else [])]
+
+
+def _cost(settings: Settings, request: GenerateRequest, byok: ByokTerms | None, enhance_cost: int) -> int:
+    """What the task costs: its images at the tenant's BYOK price when its own key runs it, else at the price list,
+    and the enhancement."""
+    images = byok.price_per_image * request.n if byok else task_cost(settings, request.quality, request.n)
+    return images + enhance_cost
 
 
 def request_hash(submission: Submission, prompt: str, model: str) -> str:
@@ -72,8 +80,10 @@ class TaskService:
         enhancer: Enhancer,
         watchers: TaskWatchers,
         workers: WorkerPool | None,
+        provider_keys: ProviderKeys,
     ) -> None:
         self.settings = settings
+        self.provider_keys = provider_keys
         self.db = db
         self.store = store
         self.decoder = decoder
@@ -159,8 +169,12 @@ class TaskService:
                 return replay
 
         enhance_cost = settings.enhance_cost if request.enhance else 0
-        cost = task_cost(settings, request.quality, request.n) + enhance_cost
-        references, mask = await self._prepare_uploads(caller, submission, cost)
+        byok: ByokTerms | None = None
+        if submission.references:
+            # Decoding is spent only on a caller who can pay, so the price must be known before it.
+            async with self.db.snapshot() as tx:
+                byok = await self.provider_keys.terms(tx, caller.tenant_id, model)
+        references, mask = await self._prepare_uploads(caller, submission, _cost(settings, request, byok, enhance_cost))
 
         task_id = new_id()
         stored = await self._store_inputs(task_id, references, mask)
@@ -179,7 +193,6 @@ class TaskService:
             "n": request.n,
             "enhance": request.enhance,
             "style": request.style,
-            "cost": cost,
             "enhance_cost": enhance_cost,
             "references": stored[: len(references)],
             "mask": stored[-1] if mask is not None else None,
@@ -193,6 +206,11 @@ class TaskService:
         alone = caller.end_user is None and idempotency_key is None
         try:
             async with self.db.statement() if alone else self.db.transaction() as tx:
+                if not submission.references:
+                    # Read in the unit of work that pays: one statement more, not one more transaction.
+                    byok = await self.provider_keys.terms(tx, caller.tenant_id, model)
+                values["cost"] = _cost(settings, request, byok, enhance_cost)
+                values["byok_instance"] = byok.instance if byok else None
                 task, balance_after = await repository.insert_paid(tx, values, reason=f"task {task_id}")
                 submitted = task_view(task, balance_after)
                 if idempotency_key is not None:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import logging
 import os
 import random
@@ -32,10 +33,18 @@ from service.images.sizes import expected_aspect
 from service.images.storage import BlobStore
 from service.prompts.service import Enhancer, EnhanceRequest, style_suffix
 from service.prompts.styles import STYLES
+from service.providerkeys.service import ProviderKeys, ProviderKeyUnavailable
 from service.settings import Settings
 from service.tasks import repository
 from service.tasks.watchers import TaskWatchers
-from service.upstream.base import GenerationRequest, GenerationResult, ImageInput, UpstreamError, caller_text
+from service.upstream.base import (
+    GenerationRequest,
+    GenerationResult,
+    ImageInput,
+    UpstreamError,
+    caller_text,
+    under_tenant_key,
+)
 from service.upstream.registry import Route, Upstreams
 
 log = logging.getLogger("service.worker")
@@ -96,9 +105,11 @@ class WorkerPool:
         decoder: ImageDecoder,
         enhancer: Enhancer,
         watchers: TaskWatchers,
+        provider_keys: ProviderKeys,
         kinds: dict[str, TaskKind] | None = None,
     ) -> None:
         self.settings = settings
+        self.provider_keys = provider_keys
         self.kinds = kinds or {}
         self.db = db
         self.store = store
@@ -344,6 +355,7 @@ class WorkerPool:
     async def _produce(self, task: Record) -> Outcome:
         if task.deadline_at <= utcnow():
             return self._failure(task, "deadline_exceeded", "The task ran past its deadline")
+        api_key = None
         try:
             final_prompt = await self._final_prompt(task)
             generate = self._generator(task)
@@ -352,17 +364,28 @@ class WorkerPool:
                 outcome = await kind.produce(task, final_prompt, generate)
                 outcome.final_prompt = outcome.final_prompt or final_prompt
                 return outcome
-            result = await generate(await self._request_for(task, final_prompt))
-        except UpstreamError as exc:
+            request = await self._request_for(task, final_prompt)
+            if task.byok_instance is not None:
+                api_key = await self._provider_key(task)
+                request = dataclasses.replace(request, api_key=api_key)
+            result = await generate(request)
+        except ProviderKeyUnavailable as exc:
             return self._failure(task, exc.code, exc.message)
+        except UpstreamError as exc:
+            if api_key is not None:
+                exc = under_tenant_key(exc)
+            # Upstream text that echoes a tenant's key must not carry it into the task or the log.
+            message = exc.message.replace(api_key, "[redacted]") if api_key else exc.message
+            return self._failure(task, exc.code, message)
         outcome = await self._keep_images(task, result)
         outcome.final_prompt = final_prompt
         return outcome
 
     def _generator(self, task: Record) -> Generate:
         """The upstream call of this run of `task`: each attempt routed by the registry, retried under the task's
-        deadline; a job an instance accepted (in this run or an earlier one) stays with that instance."""
-        route = Route(pinned=task.upstream_instance if task.upstream_accepted else None)
+        deadline; a job an instance accepted (in this run or an earlier one) stays with that instance, and so does a
+        task run with the tenant's own key for its instance (`byok_instance`): that key is for that instance alone."""
+        route = Route(pinned=task.byok_instance or (task.upstream_instance if task.upstream_accepted else None))
         self._routes[task.id] = route
         upstreams = self.upstreams
 
@@ -374,6 +397,13 @@ class WorkerPool:
             return await self._with_retries(task, lambda: upstreams.generate(request, route, accepted))
 
         return generate
+
+    async def _provider_key(self, task: Record) -> str:
+        """The tenant's own key for the task's instance, decrypted now, just before the upstream call: a key revoked
+        since the submission fails the task (refunded) instead of running it on the operator's key."""
+        async with self.db.snapshot() as tx:
+            sealed = await self.provider_keys.key_for(tx, task.tenant_id, task.byok_instance)
+        return self.provider_keys.open(sealed, tenant_id=task.tenant_id, instance=task.byok_instance)
 
     async def _final_prompt(self, task: Record) -> str:
         """The prompt sent upstream: enhanced first when the task asks for it, else shaped by its style."""

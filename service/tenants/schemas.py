@@ -26,6 +26,7 @@ class TenantOut(msgspec.Struct):
     daily_grant: int
     balance_cap: int
     cors_origins: list[str]
+    byok_price_per_image: int
     created_at: datetime
 
 
@@ -67,6 +68,14 @@ DailyGrant = Annotated[
 BalanceCap = Annotated[
     int, msgspec.Meta(ge=0, le=10**12, description="The most a check-in tops an end user's allowance up to")
 ]
+ByokPrice = Annotated[
+    int,
+    msgspec.Meta(
+        ge=0,
+        le=10**6,
+        description="Credits per image, whatever its quality, of a task run with the tenant's own provider key",
+    ),
+]
 Origin = Annotated[
     str,
     msgspec.Meta(
@@ -96,6 +105,7 @@ class TenantUpdate(msgspec.Struct, forbid_unknown_fields=True):
     daily_grant: DailyGrant | None = None
     balance_cap: BalanceCap | None = None
     cors_origins: Origins | None = None
+    byok_price_per_image: ByokPrice | None = None
 
 
 class TenantPage(msgspec.Struct):
@@ -123,5 +133,6 @@ def tenant_view(tenant: Record, cors_origins: list[str]) -> TenantOut:
         daily_grant=tenant.daily_grant,
         balance_cap=tenant.balance_cap,
         cors_origins=cors_origins,
+        byok_price_per_image=tenant.byok_price_per_image,
         created_at=tenant.created_at,
     )

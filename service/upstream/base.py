@@ -5,6 +5,8 @@ UpstreamError(code, message, transient, retry_after)
   permanent: invalid request, refusal, auth, upstream task error or missing, bad output -> the task fails at once
   blocking: a permanent error that says the upstream cannot serve anyone (no quota left, our key refused); every task
     would meet it, so the process holds all work back from the upstream for a cool-down
+  under a tenant's own key (`GenerationRequest.api_key`), the same refusals say only that this tenant's key is refused
+    or out of quota: they fail that task (`provider_key_rejected`, `provider_key_quota_exhausted`) and block nothing
 
 Upstream text reaches callers only through `caller_text`, which strips what an upstream should never have shown.
 """
@@ -46,6 +48,8 @@ class GenerationRequest:
     on_accepted: Callable[[], Awaitable[None]] | None = None
     references: list[ImageInput] = field(default_factory=list)
     mask: ImageInput | None = None
+    # A tenant's own provider key, sent as the bearer instead of the instance's key; never shown or logged.
+    api_key: str | None = field(default=None, repr=False)
 
 
 @dataclass(frozen=True, slots=True)
@@ -116,6 +120,21 @@ def error_for_status(status: int, message: str, retry_after: float | None = None
     return UpstreamError(
         "upstream_rejected", f"The upstream rejected the request ({status}): {message}", transient=False
     )
+
+
+def under_tenant_key(error: UpstreamError) -> UpstreamError:
+    """An error met with a tenant's own key, as that tenant's alone: a refusal that would block the upstream for
+    everyone (the key refused, no quota) fails only this task. Its message names no upstream text, which might echo
+    the key."""
+    if not error.blocking:
+        return error
+    if error.code == "upstream_quota_exhausted":
+        return UpstreamError(
+            "provider_key_quota_exhausted",
+            "The upstream says the tenant's provider key has no quota left",
+            transient=False,
+        )
+    return UpstreamError("provider_key_rejected", "The upstream refused the tenant's provider key", transient=False)
 
 
 _TRACEBACK_START = re.compile(r"^\s*(Traceback \(most recent call last\)|File \"[^\"]*\", line \d+)", re.MULTILINE)

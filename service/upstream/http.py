@@ -21,7 +21,7 @@ import aiohttp
 import msgspec
 
 from service.metrics import upstream_call
-from service.upstream.base import GenerationResult, UpstreamError, error_for_status
+from service.upstream.base import GenerationResult, UpstreamError, error_for_status, under_tenant_key
 
 log = logging.getLogger("service.upstream")
 
@@ -41,6 +41,10 @@ class UpstreamHealth:
 
     The worker pool claims no task of a model none of whose instances is available, so queued work waits instead of
     each task meeting the same refusal (see `service.upstream.registry`).
+
+    A call made with a tenant's own key says nothing of ours: it is not counted at all (`own_key=False`, and the
+    registry leaves a tenant key's attempts out of the instance's breaker), so a tenant's refused key never opens the
+    breaker and its success never closes one.
     """
 
     def __init__(
@@ -131,7 +135,11 @@ class UpstreamHealth:
             log.warning("upstream instance %s: breaker open for %gs (%s)", self._name, seconds, self.last_error)
 
     @contextlib.contextmanager
-    def watch(self) -> Iterator[None]:
+    def watch(self, *, own_key: bool = True) -> Iterator[None]:
+        """Count one call, unless it is made with a tenant's own key."""
+        if not own_key:
+            yield
+            return
         try:
             yield
         except UpstreamError as exc:
@@ -176,12 +184,18 @@ class UpstreamHTTP:
         return f"{self.base_url}{path}"
 
     @contextlib.contextmanager
-    def _call(self, what: str) -> Iterator[None]:
+    def _call(self, what: str, api_key: str | None) -> Iterator[None]:
         """Count the call towards the upstream's health (when this client keeps one; an image instance's breaker counts
-        whole attempts instead, in the registry), and turn transport failures into transient UpstreamErrors."""
-        with self.health.watch() if self.health is not None else contextlib.nullcontext(), upstream_call():
+        whole attempts instead, in the registry), and turn transport failures into transient UpstreamErrors; under a
+        tenant's key (`api_key`), a refusal of that key is the tenant's alone (`under_tenant_key`)."""
+        watching = self.health.watch(own_key=api_key is None) if self.health is not None else contextlib.nullcontext()
+        with watching, upstream_call():
             try:
                 yield
+            except UpstreamError as exc:
+                if api_key is not None and exc.blocking:
+                    raise under_tenant_key(exc) from None
+                raise
             except TimeoutError:
                 raise UpstreamError("upstream_timeout", f"{what} timed out", transient=True) from None
             except aiohttp.ClientError as exc:
@@ -189,10 +203,13 @@ class UpstreamHTTP:
                     "upstream_unreachable", f"{what} failed ({type(exc).__name__})", transient=True
                 ) from None
 
-    async def request_json(self, method: str, path: str, **kwargs: Any) -> Any:
-        """Send a request and decode a JSON answer, raising a classified UpstreamError on any failure."""
-        with self._call("The upstream request"):
-            async with self._session.request(method, self.url(path), allow_redirects=False, **kwargs) as response:
+    async def request_json(self, method: str, path: str, *, api_key: str | None = None, **kwargs: Any) -> Any:
+        """Send a request and decode a JSON answer, raising a classified UpstreamError on any failure; with
+        `api_key`, a tenant's own key is the bearer instead of the instance's."""
+        with self._call("The upstream request", api_key):
+            async with self._session.request(
+                method, self.url(path), allow_redirects=False, headers=_bearer(api_key), **kwargs
+            ) as response:
                 if response.status >= 300:
                     raise await _error_from(response)
                 body = await response.read()
@@ -205,7 +222,7 @@ class UpstreamHTTP:
 
     async def open_stream(self, path: str, body: dict[str, Any]) -> aiohttp.ClientResponse:
         """POST and return the response once its status says the stream has begun; the caller releases it."""
-        with self._call("The upstream stream"):
+        with self._call("The upstream stream", None):
             response = await self._session.post(
                 self.url(path), json=body, allow_redirects=False, timeout=self._stream_timeout
             )
@@ -216,14 +233,17 @@ class UpstreamHTTP:
                     response.release()
             return response
 
-    async def result_from(self, items: list[Any], max_bytes: int, upstream_ids: list[str]) -> GenerationResult:
-        """Collect the images of an upstream answer's data list, and its revised prompt."""
+    async def result_from(
+        self, items: list[Any], max_bytes: int, upstream_ids: list[str], api_key: str | None = None
+    ) -> GenerationResult:
+        """Collect the images of an upstream answer's data list (downloaded with `api_key` when given), and its
+        revised prompt."""
         entries = [item for item in items if isinstance(item, dict)]
-        images = [await self.image_from(item, max_bytes) for item in entries]
+        images = [await self.image_from(item, max_bytes, api_key) for item in entries]
         revised = next((str(item["revised_prompt"]) for item in entries if item.get("revised_prompt")), None)
         return GenerationResult(images=images, revised_prompt=revised, upstream_ids=upstream_ids)
 
-    async def image_from(self, item: dict[str, Any], max_bytes: int) -> bytes:
+    async def image_from(self, item: dict[str, Any], max_bytes: int, api_key: str | None = None) -> bytes:
         """The bytes of one result image, given inline (`b64_json`) or by URL."""
         if isinstance(item.get("b64_json"), str):
             try:
@@ -233,18 +253,18 @@ class UpstreamHTTP:
                     "upstream_bad_image", "The upstream image is not valid base64", transient=False
                 ) from None
         if isinstance(item.get("url"), str):
-            return await self.fetch_image(item["url"], max_bytes)
+            return await self.fetch_image(item["url"], max_bytes, api_key)
         raise UpstreamError("upstream_bad_response", "The upstream image has neither data nor a URL", transient=False)
 
-    async def fetch_image(self, url: str, max_bytes: int) -> bytes:
+    async def fetch_image(self, url: str, max_bytes: int, api_key: str | None = None) -> bytes:
         """Download an output image, only from the upstream's origin, with no redirects and a size limit."""
         absolute = urljoin(self.base_url + "/", url)
         if origin(absolute) != self._origin:
             raise UpstreamError(
                 "upstream_image_unavailable", "The upstream pointed at an image outside its own origin", transient=False
             )
-        with self._call("The upstream image download"):
-            async with self._session.get(absolute, allow_redirects=False) as response:
+        with self._call("The upstream image download", api_key):
+            async with self._session.get(absolute, allow_redirects=False, headers=_bearer(api_key)) as response:
                 if response.status == 404 or 300 <= response.status < 400:
                     raise UpstreamError(
                         "upstream_image_unavailable",
@@ -256,6 +276,11 @@ class UpstreamHTTP:
                 if response.content_length is not None and response.content_length > max_bytes:
                     raise _too_large()
                 return await _read_whole(response, max_bytes)
+
+
+def _bearer(api_key: str | None) -> dict[str, str] | None:
+    """The header that sends a tenant's own key instead of the session's."""
+    return {"Authorization": f"Bearer {api_key}"} if api_key is not None else None
 
 
 async def _read_whole(response: aiohttp.ClientResponse, max_bytes: int) -> bytes:

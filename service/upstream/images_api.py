@@ -30,7 +30,9 @@ class ImagesUpstream:
             "quality": request.quality,
         }
         if not request.references:
-            answer = await self._http.request_json("POST", "/v1/images/generations", json=fields)
+            answer = await self._http.request_json(
+                "POST", "/v1/images/generations", json=fields, api_key=request.api_key
+            )
         else:
             form = aiohttp.FormData()
             for name, value in fields.items():
@@ -42,11 +44,11 @@ class ImagesUpstream:
                 form.add_field(
                     "mask", request.mask.data, filename=request.mask.filename, content_type=request.mask.content_type
                 )
-            answer = await self._http.request_json("POST", "/v1/images/edits", data=form)
+            answer = await self._http.request_json("POST", "/v1/images/edits", data=form, api_key=request.api_key)
         data = answer.get("data") if isinstance(answer, dict) else None
         if not isinstance(data, list):
             raise UpstreamError("upstream_bad_response", "The upstream answer has no image list", transient=True)
-        return await self._http.result_from(data, self._max_image_bytes, upstream_ids=[])
+        return await self._http.result_from(data, self._max_image_bytes, upstream_ids=[], api_key=request.api_key)
 
 
 async def open_images_upstream(opening: Opening) -> ImagesUpstream:

@@ -158,15 +158,19 @@ class Upstreams:
                 route.pinned = instance.name
                 await accepted(instance.name)
 
+        # An attempt under a tenant's own key says nothing of the instance with ours: the breaker leaves it out.
+        counted = request.api_key is None
         health = instance.health
-        health.begin()
+        if counted:
+            health.begin()
         instance.in_flight += 1
         started = time.perf_counter()
         try:
             result = await instance.adapter.generate(dataclasses.replace(request, on_accepted=on_accepted))
         except UpstreamError as exc:
             route.error = exc
-            health.record(exc)
+            if counted:
+                health.record(exc)
             INSTANCE_ATTEMPTS.labels(instance.name, exc.code).inc()
             if route.pinned is None:
                 route.tried.add(instance.name)
@@ -178,7 +182,8 @@ class Upstreams:
             instance.in_flight -= 1
             self._room.set()
         elapsed = time.perf_counter() - started
-        health.succeeded()
+        if counted:
+            health.succeeded()
         instance.latencies.append(elapsed)
         instance.succeeded.inc()
         instance.seconds.observe(elapsed)

@@ -2,7 +2,8 @@
 
 A task is submitted with our task id as `client_task_id`, so a resubmission after a crash or a retry finds the same
 upstream task instead of paying for a second one. One poller per process asks about every pending task at once
-(`GET /api/image-tasks?ids=a,b,…`) and wakes each waiter when its task ends.
+(`GET /api/image-tasks?ids=a,b,…`) and wakes each waiter when its task ends. A task submitted with a tenant's own key
+is polled, and its images downloaded, with that key, in batches of its own.
 """
 
 from __future__ import annotations
@@ -15,7 +16,13 @@ from typing import Any
 import aiohttp
 
 from service.upstream.adapters import Opening, register
-from service.upstream.base import QUOTA_MARKER, GenerationRequest, GenerationResult, UpstreamError
+from service.upstream.base import (
+    QUOTA_MARKER,
+    GenerationRequest,
+    GenerationResult,
+    UpstreamError,
+    under_tenant_key,
+)
 from service.upstream.http import UpstreamHTTP
 
 log = logging.getLogger("service.upstream.tasks")
@@ -32,6 +39,8 @@ class TasksUpstream:
         self._poll_interval = poll_interval
         self._max_image_bytes = max_image_bytes
         self._waiters: dict[str, asyncio.Future[dict[str, Any]]] = {}
+        # The tenant's own key a waiting task was submitted with, for the tasks that have one.
+        self._poll_keys: dict[str, str] = {}
         self._poller: asyncio.Task[None] | None = None
         self._wake = asyncio.Event()
 
@@ -47,12 +56,16 @@ class TasksUpstream:
         if request.on_accepted is not None:
             await request.on_accepted()
         if task.get("status") not in TERMINAL:
-            task = await self._wait(request.task_id)
+            task = await self._wait(request.task_id, request.api_key)
         if task.get("status") == "error":
-            raise _task_error(task.get("error"))
+            error = _task_error(task.get("error"))
+            raise under_tenant_key(error) if request.api_key is not None else error
         data = task.get("data")
         return await self._http.result_from(
-            data if isinstance(data, list) else [], self._max_image_bytes, upstream_ids=[str(task.get("id"))]
+            data if isinstance(data, list) else [],
+            self._max_image_bytes,
+            upstream_ids=[str(task.get("id"))],
+            api_key=request.api_key,
         )
 
     async def _submit(self, request: GenerationRequest) -> dict[str, Any]:
@@ -67,7 +80,9 @@ class TasksUpstream:
             fields["size"] = request.size
         if not request.references:
             body = {**fields, "n": request.n}
-            task = await self._http.request_json("POST", "/api/image-tasks/generations", json=body)
+            task = await self._http.request_json(
+                "POST", "/api/image-tasks/generations", json=body, api_key=request.api_key
+            )
         else:
             form = aiohttp.FormData()
             for name, value in fields.items():
@@ -80,16 +95,18 @@ class TasksUpstream:
                 form.add_field(
                     "mask", request.mask.data, filename=request.mask.filename, content_type=request.mask.content_type
                 )
-            task = await self._http.request_json("POST", "/api/image-tasks/edits", data=form)
+            task = await self._http.request_json("POST", "/api/image-tasks/edits", data=form, api_key=request.api_key)
         if not isinstance(task, dict) or not task.get("id"):
             raise UpstreamError(
                 "upstream_bad_response", "The upstream answered a submission without a task id", transient=True
             )
         return task
 
-    async def _wait(self, task_id: str) -> dict[str, Any]:
+    async def _wait(self, task_id: str, api_key: str | None) -> dict[str, Any]:
         future: asyncio.Future[dict[str, Any]] = asyncio.get_running_loop().create_future()
         self._waiters[task_id] = future
+        if api_key is not None:
+            self._poll_keys[task_id] = api_key
         if self._poller is None or self._poller.done():
             self._poller = asyncio.create_task(self._poll_forever(), name="upstream-task-poller")
         self._wake.set()
@@ -98,6 +115,7 @@ class TasksUpstream:
         finally:
             if self._waiters.get(task_id) is future:
                 del self._waiters[task_id]
+                self._poll_keys.pop(task_id, None)
 
     async def _poll_forever(self) -> None:
         while True:
@@ -105,21 +123,30 @@ class TasksUpstream:
                 self._wake.clear()
                 await self._wake.wait()
             await asyncio.sleep(self._poll_interval)
-            pending = [task_id for task_id, future in self._waiters.items() if not future.done()]
-            for start in range(0, len(pending), POLL_BATCH):
-                try:
-                    await self._poll_batch(pending[start : start + POLL_BATCH])
-                except Exception:
-                    log.exception("polling the upstream failed")
-                    for task_id in pending[start : start + POLL_BATCH]:
-                        self._settle(
-                            task_id,
-                            error=UpstreamError("upstream_bad_response", "Polling the upstream failed", transient=True),
-                        )
+            by_key: dict[str | None, list[str]] = {}
+            for task_id, future in self._waiters.items():
+                if not future.done():
+                    by_key.setdefault(self._poll_keys.get(task_id), []).append(task_id)
+            for api_key, pending in by_key.items():
+                for start in range(0, len(pending), POLL_BATCH):
+                    batch = pending[start : start + POLL_BATCH]
+                    try:
+                        await self._poll_batch(batch, api_key)
+                    except Exception:
+                        log.exception("polling the upstream failed")
+                        for task_id in batch:
+                            self._settle(
+                                task_id,
+                                error=UpstreamError(
+                                    "upstream_bad_response", "Polling the upstream failed", transient=True
+                                ),
+                            )
 
-    async def _poll_batch(self, ids: list[str]) -> None:
+    async def _poll_batch(self, ids: list[str], api_key: str | None) -> None:
         try:
-            page = await self._http.request_json("GET", "/api/image-tasks", params={"ids": ",".join(ids)})
+            page = await self._http.request_json(
+                "GET", "/api/image-tasks", params={"ids": ",".join(ids)}, api_key=api_key
+            )
             if not isinstance(page, dict):
                 raise UpstreamError("upstream_bad_response", "The upstream task list is not an object", transient=True)
         except UpstreamError as exc:
@@ -139,6 +166,7 @@ class TasksUpstream:
 
     def _settle(self, task_id: str, *, task: dict[str, Any] | None = None, error: UpstreamError | None = None) -> None:
         future = self._waiters.pop(task_id, None)
+        self._poll_keys.pop(task_id, None)
         if future is None or future.done():
             return
         if error is not None:

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import httpx
 
+from service.providerkeys.keyring import generate_key
 from tests.conftest import ADMIN_KEY, Service, Upstream, service_env
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -17,7 +18,8 @@ CONFIG = Path(__file__).resolve().parent / "schemathesis" / "schemathesis.toml"
 
 def test_schemathesis_finds_nothing(upstream: Upstream, tmp_path: Path) -> None:
     limits = {"RATE_LIMIT_PER_MINUTE": "1000000", "PROMPT_ENHANCE_RATE_PER_MINUTE": "1000000"}
-    service = Service(tmp_path / "service", service_env(upstream, **limits))
+    # With a keyring, so that storing a provider key is exercised, not refused.
+    service = Service(tmp_path / "service", service_env(upstream, **limits, ENCRYPTION_KEYS=generate_key()))
     try:
         _, tenant_key = service.create_tenant(credits=10_000_000, name="schemathesis")
         minted = httpx.post(

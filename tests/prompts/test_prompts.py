@@ -304,6 +304,13 @@ def test_only_configured_prompt_models_are_accepted(bounded: Service, upstream: 
     ):
         assert response.status_code == 422 and response.json()["code"] == "prompt_too_long", response.text
     assert received(upstream, too_long) == []
+    with_nul = "a fox\x00in the snow"
+    for response in (
+        tenant.client.post(ENHANCE, json={"prompt": with_nul}),
+        tenant.generate(with_nul),
+        tenant.client.post("/api/canvases", json={"prompt": with_nul}),
+    ):
+        assert response.status_code == 422 and response.json()["code"] == "invalid_prompt", response.text
     assert tenant.balance() == 20 - BOUNDED_COST
 
 

@@ -25,10 +25,12 @@ def test_tenant_lifecycle(service: Service) -> None:
             "daily_grant",
             "balance_cap",
             "cors_origins",
+            "byok_price_per_image",
             "created_at",
         }
         assert (tenant["name"], tenant["status"], tenant["balance"]) == ("Globex", "active", 25)
         assert (tenant["daily_grant"], tenant["balance_cap"], tenant["cors_origins"]) == (10, 100, [])
+        assert tenant["byok_price_per_image"] == 0
         assert body["api_key"].startswith("igk_")
 
         assert admin.get(f"/api/admin/tenants/{tenant['id']}").json() == tenant
@@ -50,6 +52,8 @@ def test_tenant_lifecycle(service: Service) -> None:
         assert admin.post("/api/admin/tenants", json={"name": ""}).status_code in (400, 422)
         assert admin.post("/api/admin/tenants", json={"name": "x", "credits": -1}).status_code in (400, 422)
         assert admin.post("/api/admin/tenants", json={"name": "x", "extra": 1}).status_code in (400, 422)
+        negative = admin.patch(f"/api/admin/tenants/{tenant['id']}", json={"byok_price_per_image": -1})
+        assert negative.status_code == 422 and negative.json()["field"] == "byok_price_per_image"
 
 
 def test_keys_are_issued_and_revoked_at_once(service: Service) -> None:

@@ -554,6 +554,7 @@ def test_received_lists_what_image_requests_asked_for(client: httpx.Client) -> N
             "images": 0,
             "image_files": [],
             "mask": None,
+            "bearer": API_KEY,
         },
         {
             "path": "/v1/images/edits",
@@ -565,7 +566,27 @@ def test_received_lists_what_image_requests_asked_for(client: httpx.Client) -> N
             "images": 2,
             "image_files": [source_note, source_note],
             "mask": None,
+            "bearer": API_KEY,
         },
+    ]
+
+
+def test_listed_tenant_keys_reach_the_upstream_routes_only_and_every_bearer_is_noted(
+    client: httpx.Client, base_url: str
+) -> None:
+    tenant_key, unlisted = "sk-tenant-listed-0001", "sk-tenant-unlisted-02"
+    assert client.put("/_offline/keys", json={"accepted": [tenant_key]}).json() == {"accepted": 1}
+    assert client.put("/_offline/keys", json={"accepted": "one"}).status_code == 400
+
+    def as_(key: str, method: str, path: str) -> httpx.Response:
+        return httpx.request(method, base_url + path, headers={"Authorization": f"Bearer {key}"}, json={})
+
+    assert as_(tenant_key, "GET", "/v1/models").status_code == 200
+    assert as_(unlisted, "GET", "/v1/models").status_code == 401
+    assert as_(tenant_key, "GET", "/_offline/faults").status_code == 401
+    assert client.get("/_offline/bearers").json()["items"] == [
+        {"method": "GET", "path": "/v1/models", "bearer": tenant_key},
+        {"method": "GET", "path": "/v1/models", "bearer": unlisted},
     ]
 
 
