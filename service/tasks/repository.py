@@ -315,6 +315,7 @@ _FINISH_RUN = (
         retries=_t.retries + bindparam("retried", type_=Integer()),
         upstream_ids=_typed("upstream_ids"),
         upstream_instance=_typed("upstream_instance"),
+        upstream_attempts=_typed("upstream_attempts"),
         error_code=_typed("error_code"),
         error_message=_typed("error_message"),
         **_ENDED,
@@ -343,6 +344,7 @@ async def finish_run(
     retried: int,
     upstream_ids: list[str],
     upstream_instance: str | None,
+    upstream_attempts: list[dict[str, Any]],
     error_code: str | None,
     error_message: str | None,
 ) -> Record | None:
@@ -361,6 +363,7 @@ async def finish_run(
         "retried": retried,
         "upstream_ids": upstream_ids,
         "upstream_instance": upstream_instance,
+        "upstream_attempts": upstream_attempts,
         "error_code": error_code,
         "error_message": error_message,
     }
@@ -370,14 +373,22 @@ async def finish_run(
 _ACCEPTED = (
     update(TASKS)
     .where(_t.id == _TASK_ID, _t.status == "running", _t.lease_owner == bindparam("owner", type_=String()))
-    .values(upstream_instance=_typed("upstream_instance"), upstream_accepted=True)
+    .values(
+        upstream_instance=_typed("upstream_instance"),
+        upstream_accepted=True,
+        upstream_attempts=_typed("upstream_attempts"),
+    )
 )
 
 
-async def mark_accepted(tx: Transaction, task_id: str, *, owner: str, instance: str) -> None:
+async def mark_accepted(
+    tx: Transaction, task_id: str, *, owner: str, instance: str, attempts: list[dict[str, Any]]
+) -> None:
     """Record that `instance` accepted the task's job, while this worker still holds the task: every later attempt,
-    after a crash too, goes to that instance."""
-    await tx.execute(_ACCEPTED, {"task_id": task_id, "owner": owner, "upstream_instance": instance})
+    after a crash too, goes to that instance. `attempts` are the task's ended attempts so far, kept with it."""
+    await tx.execute(
+        _ACCEPTED, {"task_id": task_id, "owner": owner, "upstream_instance": instance, "upstream_attempts": attempts}
+    )
 
 
 async def cancel(tx: Transaction, task: Record, *, now: datetime) -> Record | None:

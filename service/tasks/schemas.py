@@ -106,13 +106,23 @@ class TaskError(msgspec.Struct):
     message: str
 
 
+class UpstreamAttempt(msgspec.Struct):
+    """One ended upstream attempt of a task: the instance it went to, and the error code it ended with (null for
+    the attempt that produced the result)."""
+
+    instance: str
+    error: str | None
+
+
 class TaskOut(msgspec.Struct):
     """An image task as it stands. `prompt` is what the client sent; `final_prompt` what went to the upstream (after
     enhancement and style); `revised_prompt` the upstream's own revision. `remaining_credits` is set only on the
     submit response. `upstream` names the upstream instance of the task's latest attempt: the one that produced
     its images once it completed (null before any attempt). `byok_instance` names the upstream instance whose
     provider key of the tenant runs the task, at the tenant's BYOK price; it is null when the service's own key runs
-    it."""
+    it. `upstream_attempts` lists the task's ended upstream attempts, oldest first, retries and failovers included:
+    an attempt whose worker was lost after the instance accepted the job ended with `worker_lost`; the attempts of a
+    run lost before any instance accepted its job are not known."""
 
     id: str
     status: TaskStatus
@@ -139,6 +149,7 @@ class TaskOut(msgspec.Struct):
     started_at: datetime | None
     finished_at: datetime | None
     byok_instance: str | None = None
+    upstream_attempts: list[UpstreamAttempt] = msgspec.field(default_factory=list)
 
 
 class TaskPage(msgspec.Struct):
@@ -193,4 +204,5 @@ def task_view(task: Any, remaining_credits: int | None = None) -> TaskOut:
         started_at=task.started_at,
         finished_at=task.finished_at,
         byok_instance=task.byok_instance,
+        upstream_attempts=[UpstreamAttempt(instance=a["instance"], error=a["error"]) for a in task.upstream_attempts],
     )
