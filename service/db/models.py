@@ -222,6 +222,9 @@ class Task(Base):
     # null when the operator's key runs it.
     byok_instance: Mapped[str | None] = mapped_column(String(64), nullable=True)
     attempts: Mapped[int] = mapped_column(Integer, default=0)
+    # One more at each change of status (claimed, handed back, ended): the id of the task's events
+    # (docs/architecture.md §4).
+    revision: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
     retries: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
     lease_owner: Mapped[str | None] = mapped_column(String(64), nullable=True)
     lease_expires_at: Mapped[datetime | None] = mapped_column(UTCDateTime(), nullable=True)

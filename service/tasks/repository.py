@@ -241,6 +241,7 @@ def _claim(skip_models: frozenset[str]) -> Any:
             lease_owner=bindparam("owner", type_=String()),
             lease_expires_at=bindparam("lease_until", type_=UTCDateTime()),
             attempts=_t.attempts + 1,
+            revision=_t.revision + 1,
             started_at=func.coalesce(_t.started_at, _NOW),
             updated_at=_NOW,
         )
@@ -292,7 +293,14 @@ async def release_leases(tx: Transaction, *, owner: str, task_ids: list[str], no
         await tx.execute(
             update(TASKS)
             .where(_t.id.in_(task_ids), _t.lease_owner == owner, _t.status == "running")
-            .values(status="queued", lease_owner=None, lease_expires_at=None, attempts=_t.attempts - 1, updated_at=now)
+            .values(
+                status="queued",
+                lease_owner=None,
+                lease_expires_at=None,
+                attempts=_t.attempts - 1,
+                revision=_t.revision + 1,
+                updated_at=now,
+            )
         )
 
 
@@ -302,7 +310,13 @@ def _typed(name: str) -> Any:
 
 
 _TASK_ID = bindparam("task_id", type_=String())
-_ENDED = {"finished_at": _NOW, "updated_at": _NOW, "lease_owner": None, "lease_expires_at": None}
+_ENDED = {
+    "finished_at": _NOW,
+    "updated_at": _NOW,
+    "lease_owner": None,
+    "lease_expires_at": None,
+    "revision": _t.revision + 1,
+}
 _FINISH_RUN = (
     update(TASKS)
     .where(_t.id == _TASK_ID, _t.status == "running", _t.lease_owner == bindparam("owner", type_=String()))
@@ -433,10 +447,7 @@ _FAIL_ABANDONED = (
     .values(
         status="failed",
         refunded=_t.cost,
-        finished_at=_NOW,
-        updated_at=_NOW,
-        lease_owner=None,
-        lease_expires_at=None,
+        **_ENDED,
         error_code="worker_lost",
         error_message="The task's worker stopped responding too many times",
     )

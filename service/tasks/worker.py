@@ -36,7 +36,7 @@ from service.prompts.styles import STYLES
 from service.providerkeys.service import ProviderKeys, ProviderKeyUnavailable
 from service.settings import Settings
 from service.tasks import repository
-from service.tasks.watchers import TaskWatchers
+from service.tasks.watchers import TaskWatchers, announce
 from service.upstream.base import (
     GenerationRequest,
     GenerationResult,
@@ -161,6 +161,7 @@ class WorkerPool:
             with contextlib.suppress(Exception):
                 async with self.db.transaction() as tx:
                     await repository.release_leases(tx, owner=self.owner, task_ids=held, now=utcnow())
+                    await announce(self.db, tx, held)
 
     async def _dispatch(self) -> None:
         while True:
@@ -217,16 +218,21 @@ class WorkerPool:
                 if task is None:
                     break
                 claimed.append(task)
+            await announce(self.db, tx, [task.id for task in claimed])
+        for task in claimed:
+            self.watchers.changed(task.id, task)
         return claimed
 
     async def _fail_abandoned(self) -> None:
         now = utcnow()
         async with self.db.transaction() as tx:
             failed = await repository.fail_abandoned(tx, now=now, max_attempts=self.settings.max_attempts)
+            await announce(self.db, tx, failed)
             if now >= self._next_purge:
                 self._next_purge = now + timedelta(seconds=PURGE_INTERVAL_SECONDS)
                 await idempotency.forget_expired(tx, now)
         for task_id in failed:
+            self.watchers.changed(task_id)
             log.warning("task %s failed: its worker was lost too often", task_id)
 
     async def _sweep_storage(self) -> None:
@@ -318,6 +324,8 @@ class WorkerPool:
                 kind = self.kinds.get(task.mode)
                 if settled is not None and kind is not None:
                     await kind.settle(tx, task, outcome)
+                if settled is not None:
+                    await announce(self.db, tx, [task.id])
         except Exception:
             log.exception("task %s: committing its outcome failed", task.id)
             await self._after_failed_commit(task, outcome)
