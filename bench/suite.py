@@ -530,6 +530,21 @@ class Suite:
             Row(f"{many} concurrent enhance streams: peak RSS", peak, "MB", "idle RSS", idle, "< 300 MB", peak < 300)
         )
 
+    def events(self) -> None:
+        """Memory of many task event streams held open at once: each on a task of its own, queued (no workers run),
+        until each has had its first event; then the tasks are cancelled and every stream must end with it."""
+        many = 50 if self.smoke else 1000
+        service = self.service("events", RUN_WORKERS="false")
+        try:
+            _, key = service.create_tenant(10**9)
+            idle = rss_mb(service.pid)
+            peak = asyncio.run(_event_streams(service.base_url, key, many, service.pid))
+        finally:
+            service.stop()
+        self.rows.append(
+            Row(f"{many} concurrent task event streams: peak RSS", peak, "MB", "idle RSS", idle, "< 300 MB", peak < 300)
+        )
+
     def normalization(self) -> None:
         photo = synthetic_photo(4000, 3000)
         rounds = 1 if self.smoke else 3
@@ -927,6 +942,52 @@ async def _concurrent_streams(url: str, key: str, count: int, pid: int) -> float
     return peak.mb
 
 
+async def _event_streams(base_url: str, key: str, count: int, pid: int) -> float:
+    """Submit `count` tasks, open an event stream on each and wait for every first event, hold them a second, then
+    cancel the tasks and read each stream to its end (the `cancelled` event); the service's peak RSS in MB."""
+    connector = aiohttp.TCPConnector(limit=0)
+    async with aiohttp.ClientSession(
+        base_url, headers={"Authorization": f"Bearer {key}"}, connector=connector
+    ) as session:
+        gate = asyncio.Semaphore(50)
+
+        async def submit(i: int) -> str:
+            async with gate, session.post("/api/images/generate", json={"prompt": f"stream {i}"}) as response:
+                response.raise_for_status()
+                return str((await response.json())["id"])
+
+        task_ids = await asyncio.gather(*(submit(i) for i in range(count)))
+        opened = asyncio.Semaphore(0)
+        cancelled = asyncio.Event()
+
+        async def follow(task_id: str) -> str:
+            async with session.get(f"/api/images/tasks/{task_id}/events") as response:
+                response.raise_for_status()
+                last = ""
+                async for line in response.content:
+                    if line.startswith(b"event: "):
+                        last = line[7:].strip().decode()
+                        if last == "queued":
+                            opened.release()
+                return last
+
+        async def cancel_all() -> None:
+            for _ in task_ids:
+                await opened.acquire()
+            await asyncio.sleep(1)
+            cancelled.set()
+            for task_id in task_ids:
+                async with gate, session.post(f"/api/images/tasks/{task_id}/cancel") as response:
+                    response.raise_for_status()
+
+        with PeakRSS(pid, every=0.1) as peak:
+            ends = await asyncio.gather(cancel_all(), *(follow(task_id) for task_id in task_ids))
+    wrong = [end for end in ends[1:] if end != "cancelled"]
+    if wrong:
+        raise RuntimeError(f"{len(wrong)} of {count} streams did not end with their cancellation: {wrong[:3]}")
+    return peak.mb
+
+
 # Report ---------------------------------------------------------------------------------------------------------------
 
 HEADER = ["figure", "service", "floor / peer", "its figure", "ratio", "target", "verdict"]
@@ -1019,10 +1080,11 @@ ROWS = (
     "bombs",
     "canvas",
     "upstreams",
+    "events",
 )
 """The rows `--only` selects from; `image` carries its RSS row, `sync` the end-to-end latency, `streams` the
 first-byte latency, `postgres` the submissions on PostgreSQL (skipped in a smoke run), `upstreams` the routing overhead
-and the failover time."""
+and the failover time, `events` the memory of many task event streams."""
 
 
 def _rows(text: str) -> tuple[str, ...]:
@@ -1070,3 +1132,5 @@ def run_all(suite: Suite, only: tuple[str, ...] = ROWS) -> None:
         suite.canvas()
     if "upstreams" in only:
         upstream_rows(suite)
+    if "events" in only:
+        suite.events()

@@ -19,6 +19,7 @@ ROWS = [
     "submit -> completed, p50 (one client)",
     "enhance stream: first byte after upstream's first token, p50",
     "50 concurrent enhance streams: peak RSS",
+    "50 concurrent task event streams: peak RSS",
     "submit POST /api/images/generate (SQLite)",
     "upstream relay, service client",
     "reference normalization, 12 MP JPEG",
