@@ -181,7 +181,8 @@ async def get_task_image(
     candidate: Annotated[
         int | None,
         Parameter(
-            ge=0,
+            # Not ge=0: the framework leaves a lower bound of 0 out of an optional parameter's schema.
+            gt=-1,
             le=99,
             description="Which candidate of a task with candidates (0-based; see `candidate_images`), instead of "
             "`index`",

@@ -160,6 +160,9 @@ def test_candidates_keep_the_sharpest_expose_every_score_and_keep_the_others(
     assert tenant.client.get(f"/api/images/tasks/{task['id']}/image?index=1").status_code == 404
     missing = tenant.client.get(f"/api/images/tasks/{task['id']}/image?candidate=3")
     assert (missing.status_code, missing.json()["code"]) == (404, "image_not_found")
+    for hostile in ("-1", "100", "1.5", "x", "99999999999999999999"):
+        refused = tenant.client.get(f"/api/images/tasks/{task['id']}/image", params={"candidate": hostile})
+        assert (refused.status_code, refused.json()["field"]) == (400, "candidate"), refused.text
     # What was downloaded is what the upstream served for that candidate.
     served = {item["index"]: item["sha256"] for item in upstream.served() if item["prompt"].startswith(marker)}
     assert {i: hashlib.sha256(data).hexdigest() for i, data in files.items()} == served
