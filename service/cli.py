@@ -379,6 +379,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--url", default="http://127.0.0.1:8000", help="the service (default: %(default)s)")
     p.add_argument("--size", default="auto", help="auto, 1:1, 16:9, 9:16 or WxH")
     p.add_argument("--n", type=int, default=1, help="number of images")
+    p.add_argument("--candidates", type=int, default=1, help="make this many candidates and keep the best (2-4)")
     p.add_argument("--quality", default="auto", choices=["auto", "low", "medium", "high"])
     p.add_argument("--model")
     p.add_argument("--image", type=Path, help="a reference image to edit from")

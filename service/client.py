@@ -104,6 +104,7 @@ def sidecar(
         "size": task["size"],
         "quality": task["quality"],
         "n": task["n"],
+        "candidates": task.get("candidates", 1),
         "cost": task["cost"],
         "refunded": task["refunded"],
         "timings": {
@@ -121,6 +122,8 @@ def sidecar(
             "height": image["height"],
             "bytes": len(data),
             "sha256": hashlib.sha256(data).hexdigest(),
+            "candidate": image.get("candidate"),
+            "score": (image.get("quality") or {}).get("score"),
         },
         "reference_sha256": hashlib.sha256(reference).hexdigest() if reference is not None else None,
     }
@@ -174,6 +177,8 @@ def run(args: Any) -> None:
         fields["style"] = args.style
     if args.model:
         fields["model"] = args.model
+    if args.candidates > 1:
+        fields["candidates"] = args.candidates
     reference = (args.image.name, args.image.read_bytes()) if args.image else None
     order = Order(url=args.url, api_key=api_key, fields=fields, reference=reference, out=args.out)
     try:

@@ -76,6 +76,9 @@ class Settings:
     max_output_image_mb: float = 32.0
     max_reference_pixels_in: int = 40_000_000
     decode_concurrency: int = 2
+    # The output quality gate (service/images/quality.py): 0 turns a check off.
+    quality_min_stddev: float = 2.0
+    quality_aspect_tolerance: float = 0.05
 
     prompt_models: tuple[str, ...] = ()
     prompt_max_output_tokens: int = 600
@@ -214,6 +217,8 @@ class Settings:
             max_output_image_mb=read.number("MAX_OUTPUT_IMAGE_MB", 32.0, minimum=0.1),
             max_reference_pixels_in=read.integer("MAX_REFERENCE_PIXELS_IN", 40_000_000, minimum=4096),
             decode_concurrency=read.integer("DECODE_CONCURRENCY", 2, minimum=1),
+            quality_min_stddev=read.number("QUALITY_MIN_STDDEV", 2.0, minimum=0.0),
+            quality_aspect_tolerance=read.number("QUALITY_ASPECT_TOLERANCE", 0.05, minimum=0.0),
             prompt_models=tuple(read.csv("PROMPT_MODELS")),
             prompt_max_output_tokens=read.integer("PROMPT_MAX_OUTPUT_TOKENS", 600, minimum=16),
             metrics_token=read.optional_text("METRICS_TOKEN"),

@@ -3,7 +3,9 @@ what only they need, through its hooks.
 
 - Fault switches: rules under `PUT /_offline/faults` make image submissions, polls, task results, image files and chat
   completions fail the way real upstreams do (5xx, 429, hangs, errors, refusals, broken or wrong images, and an edit
-  with a mask whose kept pixels come back changed, `repaint_kept`).
+  with a mask whose kept pixels come back changed, `repaint_kept`). The image faults (`IMAGE_FAULTS`: not an image,
+  the wrong size, blank, a PNG cut short, blurred) are decided per image, and a rule's `index` limits one to the
+  image at that position of an answer.
 - Knobs under `PUT /_offline/settings`: latency, token delay, files served in pieces with pauses, big noise images, the
   shape of finished answers.
 - Recorders: requests by route (`/_offline/stats`), the image requests received (`/_offline/received`, with the
@@ -43,7 +45,7 @@ import msgspec
 import uvloop
 from aiohttp import web
 from aiohttp.typedefs import Handler, Middleware
-from PIL import Image, ImageChops, ImageDraw
+from PIL import Image, ImageChops, ImageDraw, ImageFilter
 
 from service.images.png import encode_png
 from service.upstream.offline import (
@@ -80,6 +82,9 @@ FAULT_NAMES = frozenset(
         "wrong_size",
         "repaint_kept",
         "short_result",
+        "blank_image",
+        "truncated_image",
+        "blurred_image",
         "chat_500",
         "chat_midstream_error",
         "quota_429",
@@ -90,6 +95,8 @@ FAULT_NAMES = frozenset(
         "leaky_error",
     }
 )
+# Faults decided for each image of an answer, which a rule's `index` may limit to one position.
+IMAGE_FAULTS = frozenset({"bad_image", "wrong_size", "blank_image", "truncated_image", "blurred_image"})
 # Faults that answer any image submission and any chat completion, as an upstream that cannot serve anyone would.
 REFUSAL_FAULTS = ("quota_429", "quota_429_detail", "quota_403_detail", "auth_401", "auth_403", "leaky_error")
 # The refusals after which a service holds all work back from the upstream for a cool-down.
@@ -112,6 +119,8 @@ SETTING_NAMES = frozenset(
 RECENT = 200
 NOT_AN_IMAGE = b"this is not an image"
 WRONG_SIZE = (768, 256)
+# `blurred_image`: a Gaussian blur of this share of the image's longer side.
+BLUR_SHARE = 1 / 96
 SUBMIT_HANG_SECONDS = 60.0
 MIDSTREAM_FRAMES = 3
 ABANDONED_STREAMS = "chat streams abandoned by the client"
@@ -136,12 +145,15 @@ class FaultRule:
     times: int | None = None
     rate: float | None = None
     match: str | None = None
+    index: int | None = None
 
-    def applies_to(self, prompts: Sequence[str]) -> bool:
+    def applies_to(self, prompts: Sequence[str], index: int | None) -> bool:
+        if self.index is not None and self.index != index:
+            return False
         return self.match is None or any(self.match in prompt for prompt in prompts)
 
     def as_json(self) -> dict[str, Any]:
-        return {"fault": self.fault, "times": self.times, "rate": self.rate, "match": self.match}
+        return {"fault": self.fault, "times": self.times, "rate": self.rate, "match": self.match, "index": self.index}
 
 
 @dataclass(slots=True)
@@ -163,9 +175,10 @@ class FaultBoard:
     def clear(self) -> None:
         self.replace([])
 
-    def fires(self, fault: str, prompts: Sequence[str]) -> bool:
+    def fires(self, fault: str, prompts: Sequence[str], index: int | None = None) -> bool:
+        """Whether `fault` fires now; `index` is the image's position in its answer, for an image fault."""
         for rule in self.rules:
-            if rule.fault != fault or not rule.applies_to(prompts):
+            if rule.fault != fault or not rule.applies_to(prompts, index):
                 continue
             if rule.times is not None and rule.times <= 0:
                 continue
@@ -189,9 +202,10 @@ def _fault_rules(body: dict[str, Any]) -> list[FaultRule]:
 
 
 def _fault_rule(raw: object) -> FaultRule:
-    if not isinstance(raw, dict) or set(raw) - {"fault", "times", "rate", "match"}:
-        raise BadRequest("A rule has only the keys fault, times, rate and match")
+    if not isinstance(raw, dict) or set(raw) - {"fault", "times", "rate", "match", "index"}:
+        raise BadRequest("A rule has only the keys fault, times, rate, match and index")
     fault, times, rate, match = raw.get("fault"), raw.get("times"), raw.get("rate"), raw.get("match")
+    index = raw.get("index")
     if fault not in FAULT_NAMES:
         raise BadRequest(f"Unknown fault: {fault!r}")
     if times is not None and (not isinstance(times, int) or isinstance(times, bool) or times < 0):
@@ -200,7 +214,12 @@ def _fault_rule(raw: object) -> FaultRule:
         raise BadRequest("rate must be a number between 0 and 1 or null")
     if match is not None and not isinstance(match, str):
         raise BadRequest("match must be a string or null")
-    return FaultRule(fault=str(fault), times=times, rate=None if rate is None else float(rate), match=match)
+    if index is not None and (not isinstance(index, int) or isinstance(index, bool) or index < 0):
+        raise BadRequest("index must be a non-negative integer or null")
+    if index is not None and fault not in IMAGE_FAULTS:
+        raise BadRequest(f"index applies to the image faults only: {', '.join(sorted(IMAGE_FAULTS))}")
+    rate_value = None if rate is None else float(rate)
+    return FaultRule(fault=str(fault), times=times, rate=rate_value, match=match, index=index)
 
 
 def _server_error() -> web.Response:
@@ -226,12 +245,16 @@ def _refusal_response(fault: str, *, task_api: bool) -> web.Response:
 
 @dataclass(frozen=True, slots=True)
 class FakeImage(StoredImage):
-    """A stored image that may be broken (`bad_image`), big seeded noise (the `noise` knob), or an edit whose kept
-    pixels come back inverted (`repaint_kept`)."""
+    """A stored image that may be broken (`bad_image`), big seeded noise (the `noise` knob), an edit whose kept
+    pixels come back inverted (`repaint_kept`), one flat colour (`blank_image`), blurred (`blurred_image`), or a PNG
+    cut short (`truncated_image`)."""
 
     corrupt: bool = False
     noise: bool = False
     repaint_kept: bool = False
+    blank: bool = False
+    blurred: bool = False
+    truncated: bool = False
 
     def render(self) -> bytes:
         return _rendered(self)
@@ -242,6 +265,19 @@ def _rendered(image: FakeImage) -> bytes:
     """Rendered once per image: a big noise image is polled and downloaded more than once."""
     if image.corrupt:
         return NOT_AN_IMAGE
+    data = _drawn_fake(image)
+    if image.blurred:
+        with Image.open(io.BytesIO(data)) as opened:
+            radius = max(opened.size) * BLUR_SHARE
+            data = encode_png(opened.convert("RGB").filter(ImageFilter.GaussianBlur(radius)))
+    # Two thirds of the file: the image data stops part-way and the closing chunk is missing.
+    return data[: len(data) * 2 // 3] if image.truncated else data
+
+
+def _drawn_fake(image: FakeImage) -> bytes:
+    if image.blank:
+        shade = hashlib.sha256(f"{image.prompt}\x00{image.index}".encode()).digest()[:3]
+        return encode_png(Image.new("RGB", (image.width, image.height), tuple(shade)))
     if image.noise:
         return draw_noise_image(image.prompt, image.width, image.height, image.index)
     if image.mask is not None:
@@ -444,27 +480,36 @@ class FakeUpstream(OfflineUpstream):
 
     def _image_outcome(self, order: ImageRequest) -> ImageOutcome:
         prompts = [order.prompt]
-        width, height = WRONG_SIZE if self.faults.fires("wrong_size", prompts) else (order.width, order.height)
         count = max(order.n - 1, 0) if self.faults.fires("short_result", prompts) else order.n
-        corrupt = self.faults.fires("bad_image", prompts)
         unreachable = self.faults.fires("image_404", prompts)
         source, mask = order.edit_inputs()
         repaint = mask is not None and self.faults.fires("repaint_kept", prompts)
-        images = (
-            FakeImage(
-                order.prompt,
-                width,
-                height,
-                index,
-                source,
-                mask,
-                corrupt=corrupt,
-                noise=self.serving.noise,
-                repaint_kept=repaint,
-            )
-            for index in range(count)
+        images = tuple(self._fake_image(order, index, source, mask, repaint=repaint) for index in range(count))
+        return ImageOutcome(images, reachable=not unreachable)
+
+    def _fake_image(
+        self, order: ImageRequest, index: int, source: bytes, mask: bytes | None, *, repaint: bool
+    ) -> FakeImage:
+        """The image at `index` of an answer, with the image faults that fire for it."""
+
+        def fires(fault: str) -> bool:
+            return self.faults.fires(fault, [order.prompt], index)
+
+        width, height = WRONG_SIZE if fires("wrong_size") else (order.width, order.height)
+        return FakeImage(
+            order.prompt,
+            width,
+            height,
+            index,
+            source,
+            mask,
+            corrupt=fires("bad_image"),
+            noise=self.serving.noise,
+            repaint_kept=repaint,
+            blank=fires("blank_image"),
+            blurred=fires("blurred_image"),
+            truncated=fires("truncated_image"),
         )
-        return ImageOutcome(tuple(images), reachable=not unreachable)
 
     def _before_poll(self, tasks: Sequence[Task]) -> web.StreamResponse | None:
         return _server_error() if self.faults.fires("poll_500", [task.prompt for task in tasks]) else None

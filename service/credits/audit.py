@@ -3,7 +3,8 @@ lost or doubled.
 
 For every tenant, balance = sum of its ledger entries on the tenant account; for every end user, allowance = sum of
 their entries on the user account. For every task, exactly one debit equal to its cost; a failed or cancelled task
-exactly one refund equal to its cost; a completed task a refund only for images it did not deliver. A task an end user
+exactly one refund equal to its cost; a completed task a refund only for images it did not deliver (a task with
+candidates paid for each candidate, and delivered each one that passed the quality gate). A task an end user
 submitted has the same on the user account as on the tenant account.
 Run it with `imagegen audit`; the soak benchmark and the crash tests use it too.
 """
@@ -66,8 +67,10 @@ def expected_refund(task: Record) -> int | None:
     if task.status in ("failed", "cancelled"):
         return int(task.cost)
     if task.status == "completed":
-        per_image = int(task.cost - task.enhance_cost) // int(task.n)
-        return per_image * (int(task.n) - len(task.images))
+        # Each candidate is an image paid for; every image stored (every candidate that passed) was delivered.
+        asked = int(task.n) * int(task.candidates)
+        per_image = int(task.cost - task.enhance_cost) // asked
+        return per_image * (asked - len(task.images))
     return None
 
 

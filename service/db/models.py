@@ -198,6 +198,8 @@ class Task(Base):
     requested_size: Mapped[str] = mapped_column(String(32))
     quality: Mapped[str] = mapped_column(String(16))
     n: Mapped[int] = mapped_column(Integer)
+    # Candidates to generate, of which the best one is the task's image (1: no choice, every image is delivered).
+    candidates: Mapped[int] = mapped_column(Integer, default=1, server_default="1")
     enhance: Mapped[str | None] = mapped_column(String(16), nullable=True)
     style: Mapped[str | None] = mapped_column(String(32), nullable=True)
     final_prompt: Mapped[str | None] = mapped_column(Text, nullable=True)
@@ -206,7 +208,11 @@ class Task(Base):
     refunded: Mapped[int] = mapped_column(BigInteger, default=0)
     references: Mapped[list[dict[str, Any]]] = mapped_column(JSONType, default=list)
     mask: Mapped[dict[str, Any] | None] = mapped_column(JSONType, nullable=True)
+    # Every image delivered, each with its quality; of a task with candidates, every candidate that passed the quality
+    # gate (the chosen one first). The images that failed the gate were not stored: `rejected_images` has their
+    # positions and qualities.
     images: Mapped[list[dict[str, Any]]] = mapped_column(JSONType, default=list)
+    rejected_images: Mapped[list[dict[str, Any]]] = mapped_column(JSONType, default=list, server_default="[]")
     error_code: Mapped[str | None] = mapped_column(String(64), nullable=True)
     error_message: Mapped[str | None] = mapped_column(Text, nullable=True)
     upstream: Mapped[str] = mapped_column(String(16))

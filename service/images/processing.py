@@ -1,5 +1,5 @@
-"""Pillow work: normalize uploaded reference images and validate upstream output. CPU-bound; callers run it in a
-thread (`asyncio.to_thread`) so the event loop never blocks.
+"""Pillow work: normalize uploaded reference images (upstream output passes `service.images.quality`). CPU-bound;
+callers run it on the decoder threads so the event loop never blocks.
 """
 
 from __future__ import annotations
@@ -15,7 +15,6 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 
 from service.errors import InvalidInput, PayloadTooLarge, UnsupportedMediaType
 from service.images.png import encode_png
-from service.upstream.base import UpstreamError
 
 FORMATS = {"PNG": "image/png", "JPEG": "image/jpeg", "WEBP": "image/webp"}
 EXTENSIONS = {"image/png": "png", "image/jpeg": "jpg", "image/webp": "webp"}
@@ -25,7 +24,6 @@ JPEG_QUALITY = 90
 UNDECLARED_TYPES = {"", "application/octet-stream", "binary/octet-stream", "text/plain"}
 # Upper bound on pixels decoded at all, whatever the settings: a tiny file can declare billions of them.
 MAX_DECODE_PIXELS = 64_000_000
-ASPECT_TOLERANCE = 0.05
 
 Image.MAX_IMAGE_PIXELS = MAX_DECODE_PIXELS
 
@@ -158,35 +156,3 @@ def normalize_reference(
 
 def _has_alpha(image: Image.Image) -> bool:
     return image.mode in ("RGBA", "LA", "PA") or (image.mode == "P" and "transparency" in image.info)
-
-
-def inspect_output(data: bytes, max_bytes: int, expected_aspect: float | None) -> PreparedImage:
-    """Check an upstream image before it is committed: it decodes, is an allowed type, and has a sane size."""
-    if len(data) > max_bytes:
-        raise UpstreamError("upstream_bad_image", "The upstream returned an image larger than allowed", transient=False)
-    detected = sniff_format(data)
-    if detected is None:
-        raise UpstreamError(
-            "upstream_bad_image", "The upstream returned data that is not a PNG, JPEG or WebP image", transient=False
-        )
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("error", Image.DecompressionBombWarning)
-            image = Image.open(io.BytesIO(data))
-            width, height = image.size
-            if width * height > MAX_DECODE_PIXELS:
-                raise UpstreamError("upstream_bad_image", "The upstream image has too many pixels", transient=False)
-            image.load()
-    except UpstreamError:
-        raise
-    except Exception:
-        raise UpstreamError(
-            "upstream_bad_image", "The upstream returned an image that does not decode", transient=False
-        ) from None
-    if expected_aspect is not None and abs(width / height - expected_aspect) > expected_aspect * ASPECT_TOLERANCE:
-        raise UpstreamError(
-            "upstream_wrong_size",
-            f"The upstream returned a {width}x{height} image for a {expected_aspect:.3f} aspect ratio",
-            transient=False,
-        )
-    return PreparedImage(data, FORMATS[detected], width, height, hashlib.sha256(data).hexdigest())

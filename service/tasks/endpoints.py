@@ -24,7 +24,16 @@ from service.idempotency import IdempotencyKey
 from service.images.download import ImageOperation, StoredImage, etag_matches
 from service.pagination import Cursor, Limit, next_cursor
 from service.settings import Settings
-from service.tasks.schemas import GenerateRequest, GenerateUpload, TaskOut, TaskPage, TaskStatus, task_view
+from service.tasks.schemas import (
+    GenerateRequest,
+    GenerateUpload,
+    TaskOut,
+    TaskPage,
+    TaskStatus,
+    candidate_image,
+    delivered_images,
+    task_view,
+)
 from service.tasks.service import Submission, TaskService, ended_by
 from service.tenants.auth import END_USER_TOO, Caller, authenticate_then_read_body
 
@@ -172,16 +181,36 @@ async def get_task_image(
     task_id: TaskId,
     caller: Caller,
     tasks: TaskService,
+    *,
     index: Annotated[int, Parameter(ge=0, le=99, description="Which image of the task (0-based)")] = 0,
+    candidate: Annotated[
+        int | None,
+        Parameter(
+            # Not ge=0: the framework leaves a lower bound of 0 out of an optional parameter's schema.
+            gt=-1,
+            le=99,
+            description="Which candidate of a task with candidates (0-based; see `candidate_images`), instead of "
+            "`index`",
+        ),
+    ] = None,
 ) -> Response[Any]:
     task = await tasks.find(caller, task_id)
     if task is None:
         raise NotFound("No such task", code="task_not_found")
     if task.status != "completed":
         raise Conflict(f"The task is {task.status}; images exist only once it has completed", code="image_not_ready")
-    if index >= len(task.images):
-        raise NotFound(f"The task has {len(task.images)} image(s)", code="image_not_found", field="index")
-    image = task.images[index]
+    if candidate is not None:
+        found = candidate_image(task, candidate) if task.candidates > 1 else None
+        if found is None:
+            raise NotFound(
+                f"The task has no delivered candidate {candidate}", code="image_not_found", field="candidate"
+            )
+        image = found
+    else:
+        images = delivered_images(task)
+        if index >= len(images):
+            raise NotFound(f"The task has {len(images)} image(s)", code="image_not_found", field="index")
+        image = images[index]
     headers = {"ETag": f'"{image["sha256"]}"', "Cache-Control": "private, max-age=31536000, immutable"}
     if etag_matches(request.headers.get("if-none-match"), image["sha256"]):
         return Response(content=b"", status_code=304, headers=headers)

@@ -58,6 +58,16 @@ N = Annotated[
 ]
 
 
+Candidates = Annotated[
+    int,
+    msgspec.Meta(
+        ge=1,
+        le=MAX_N,
+        description="Generate this many candidates and keep the best one (see `candidate_images`); needs `n` = 1. "
+        "Costs one image per candidate; 1 (the default) asks for no choice",
+        extra=deployment(maximum="max_images_per_task"),
+    ),
+]
 Enhance = Annotated[Direction, msgspec.Meta(description="Enhance the prompt first, in this direction")]
 StyleField = Annotated[StyleName, msgspec.Meta(description="A style preset from GET /api/prompts/styles")]
 ReferenceImages = Annotated[
@@ -83,6 +93,7 @@ class GenerateRequest(msgspec.Struct, forbid_unknown_fields=True):
     n: N = 1
     enhance: Enhance | None = None
     style: StyleField | None = None
+    candidates: Candidates = 1
 
 
 class GenerateUpload(GenerateRequest, kw_only=True):
@@ -92,6 +103,31 @@ class GenerateUpload(GenerateRequest, kw_only=True):
     mask: Mask | None = None
 
 
+QualityReason = Literal["blank", "wrong_aspect", "truncated", "undecodable", "too_large", "too_many_pixels"]
+
+
+class QualityMeasures(msgspec.Struct):
+    """What the score is made of, on a grey thumbnail of the image (0-255 grey levels): `sharpness` the standard
+    deviation of its Laplacian, `contrast` that of its grey levels, `brightness` their mean, `clipped` the share of
+    pixels crushed to black or blown to white."""
+
+    sharpness: float
+    contrast: float
+    brightness: float
+    clipped: float
+
+
+class ImageQuality(msgspec.Struct):
+    """The quality gate's verdict on an image: its `score` (0-100; 0 when it could not be measured), whether it
+    `passed`, and the `reasons` it did not: `blank` (near-uniform), `wrong_aspect`, `truncated`, `undecodable`,
+    `too_large`, `too_many_pixels`."""
+
+    score: float
+    passed: bool
+    reasons: list[QualityReason]
+    measures: QualityMeasures | None
+
+
 class TaskImage(msgspec.Struct):
     index: int
     url: str
@@ -99,9 +135,37 @@ class TaskImage(msgspec.Struct):
     width: int
     height: int
     bytes: int
+    # Null on images delivered before the quality gate existed.
+    quality: ImageQuality | None = None
+    # Of a task with candidates: which candidate this is.
+    candidate: int | None = None
+
+
+class CandidateImage(msgspec.Struct):
+    """A candidate that passed the quality gate, downloadable at `url`; the `chosen` one is also the task's image."""
+
+    candidate: int
+    chosen: bool
+    url: str
+    content_type: str
+    width: int
+    height: int
+    bytes: int
+    quality: ImageQuality
+
+
+class RejectedImage(msgspec.Struct):
+    """An image the upstream returned that failed the quality gate: not stored, not delivered, refunded. `index` is
+    its position in the upstream's answer (the candidate number, with candidates)."""
+
+    index: int
+    quality: ImageQuality
 
 
 class TaskError(msgspec.Struct):
+    """Why a task failed or fell short: `code` is stable (`quality_rejected` when no image passed the quality gate,
+    `partial_result` when a completed task delivered fewer images than it paid for, an upstream code otherwise)."""
+
     code: str
     message: str
 
@@ -122,7 +186,9 @@ class TaskOut(msgspec.Struct):
     provider key of the tenant runs the task, at the tenant's BYOK price; it is null when the service's own key runs
     it. `upstream_attempts` lists the task's ended upstream attempts, oldest first, retries and failovers included:
     an attempt whose worker was lost after the instance accepted the job ended with `worker_lost`; the attempts of a
-    run lost before any instance accepted its job are not known."""
+    run lost before any instance accepted its job are not known. With `candidates` > 1, `images` holds the chosen
+    candidate only, `candidate_images` every candidate that passed the quality gate; `rejected_images` lists the
+    images that failed it, with their scores."""
 
     id: str
     status: TaskStatus
@@ -150,6 +216,9 @@ class TaskOut(msgspec.Struct):
     finished_at: datetime | None
     byok_instance: str | None = None
     upstream_attempts: list[UpstreamAttempt] = msgspec.field(default_factory=list)
+    candidates: int = 1
+    candidate_images: list[CandidateImage] = msgspec.field(default_factory=list)
+    rejected_images: list[RejectedImage] = msgspec.field(default_factory=list)
 
 
 class TaskPage(msgspec.Struct):
@@ -159,6 +228,26 @@ class TaskPage(msgspec.Struct):
 
 def image_url(task_id: str, index: int) -> str:
     return f"/api/images/tasks/{task_id}/image?index={index}"
+
+
+def candidate_url(task_id: str, candidate: int) -> str:
+    return f"/api/images/tasks/{task_id}/image?candidate={candidate}"
+
+
+def delivered_images(task: Any) -> list[dict[str, Any]]:
+    """The records of the images a task shows under `images`: all it stored, but of a task with candidates only the
+    chosen one (the others are its `candidate_images`)."""
+    return [image for image in task.images if image.get("chosen", True)]
+
+
+def candidate_image(task: Any, candidate: int) -> dict[str, Any] | None:
+    """The record of one stored candidate of a task with candidates; None when it was not delivered."""
+    return next((image for image in task.images if image.get("candidate") == candidate), None)
+
+
+def _quality(record: dict[str, Any]) -> ImageQuality | None:
+    quality = record.get("quality")
+    return None if quality is None else msgspec.convert(quality, ImageQuality)
 
 
 def task_view(task: Any, remaining_credits: int | None = None) -> TaskOut:
@@ -173,10 +262,29 @@ def task_view(task: Any, remaining_credits: int | None = None) -> TaskOut:
                 width=image["width"],
                 height=image["height"],
                 bytes=image["bytes"],
+                quality=_quality(image),
+                candidate=image.get("candidate"),
             )
-            for i, image in enumerate(task.images)
+            for i, image in enumerate(delivered_images(task))
         ]
         if completed
+        else []
+    )
+    candidates = (
+        [
+            CandidateImage(
+                candidate=image["candidate"],
+                chosen=image["chosen"],
+                url=candidate_url(task.id, image["candidate"]),
+                content_type=image["content_type"],
+                width=image["width"],
+                height=image["height"],
+                bytes=image["bytes"],
+                quality=msgspec.convert(image["quality"], ImageQuality),
+            )
+            for image in sorted(task.images, key=lambda image: image["candidate"])
+        ]
+        if completed and task.candidates > 1
         else []
     )
     return TaskOut(
@@ -205,4 +313,7 @@ def task_view(task: Any, remaining_credits: int | None = None) -> TaskOut:
         finished_at=task.finished_at,
         byok_instance=task.byok_instance,
         upstream_attempts=[UpstreamAttempt(instance=a["instance"], error=a["error"]) for a in task.upstream_attempts],
+        candidates=task.candidates,
+        candidate_images=candidates,
+        rejected_images=msgspec.convert(task.rejected_images, list[RejectedImage]),
     )

@@ -54,10 +54,27 @@ def _uploads(submission: Submission) -> list[Upload]:
 
 
 def _cost(settings: Settings, request: GenerateRequest, byok: ByokTerms | None, enhance_cost: int) -> int:
-    """What the task costs: its images at the tenant's BYOK price when its own key runs it, else at the price list,
-    and the enhancement."""
-    images = byok.price_per_image * request.n if byok else task_cost(settings, request.quality, request.n)
+    """What the task costs: its images (each candidate counts as one) at the tenant's BYOK price when its own key runs
+    it, else at the price list, and the enhancement."""
+    count = request.n * request.candidates
+    images = byok.price_per_image * count if byok else task_cost(settings, request.quality, count)
     return images + enhance_cost
+
+
+def check_counts(settings: Settings, request: GenerateRequest) -> None:
+    """`n` and `candidates` within the deployment's limit, and candidates only for a single image: they pick one."""
+    if request.n > settings.max_images_per_task:
+        raise InvalidInput(f"n must be at most {settings.max_images_per_task}", code="too_many_images", field="n")
+    if request.candidates > settings.max_images_per_task:
+        raise InvalidInput(
+            f"candidates must be at most {settings.max_images_per_task}", code="too_many_images", field="candidates"
+        )
+    if request.candidates > 1 and request.n != 1:
+        raise InvalidInput(
+            "candidates picks the best of several images for one picture: send n = 1 (or leave it out)",
+            code="candidates_need_single_image",
+            field="candidates",
+        )
 
 
 def request_hash(submission: Submission, prompt: str, model: str) -> str:
@@ -65,8 +82,19 @@ def request_hash(submission: Submission, prompt: str, model: str) -> str:
     request = submission.request
     files = [hashlib.sha256(upload.data).hexdigest() for upload in submission.references]
     mask = hashlib.sha256(submission.mask.data).hexdigest() if submission.mask else None
+    # Candidates join the fingerprint only when asked for, so the keys of requests without them keep their hashes.
+    candidates = [request.candidates] if request.candidates > 1 else []
     return idempotency.fingerprint(
-        prompt, request.size, model, request.quality, request.n, request.enhance, request.style, files, mask
+        prompt,
+        request.size,
+        model,
+        request.quality,
+        request.n,
+        request.enhance,
+        request.style,
+        files,
+        mask,
+        *candidates,
     )
 
 
@@ -157,8 +185,7 @@ class TaskService:
         request = submission.request
         prompt = self._checked_prompt(request.prompt)
         model = checked_model(settings, request.model)
-        if request.n > settings.max_images_per_task:
-            raise InvalidInput(f"n must be at most {settings.max_images_per_task}", code="too_many_images", field="n")
+        check_counts(settings, request)
         try:
             size = normalize_size(request.size, settings.protocol_for(model))
         except InvalidSize as exc:
@@ -200,6 +227,7 @@ class TaskService:
             "requested_size": request.size,
             "quality": request.quality,
             "n": request.n,
+            "candidates": request.candidates,
             "enhance": request.enhance,
             "style": request.style,
             "enhance_cost": enhance_cost,

@@ -28,7 +28,8 @@ from service.db.engine import Database, Record, Transaction
 from service.ids import new_id
 from service.images import sweep
 from service.images.decoder import ImageDecoder
-from service.images.processing import EXTENSIONS, PreparedImage, inspect_output
+from service.images.processing import EXTENSIONS
+from service.images.quality import Checked, QualityGate, best_candidate, check_output
 from service.images.sizes import expected_aspect
 from service.images.storage import BlobStore
 from service.prompts.service import Enhancer, EnhanceRequest, style_suffix
@@ -61,6 +62,8 @@ class Outcome:
     status: str
     refund: int = 0
     images: list[dict[str, Any]] = field(default_factory=list)
+    # The images the upstream returned that failed the quality gate: their positions in its answer and qualities.
+    rejected: list[dict[str, Any]] = field(default_factory=list)
     revised_prompt: str | None = None
     final_prompt: str | None = None
     retries: int = 0
@@ -118,6 +121,7 @@ class WorkerPool:
         self.decoder = decoder
         self.enhancer = enhancer
         self.watchers = watchers
+        self.gate = QualityGate(settings.quality_min_stddev, settings.quality_aspect_tolerance)
         self.owner = f"{socket.gethostname()}:{os.getpid()}:{new_id()[-8:]}"
         self._wake = asyncio.Event()
         self._active: dict[str, asyncio.Task[Outcome]] = {}
@@ -312,6 +316,7 @@ class WorkerPool:
                     now=utcnow(),
                     refund=outcome.refund,
                     images=outcome.images,
+                    rejected_images=outcome.rejected,
                     revised_prompt=outcome.revised_prompt,
                     final_prompt=outcome.final_prompt,
                     retried=outcome.retries,
@@ -481,39 +486,69 @@ class WorkerPool:
             model=task.model,
             size=task.size,
             quality=task.quality,
-            n=task.n,
+            n=task.n * task.candidates,
             references=references,
             mask=mask,
         )
 
     async def _keep_images(self, task: Record, result: GenerationResult) -> Outcome:
+        """Pass each image through the quality gate (on the decoder threads) and store the ones that pass; with
+        candidates, the best one becomes the task's image. What did not pass or never came is refunded."""
+        asked = task.n * task.candidates
         aspect = expected_aspect(task.size)
-        try:
-            checked: list[PreparedImage] = [
-                await self.decoder.run(inspect_output, data, self.settings.max_output_bytes, aspect)
-                for data in result.images[: task.n]
-            ]
-        except UpstreamError as exc:
-            return self._failure(task, exc.code, exc.message, result.upstream_ids)
+        checked: list[Checked] = await asyncio.gather(
+            *(
+                self.decoder.run(check_output, data, self.settings.max_output_bytes, aspect, self.gate)
+                for data in result.images[:asked]
+            )
+        )
         if not checked:
             return self._failure(task, "upstream_empty_result", "The upstream returned no image", result.upstream_ids)
-        images = []
-        for index, image in enumerate(checked):
-            # Keyed by attempt: a run that lost its lease may still be storing, and must not overwrite (or, when it
-            # then fails to commit, delete) the images of the run that took over.
-            key = f"results/{task.id}/{task.attempts}-{index}.{EXTENSIONS[image.content_type]}"
-            await self.store.put(key, image.data)
-            images.append(image.record(key))
-        missing = task.n - len(images)
+        passed = [(index, check) for index, check in enumerate(checked) if check.quality.passed]
+        rejected = [
+            {"index": index, "quality": check.quality.as_json()}
+            for index, check in enumerate(checked)
+            if not check.quality.passed
+        ]
+        if not passed:
+            return Outcome(
+                status="failed",
+                refund=task.cost,
+                rejected=rejected,
+                upstream_ids=result.upstream_ids,
+                error_code="quality_rejected",
+                error_message=f"No image passed the quality gate: {_rejections(rejected)}",
+            )
+        chosen = (
+            best_candidate([(index, check.quality.score) for index, check in passed]) if task.candidates > 1 else None
+        )
+        passed.sort(key=lambda pair: pair[0] != chosen)
+        images = await asyncio.gather(*(self._store_result(task, index, check, chosen) for index, check in passed))
+        missing = asked - len(images)
         return Outcome(
             status="completed",
-            refund=(task.cost - task.enhance_cost) // task.n * missing,
-            images=images,
+            refund=(task.cost - task.enhance_cost) // asked * missing,
+            images=list(images),
+            rejected=rejected,
             revised_prompt=result.revised_prompt,
             upstream_ids=result.upstream_ids,
             error_code="partial_result" if missing else None,
-            error_message=f"The upstream delivered {len(images)} of {task.n} images" if missing else None,
+            error_message=_shortfall(len(images), asked, rejected, task.candidates > 1) if missing else None,
         )
+
+    async def _store_result(self, task: Record, index: int, check: Checked, chosen: int | None) -> dict[str, Any]:
+        """Store one image that passed the gate; its record on the task, with its quality (and, of a task with
+        candidates, its candidate number and whether it was chosen)."""
+        image = check.image
+        assert image is not None
+        # Keyed by attempt: a run that lost its lease may still be storing, and must not overwrite (or, when it then
+        # fails to commit, delete) the images of the run that took over.
+        key = f"results/{task.id}/{task.attempts}-{index}.{EXTENSIONS[image.content_type]}"
+        await self.store.put(key, image.data)
+        record = {**image.record(key), "quality": check.quality.as_json()}
+        if chosen is not None:
+            record |= {"candidate": index, "chosen": index == chosen}
+        return record
 
     @staticmethod
     def _failure(task: Record, code: str, message: str, upstream_ids: list[str] | None = None) -> Outcome:
@@ -522,3 +557,23 @@ class WorkerPool:
         return Outcome(
             status="failed", refund=task.cost, error_code=code, error_message=shown, upstream_ids=upstream_ids or []
         )
+
+
+def _rejections(rejected: list[dict[str, Any]]) -> str:
+    """The rejected images in a few words each: `image 1: blank (score 12.5)`."""
+    return "; ".join(
+        f"image {item['index']}: {', '.join(item['quality']['reasons'])} (score {item['quality']['score']})"
+        for item in rejected
+    )
+
+
+def _shortfall(delivered: int, asked: int, rejected: list[dict[str, Any]], candidates: bool) -> str:
+    """Why a completed task delivered fewer images than it paid for."""
+    what = "candidates" if candidates else "images"
+    text = f"{delivered} of {asked} {what} delivered"
+    if rejected:
+        text += f"; failed the quality gate: {_rejections(rejected)}"
+    returned = delivered + len(rejected)
+    if returned < asked:
+        text += f"; the upstream returned {returned}"
+    return text

@@ -75,6 +75,22 @@ def test_generate_from_a_reference_image_with_several_outputs(service: Service, 
     assert meta["image"]["index"] == 1 and meta["n"] == 2
 
 
+def test_generate_with_candidates_writes_the_chosen_one(service: Service, tenant: Tenant, tmp_path: Path) -> None:
+    result = generate(service, tenant.api_key, "three kites", "--candidates", "3", "--out", "kite.png", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.split() == ["kite.png"]
+    meta = json.loads((tmp_path / "kite.png.json").read_text())
+    task = tenant.task(meta["task_id"])
+    [chosen] = [c for c in task["candidate_images"] if c["chosen"]]
+    assert (meta["candidates"], meta["cost"], meta["image"]["candidate"]) == (3, 3, chosen["candidate"])
+    assert (
+        meta["image"]["score"]
+        == chosen["quality"]["score"]
+        == max(c["quality"]["score"] for c in task["candidate_images"])
+    )
+    assert meta["image"]["sha256"] == hashlib.sha256((tmp_path / "kite.png").read_bytes()).hexdigest()
+
+
 def test_generate_says_why_it_failed(service: Service, tmp_path: Path) -> None:
     broke = service.new_tenant(credits=0)
     refused = generate(service, broke.api_key, "anything", cwd=tmp_path)

@@ -1,4 +1,4 @@
-"""Reference normalization and output validation (the Pillow side of §5)."""
+"""Reference normalization (the Pillow side of §5); output validation is tests/images/test_quality.py."""
 
 from __future__ import annotations
 
@@ -10,8 +10,7 @@ import pytest
 from PIL import Image
 
 from service.errors import InvalidInput, PayloadTooLarge, UnsupportedMediaType
-from service.images.processing import inspect_output, normalize_reference
-from service.upstream.base import UpstreamError
+from service.images.processing import normalize_reference
 
 
 def encode(image: Image.Image, fmt: str, **params: object) -> bytes:
@@ -102,20 +101,3 @@ def test_a_declared_type_other_than_an_image_type_is_refused() -> None:
     # Another accepted image type, or no particular type: the bytes decide.
     for declared in ("image/jpeg", "image/webp", "application/octet-stream", "text/plain", ""):
         assert normalize_reference(png, declared, 2_000_000).width == 8
-
-
-def test_output_checks() -> None:
-    square = encode(Image.new("RGB", (512, 512)), "PNG")
-    assert inspect_output(square, 10**7, 1.0).width == 512
-    assert inspect_output(square, 10**7, None).content_type == "image/png"
-    for data, aspect, code in [
-        (b"not an image", None, "upstream_bad_image"),
-        (square, 16 / 9, "upstream_wrong_size"),
-        (square[:100], None, "upstream_bad_image"),
-    ]:
-        with pytest.raises(UpstreamError) as raised:
-            inspect_output(data, 10**7, aspect)
-        assert raised.value.code == code
-        assert not raised.value.transient
-    with pytest.raises(UpstreamError):
-        inspect_output(square, 100, None)

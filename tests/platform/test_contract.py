@@ -309,6 +309,7 @@ def test_the_live_document_states_this_deployments_models_and_limits(upstream: U
         for fields in (as_json, as_form):
             assert fields["prompt"]["maxLength"] == 100
             assert fields["n"]["maximum"] == 2
+            assert fields["candidates"]["maximum"] == 2
         named = [option for option in as_json["model"]["anyOf"] if option.get("type") == "string"]
         assert named[0]["enum"] == ["gpt-image-2", "gpt-image-1"]
         # A form field is present or absent, never null.
@@ -325,6 +326,7 @@ def test_the_live_document_states_this_deployments_models_and_limits(upstream: U
         for fields, code in (
             ({"prompt": "x" * 101}, "prompt_too_long"),
             ({"prompt": "a", "n": 3}, "too_many_images"),
+            ({"prompt": "a", "candidates": 3}, "too_many_images"),
             ({"prompt": "a", "model": "gpt-image-3"}, "unknown_model"),
         ):
             refused = tenant.client.post("/api/images/generate", json=fields)

@@ -6,7 +6,7 @@ import hashlib
 import io
 
 import httpx
-from PIL import Image
+from PIL import Image, ImageDraw
 
 from tests.conftest import Service, Tenant, Upstream
 
@@ -211,8 +211,12 @@ def test_a_jpeg_mask_is_stored_as_png(service: Service, tenant: Tenant) -> None:
 
 
 def jpeg() -> bytes:
+    """A photo with something in it: an edit whose mask keeps every pixel answers with the photo itself, and a photo
+    of one flat colour would fail the quality gate as blank."""
+    photo = Image.new("RGB", (400, 300), (90, 30, 10))
+    ImageDraw.Draw(photo).ellipse((100, 50, 300, 250), fill=(230, 200, 60))
     out = io.BytesIO()
-    Image.new("RGB", (400, 300), (90, 30, 10)).save(out, format="JPEG")
+    photo.save(out, format="JPEG")
     return out.getvalue()
 
 

@@ -40,8 +40,9 @@ FAILED = [
     pytest.param({"fault": "submit_429"}, "upstream_rate_limited", id="submit-429-always"),
     pytest.param({"fault": "submit_timeout"}, "upstream_timeout", id="submit-timeout-always"),
     pytest.param({"fault": "submit_400"}, "upstream_rejected", id="submit-400"),
-    pytest.param({"fault": "bad_image"}, "upstream_bad_image", id="non-image-bytes"),
-    pytest.param({"fault": "wrong_size"}, "upstream_wrong_size", id="wrong-image-size"),
+    # Images that fail the quality gate (tests/tasks/test_quality.py has the rest).
+    pytest.param({"fault": "bad_image"}, "quality_rejected", id="non-image-bytes"),
+    pytest.param({"fault": "wrong_size"}, "quality_rejected", id="wrong-image-size"),
 ]
 
 TASK_API_ONLY = [

@@ -347,7 +347,7 @@ def test_submit_500_fires_the_given_number_of_times(client: httpx.Client) -> Non
     statuses = [submit(client, f"t{attempt}").status_code for attempt in range(3)]
     assert statuses == [500, 500, 200]
     state = client.get("/_offline/faults").json()
-    assert state["rules"] == [{"fault": "submit_500", "times": 0, "rate": None, "match": None}]
+    assert state["rules"] == [{"fault": "submit_500", "times": 0, "rate": None, "match": None, "index": None}]
     assert state["injected"] == {"submit_500": 2}
     assert poll(client, "t0", "t2")["missing_ids"] == ["t0"]
     assert set_faults(client, {"fault": "submit_500", "times": 1})["injected"] == {}
@@ -460,6 +460,43 @@ def test_short_result_returns_one_image_fewer(client: httpx.Client) -> None:
     assert (empty["status"], empty["data"]) == ("success", [])
     assert client.post("/v1/images/generations", json={"prompt": "p"}).json()["data"] == []
     assert injected(client) == {"short_result": 3}
+
+
+def test_image_faults_apply_to_the_image_at_their_index(client: httpx.Client) -> None:
+    set_faults(
+        client,
+        {"fault": "blank_image", "index": 0},
+        {"fault": "truncated_image", "index": 1},
+        {"fault": "blurred_image", "index": 2},
+        {"fault": "wrong_size", "index": 3},
+    )
+    submit(client, "four", "four kinds", n=5, size="1:1")
+    files = [client.get(item["url"]).content for item in finished_task(client, "four")["data"]]
+    blank, cut, blurred, skewed, plain = files
+    with Image.open(io.BytesIO(blank)) as image:
+        assert image.getextrema() == tuple((low, low) for low, _ in image.getextrema())
+    assert cut.startswith(PNG_SIGNATURE) and not cut.endswith(b"IEND\xaeB`\x82")
+    with pytest.raises(OSError, match="truncated"), Image.open(io.BytesIO(cut)) as image:
+        image.load()
+    assert png_size(skewed) == (768, 256) and png_size(plain) == png_size(blurred) == (1024, 1024)
+    assert plain == draw_image("four kinds", 1024, 1024, 4)
+    assert blurred != draw_image("four kinds", 1024, 1024, 2)
+    assert injected(client) == {"blank_image": 1, "truncated_image": 1, "blurred_image": 1, "wrong_size": 1}
+
+
+@pytest.mark.parametrize(
+    "rule",
+    [
+        {"fault": "submit_500", "index": 0},
+        {"fault": "blank_image", "index": -1},
+        {"fault": "blank_image", "index": "0"},
+        {"fault": "blank_image", "index": True},
+    ],
+)
+def test_an_index_is_refused_off_the_image_faults_and_when_not_a_position(
+    client: httpx.Client, rule: dict[str, Any]
+) -> None:
+    assert client.put("/_offline/faults", json={"rules": [rule]}).status_code == 400
 
 
 def test_unknown_fault_names_are_refused_and_delete_clears_everything(client: httpx.Client) -> None:
