@@ -245,7 +245,13 @@ async def _read_form(request: Request[Any, Any, Any], type_: type[T]) -> T:
             raise InvalidInput(
                 f"a multipart request needs at least one `{name}` file part", code=f"{name}_required", field=name
             )
-    return validate(values, type_, strict=False)
+    decoded = validate(values, type_, strict=False)
+    attributes = {field.encode_name: field.name for field in msgspec.inspect.type_info(type_).fields}  # type: ignore[attr-defined]
+    for name in values:
+        # Text reads as null in lax decoding ("null"), but a form field is present or absent: never null.
+        if getattr(decoded, attributes[name]) is None:
+            raise InvalidInput(f"{name}: a form field cannot be null", code="invalid_field", field=name)
+    return decoded
 
 
 async def read_body(request: Request[Any, Any, Any]) -> None:

@@ -212,6 +212,7 @@ def test_a_quote_refuses_invalid_bodies_as_the_submission_does(service: Service)
         ({"prompt": "edit"}, b"not an image"),
         ({"prompt": "edit", "max_cost": "zero"}, png()),
         ({"prompt": "edit", "max_cost": "0"}, png()),
+        ({"prompt": "edit", "max_cost": "null"}, png()),
         ({"prompt": "edit", "confirm_spend": "1"}, png()),
         ({"prompt": "edit", "confirm_spend": "yes"}, png()),
     ]
