@@ -157,6 +157,12 @@ def boolean_fields(type_: type[msgspec.Struct]) -> frozenset[str]:
     )
 
 
+@cache
+def attribute_names(type_: type[msgspec.Struct]) -> dict[str, str]:
+    """The attribute of a struct each of its fields is decoded into, by the field's name in a body."""
+    return {field.encode_name: field.name for field in msgspec.inspect.type_info(type_).fields}  # type: ignore[attr-defined]
+
+
 _FORM_BOOLEANS = {"true": True, "false": False}
 
 
@@ -246,7 +252,7 @@ async def _read_form(request: Request[Any, Any, Any], type_: type[T]) -> T:
                 f"a multipart request needs at least one `{name}` file part", code=f"{name}_required", field=name
             )
     decoded = validate(values, type_, strict=False)
-    attributes = {field.encode_name: field.name for field in msgspec.inspect.type_info(type_).fields}  # type: ignore[attr-defined]
+    attributes = attribute_names(type_)  # type: ignore[arg-type]
     for name in values:
         # Text reads as null in lax decoding ("null"), but a form field is present or absent: never null.
         if getattr(decoded, attributes[name]) is None:
