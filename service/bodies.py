@@ -6,7 +6,7 @@ them) is a multipart form; a union of one of each takes either, chosen by the Co
 Types are not coerced: `"4"` is not a number. A number is an integer when its value is whole, as JSON Schema says,
 so `4.0` counts as `4`. Malformed JSON is a 400; a body that does not fit its schema is a 422 naming the field.
 Form fields arrive as text, so numbers are read from it there, unlike in JSON bodies; a boolean form field is `true`
-or `false`, nothing else.
+or `false` in any case (generated clients send `True`), nothing else.
 """
 
 from __future__ import annotations
@@ -237,9 +237,10 @@ async def _read_form(request: Request[Any, Any, Any], type_: type[T]) -> T:
             elif name in values:
                 raise InvalidInput(f"{name} is given more than once", code="duplicate_field", field=name)
             elif name in boolean_fields(type_):  # type: ignore[arg-type]
-                if str(value) not in _FORM_BOOLEANS:
+                flag = _FORM_BOOLEANS.get(str(value).lower())
+                if flag is None:
                     raise InvalidInput(f"{name}: expected `true` or `false`", code="invalid_field", field=name)
-                values[name] = _FORM_BOOLEANS[str(value)]
+                values[name] = flag
             else:
                 values[name] = str(value)
     finally:

@@ -67,7 +67,7 @@ def post(client: httpx.Client, route: str, body: dict[str, Any], image: bytes | 
     """`body` to `route` as JSON, or as a multipart form with `image` as its reference image."""
     if image is None:
         return client.post(route, json=body)
-    form = {key: str(value).lower() if isinstance(value, bool) else str(value) for key, value in body.items()}
+    form = {key: str(value) for key, value in body.items()}
     return client.post(route, data=form, files=[("image", ("ref.png", image, "image/png"))])
 
 
