@@ -5,7 +5,8 @@ them) is a multipart form; a union of one of each takes either, chosen by the Co
 
 Types are not coerced: `"4"` is not a number. A number is an integer when its value is whole, as JSON Schema says,
 so `4.0` counts as `4`. Malformed JSON is a 400; a body that does not fit its schema is a 422 naming the field.
-Form fields arrive as text, so numbers are read from it there, unlike in JSON bodies.
+Form fields arrive as text, so numbers are read from it there, unlike in JSON bodies; a boolean form field is `true`
+or `false` in any case (generated clients send `True`), nothing else.
 """
 
 from __future__ import annotations
@@ -146,6 +147,25 @@ def file_fields(type_: type[msgspec.Struct]) -> dict[str, FileField]:
     return found
 
 
+@cache
+def boolean_fields(type_: type[msgspec.Struct]) -> frozenset[str]:
+    """The fields of a struct that take a boolean."""
+    return frozenset(
+        field.encode_name
+        for field in msgspec.inspect.type_info(type_).fields  # type: ignore[attr-defined]
+        if isinstance(_unwrapped(field.type)[0], msgspec.inspect.BoolType)
+    )
+
+
+@cache
+def attribute_names(type_: type[msgspec.Struct]) -> dict[str, str]:
+    """The attribute of a struct each of its fields is decoded into, by the field's name in a body."""
+    return {field.encode_name: field.name for field in msgspec.inspect.type_info(type_).fields}  # type: ignore[attr-defined]
+
+
+_FORM_BOOLEANS = {"true": True, "false": False}
+
+
 @dataclass(frozen=True, slots=True)
 class Body:
     """What a route's `data` annotation accepts: a JSON type, a form type, or one of each."""
@@ -216,6 +236,11 @@ async def _read_form(request: Request[Any, Any, Any], type_: type[T]) -> T:
                 raise InvalidInput(f"unexpected form field {name!r}", code=code, field=name)
             elif name in values:
                 raise InvalidInput(f"{name} is given more than once", code="duplicate_field", field=name)
+            elif name in boolean_fields(type_):  # type: ignore[arg-type]
+                flag = _FORM_BOOLEANS.get(str(value).lower())
+                if flag is None:
+                    raise InvalidInput(f"{name}: expected `true` or `false`", code="invalid_field", field=name)
+                values[name] = flag
             else:
                 values[name] = str(value)
     finally:
@@ -227,7 +252,13 @@ async def _read_form(request: Request[Any, Any, Any], type_: type[T]) -> T:
             raise InvalidInput(
                 f"a multipart request needs at least one `{name}` file part", code=f"{name}_required", field=name
             )
-    return validate(values, type_, strict=False)
+    decoded = validate(values, type_, strict=False)
+    attributes = attribute_names(type_)  # type: ignore[arg-type]
+    for name in values:
+        # Text reads as null in lax decoding ("null"), but a form field is present or absent: never null.
+        if getattr(decoded, attributes[name]) is None:
+            raise InvalidInput(f"{name}: a form field cannot be null", code="invalid_field", field=name)
+    return decoded
 
 
 async def read_body(request: Request[Any, Any, Any]) -> None:

@@ -7,6 +7,7 @@ in the OpenAPI document for every status a route can answer.
 from __future__ import annotations
 
 import logging
+from datetime import datetime
 from http import HTTPStatus
 from typing import Any, Literal
 
@@ -34,6 +35,12 @@ class Problem(msgspec.Struct, omit_defaults=True):
     # On 402: whose credits fell short, `tenant` or the end user's allowance (`user`).
     account: Literal["tenant", "user"] | None = None
     retry_after: int | None = None
+    # On 402 over a spending cap, `over_max_cost` and 428 `confirm_required`: the limit that refused (the period's
+    # cap, the request's `max_cost`, the tenant's `confirm_above`); over a cap, what is spent in the period and when
+    # the period ends (RFC 3339, UTC). An end user is not told the tenant's own cap or spending.
+    cap: int | None = None
+    spent: int | None = None
+    resets_at: datetime | None = None
     # On 409 `step_running`: the canvas step that runs now, and its task.
     running_step: int | None = None
     running_task: str | None = None
@@ -96,6 +103,59 @@ class InsufficientCredits(ServiceError):
             whose = "the end user's allowance" if account == "user" else "the balance"
             detail = f"This costs {cost} credits and {whose} is {balance}."
         super().__init__(detail, balance=balance, cost=cost, account=account)
+
+
+# The spending caps a debit honours: what each covers, for the messages.
+CAP_PERIODS = {
+    "over_daily_cap": "the tenant's daily spending",
+    "over_monthly_cap": "the tenant's monthly spending",
+    "over_end_user_daily_cap": "the end user's daily spending",
+}
+
+
+class OverSpendCap(ServiceError):
+    """402: the debit would take a period's spending past its cap. `cap` and `spent` are None when the caller may not
+    see them (an end user, of the tenant's own caps)."""
+
+    status = 402
+
+    def __init__(self, code: str, *, cap: int | None, spent: int | None, cost: int, resets_at: datetime) -> None:
+        what = CAP_PERIODS[code]
+        if cap is None or spent is None:
+            detail = f"This costs {cost} credits, more than is left under {what} cap."
+        else:
+            detail = f"This costs {cost} credits; {what} is capped at {cap} and {spent} is spent."
+        detail += f" The period ends at {resets_at.isoformat().replace('+00:00', 'Z')}."
+        super().__init__(detail, code=code, cost=cost, cap=cap, spent=spent, resets_at=resets_at)
+
+
+class OverMaxCost(ServiceError):
+    """402: the task would cost more than the request's own `max_cost`."""
+
+    status, code = 402, "over_max_cost"
+
+    def __init__(self, *, cost: int, max_cost: int) -> None:
+        super().__init__(
+            f"This costs {cost} credits, more than the request's max_cost of {max_cost}.",
+            field="max_cost",
+            cost=cost,
+            cap=max_cost,
+        )
+
+
+class ConfirmRequired(ServiceError):
+    """428: the task costs more than the tenant's `confirm_above`, and the request did not confirm the spending."""
+
+    status, code = 428, "confirm_required"
+
+    def __init__(self, *, cost: int, confirm_above: int) -> None:
+        super().__init__(
+            f"This costs {cost} credits, more than {confirm_above} without confirmation: send "
+            '"confirm_spend": true to spend it.',
+            field="confirm_spend",
+            cost=cost,
+            cap=confirm_above,
+        )
 
 
 class ServiceUnavailable(ServiceError):
@@ -194,13 +254,17 @@ EXCEPTION_HANDLERS = {
 _DESCRIPTIONS = {
     400: "Malformed request or parameter",
     401: "Missing, unknown or revoked API key",
-    402: "Not enough credits (`balance` and `cost` say by how much)",
+    402: "Not enough credits (`balance` and `cost` say by how much), or over a spending cap (`code`: "
+    "`over_daily_cap`, `over_monthly_cap`, `over_end_user_daily_cap`, with `cap`, `spent` and `resets_at`) or the "
+    "request's `max_cost` (`over_max_cost`)",
     403: "The tenant is suspended",
     404: "No such object for this caller",
     409: "The object is not in a state for this action, or the idempotency key was used with another body",
     413: "Request body or an uploaded file is too large",
     415: "Unsupported content type or image type",
     422: "A field is invalid (`field` names it)",
+    428: "The task costs more than the tenant lets pass unconfirmed (`confirm_required`, with `cost` and `cap`): send "
+    '`"confirm_spend": true`',
     429: "Rate limited (`Retry-After` says when to retry)",
     502: "The upstream image service failed",
     503: "Not ready, or a part this needs is not configured (the upstream, ENCRYPTION_KEYS)",
@@ -223,11 +287,14 @@ def problem_responses(*statuses: int) -> dict[int, ResponseSpec]:
 __all__ = [
     "EXCEPTION_HANDLERS",
     "BadRequest",
+    "ConfirmRequired",
     "Conflict",
     "Forbidden",
     "InsufficientCredits",
     "InvalidInput",
     "NotFound",
+    "OverMaxCost",
+    "OverSpendCap",
     "PayloadTooLarge",
     "Problem",
     "ServiceError",

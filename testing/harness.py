@@ -289,6 +289,11 @@ class ServiceProcess:
     def query(self, sql: str, *params: Any) -> list[tuple[Any, ...]]:
         return query(self.database_url, sql, *params)
 
+    def execute(self, sql: str, *params: Any) -> None:
+        """Run one statement that changes this process's database and commit it (use $1, $2 … for parameters): for
+        tests that set up a state no API reaches, such as counters last written on an earlier day."""
+        execute(self.database_url, sql, *params)
+
     def audit(self, *, expect_finished: bool = True) -> tuple[int, str]:
         """`imagegen audit [--expect-finished]` on this process's database: its exit code and report."""
         result = subprocess.run(
@@ -374,6 +379,27 @@ def query(database_url: str, sql: str, *params: Any) -> list[tuple[Any, ...]]:
             await connection.close()
 
     return asyncio.run(fetch())
+
+
+def execute(database_url: str, sql: str, *params: Any) -> None:
+    """One committed statement on a service's database, SQLite or PostgreSQL (use $1, $2 … for parameters)."""
+    if database_url.startswith("sqlite"):
+        connection = sqlite3.connect(database_url.split(":///", 1)[1])
+        try:
+            with connection:
+                connection.execute(re.sub(r"\$\d+", "?", sql), params)
+        finally:
+            connection.close()
+        return
+
+    async def run() -> None:
+        connection = await asyncpg.connect(database_url.replace("postgresql+asyncpg://", "postgresql://"))
+        try:
+            await connection.execute(sql, *params)
+        finally:
+            await connection.close()
+
+    asyncio.run(run())
 
 
 def _s3_client(env: dict[str, str]) -> Any:

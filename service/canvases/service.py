@@ -333,7 +333,8 @@ class CanvasService:
             "created_at": now,
             "updated_at": now,
         }
-        _, balance = await tasks.insert_paid(tx, values, reason=f"canvas {canvas_id} step {n}")
+        # A step's request has no confirmation: the spending caps bind it, `confirm_above` does not.
+        _, balance = await tasks.insert_paid(tx, values, reason=f"canvas {canvas_id} step {n}", confirmed=True)
         await repository.insert_step(
             tx, {"task_id": task_id, "canvas_id": canvas_id, "n": n, "artifacts": {}, **geometry_values}
         )

@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 from datetime import datetime
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 from sqlalchemy import (
     CTE,
     BigInteger,
+    BindParameter,
+    Boolean,
     ColumnElement,
     Insert,
     String,
@@ -17,15 +19,18 @@ from sqlalchemy import (
     func,
     insert,
     literal,
+    or_,
     select,
     update,
 )
 
+from service.credits import limits
+from service.credits.limits import day_of, month_of
 from service.db.engine import Record, Transaction
 from service.db.models import END_USERS, LEDGER, TASKS, TENANTS, EndUser, LedgerEntry, Tenant, UTCDateTime, utc_day
 from service.db.scoping import CallerValue
 from service.endusers.repository import owned_end_users
-from service.errors import InsufficientCredits
+from service.errors import InsufficientCredits, ServiceError
 from service.ids import new_id
 from service.metrics import count_credits
 
@@ -54,41 +59,131 @@ def owned_ledger_entries(tenant_id: CallerValue, end_user: CallerValue | None) -
 
 
 _AMOUNT = bindparam("amount", type_=BigInteger())
+_NOW = bindparam("now", type_=UTCDateTime())
+# The periods of the debit (today's UTC day and month) and, for a refund, those of the debit it gives back. None is
+# named after a column: an UPDATE would take such a parameter for its SET clause.
+_TODAY = bindparam("today", type_=String())
+_THIS_MONTH = bindparam("this_month", type_=String())
+_DEBITED_DAY = bindparam("debited_day", type_=String())
+_DEBITED_MONTH = bindparam("debited_month", type_=String())
+_CONFIRMED = bindparam("confirmed", type_=Boolean())
+_OF_TENANT = bindparam("of_tenant", type_=String())
+_OF_USER = bindparam("of_user", type_=String())
+
+
+def _spent_after(period: ColumnElement[Any], amount: ColumnElement[Any], current: BindParameter[Any]) -> Any:
+    """A period's counter after the debit of `-amount`: what it holds for the current period (nothing when it holds
+    an earlier period's) plus the debit."""
+    return case((period == current, amount), else_=0) - _AMOUNT
+
+
+def _within(cap: Any, spent_after: Any) -> ColumnElement[bool]:
+    return or_(cap.is_(None), spent_after <= cap)
+
+
+def _given_back(period: ColumnElement[Any], amount: ColumnElement[Any], debited: BindParameter[Any]) -> Any:
+    """A period's counter after a refund of `amount`: less the refund when the counter is still the debit's period
+    (never below zero: a debit made before the counters existed gives back nothing), unchanged otherwise."""
+    return case((and_(period == debited, amount > _AMOUNT), amount - _AMOUNT), (period == debited, 0), else_=amount)
+
+
+_t = TENANTS.c
+_TENANT_DAY = _spent_after(_t.spent_day, _t.spent_day_amount, _TODAY)
+_TENANT_MONTH = _spent_after(_t.spent_month, _t.spent_month_amount, _THIS_MONTH)
+# A grant or an adjustment: the balance alone, never below zero.
 _MOVE_BALANCE = (
     update(TENANTS)
-    .where(TENANTS.c.id == bindparam("tenant_id", type_=String()), TENANTS.c.balance + _AMOUNT >= 0)
-    .values(balance=TENANTS.c.balance + _AMOUNT, updated_at=bindparam("now", type_=UTCDateTime()))
-    .returning(TENANTS.c.balance)
+    .where(_t.id == bindparam("tenant_id", type_=String()), _t.balance + _AMOUNT >= 0)
+    .values(balance=_t.balance + _AMOUNT, updated_at=_NOW)
+    .returning(_t.balance)
 )
+# A debit: the balance and the period counters move in the one guarded UPDATE, which matches no row when the balance,
+# a cap or the confirmation threshold refuses (docs/architecture.md §3). A row lock orders concurrent debits, and
+# each re-checks its guards on the row the previous one left (PostgreSQL re-evaluates the WHERE after the lock).
+_DEBIT_BALANCE = (
+    update(TENANTS)
+    .where(
+        _t.id == _OF_TENANT,
+        _t.balance + _AMOUNT >= 0,
+        _within(_t.daily_spend_cap, _TENANT_DAY),
+        _within(_t.monthly_spend_cap, _TENANT_MONTH),
+        or_(_t.confirm_above.is_(None), _t.confirm_above >= -_AMOUNT, _CONFIRMED),
+    )
+    .values(
+        balance=_t.balance + _AMOUNT,
+        spent_day=_TODAY,
+        spent_day_amount=_TENANT_DAY,
+        spent_month=_THIS_MONTH,
+        spent_month_amount=_TENANT_MONTH,
+        updated_at=_NOW,
+    )
+    .returning(_t.balance)
+)
+_REFUND_BALANCE = (
+    update(TENANTS)
+    .where(_t.id == _OF_TENANT)
+    .values(
+        balance=_t.balance + _AMOUNT,
+        spent_day_amount=_given_back(_t.spent_day, _t.spent_day_amount, _DEBITED_DAY),
+        spent_month_amount=_given_back(_t.spent_month, _t.spent_month_amount, _DEBITED_MONTH),
+        updated_at=_NOW,
+    )
+    .returning(_t.balance)
+)
+_u = END_USERS.c
+# Not named after the columns: an UPDATE keeps those names for its SET clause.
+_OWNED_ALLOWANCE = owned_end_users(_OF_TENANT, _OF_USER)
+_USER_DAY = _spent_after(_u.spent_day, _u.spent_day_amount, _TODAY)
+_END_USER_CAP = select(_t.end_user_daily_spend_cap).where(_t.id == _OF_TENANT).scalar_subquery()
 _MOVE_ALLOWANCE = (
     update(END_USERS)
-    .where(
-        # Not named after the columns: an UPDATE keeps those names for its SET clause.
-        owned_end_users(bindparam("of_tenant", type_=String()), bindparam("of_user", type_=String())),
-        END_USERS.c.balance + _AMOUNT >= 0,
-    )
-    .values(balance=END_USERS.c.balance + _AMOUNT, updated_at=bindparam("now", type_=UTCDateTime()))
-    .returning(END_USERS.c.balance)
+    .where(_OWNED_ALLOWANCE, _u.balance + _AMOUNT >= 0)
+    .values(balance=_u.balance + _AMOUNT, updated_at=_NOW)
+    .returning(_u.balance)
 )
-_MOVE_BALANCE_OF = (
-    update(TENANTS)
-    .where(TENANTS.c.id == bindparam("of_tenant", type_=String()), TENANTS.c.balance + _AMOUNT >= 0)
-    .values(balance=TENANTS.c.balance + _AMOUNT, updated_at=bindparam("now", type_=UTCDateTime()))
-    .returning(TENANTS.c.balance)
+_DEBIT_ALLOWANCE = (
+    update(END_USERS)
+    .where(_OWNED_ALLOWANCE, _u.balance + _AMOUNT >= 0, _within(_END_USER_CAP, _USER_DAY))
+    .values(balance=_u.balance + _AMOUNT, spent_day=_TODAY, spent_day_amount=_USER_DAY, updated_at=_NOW)
+    .returning(_u.balance)
+)
+_REFUND_ALLOWANCE = (
+    update(END_USERS)
+    .where(_OWNED_ALLOWANCE)
+    .values(
+        balance=_u.balance + _AMOUNT,
+        spent_day_amount=_given_back(_u.spent_day, _u.spent_day_amount, _DEBITED_DAY),
+        updated_at=_NOW,
+    )
+    .returning(_u.balance)
 )
 _APPEND = insert(LEDGER)
-TENANT = "tenant"
-USER = "user"
+TENANT = limits.TENANT
+USER = limits.USER
 
 
 def debit_ctes(*, end_user: bool) -> tuple[CTE, CTE | None]:
     """The guarded debits of `charge` as CTEs, for a statement that does more in the same round trip (PostgreSQL):
     the tenant's balance, and the end user's allowance when `end_user`. Each returns the balance after it, or no row
-    when it would have gone below zero (then the caller's transaction must roll back what the other one did).
-    Parameters: `of_tenant`, `of_user` (for the allowance), `amount` (negative) and `now`: none named after a column
-    of either table, which an UPDATE in the same statement would take for its SET clause."""
-    tenant = _MOVE_BALANCE_OF.cte("tenant_debit")
-    return tenant, _MOVE_ALLOWANCE.cte("user_debit") if end_user else None
+    when a guard refused (the balance, a spending cap, the confirmation; then the caller's transaction must roll back
+    what the other one did, and `refusal` says why). Parameters: those of `debit_params`, and `of_user` for the
+    allowance: none named after a column of either table, which an UPDATE in the same statement would take for its
+    SET clause."""
+    tenant = _DEBIT_BALANCE.cte("tenant_debit")
+    return tenant, _DEBIT_ALLOWANCE.cte("user_debit") if end_user else None
+
+
+def debit_params(*, tenant_id: str, cost: int, now: datetime, confirmed: bool) -> dict[str, Any]:
+    """The parameters of a guarded debit of `cost` at `now`; `confirmed` says whether the spender confirmed a cost
+    above the tenant's `confirm_above`."""
+    return {
+        "of_tenant": tenant_id,
+        "amount": -cost,
+        "now": now,
+        "today": day_of(now),
+        "this_month": month_of(now),
+        "confirmed": confirmed,
+    }
 
 
 def debit_entry(debit: CTE, *, account: str, entry_id: str, debits: list[CTE]) -> Insert:
@@ -128,18 +223,36 @@ async def post_entry(
     reference: str | None = None,
     end_user: str | None = None,
     account: str = TENANT,
+    confirmed: bool = True,
+    debited_at: datetime | None = None,
 ) -> Entry | None:
-    """Move a balance by `amount` and append the entry; None when it would take the balance below zero.
+    """Move a balance by `amount` and append the entry; None when a guard refused.
 
     `account` says whose balance: the tenant's, or (`user`) the allowance of `end_user`. The guarded UPDATE is the
-    whole concurrency story: it either applies atomically or matches no row.
+    whole concurrency story: it either applies atomically or matches no row. A debit also counts against the
+    spending caps (`confirmed` as in `debit_params`); a refund gives back what its debit, made at `debited_at`,
+    counted, when that period is still the account's; a grant or an adjustment moves the balance alone.
     """
+    params: dict[str, Any] = {"of_tenant": tenant_id, "amount": amount, "now": now}
     if account == USER:
-        moved = await tx.rows(
-            _MOVE_ALLOWANCE, {"of_tenant": tenant_id, "of_user": end_user, "amount": amount, "now": now}
-        )
+        params["of_user"] = end_user
+    if kind == "debit":
+        params = {**debit_params(tenant_id=tenant_id, cost=-amount, now=now, confirmed=confirmed), **params}
+        if account == USER:
+            del params["this_month"], params["confirmed"]
+        statement = _DEBIT_ALLOWANCE if account == USER else _DEBIT_BALANCE
+    elif kind == "refund":
+        debited = debited_at or now
+        params["debited_day"] = day_of(debited)
+        if account == TENANT:
+            params["debited_month"] = month_of(debited)
+        statement = _REFUND_ALLOWANCE if account == USER else _REFUND_BALANCE
+    elif account == USER:
+        statement = _MOVE_ALLOWANCE
     else:
-        moved = await tx.rows(_MOVE_BALANCE, {"tenant_id": tenant_id, "amount": amount, "now": now})
+        params = {"tenant_id": tenant_id, "amount": amount, "now": now}
+        statement = _MOVE_BALANCE
+    moved = await tx.rows(statement, params)
     if not moved:
         return None
     [(balance_after,)] = moved
@@ -159,12 +272,13 @@ async def charge(
     cost: int,
     reason: str,
     now: datetime,
+    confirmed: bool,
     task_id: str | None = None,
     reference: str | None = None,
 ) -> Entry:
     """Debit `cost` from the tenant and, when an end user spends it, from their allowance too, in the caller's
-    transaction; 402 naming the account that falls short (the caller's rollback undoes the other). The entry returned
-    is the spender's own: the allowance's for an end user, whose answers never show the tenant's balance."""
+    transaction; 402 (or 428) naming the guard that refused (the caller's rollback undoes the other debit). The entry
+    returned is the spender's own: the allowance's for an end user, whose answers never show the tenant's balance."""
 
     async def debit(account: str) -> Entry | None:
         return await post_entry(
@@ -178,19 +292,17 @@ async def charge(
             now=now,
             task_id=task_id,
             reference=reference,
+            confirmed=confirmed,
         )
 
-    entry = await debit(TENANT)
-    if entry is None:
-        balance = None if end_user is not None else await balance_of(tx, tenant_id)
-        raise InsufficientCredits(balance=balance, cost=cost, account=TENANT)
-    if end_user is None:
-        return entry
-    allowance = await debit(USER)
-    if allowance is None:
-        balance, _ = await allowance_of(tx, tenant_id, end_user)
-        raise InsufficientCredits(balance=balance, cost=cost, account=USER)
-    return allowance
+    for account in (TENANT, USER) if end_user is not None else (TENANT,):
+        entry = await debit(account)
+        if entry is None:
+            raise await refusal(
+                tx, tenant_id=tenant_id, end_user=end_user, account=account, cost=cost, now=now, confirmed=confirmed
+            )
+    assert entry is not None
+    return entry
 
 
 async def credit_back(
@@ -201,10 +313,11 @@ async def credit_back(
     amount: int,
     reason: str,
     now: datetime,
+    debited_at: datetime,
     task_id: str | None = None,
     reference: str | None = None,
 ) -> None:
-    """Refund `amount` to every account `charge` debited."""
+    """Refund `amount`, debited at `debited_at`, to every account `charge` debited."""
     for account in (TENANT, USER) if end_user is not None else (TENANT,):
         await post_entry(
             tx,
@@ -217,6 +330,7 @@ async def credit_back(
             now=now,
             task_id=task_id,
             reference=reference,
+            debited_at=debited_at,
         )
 
 
@@ -239,25 +353,60 @@ async def allowance_of(tx: Transaction, tenant_id: str, end_user: str) -> tuple[
     return (int(found[0][0]), found[0][1]) if found else (0, None)
 
 
-_AFFORDABLE = select(
-    TENANTS.c.balance,
-    select(END_USERS.c.balance)
-    .where(owned_end_users(bindparam("tenant_id", type_=String()), bindparam("end_user", type_=String())))
-    .scalar_subquery(),
-).where(TENANTS.c.id == bindparam("tenant_id", type_=String()))
+_GUARDED_TENANT = select(
+    _t.balance,
+    _t.confirm_above,
+    _t.daily_spend_cap,
+    _t.monthly_spend_cap,
+    _t.end_user_daily_spend_cap,
+    _t.spent_day,
+    _t.spent_day_amount,
+    _t.spent_month,
+    _t.spent_month_amount,
+    _t.rate_limit_per_minute,
+    _t.end_user_rate_limit_per_minute,
+).where(_t.id == bindparam("tenant_id", type_=String()))
+_GUARDED_USER = select(_u.balance, _u.spent_day, _u.spent_day_amount).where(
+    owned_end_users(bindparam("tenant_id", type_=String()), bindparam("end_user", type_=String()))
+)
 
 
-async def ensure_affordable(tx: Transaction, *, tenant_id: str, end_user: str | None, cost: int) -> None:
-    """402, as `charge` would answer, when the balances read now cannot cover `cost`: a cheap early refusal before
+async def guarded_accounts(tx: Transaction, tenant_id: str, end_user: str | None) -> tuple[Record, Record | None]:
+    """What the debit's guards read of the tenant's row (balance, caps, counters, `confirm_above`, and its request
+    rate limits), and of the end user's row (None without an end user, or before they have a row)."""
+    tenant = await tx.first(_GUARDED_TENANT, {"tenant_id": tenant_id})
+    assert tenant is not None, "an authenticated caller's tenant exists"
+    if end_user is None:
+        return tenant, None
+    return tenant, await tx.first(_GUARDED_USER, {"tenant_id": tenant_id, "end_user": end_user})
+
+
+async def refusal(
+    tx: Transaction, *, tenant_id: str, end_user: str | None, account: str, cost: int, now: datetime, confirmed: bool
+) -> ServiceError:
+    """Why the guarded debit of `cost` from `account` matched no row: read on the failure path only, in the
+    transaction that failed. The first guard of that account that refuses by `credits.limits`; an insufficient
+    balance when none does any more (the account changed meanwhile). Only the refused account's guards are asked:
+    the other one's debit may have applied in this transaction, which rolls back."""
+    tenant, user = await guarded_accounts(tx, tenant_id, end_user)
+    if account == TENANT:
+        found = limits.tenant_refusals(tenant, hidden=end_user is not None, cost=cost, now=now, confirmed=confirmed)
+    else:
+        found = limits.user_refusals(tenant, user, cost=cost, now=now)
+    if found:
+        return found[0]
+    return InsufficientCredits(balance=None, cost=cost, account=account)
+
+
+async def ensure_affordable(
+    tx: Transaction, *, tenant_id: str, end_user: str | None, cost: int, now: datetime, confirmed: bool
+) -> None:
+    """402 or 428, as `charge` would answer, when the accounts read now refuse `cost`: a cheap early refusal before
     costly work. Only the guarded debit in `charge` decides; this check may pass and the debit still fail."""
-    row = await tx.first(_AFFORDABLE, {"tenant_id": tenant_id, "end_user": end_user or ""})
-    tenant_balance = int(row[0]) if row is not None else 0
-    if tenant_balance < cost:
-        raise InsufficientCredits(balance=None if end_user is not None else tenant_balance, cost=cost, account=TENANT)
-    if end_user is not None:
-        allowance = int(row[1] or 0) if row is not None else 0
-        if allowance < cost:
-            raise InsufficientCredits(balance=allowance, cost=cost, account=USER)
+    tenant, user = await guarded_accounts(tx, tenant_id, end_user)
+    found = limits.refusals(tenant, user, end_user=end_user, cost=cost, now=now, confirmed=confirmed)
+    if found:
+        raise found[0]
 
 
 async def list_entries(

@@ -118,6 +118,18 @@ class Tenant(Base):
     balance_cap: Mapped[int] = mapped_column(BigInteger, default=100, server_default="100")
     # What a task run with the tenant's own provider key costs per image, whatever its quality.
     byok_price_per_image: Mapped[int] = mapped_column(BigInteger, default=0, server_default="0")
+    # Spend guards (credits; NULL: none): what the tenant may spend in a UTC day and a UTC calendar month, what each
+    # of its end users may spend in a UTC day, and the cost above which a submission must confirm its spending.
+    daily_spend_cap: Mapped[int | None] = mapped_column(BigInteger, nullable=True)
+    monthly_spend_cap: Mapped[int | None] = mapped_column(BigInteger, nullable=True)
+    end_user_daily_spend_cap: Mapped[int | None] = mapped_column(BigInteger, nullable=True)
+    confirm_above: Mapped[int | None] = mapped_column(BigInteger, nullable=True)
+    # What the tenant spent (debits less their refunds) on the UTC day `spent_day` (YYYY-MM-DD) and in the month
+    # `spent_month` (YYYY-MM), kept by the guarded debit itself (service/credits/repository.py, docs §3).
+    spent_day: Mapped[str] = mapped_column(String(10), default="", server_default="")
+    spent_day_amount: Mapped[int] = mapped_column(BigInteger, default=0, server_default="0")
+    spent_month: Mapped[str] = mapped_column(String(7), default="", server_default="")
+    spent_month_amount: Mapped[int] = mapped_column(BigInteger, default=0, server_default="0")
     created_at: Mapped[datetime] = mapped_column(UTCDateTime())
     updated_at: Mapped[datetime] = mapped_column(UTCDateTime())
 
@@ -143,6 +155,9 @@ class EndUser(Base):
     balance: Mapped[int] = mapped_column(BigInteger, default=0)
     # The UTC day (YYYY-MM-DD) of the last check-in.
     checked_in_on: Mapped[str | None] = mapped_column(String(10), nullable=True)
+    # What the end user spent on the UTC day `spent_day`, kept by the guarded debit of their allowance.
+    spent_day: Mapped[str] = mapped_column(String(10), default="", server_default="")
+    spent_day_amount: Mapped[int] = mapped_column(BigInteger, default=0, server_default="0")
     created_at: Mapped[datetime] = mapped_column(UTCDateTime())
     updated_at: Mapped[datetime] = mapped_column(UTCDateTime())
 

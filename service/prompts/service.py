@@ -14,6 +14,7 @@ import json
 import time
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
+from datetime import datetime
 from typing import Annotated, Any
 
 import anyio
@@ -95,6 +96,8 @@ class Charge:
 
     reference: str | None
     settled: bool = False
+    # When it was debited: its refund gives back what the debit counted against the spending caps of that period.
+    debited_at: datetime | None = None
 
 
 class UpstreamFailed(ServiceError):
@@ -246,6 +249,7 @@ class Enhancer:
         if cost == 0:
             return Charge(None)
         key = f"enhance:{new_id()}"
+        now = utcnow()
         async with self.db.transaction() as tx:
             await ledger.charge(
                 tx,
@@ -253,10 +257,12 @@ class Enhancer:
                 end_user=plan.end_user,
                 cost=cost,
                 reason="prompt enhancement",
-                now=utcnow(),
+                now=now,
                 reference=key,
+                # The enhancement's request has no confirmation: the spending caps bind it, `confirm_above` does not.
+                confirmed=True,
             )
-        return Charge(key)
+        return Charge(key, debited_at=now)
 
     async def settle(self, plan: Plan, charge: Charge, *, finished: bool) -> None:
         """Keep the price of a finished enhancement, refund one that did not finish; only the first call counts.
@@ -277,6 +283,7 @@ class Enhancer:
                     amount=self.settings.enhance_cost,
                     reason="refund: prompt enhancement did not finish",
                     now=utcnow(),
+                    debited_at=charge.debited_at or utcnow(),
                     reference=f"{charge.reference}:refund",
                 )
 

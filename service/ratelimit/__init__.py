@@ -8,7 +8,7 @@ import asyncio
 import math
 import time
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import Protocol, runtime_checkable
 
 from service.db.engine import Database
 from service.ratelimit import repository
@@ -37,9 +37,14 @@ class Decision:
         return [(name.lower().encode(), value.encode()) for name, value in self.headers().items()]
 
 
+@runtime_checkable
 class RateLimiter(Protocol):
     async def take(self, key: str, per_minute: int) -> Decision:
         """Spend one request of `per_minute` for `key`, if one is left."""
+        ...
+
+    async def peek(self, key: str, per_minute: int) -> Decision:
+        """What `take` would decide now, spending nothing (a quote's answer to "would this be let through")."""
         ...
 
 
@@ -59,6 +64,13 @@ class LocalRateLimiter:
             tokens -= 1
         self._buckets[key] = (tokens, now)
         return _decision(allowed, per_minute, tokens, rate)
+
+    async def peek(self, key: str, per_minute: int) -> Decision:
+        rate = per_minute / 60.0
+        now = time.monotonic()
+        tokens, stamp = self._buckets.get(key, (float(per_minute), now))
+        tokens = min(float(per_minute), tokens + (now - stamp) * rate)
+        return _decision(tokens >= 1, per_minute, tokens, rate)
 
 
 def rate_limiter(db: Database) -> RateLimiter:
@@ -119,6 +131,16 @@ class SharedRateLimiter:
                 held.tokens = count
             held.tokens -= 1
             return _decision(True, per_minute, held.left + held.tokens, rate)
+
+    async def peek(self, key: str, per_minute: int) -> Decision:
+        """Allowed while this process holds a token of the key, else as the shared bucket stands (read only)."""
+        rate = per_minute / 60.0
+        held = self._held.get(key)
+        if held is not None and held.per_minute == per_minute and held.tokens > 0:
+            return _decision(True, per_minute, held.left + held.tokens, rate)
+        async with self._db.snapshot() as tx:
+            tokens = await repository.tokens_left(tx, key=key, per_minute=per_minute, now=time.time())
+        return _decision(tokens >= 1, per_minute, tokens, rate)
 
     async def _spend(self, key: str, per_minute: int, count: int) -> tuple[float, bool]:
         """Take `count` tokens from the shared bucket, all or none, in a transaction of its own."""

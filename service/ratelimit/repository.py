@@ -3,7 +3,7 @@ statement built once: only its parameters change."""
 
 from __future__ import annotations
 
-from sqlalchemy import Float, String, bindparam, case, func
+from sqlalchemy import Float, String, bindparam, case, func, select
 from sqlalchemy.dialects.postgresql import insert as postgresql_insert
 
 from service.db.engine import Transaction
@@ -40,3 +40,14 @@ async def spend(tx: Transaction, *, key: str, per_minute: int, now: float, count
     params = {"key": key, "now": now, "full": float(per_minute), "rate": per_minute / 60.0, "count": float(count)}
     [(tokens, allowed)] = await tx.rows(_SPEND, params)
     return float(tokens), bool(allowed)
+
+
+_TOKENS = select(RateBucket.tokens, RateBucket.stamp).where(RateBucket.key == bindparam("key", type_=String()))
+
+
+async def tokens_left(tx: Transaction, *, key: str, per_minute: int, now: float) -> float:
+    """The tokens `key`'s bucket holds at `now`, refilled, without spending any (a bucket never used is full)."""
+    found = await tx.first(_TOKENS, {"key": key})
+    if found is None:
+        return float(per_minute)
+    return min(float(per_minute), float(found.tokens) + (now - float(found.stamp)) * per_minute / 60.0)

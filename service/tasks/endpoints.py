@@ -23,10 +23,12 @@ from service.errors import Conflict, NotFound, problem_responses
 from service.idempotency import IdempotencyKey
 from service.images.download import ImageOperation, StoredImage, etag_matches
 from service.pagination import Cursor, Limit, next_cursor
+from service.ratelimit import RateLimiter
 from service.settings import Settings
 from service.tasks.schemas import (
     GenerateRequest,
     GenerateUpload,
+    QuoteOut,
     TaskOut,
     TaskPage,
     TaskStatus,
@@ -85,7 +87,7 @@ class GenerateOperation(Operation):
             name="Preference-Applied", description="`wait=N` when `Prefer: wait` was honoured", documentation_only=True
         ),
     ],
-    responses=problem_responses(401, 402, 403, 409, 413, 415, 422, 429),
+    responses=problem_responses(401, 402, 403, 409, 413, 415, 422, 428, 429),
     before_request=authenticate_then_read_body,
 )
 async def generate_image(
@@ -95,11 +97,7 @@ async def generate_image(
     idempotency_key: IdempotencyKey = None,
     prefer: Prefer = None,
 ) -> Response[TaskOut]:
-    if isinstance(data, GenerateUpload):
-        submission = Submission(request=data, references=data.image, mask=data.mask)
-    else:
-        submission = Submission(request=data, references=[])
-    submitted = await tasks.submit(caller, submission, idempotency_key)
+    submitted = await tasks.submit(caller, _submission(data), idempotency_key)
     headers = {"Location": f"/api/images/tasks/{submitted.id}"}
     wait = preferred_wait(prefer)
     if wait is None:
@@ -115,6 +113,34 @@ async def generate_image(
     if finished is None:
         return Response(submitted, status_code=202, headers=headers)
     return Response(task_view(finished), status_code=200, headers=headers)
+
+
+@post(
+    "/images/quote",
+    operation_id="quoteImage",
+    summary="Quote an image task: its cost and whether it would be accepted now (dry run)",
+    description="Takes exactly the body of POST /api/images/generate (JSON, or multipart with reference images) and "
+    "checks it the same way: an invalid body gets the same 4xx. Answers the cost, the balance (an end user's "
+    "allowance) before and after, and every reason the submission would be refused now (`insufficient_credits`, "
+    "`over_daily_cap`, `over_monthly_cap`, `over_end_user_daily_cap`, `over_max_cost`, `confirm_required`, "
+    "`rate_limited`). Nothing is debited, queued or stored, and the submission's request-rate limit is read, not "
+    "spent (quotes count against a limit of their own, of the same size). Reference images are measured from their "
+    "headers, as a submission does before it pays, not decoded.",
+    status_code=200,
+    responses=problem_responses(401, 403, 413, 415, 422, 429),
+    before_request=authenticate_then_read_body,
+    opt={"rate_buckets": "quote:"},
+)
+async def quote_image(
+    data: GenerateRequest | GenerateUpload, caller: Caller, tasks: TaskService, limiter: RateLimiter
+) -> QuoteOut:
+    return await tasks.quote(caller, _submission(data), limiter)
+
+
+def _submission(data: GenerateRequest | GenerateUpload) -> Submission:
+    if isinstance(data, GenerateUpload):
+        return Submission(request=data, references=data.image, mask=data.mask)
+    return Submission(request=data, references=[])
 
 
 _WAIT = re.compile(r'\s*wait\s*=\s*"?([0-9]{1,9})"?\s*', re.IGNORECASE | re.ASCII)
@@ -321,7 +347,16 @@ async def list_models(caller: Caller, settings: Settings) -> ModelList:
 
 router = Router(
     "/api",
-    route_handlers=[generate_image, get_task, list_tasks, cancel_task, get_task_image, follow_task, list_models],
+    route_handlers=[
+        generate_image,
+        quote_image,
+        get_task,
+        list_tasks,
+        cancel_task,
+        get_task_image,
+        follow_task,
+        list_models,
+    ],
     tags=["images"],
     # An end user's token works on every task route, on that end user's own tasks only.
     security=[{"tenantKey": []}, *END_USER_TOO],

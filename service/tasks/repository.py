@@ -28,7 +28,6 @@ from service.credits import repository as ledger
 from service.db.engine import WORK_CHANNEL, Record, Transaction
 from service.db.models import TASKS, TENANTS, UTCDateTime
 from service.db.scoping import CallerValue
-from service.errors import InsufficientCredits
 from service.ids import new_id
 from service.metrics import count_finished, count_submitted
 
@@ -70,10 +69,11 @@ async def insert_task(tx: Transaction, values: dict[str, Any]) -> Record:
     return task
 
 
-async def insert_paid(tx: Transaction, values: dict[str, Any], *, reason: str) -> tuple[Record, int]:
+async def insert_paid(tx: Transaction, values: dict[str, Any], *, reason: str, confirmed: bool) -> tuple[Record, int]:
     """Insert a new task (as `insert_task`) and debit its cost as `ledger.charge` does, in the caller's transaction;
     the task as stored and the spender's balance after the debit (the allowance's for an end user's task). Refused
-    with 402 naming the account that falls short; the caller's rollback then undoes the rest.
+    with 402 (or 428) naming the guard that refused (`ledger.refusal`); the caller's rollback then undoes the rest.
+    `confirmed`: whether the submission confirmed a cost above the tenant's `confirm_above`.
 
     Where the database runs INSERTs and UPDATEs inside one statement (PostgreSQL), the task, the debits, their ledger
     entries and the announcement of the queued work to other processes' workers are one statement: one round trip
@@ -86,16 +86,21 @@ async def insert_paid(tx: Transaction, values: dict[str, Any], *, reason: str) -
     if not tx.writes_in_ctes:
         task = await insert_task(tx, values)
         debit = await ledger.charge(
-            tx, tenant_id=tenant_id, end_user=end_user, cost=cost, task_id=task.id, reason=reason, now=now
+            tx,
+            tenant_id=tenant_id,
+            end_user=end_user,
+            cost=cost,
+            task_id=task.id,
+            reason=reason,
+            now=now,
+            confirmed=confirmed,
         )
         return task, debit.balance_after
     values = _with_defaults(values)
     params = {f"task_{key}": value for key, value in values.items()}
+    params |= ledger.debit_params(tenant_id=tenant_id, cost=cost, now=now, confirmed=confirmed)
     params |= {
-        "of_tenant": tenant_id,
         "of_user": end_user,
-        "amount": -cost,
-        "now": now,
         "task_id": values["id"],
         "reason": reason,
         "tenant_entry": new_id(),
@@ -103,12 +108,13 @@ async def insert_paid(tx: Transaction, values: dict[str, Any], *, reason: str) -
         "channel": WORK_CHANNEL,
     }
     [found] = await tx.rows(_paid_insert(tuple(values), end_user=end_user is not None), params)
-    if found.tenant_balance is None:
-        balance = None if end_user is not None else await ledger.balance_of(tx, tenant_id)
-        raise InsufficientCredits(balance=balance, cost=cost, account=ledger.TENANT)
-    if end_user is not None and found.user_balance is None:
-        balance, _ = await ledger.allowance_of(tx, tenant_id, end_user)
-        raise InsufficientCredits(balance=balance, cost=cost, account=ledger.USER)
+    refused = ledger.TENANT if found.tenant_balance is None else None
+    if refused is None and end_user is not None and found.user_balance is None:
+        refused = ledger.USER
+    if refused is not None:
+        raise await ledger.refusal(
+            tx, tenant_id=tenant_id, end_user=end_user, account=refused, cost=cost, now=now, confirmed=confirmed
+        )
     count_submitted()
     ledger.count_task_debit(cost)
     return found, int(found.user_balance if end_user is not None else found.tenant_balance)
@@ -440,6 +446,7 @@ async def _end(
             task_id=task.id,
             reason=f"refund: task {status}",
             now=now,
+            debited_at=task.created_at,
         )
     return ended
 
@@ -454,14 +461,14 @@ _FAIL_ABANDONED = (
         error_code="worker_lost",
         error_message="The task's worker stopped responding too many times",
     )
-    .returning(_t.id, _t.tenant_id, _t.end_user, _t.cost)
+    .returning(_t.id, _t.tenant_id, _t.end_user, _t.cost, _t.created_at)
 )
 
 
 async def fail_abandoned(tx: Transaction, *, now: datetime, max_attempts: int) -> list[str]:
     """Fail and refund running tasks whose worker vanished and which have no attempts left."""
     failed = await tx.rows(_FAIL_ABANDONED, {"now": now, "max_attempts": max_attempts})
-    for task_id, tenant_id, end_user, cost in failed:
+    for task_id, tenant_id, end_user, cost, created_at in failed:
         count_finished("failed")
         if cost > 0:
             await ledger.credit_back(
@@ -472,6 +479,7 @@ async def fail_abandoned(tx: Transaction, *, now: datetime, max_attempts: int) -
                 task_id=task_id,
                 reason="refund: task failed",
                 now=now,
+                debited_at=created_at,
             )
     return [row[0] for row in failed]
 

@@ -8,6 +8,8 @@ from typing import Annotated, Any, Literal
 import msgspec
 
 from service.bodies import Upload, deployment, part_types
+from service.credits import limits
+from service.errors import ServiceError
 from service.images.processing import FORMATS
 from service.images.sizes import SIZE_PATTERN
 from service.prompts.instructions import Direction
@@ -68,6 +70,22 @@ Candidates = Annotated[
         extra=deployment(maximum="max_images_per_task"),
     ),
 ]
+MaxCost = Annotated[
+    int,
+    msgspec.Meta(
+        ge=1,
+        le=10**12,
+        description="The most this task may cost, in credits: a task that would cost more is refused (402 "
+        "`over_max_cost`) and nothing is debited",
+    ),
+]
+ConfirmSpend = Annotated[
+    bool,
+    msgspec.Meta(
+        description="Confirms spending more than the tenant's `confirm_above`: without it such a task is refused "
+        "(428 `confirm_required`, with its cost)"
+    ),
+]
 Enhance = Annotated[Direction, msgspec.Meta(description="Enhance the prompt first, in this direction")]
 StyleField = Annotated[StyleName, msgspec.Meta(description="A style preset from GET /api/prompts/styles")]
 ReferenceImages = Annotated[
@@ -94,6 +112,8 @@ class GenerateRequest(msgspec.Struct, forbid_unknown_fields=True):
     enhance: Enhance | None = None
     style: StyleField | None = None
     candidates: Candidates = 1
+    max_cost: MaxCost | None = None
+    confirm_spend: ConfirmSpend = False
 
 
 class GenerateUpload(GenerateRequest, kw_only=True):
@@ -316,4 +336,107 @@ def task_view(task: Any, remaining_credits: int | None = None) -> TaskOut:
         candidates=task.candidates,
         candidate_images=candidates,
         rejected_images=msgspec.convert(task.rejected_images, list[RejectedImage]),
+    )
+
+
+class QuoteRefusal(msgspec.Struct, omit_defaults=True):
+    """One reason a submission of this body would be refused now: the status and problem `code` the submission would
+    answer, its message, and the figures that go with it (as in the problem+json of that refusal)."""
+
+    code: str
+    status: int
+    detail: str
+    field: str | None = None
+    account: Literal["tenant", "user"] | None = None
+    balance: int | None = None
+    cost: int | None = None
+    cap: int | None = None
+    spent: int | None = None
+    resets_at: datetime | None = None
+    retry_after: int | None = None
+
+
+class SpendPeriod(msgspec.Struct):
+    """A spending cap as it stands: the cap (null: none), what is spent in the period (debits less their refunds), and
+    when the period ends (UTC)."""
+
+    cap: int | None
+    spent: int
+    resets_at: datetime
+
+
+class QuoteOut(msgspec.Struct):
+    """What a submission of this body would cost and whether it would be accepted now, as of this moment: nothing
+    was debited, queued or stored. `balance` is the spender's (the tenant's, or the end user's allowance for an end
+    user); `balance_after` what it would be after the debit (null when it cannot pay). `refusals` lists every reason
+    the submission would be refused now, in the order it checks them (the first one is what it would answer); empty
+    when `accepted`. `daily` and `monthly` are the tenant's caps (null for an end user), `end_user_daily` the end
+    user's (null for the tenant's key)."""
+
+    cost: int
+    accepted: bool
+    account: Literal["tenant", "user"]
+    balance: int
+    balance_after: int | None
+    refusals: list[QuoteRefusal]
+    confirm_above: int | None
+    daily: SpendPeriod | None
+    monthly: SpendPeriod | None
+    end_user_daily: SpendPeriod | None
+
+
+def quote_view(
+    tenant: Any, user: Any, *, caller: Any, cost: int, now: datetime, refused: list[ServiceError]
+) -> QuoteOut:
+    """The quote of a submission costing `cost` for `caller` (a `Caller`), from the accounts' rows as
+    `ledger.guarded_accounts` reads them and the refusals found."""
+    end_user = caller.end_user
+    day, month = limits.day_of(now), limits.month_of(now)
+    balance = int(tenant.balance) if end_user is None else int(user.balance) if user is not None else 0
+    tenant_periods: tuple[SpendPeriod | None, SpendPeriod | None] = (None, None)
+    if end_user is None:
+        tenant_periods = (
+            SpendPeriod(
+                tenant.daily_spend_cap,
+                limits.spent_in(tenant.spent_day, tenant.spent_day_amount, day),
+                limits.next_day(now),
+            ),
+            SpendPeriod(
+                tenant.monthly_spend_cap,
+                limits.spent_in(tenant.spent_month, tenant.spent_month_amount, month),
+                limits.next_month(now),
+            ),
+        )
+    user_day = None
+    if end_user is not None:
+        spent = limits.spent_in(user.spent_day, user.spent_day_amount, day) if user is not None else 0
+        user_day = SpendPeriod(tenant.end_user_daily_spend_cap, spent, limits.next_day(now))
+    return QuoteOut(
+        cost=cost,
+        accepted=not refused,
+        account="tenant" if end_user is None else "user",
+        balance=balance,
+        balance_after=balance - cost if balance >= cost else None,
+        refusals=[_refusal(error) for error in refused],
+        confirm_above=tenant.confirm_above,
+        daily=tenant_periods[0],
+        monthly=tenant_periods[1],
+        end_user_daily=user_day,
+    )
+
+
+def _refusal(error: ServiceError) -> QuoteRefusal:
+    extra = error.extra
+    return QuoteRefusal(
+        code=error.code,
+        status=error.status,
+        detail=error.detail,
+        field=error.field,
+        account=extra.get("account"),
+        balance=extra.get("balance"),
+        cost=extra.get("cost"),
+        cap=extra.get("cap"),
+        spent=extra.get("spent"),
+        resets_at=extra.get("resets_at"),
+        retry_after=extra.get("retry_after"),
     )

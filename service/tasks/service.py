@@ -9,6 +9,7 @@ import hashlib
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from datetime import timedelta
+from typing import NamedTuple
 
 import msgspec
 from sqlalchemy.exc import IntegrityError
@@ -17,9 +18,18 @@ from service import idempotency
 from service.bodies import Upload
 from service.catalog import checked_model, task_cost
 from service.clock import utcnow
+from service.credits import limits
 from service.credits import repository as ledger
 from service.db.engine import Database, Record
-from service.errors import Conflict, InsufficientCredits, InvalidInput, NotFound, PayloadTooLarge
+from service.errors import (
+    Conflict,
+    InvalidInput,
+    NotFound,
+    OverMaxCost,
+    PayloadTooLarge,
+    RateLimited,
+    ServiceError,
+)
 from service.ids import new_id
 from service.images.decoder import ImageDecoder
 from service.images.processing import EXTENSIONS, PreparedImage, normalize_reference, read_header
@@ -27,19 +37,28 @@ from service.images.sizes import InvalidSize, normalize_size
 from service.images.storage import BlobStore
 from service.prompts.service import Enhancer, EnhanceRequest, checked_prompt
 from service.providerkeys.service import ByokTerms, ProviderKeys
+from service.ratelimit import RateLimiter
 from service.settings import Settings
 from service.tasks import repository
 from service.tasks.finished import FinishedTasks
-from service.tasks.schemas import GenerateRequest, TaskOut, task_view
+from service.tasks.schemas import GenerateRequest, QuoteOut, TaskOut, quote_view, task_view
 from service.tasks.watchers import TaskWatchers, announce
 from service.tasks.worker import WorkerPool
-from service.tenants.auth import Caller
+from service.tenants.auth import Caller, end_user_bucket
 
 IDEMPOTENCY_SCOPE = "generate"
 WAIT_RECHECK_SECONDS = 0.5
 # An event stream hears every change (docs/architecture.md §4), and still reads its task again at this interval, in
 # case an announcement was lost with the process that made it.
 EVENTS_RECHECK_SECONDS = 60.0
+
+
+class Checked(NamedTuple):
+    """A submission's prompt, model and upstream size, once `TaskService._validate` accepted it."""
+
+    prompt: str
+    model: str
+    size: str
 
 
 @dataclass(frozen=True, slots=True)
@@ -150,18 +169,56 @@ class TaskService:
                     field=upload.field,
                 )
 
+    def _validate(self, caller: Caller, submission: Submission) -> Checked:
+        """Every check of a submission that needs no database, shared by `submit` and `quote`: the prompt, the model,
+        the count, the size, the uploads (counted, and measured from their headers: an image that would cost too
+        much to decode is refused before it is decoded) and the enhancement's prompt model."""
+        settings = self.settings
+        request = submission.request
+        prompt = self._checked_prompt(request.prompt)
+        model = checked_model(settings, request.model)
+        check_counts(settings, request)
+        try:
+            size = normalize_size(request.size, settings.protocol_for(model))
+        except InvalidSize as exc:
+            raise InvalidInput(str(exc), code="invalid_size", field="size") from None
+        self._check_uploads(submission)
+        for upload in _uploads(submission):
+            read_header(upload.data, upload.content_type, settings.max_reference_pixels_in, upload.field)
+        if request.enhance is not None:
+            # Fail now, not in the worker, when no prompt model could run the enhancement.
+            self.enhancer.plan(caller.tenant_id, EnhanceRequest(prompt=prompt, direction=request.enhance))
+        return Checked(prompt, model, size)
+
+    def _priced(self, request: GenerateRequest, byok: ByokTerms | None) -> int:
+        """The task's cost, refused (402 `over_max_cost`) when it is above the request's own `max_cost`."""
+        enhance_cost = self.settings.enhance_cost if request.enhance else 0
+        cost = _cost(self.settings, request, byok, enhance_cost)
+        refused = limits.over_max_cost(cost, request.max_cost)
+        if refused is not None:
+            raise refused
+        return cost
+
     async def _prepare_uploads(
         self, caller: Caller, submission: Submission, cost: int
     ) -> tuple[list[PreparedImage], PreparedImage | None]:
         """Normalize the reference images and the mask, once the caller is known to afford the task.
 
-        Decoding is the costly part of a submission (memory above all), so a caller who cannot pay is refused before any
-        of it, and the process decodes at most `DECODE_CONCURRENCY` images at a time. The debit itself still decides.
+        Decoding is the costly part of a submission (memory above all), so a caller whom the debit's guards would
+        refuse (balance, caps, confirmation) is refused before any of it, and the process decodes at most
+        `DECODE_CONCURRENCY` images at a time. The debit itself still decides.
         """
         if not submission.references:
             return [], None
         async with self.db.snapshot() as tx:
-            await ledger.ensure_affordable(tx, tenant_id=caller.tenant_id, end_user=caller.end_user, cost=cost)
+            await ledger.ensure_affordable(
+                tx,
+                tenant_id=caller.tenant_id,
+                end_user=caller.end_user,
+                cost=cost,
+                now=utcnow(),
+                confirmed=submission.request.confirm_spend,
+            )
         settings = self.settings
 
         async def normalize(upload: Upload, *, lossless: bool = False) -> PreparedImage:
@@ -179,24 +236,54 @@ class TaskService:
         mask = await normalize(submission.mask, lossless=True) if submission.mask is not None else None
         return references, mask
 
+    async def quote(self, caller: Caller, submission: Submission, limiter: RateLimiter) -> QuoteOut:
+        """What `submit` would charge for this submission and every reason it would refuse it now, changing nothing.
+
+        The same checks as `submit` (`_validate`, `_priced`, and the debit's guards as `limits.refusals` states them)
+        on a snapshot of the accounts; invalid bodies are refused as `submit` refuses them. Reference images are
+        measured from their headers, as `submit` does before paying, and not decoded: a file whose data is broken
+        past a valid header is found only by the submission's decoding. The request-rate buckets of the submission
+        are read, not spent (`limiter.peek`)."""
+        checked = self._validate(caller, submission)
+        request = submission.request
+        now = utcnow()
+        async with self.db.snapshot() as tx:
+            byok = await self.provider_keys.terms(tx, caller.tenant_id, checked.model)
+            tenant, user = await ledger.guarded_accounts(tx, caller.tenant_id, caller.end_user)
+        # In the order the submission meets them: its request-rate limit when it arrives, then its price, then the
+        # debit's guards.
+        refused = await self._rate_refusals(caller, tenant, limiter)
+        try:
+            cost = self._priced(request, byok)
+        except OverMaxCost as exc:
+            refused.append(exc)
+            cost = int(exc.extra["cost"])
+        refused += limits.refusals(
+            tenant, user, end_user=caller.end_user, cost=cost, now=now, confirmed=request.confirm_spend
+        )
+        return quote_view(tenant, user, caller=caller, cost=cost, now=now, refused=refused)
+
+    async def _rate_refusals(self, caller: Caller, tenant: Record, limiter: RateLimiter) -> list[ServiceError]:
+        """The refusals of the request-rate limits a submission would meet now, read without spending a request."""
+        settings = self.settings
+        buckets = []
+        if caller.end_user is not None:
+            own = tenant.end_user_rate_limit_per_minute or settings.end_user_rate_limit_per_minute
+            buckets.append((end_user_bucket(caller.tenant_id, caller.end_user), own, "for this end user"))
+        buckets.append((caller.tenant_id, tenant.rate_limit_per_minute or settings.rate_limit_per_minute, ""))
+        found: list[ServiceError] = []
+        for key, per_minute, whose in buckets:
+            decision = await limiter.peek(key, per_minute)
+            if not decision.allowed:
+                detail = f"At most {decision.limit} requests a minute {whose}".rstrip()
+                found.append(RateLimited(detail, decision.headers(), decision.retry_after))
+        return found
+
     async def submit(self, caller: Caller, submission: Submission, idempotency_key: str | None) -> TaskOut:
         """Validate, store the references, then debit and queue the task in one transaction; the task as submitted."""
         settings = self.settings
         request = submission.request
-        prompt = self._checked_prompt(request.prompt)
-        model = checked_model(settings, request.model)
-        check_counts(settings, request)
-        try:
-            size = normalize_size(request.size, settings.protocol_for(model))
-        except InvalidSize as exc:
-            raise InvalidInput(str(exc), code="invalid_size", field="size") from None
-        self._check_uploads(submission)
-        for upload in _uploads(submission):
-            # From the header alone: an image that would cost too much to decode is refused before it is decoded.
-            read_header(upload.data, upload.content_type, settings.max_reference_pixels_in, upload.field)
-        if request.enhance is not None:
-            # Fail now, not in the worker, when no prompt model could run the enhancement.
-            self.enhancer.plan(caller.tenant_id, EnhanceRequest(prompt=prompt, direction=request.enhance))
+        prompt, model, size = self._validate(caller, submission)
         fingerprint = ""
         if idempotency_key is not None:
             fingerprint = request_hash(submission, prompt, model)
@@ -210,7 +297,9 @@ class TaskService:
             # Decoding is spent only on a caller who can pay, so the price must be known before it.
             async with self.db.snapshot() as tx:
                 byok = await self.provider_keys.terms(tx, caller.tenant_id, model)
-        references, mask = await self._prepare_uploads(caller, submission, _cost(settings, request, byok, enhance_cost))
+            references, mask = await self._prepare_uploads(caller, submission, self._priced(request, byok))
+        else:
+            references, mask = [], None
 
         task_id = new_id()
         stored = await self._store_inputs(task_id, references, mask)
@@ -246,9 +335,11 @@ class TaskService:
                 if not submission.references:
                     # Read in the unit of work that pays: one statement more, not one more transaction.
                     byok = await self.provider_keys.terms(tx, caller.tenant_id, model)
-                values["cost"] = _cost(settings, request, byok, enhance_cost)
+                values["cost"] = self._priced(request, byok)
                 values["byok_instance"] = byok.instance if byok else None
-                task, balance_after = await repository.insert_paid(tx, values, reason=f"task {task_id}")
+                task, balance_after = await repository.insert_paid(
+                    tx, values, reason=f"task {task_id}", confirmed=request.confirm_spend
+                )
                 submitted = task_view(task, balance_after)
                 if idempotency_key is not None:
                     await idempotency.remember(
@@ -261,7 +352,7 @@ class TaskService:
                         now=now,
                         ttl_seconds=settings.idempotency_ttl,
                     )
-        except (InsufficientCredits, IntegrityError) as exc:
+        except (ServiceError, IntegrityError) as exc:
             await self._discard(stored)
             if isinstance(exc, IntegrityError) and idempotency_key is not None:
                 # Another request with this key committed between our check and our insert.

@@ -117,12 +117,15 @@ async def provide_caller(  # noqa: PLR0917 - what authentication uses, each from
     if status != "active":
         raise Forbidden("This tenant is suspended", code="tenant_suspended")
     decision = None
+    # A route may count against buckets of its own (`opt={"rate_buckets": prefix}`): quotes spend nothing of the
+    # limits of the submissions they are about.
+    buckets = request.route_handler.opt.get("rate_buckets", "")
     if end_user is not None:
         # The end user's own bucket first: a user over their limit spends nothing of the tenant's.
         own = end_user_per_minute or settings.end_user_rate_limit_per_minute
-        decision = await limiter.take(end_user_bucket(tenant_id, end_user), own)
+        decision = await limiter.take(buckets + end_user_bucket(tenant_id, end_user), own)
         _admit(request, decision, "requests a minute for this end user")
-    shared = await limiter.take(tenant_id, per_minute or settings.rate_limit_per_minute)
+    shared = await limiter.take(buckets + tenant_id, per_minute or settings.rate_limit_per_minute)
     # The headers describe the tenant's limit when it refuses, else whichever is nearer: the end user's or the tenant's.
     nearer = decision is not None and shared.allowed and decision.remaining <= shared.remaining
     _admit(request, decision if nearer and decision is not None else shared, "requests a minute")

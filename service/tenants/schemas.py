@@ -27,6 +27,11 @@ class TenantOut(msgspec.Struct):
     balance_cap: int
     cors_origins: list[str]
     byok_price_per_image: int
+    # Spend guards, in credits (null: none): see the README's "Budgets and guards".
+    daily_spend_cap: int | None
+    monthly_spend_cap: int | None
+    end_user_daily_spend_cap: int | None
+    confirm_above: int | None
     created_at: datetime
 
 
@@ -76,6 +81,26 @@ ByokPrice = Annotated[
         description="Credits per image, whatever its quality, of a task run with the tenant's own provider key",
     ),
 ]
+SpendCap = Annotated[int, msgspec.Meta(ge=0, le=10**12)]
+DailySpendCap = Annotated[
+    SpendCap, msgspec.Meta(description="Credits the tenant may spend in a UTC day (debits less refunds); null: no cap")
+]
+MonthlySpendCap = Annotated[
+    SpendCap,
+    msgspec.Meta(
+        description="Credits the tenant may spend in a UTC calendar month (debits less refunds); null: no cap"
+    ),
+]
+EndUserDailySpendCap = Annotated[
+    SpendCap,
+    msgspec.Meta(description="Credits each of the tenant's end users may spend in a UTC day; null: no cap"),
+]
+ConfirmAbove = Annotated[
+    SpendCap,
+    msgspec.Meta(
+        description='A submission costing more needs `"confirm_spend": true` (else 428 `confirm_required`); null: never'
+    ),
+]
 Origin = Annotated[
     str,
     msgspec.Meta(
@@ -94,7 +119,8 @@ Origins = Annotated[
 
 class TenantUpdate(msgspec.Struct, forbid_unknown_fields=True):
     """The fields to change; those left out stay as they are. The end users' limits also take null, which returns
-    them to the service-wide defaults (`END_USER_RATE_LIMIT_PER_MINUTE`, `END_USER_MAX_RUNNING_TASKS`)."""
+    them to the service-wide defaults (`END_USER_RATE_LIMIT_PER_MINUTE`, `END_USER_MAX_RUNNING_TASKS`); the spending
+    caps and `confirm_above` take null for none."""
 
     status: TenantStatus | None = None
     rate_limit_per_minute: PerMinute | None = None
@@ -106,6 +132,24 @@ class TenantUpdate(msgspec.Struct, forbid_unknown_fields=True):
     balance_cap: BalanceCap | None = None
     cors_origins: Origins | None = None
     byok_price_per_image: ByokPrice | None = None
+    # Left out: unchanged; null: no cap (no confirmation).
+    daily_spend_cap: DailySpendCap | msgspec.UnsetType | None = msgspec.UNSET
+    monthly_spend_cap: MonthlySpendCap | msgspec.UnsetType | None = msgspec.UNSET
+    end_user_daily_spend_cap: EndUserDailySpendCap | msgspec.UnsetType | None = msgspec.UNSET
+    confirm_above: ConfirmAbove | msgspec.UnsetType | None = msgspec.UNSET
+
+
+# The fields of a PATCH for which null is a value (back to the default, or no cap), not "unchanged".
+NULLABLE_SETTINGS = frozenset(
+    {
+        "end_user_rate_limit_per_minute",
+        "end_user_max_running_tasks",
+        "daily_spend_cap",
+        "monthly_spend_cap",
+        "end_user_daily_spend_cap",
+        "confirm_above",
+    }
+)
 
 
 class TenantPage(msgspec.Struct):
@@ -134,5 +178,9 @@ def tenant_view(tenant: Record, cors_origins: list[str]) -> TenantOut:
         balance_cap=tenant.balance_cap,
         cors_origins=cors_origins,
         byok_price_per_image=tenant.byok_price_per_image,
+        daily_spend_cap=tenant.daily_spend_cap,
+        monthly_spend_cap=tenant.monthly_spend_cap,
+        end_user_daily_spend_cap=tenant.end_user_daily_spend_cap,
+        confirm_above=tenant.confirm_above,
         created_at=tenant.created_at,
     )

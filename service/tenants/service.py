@@ -14,7 +14,7 @@ from service.errors import Conflict, InvalidInput, NotFound
 from service.tenants import repository
 from service.tenants.auth import issue_key
 from service.tenants.keycache import KeyCache
-from service.tenants.schemas import TenantOut, TenantUpdate, tenant_view
+from service.tenants.schemas import NULLABLE_SETTINGS, TenantOut, TenantUpdate, tenant_view
 
 
 async def create_tenant(db: Database, name: str, credits: int) -> tuple[TenantOut, str]:
@@ -46,12 +46,12 @@ async def get_tenant(db: Database, tenant_id: str) -> TenantOut:
 
 
 async def update_tenant(db: Database, keys: KeyCache, tenant_id: str, update: TenantUpdate) -> TenantOut:
-    """Apply the fields a PATCH names, where null returns an end-user limit to its default. A suspension or new limits
-    hold from the very next request, in every process."""
+    """Apply the fields a PATCH names, where null returns an end-user limit to its default and removes a spending cap.
+    A suspension or new limits hold from the very next request, in every process; a new cap from the next debit."""
     changes = {
         name: value
         for name, value in msgspec.structs.asdict(update).items()
-        if value is not msgspec.UNSET and (value is not None or name.startswith("end_user_"))
+        if value is not msgspec.UNSET and (value is not None or name in NULLABLE_SETTINGS)
     }
     async with keys.changing() as announce, db.transaction() as tx:
         await announce(tx)

@@ -81,3 +81,31 @@ def test_processes_taking_tokens_in_batches_never_pass_more_than_the_limit(share
     assert passed >= 1200 - 2
     assert not first[-1].allowed or not second[-1].allowed
     assert all(d.remaining <= 1200 for d in first + second)
+
+
+def test_a_peek_says_what_a_take_would_and_spends_nothing() -> None:
+    limiter = LocalRateLimiter()
+
+    async def main() -> list[bool]:
+        seen = [(await limiter.peek("t", 2)).allowed for _ in range(5)]
+        seen += [(await limiter.take("t", 2)).allowed for _ in range(2)]
+        peeked = await limiter.peek("t", 2)
+        assert peeked.retry_after >= 1 and peeked.remaining == 0
+        return [*seen, peeked.allowed, (await limiter.take("t", 2)).allowed]
+
+    assert asyncio.run(main()) == [True] * 7 + [False, False]
+
+
+def test_a_peek_at_a_shared_bucket_spends_nothing(shared_database: str) -> None:
+    async def main() -> list[bool]:
+        databases = [Database(shared_database), Database(shared_database)]
+        try:
+            first, second = (SharedRateLimiter(db) for db in databases)
+            seen = [(await second.peek("peeked", 2)).allowed for _ in range(5)]
+            seen += [(await first.take("peeked", 2)).allowed for _ in range(2)]
+            return [*seen, (await second.peek("peeked", 2)).allowed, (await second.take("peeked", 2)).allowed]
+        finally:
+            for db in databases:
+                await db.dispose()
+
+    assert asyncio.run(main()) == [True] * 7 + [False, False]
