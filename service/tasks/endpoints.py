@@ -14,7 +14,8 @@ from litestar.params import HeaderParameter, Parameter
 
 from service.bodies import TypeReference
 from service.catalog import ModelList, model_list
-from service.errors import Conflict, NotFound, problem_responses
+from service.clock import utcnow
+from service.errors import NotFound, problem_responses
 from service.idempotency import IdempotencyKey
 from service.images.download import ImageOperation, StoredImage, etag_matches
 from service.pagination import Cursor, Limit, next_cursor
@@ -100,7 +101,7 @@ async def generate_image(
         finished = None
     if finished is None:
         return Response(submitted, status_code=202, headers=headers)
-    return Response(task_view(finished), status_code=200, headers=headers)
+    return Response(task_view(finished, kept_for=tasks.kept_for(caller)), status_code=200, headers=headers)
 
 
 _WAIT = re.compile(r'\s*wait\s*=\s*"?([0-9]{1,9})"?\s*', re.IGNORECASE | re.ASCII)
@@ -129,7 +130,7 @@ async def get_task(task_id: TaskId, caller: Caller, tasks: TaskService) -> TaskO
     task = await tasks.find(caller, task_id)
     if task is None:
         raise NotFound("No such task", code="task_not_found")
-    return task_view(task)
+    return task_view(task, kept_for=tasks.kept_for(caller))
 
 
 @get(
@@ -139,8 +140,10 @@ async def list_tasks(
     caller: Caller, tasks: TaskService, limit: Limit = 20, cursor: Cursor = None, status: TaskStatus | None = None
 ) -> TaskPage:
     found = await tasks.list_tasks(caller, limit=limit + 1, before=cursor, status=status)
+    kept_for = tasks.kept_for(caller)
     return TaskPage(
-        items=[task_view(task) for task in found[:limit]], next_cursor=next_cursor([task.id for task in found], limit)
+        items=[task_view(task, kept_for=kept_for) for task in found[:limit]],
+        next_cursor=next_cursor([task.id for task in found], limit),
     )
 
 
@@ -159,8 +162,10 @@ async def cancel_task(task_id: TaskId, caller: Caller, tasks: TaskService) -> Ta
     "/images/tasks/{task_id:str}/image",
     operation_id="getTaskImage",
     summary="Download a finished image",
+    description="A completed task's images are kept for the tenant's retention after it finished "
+    "(`images_expire_at` on the task); past it, this answers 410 `image_expired` and the task itself stays.",
     operation_class=ImageOperation,
-    responses=problem_responses(401, 403, 429, 404, 409),
+    responses=problem_responses(401, 403, 429, 404, 409, 410),
 )
 async def get_task_image(
     request: Request[Any, Any, Any],
@@ -169,14 +174,7 @@ async def get_task_image(
     tasks: TaskService,
     index: Annotated[int, Parameter(ge=0, le=99, description="Which image of the task (0-based)")] = 0,
 ) -> Response[Any]:
-    task = await tasks.find(caller, task_id)
-    if task is None:
-        raise NotFound("No such task", code="task_not_found")
-    if task.status != "completed":
-        raise Conflict(f"The task is {task.status}; images exist only once it has completed", code="image_not_ready")
-    if index >= len(task.images):
-        raise NotFound(f"The task has {len(task.images)} image(s)", code="image_not_found", field="index")
-    image = task.images[index]
+    image = await tasks.image(caller, task_id, index, now=utcnow())
     headers = {"ETag": f'"{image["sha256"]}"', "Cache-Control": "private, max-age=31536000, immutable"}
     if etag_matches(request.headers.get("if-none-match"), image["sha256"]):
         return Response(content=b"", status_code=304, headers=headers)

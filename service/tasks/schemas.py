@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
-from datetime import datetime
+from datetime import datetime, timedelta
 from typing import Annotated, Any, Literal
 
 import msgspec
 
 from service.bodies import Upload, deployment, part_types
+from service.clock import utcnow
 from service.images.processing import FORMATS
+from service.images.retention import images_expire_at
 from service.images.sizes import SIZE_PATTERN
 from service.prompts.instructions import Direction
 from service.prompts.styles import StyleName
@@ -112,7 +114,9 @@ class TaskOut(msgspec.Struct):
     submit response. `upstream` names the upstream instance of the task's latest attempt: the one that produced
     its images once it completed (null before any attempt). `byok_instance` names the upstream instance whose
     provider key of the tenant runs the task, at the tenant's BYOK price; it is null when the service's own key runs
-    it."""
+    it. `images_expire_at` says when the images of a completed task are deleted (null: kept for as long as the task,
+    or no images to keep); once `images_expired` is true, downloading one answers 410 `image_expired`, and the task
+    itself stays."""
 
     id: str
     status: TaskStatus
@@ -139,6 +143,8 @@ class TaskOut(msgspec.Struct):
     started_at: datetime | None
     finished_at: datetime | None
     byok_instance: str | None = None
+    images_expire_at: datetime | None = None
+    images_expired: bool = False
 
 
 class TaskPage(msgspec.Struct):
@@ -150,9 +156,11 @@ def image_url(task_id: str, index: int) -> str:
     return f"/api/images/tasks/{task_id}/image?index={index}"
 
 
-def task_view(task: Any, remaining_credits: int | None = None) -> TaskOut:
-    """The API's view of a task: anything with the tasks table's columns as attributes (the mapped object, a row)."""
+def task_view(task: Any, remaining_credits: int | None = None, *, kept_for: timedelta | None = None) -> TaskOut:
+    """The API's view of a task: anything with the tasks table's columns as attributes (the mapped object, a row).
+    `kept_for` is how long its tenant's result images are kept (None: forever), from which their expiry is shown."""
     completed = task.status == "completed"
+    expires = images_expire_at(task, kept_for)
     images = (
         [
             TaskImage(
@@ -193,4 +201,6 @@ def task_view(task: Any, remaining_credits: int | None = None) -> TaskOut:
         started_at=task.started_at,
         finished_at=task.finished_at,
         byok_instance=task.byok_instance,
+        images_expire_at=expires,
+        images_expired=expires is not None and expires <= utcnow(),
     )

@@ -7,7 +7,8 @@ import asyncio
 import contextlib
 import hashlib
 from dataclasses import dataclass
-from datetime import timedelta
+from datetime import datetime, timedelta
+from typing import Any
 
 import msgspec
 from sqlalchemy.exc import IntegrityError
@@ -18,10 +19,11 @@ from service.catalog import checked_model, task_cost
 from service.clock import utcnow
 from service.credits import repository as ledger
 from service.db.engine import Database, Record
-from service.errors import Conflict, InsufficientCredits, InvalidInput, NotFound, PayloadTooLarge
+from service.errors import Conflict, Gone, InsufficientCredits, InvalidInput, NotFound, PayloadTooLarge
 from service.ids import new_id
 from service.images.decoder import ImageDecoder
 from service.images.processing import EXTENSIONS, PreparedImage, normalize_reference, read_header
+from service.images.retention import images_expire_at, retention
 from service.images.sizes import InvalidSize, normalize_size
 from service.images.storage import BlobStore
 from service.prompts.service import Enhancer, EnhanceRequest, checked_prompt
@@ -290,6 +292,33 @@ class TaskService:
         if task is not None:
             self.finished.keep(task)
         return task
+
+    def kept_for(self, caller: Caller) -> timedelta | None:
+        """How long the caller's tenant keeps result images after their task finished; None is forever."""
+        return retention(self.settings.result_retention_days, caller.result_retention_days)
+
+    async def image(self, caller: Caller, task_id: str, index: int, *, now: datetime) -> dict[str, Any]:
+        """The stored record of one image of the caller's task: 404 for a task or an image it does not have, 409
+        before it has completed, 410 once its images are past their retention (whether the sweep has deleted them yet
+        or not)."""
+        task = await self.find(caller, task_id)
+        if task is None:
+            raise NotFound("No such task", code="task_not_found")
+        if task.status != "completed":
+            raise Conflict(
+                f"The task is {task.status}; images exist only once it has completed", code="image_not_ready"
+            )
+        if index >= len(task.images):
+            raise NotFound(f"The task has {len(task.images)} image(s)", code="image_not_found", field="index")
+        expired = images_expire_at(task, self.kept_for(caller))
+        if expired is not None and expired <= now:
+            raise Gone(
+                f"The task's images expired at {expired.isoformat()}: they are kept for a while after the task "
+                "finished, then deleted; the task's record stays",
+                code="image_expired",
+                expired_at=expired,
+            )
+        return dict(task.images[index])
 
     async def list_tasks(self, caller: Caller, *, limit: int, before: str | None, status: str | None) -> list[Record]:
         """The caller's tasks, newest first."""

@@ -16,6 +16,9 @@ from service.tenants.auth import issue_key
 from service.tenants.keycache import KeyCache
 from service.tenants.schemas import TenantOut, TenantUpdate, tenant_view
 
+# The fields a PATCH may set to null, returning them to the service-wide default.
+NULLABLE = frozenset({"end_user_rate_limit_per_minute", "end_user_max_running_tasks", "result_retention_days"})
+
 
 async def create_tenant(db: Database, name: str, credits: int) -> tuple[TenantOut, str]:
     """The new tenant, with `credits` granted, and its first API key in plain text."""
@@ -46,12 +49,12 @@ async def get_tenant(db: Database, tenant_id: str) -> TenantOut:
 
 
 async def update_tenant(db: Database, keys: KeyCache, tenant_id: str, update: TenantUpdate) -> TenantOut:
-    """Apply the fields a PATCH names, where null returns an end-user limit to its default. A suspension or new limits
-    hold from the very next request, in every process."""
+    """Apply the fields a PATCH names, where null returns an end-user limit or the retention to its default. A
+    suspension or new limits hold from the very next request, in every process."""
     changes = {
         name: value
         for name, value in msgspec.structs.asdict(update).items()
-        if value is not msgspec.UNSET and (value is not None or name.startswith("end_user_"))
+        if value is not msgspec.UNSET and (value is not None or name in NULLABLE)
     }
     async with keys.changing() as announce, db.transaction() as tx:
         await announce(tx)
