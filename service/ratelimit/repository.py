@@ -3,7 +3,7 @@ statement built once: only its parameters change."""
 
 from __future__ import annotations
 
-from sqlalchemy import Float, String, bindparam, case, func
+from sqlalchemy import Float, String, bindparam, case, delete, func, or_
 from sqlalchemy.dialects.postgresql import insert as postgresql_insert
 
 from service.db.engine import Transaction
@@ -40,3 +40,15 @@ async def spend(tx: Transaction, *, key: str, per_minute: int, now: float, count
     params = {"key": key, "now": now, "full": float(per_minute), "rate": per_minute / 60.0, "count": float(count)}
     [(tokens, allowed)] = await tx.rows(_SPEND, params)
     return float(tokens), bool(allowed)
+
+
+async def delete_tenant_buckets(tx: Transaction, tenant_id: str) -> int:
+    """Delete the tenant's rate buckets: its own, its enhancements', and each of its end users'; how many."""
+    return await tx.execute(
+        delete(RateBucket).where(
+            or_(
+                RateBucket.key.in_([tenant_id, f"enhance:{tenant_id}"]),
+                RateBucket.key.startswith(f"user:{tenant_id}:", autoescape=True),
+            )
+        )
+    )
