@@ -54,6 +54,7 @@ async def running(settings: Settings, *, workers: bool) -> AsyncIterator[Runtime
         enhancer = Enhancer(settings, db, open_prompt_model(settings, base_url, api_key))
         stack.push_async_callback(enhancer.close)
         watchers = TaskWatchers()
+        await stack.enter_async_context(watchers.following(db))
         pool = None
         if workers:
             canvas_steps = CanvasSteps(settings=settings, db=db, store=store, decoder=decoder)

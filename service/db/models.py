@@ -246,10 +246,16 @@ class Task(Base):
     # accepted the job: an accepted job stays with its instance on every later attempt (no second upstream charge).
     upstream_instance: Mapped[str | None] = mapped_column(String(64), nullable=True)
     upstream_accepted: Mapped[bool] = mapped_column(Boolean, default=False, server_default=false())
+    # Every upstream attempt, oldest first: the instance it went to and the error code it ended with (null when it
+    # produced the result). Written when an instance accepts the job and when the task ends.
+    upstream_attempts: Mapped[list[dict[str, Any]]] = mapped_column(JSONType, default=list, server_default="[]")
     # The upstream instance whose provider key of the tenant runs this task (priced at the tenant's BYOK price);
     # null when the operator's key runs it.
     byok_instance: Mapped[str | None] = mapped_column(String(64), nullable=True)
     attempts: Mapped[int] = mapped_column(Integer, default=0)
+    # One more at each change of status (claimed, handed back, ended): the id of the task's events
+    # (docs/architecture.md §4).
+    revision: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
     retries: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
     lease_owner: Mapped[str | None] = mapped_column(String(64), nullable=True)
     lease_expires_at: Mapped[datetime | None] = mapped_column(UTCDateTime(), nullable=True)

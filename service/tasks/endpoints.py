@@ -1,16 +1,22 @@
-"""Tenant routes for tasks: generate, read, list, cancel, and download the finished image; plus the model list."""
+"""Tenant routes for tasks: generate, read, list, cancel, follow a task's events, and download the finished image;
+plus the model list."""
 
 from __future__ import annotations
 
 import logging
 import re
+from collections.abc import AsyncIterator
 from dataclasses import dataclass
+from datetime import timedelta
 from typing import Annotated, Any
 
+import msgspec
 from litestar import Request, Response, Router, get, post
 from litestar.datastructures import ResponseHeader
-from litestar.openapi.spec import OpenAPIHeader, OpenAPIMediaType, OpenAPIResponse, Operation, Schema
+from litestar.openapi.spec import OpenAPIHeader, OpenAPIMediaType, OpenAPIResponse, OpenAPIType, Operation, Schema
+from litestar.openapi.spec import Parameter as OpenAPIParameter
 from litestar.params import HeaderParameter, Parameter
+from litestar.response import Stream
 
 from service.bodies import TypeReference
 from service.catalog import ModelList, model_list
@@ -21,7 +27,7 @@ from service.images.download import ImageOperation, StoredImage, etag_matches
 from service.pagination import Cursor, Limit, next_cursor
 from service.settings import Settings
 from service.tasks.schemas import GenerateRequest, GenerateUpload, TaskOut, TaskPage, TaskStatus, task_view
-from service.tasks.service import Submission, TaskService
+from service.tasks.service import Submission, TaskService, ended_by
 from service.tenants.auth import END_USER_TOO, Caller, authenticate_then_read_body
 
 log = logging.getLogger("service.tasks")
@@ -183,6 +189,97 @@ async def get_task_image(
     )
 
 
+EVENT_STREAM = "text/event-stream"
+KEEPALIVE_SECONDS = 15.0
+LAST_EVENT_ID = r"^[0-9]{1,9}$"
+EVENTS = (
+    "Server-Sent Events, one per change of the task's status, from its state when the stream opens to its end. "
+    "Each event's `event` is the status (`queued`, `running`, `completed`, `failed`, `cancelled`), its `data` the "
+    "task as a `TaskOut` (a completed task's `images` carry their URLs, a failed one's `error` its code), and its "
+    "`id` the task's revision, a number that grows with each change. The stream ends after the terminal event. A "
+    "client that reconnects with `Last-Event-ID` gets the task again only once it changed past that revision (the "
+    "latest state, not each one in between), and a 204 when the task has ended at or before it. A comment line "
+    f"keeps the connection alive every {KEEPALIVE_SECONDS:g} seconds."
+)
+LastEventId = Annotated[
+    str | None,
+    HeaderParameter(
+        name="Last-Event-ID",
+        required=False,
+        pattern=LAST_EVENT_ID,
+        description="The `id` of the last event received: resume after it (sent by EventSource on reconnection)",
+    ),
+]
+
+
+@dataclass
+class EventsOperation(Operation):
+    """The route answers an event stream; the OpenAPI document describes one event as a client parses it."""
+
+    def __post_init__(self) -> None:
+        assert self.responses is not None
+        for parameter in self.parameters or ():
+            if isinstance(parameter, OpenAPIParameter) and parameter.name == "Last-Event-ID":
+                # Sent or not, never null: a header has no null.
+                parameter.schema = Schema(type=OpenAPIType.STRING, pattern=LAST_EVENT_ID)
+        self.responses["200"] = OpenAPIResponse(
+            description="The task's events",
+            content={
+                EVENT_STREAM: OpenAPIMediaType(
+                    schema=Schema(
+                        type=OpenAPIType.OBJECT,
+                        required=["id", "event", "data"],
+                        properties={
+                            "id": Schema(type=OpenAPIType.STRING, description="The task's revision"),
+                            "event": Schema(type=OpenAPIType.STRING, description="The task's status"),
+                            "data": Schema(type=OpenAPIType.STRING, description=EVENTS),
+                        },
+                    )
+                )
+            },
+        )
+        self.responses["204"] = OpenAPIResponse(
+            description="The task ended at or before `Last-Event-ID`: nothing more will come (EventSource stops)"
+        )
+
+
+def _after(last_event_id: str | None) -> int:
+    """The revision a resumed stream starts after (the header's pattern admits only digits); -1 for a new stream."""
+    return -1 if last_event_id is None else int(last_event_id)
+
+
+def _frame(task: Any, kept_for: timedelta | None) -> bytes:
+    data = msgspec.json.encode(task_view(task, kept_for=kept_for))
+    return b"id: %d\nevent: %s\ndata: %s\n\n" % (task.revision, task.status.encode(), data)
+
+
+@get(
+    "/images/tasks/{task_id:str}/events",
+    operation_id="followTask",
+    summary="Follow a task's status changes as Server-Sent Events",
+    media_type=EVENT_STREAM,
+    operation_class=EventsOperation,
+    responses=problem_responses(400, 401, 403, 429, 404),
+)
+async def follow_task(
+    task_id: TaskId, caller: Caller, tasks: TaskService, last_event_id: LastEventId = None
+) -> Response[Any]:
+    after = _after(last_event_id)
+    task = await tasks.find(caller, task_id)
+    if task is None:
+        raise NotFound("No such task", code="task_not_found")
+    if ended_by(task, after):
+        return Response(content=b"", status_code=204)
+    changes = tasks.changes(caller, task_id, after=after, idle=KEEPALIVE_SECONDS)
+    kept_for = tasks.kept_for(caller)
+
+    async def frames() -> AsyncIterator[bytes]:
+        async for changed in changes:
+            yield b": keep-alive\n\n" if changed is None else _frame(changed, kept_for)
+
+    return Stream(frames(), media_type=EVENT_STREAM, headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+
+
 @get(
     "/models",
     operation_id="listModels",
@@ -195,7 +292,7 @@ async def list_models(caller: Caller, settings: Settings) -> ModelList:
 
 router = Router(
     "/api",
-    route_handlers=[generate_image, get_task, list_tasks, cancel_task, get_task_image, list_models],
+    route_handlers=[generate_image, get_task, list_tasks, cancel_task, get_task_image, follow_task, list_models],
     tags=["images"],
     # An end user's token works on every task route, on that end user's own tasks only.
     security=[{"tenantKey": []}, *END_USER_TOO],

@@ -242,6 +242,7 @@ def _claim(skip_models: frozenset[str]) -> Any:
             lease_owner=bindparam("owner", type_=String()),
             lease_expires_at=bindparam("lease_until", type_=UTCDateTime()),
             attempts=_t.attempts + 1,
+            revision=_t.revision + 1,
             started_at=func.coalesce(_t.started_at, _NOW),
             updated_at=_NOW,
         )
@@ -293,7 +294,14 @@ async def release_leases(tx: Transaction, *, owner: str, task_ids: list[str], no
         await tx.execute(
             update(TASKS)
             .where(_t.id.in_(task_ids), _t.lease_owner == owner, _t.status == "running")
-            .values(status="queued", lease_owner=None, lease_expires_at=None, attempts=_t.attempts - 1, updated_at=now)
+            .values(
+                status="queued",
+                lease_owner=None,
+                lease_expires_at=None,
+                attempts=_t.attempts - 1,
+                revision=_t.revision + 1,
+                updated_at=now,
+            )
         )
 
 
@@ -303,7 +311,13 @@ def _typed(name: str) -> Any:
 
 
 _TASK_ID = bindparam("task_id", type_=String())
-_ENDED = {"finished_at": _NOW, "updated_at": _NOW, "lease_owner": None, "lease_expires_at": None}
+_ENDED = {
+    "finished_at": _NOW,
+    "updated_at": _NOW,
+    "lease_owner": None,
+    "lease_expires_at": None,
+    "revision": _t.revision + 1,
+}
 _FINISH_RUN = (
     update(TASKS)
     .where(_t.id == _TASK_ID, _t.status == "running", _t.lease_owner == bindparam("owner", type_=String()))
@@ -316,6 +330,7 @@ _FINISH_RUN = (
         retries=_t.retries + bindparam("retried", type_=Integer()),
         upstream_ids=_typed("upstream_ids"),
         upstream_instance=_typed("upstream_instance"),
+        upstream_attempts=_typed("upstream_attempts"),
         error_code=_typed("error_code"),
         error_message=_typed("error_message"),
         **_ENDED,
@@ -344,6 +359,7 @@ async def finish_run(
     retried: int,
     upstream_ids: list[str],
     upstream_instance: str | None,
+    upstream_attempts: list[dict[str, Any]],
     error_code: str | None,
     error_message: str | None,
 ) -> Record | None:
@@ -362,6 +378,7 @@ async def finish_run(
         "retried": retried,
         "upstream_ids": upstream_ids,
         "upstream_instance": upstream_instance,
+        "upstream_attempts": upstream_attempts,
         "error_code": error_code,
         "error_message": error_message,
     }
@@ -371,14 +388,22 @@ async def finish_run(
 _ACCEPTED = (
     update(TASKS)
     .where(_t.id == _TASK_ID, _t.status == "running", _t.lease_owner == bindparam("owner", type_=String()))
-    .values(upstream_instance=_typed("upstream_instance"), upstream_accepted=True)
+    .values(
+        upstream_instance=_typed("upstream_instance"),
+        upstream_accepted=True,
+        upstream_attempts=_typed("upstream_attempts"),
+    )
 )
 
 
-async def mark_accepted(tx: Transaction, task_id: str, *, owner: str, instance: str) -> None:
+async def mark_accepted(
+    tx: Transaction, task_id: str, *, owner: str, instance: str, attempts: list[dict[str, Any]]
+) -> None:
     """Record that `instance` accepted the task's job, while this worker still holds the task: every later attempt,
-    after a crash too, goes to that instance."""
-    await tx.execute(_ACCEPTED, {"task_id": task_id, "owner": owner, "upstream_instance": instance})
+    after a crash too, goes to that instance. `attempts` are the task's ended attempts so far, kept with it."""
+    await tx.execute(
+        _ACCEPTED, {"task_id": task_id, "owner": owner, "upstream_instance": instance, "upstream_attempts": attempts}
+    )
 
 
 async def cancel(tx: Transaction, task: Record, *, now: datetime) -> Record | None:
@@ -423,10 +448,7 @@ _FAIL_ABANDONED = (
     .values(
         status="failed",
         refunded=_t.cost,
-        finished_at=_NOW,
-        updated_at=_NOW,
-        lease_owner=None,
-        lease_expires_at=None,
+        **_ENDED,
         error_code="worker_lost",
         error_message="The task's worker stopped responding too many times",
     )

@@ -108,15 +108,25 @@ class TaskError(msgspec.Struct):
     message: str
 
 
+class UpstreamAttempt(msgspec.Struct):
+    """One ended upstream attempt of a task: the instance it went to, and the error code it ended with (null for
+    the attempt that produced the result)."""
+
+    instance: str
+    error: str | None
+
+
 class TaskOut(msgspec.Struct):
     """An image task as it stands. `prompt` is what the client sent; `final_prompt` what went to the upstream (after
     enhancement and style); `revised_prompt` the upstream's own revision. `remaining_credits` is set only on the
     submit response. `upstream` names the upstream instance of the task's latest attempt: the one that produced
     its images once it completed (null before any attempt). `byok_instance` names the upstream instance whose
     provider key of the tenant runs the task, at the tenant's BYOK price; it is null when the service's own key runs
-    it. `images_expire_at` says when the images of a completed task are deleted (null: kept for as long as the task,
-    or no images to keep); once `images_expired` is true, downloading one answers 410 `image_expired`, and the task
-    itself stays."""
+    it. `upstream_attempts` lists the task's ended upstream attempts, oldest first, retries and failovers included:
+    an attempt whose worker was lost after the instance accepted the job ended with `worker_lost`; the attempts of a
+    run lost before any instance accepted its job are not known. `images_expire_at` says when the images of a
+    completed task are deleted (null: kept for as long as the task, or no images to keep); once `images_expired` is
+    true, downloading one answers 410 `image_expired`, and the task itself stays."""
 
     id: str
     status: TaskStatus
@@ -143,6 +153,7 @@ class TaskOut(msgspec.Struct):
     started_at: datetime | None
     finished_at: datetime | None
     byok_instance: str | None = None
+    upstream_attempts: list[UpstreamAttempt] = msgspec.field(default_factory=list)
     images_expire_at: datetime | None = None
     images_expired: bool = False
 
@@ -201,6 +212,7 @@ def task_view(task: Any, remaining_credits: int | None = None, *, kept_for: time
         started_at=task.started_at,
         finished_at=task.finished_at,
         byok_instance=task.byok_instance,
+        upstream_attempts=[UpstreamAttempt(instance=a["instance"], error=a["error"]) for a in task.upstream_attempts],
         images_expire_at=expires,
         images_expired=expires is not None and expires <= utcnow(),
     )

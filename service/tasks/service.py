@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import hashlib
+from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
@@ -32,12 +33,15 @@ from service.settings import Settings
 from service.tasks import repository
 from service.tasks.finished import FinishedTasks
 from service.tasks.schemas import GenerateRequest, TaskOut, task_view
-from service.tasks.watchers import TaskWatchers
+from service.tasks.watchers import TaskWatchers, announce
 from service.tasks.worker import WorkerPool
 from service.tenants.auth import Caller
 
 IDEMPOTENCY_SCOPE = "generate"
 WAIT_RECHECK_SECONDS = 0.5
+# An event stream hears every change (docs/architecture.md §4), and still reads its task again at this interval, in
+# case an announcement was lost with the process that made it.
+EVENTS_RECHECK_SECONDS = 60.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -66,6 +70,11 @@ def request_hash(submission: Submission, prompt: str, model: str) -> str:
     return idempotency.fingerprint(
         prompt, request.size, model, request.quality, request.n, request.enhance, request.style, files, mask
     )
+
+
+def ended_by(task: Record, revision: int) -> bool:
+    """Whether the task had ended by `revision` (an event id): a stream resumed after it has nothing to send."""
+    return task.status in repository.TERMINAL and task.revision <= revision
 
 
 class TaskService:
@@ -277,6 +286,7 @@ class TaskService:
             cancelled = None if task.status in repository.TERMINAL else await repository.cancel(tx, task, now=now)
             if cancelled is None:
                 raise Conflict(f"The task is already {task.status}", code="task_not_cancellable")
+            await announce(self.db, tx, [task_id])
         if self.workers is not None:
             self.workers.abandon(task_id)
         self.watchers.changed(task_id, cancelled)
@@ -333,12 +343,10 @@ class TaskService:
         A finish in this process wakes the wait at once; one in another process is seen by re-reading the task.
         """
         deadline = asyncio.get_running_loop().time() + seconds
-        try:
-            task = None
+        with self.watchers.watching(task_id) as next_change:
+            changed = next_change()
+            task = await self.find(caller, task_id)
             while True:
-                changed = self.watchers.watch(task_id)
-                if task is None:
-                    task = await self.find(caller, task_id)
                 if task is not None and task.status in repository.TERMINAL:
                     return task
                 remaining = deadline - asyncio.get_running_loop().time()
@@ -349,9 +357,42 @@ class TaskService:
                     async with asyncio.timeout(min(remaining, WAIT_RECHECK_SECONDS)):
                         # The row this process committed, when it changed the task: no need to read it back.
                         task = await asyncio.shield(changed)
-                if task is not None:
-                    if not repository.is_owned(task, caller.tenant_id, caller.end_user):
-                        return None
+                changed = next_change()
+                if task is None:
+                    task = await self.find(caller, task_id)
+                elif not repository.is_owned(task, caller.tenant_id, caller.end_user):
+                    return None
+                else:
                     self.finished.keep(task)
-        finally:
-            self.watchers.unwatch(task_id)
+
+    async def changes(self, caller: Caller, task_id: str, *, after: int, idle: float) -> AsyncIterator[Record | None]:
+        """The task each time its status changes (its `revision` goes past `after`), from its state now to its end;
+        None after each `idle` seconds without a change, so the caller can keep its connection alive. The task must
+        exist for the caller (the first read raises `NotFound` otherwise)."""
+        with self.watchers.watching(task_id) as next_change:
+            changed = next_change()
+            task = await self.find(caller, task_id)
+            if task is None:
+                raise NotFound("No such task", code="task_not_found")
+            quiet = 0.0
+            while True:
+                if task.revision > after:
+                    after = task.revision
+                    yield task
+                if task.status in repository.TERMINAL:
+                    return
+                row = None
+                try:
+                    async with asyncio.timeout(idle):
+                        row = await asyncio.shield(changed)
+                except TimeoutError:
+                    quiet += idle
+                    yield None
+                    if quiet < EVENTS_RECHECK_SECONDS:
+                        continue
+                quiet = 0.0
+                changed = next_change()
+                fresh = row if row is not None else await self.find(caller, task_id)
+                if fresh is None:
+                    return
+                task = fresh

@@ -36,7 +36,7 @@ from service.prompts.styles import STYLES
 from service.providerkeys.service import ProviderKeys, ProviderKeyUnavailable
 from service.settings import Settings
 from service.tasks import repository
-from service.tasks.watchers import TaskWatchers
+from service.tasks.watchers import TaskWatchers, announce
 from service.upstream.base import (
     GenerationRequest,
     GenerationResult,
@@ -66,6 +66,7 @@ class Outcome:
     retries: int = 0
     upstream_ids: list[str] = field(default_factory=list)
     upstream_instance: str | None = None
+    upstream_attempts: list[dict[str, Any]] = field(default_factory=list)
     error_code: str | None = None
     error_message: str | None = None
     # What a task kind's own `settle` records, and the objects it stored that are deleted when the run's outcome is
@@ -160,6 +161,7 @@ class WorkerPool:
             with contextlib.suppress(Exception):
                 async with self.db.transaction() as tx:
                     await repository.release_leases(tx, owner=self.owner, task_ids=held, now=utcnow())
+                    await announce(self.db, tx, held)
 
     async def _dispatch(self) -> None:
         while True:
@@ -216,16 +218,21 @@ class WorkerPool:
                 if task is None:
                     break
                 claimed.append(task)
+            await announce(self.db, tx, [task.id for task in claimed])
+        for task in claimed:
+            self.watchers.changed(task.id, task)
         return claimed
 
     async def _fail_abandoned(self) -> None:
         now = utcnow()
         async with self.db.transaction() as tx:
             failed = await repository.fail_abandoned(tx, now=now, max_attempts=self.settings.max_attempts)
+            await announce(self.db, tx, failed)
             if now >= self._next_purge:
                 self._next_purge = now + timedelta(seconds=PURGE_INTERVAL_SECONDS)
                 await idempotency.forget_expired(tx, now)
         for task_id in failed:
+            self.watchers.changed(task_id)
             log.warning("task %s failed: its worker was lost too often", task_id)
 
     async def _sweep_storage(self) -> None:
@@ -292,6 +299,7 @@ class WorkerPool:
             route = self._routes.pop(task.id, None)
         outcome.retries = retries
         outcome.upstream_instance = route.last if route is not None and route.last else task.upstream_instance
+        outcome.upstream_attempts = route.attempts if route is not None else task.upstream_attempts
         await self._settle(task, outcome)
 
     async def _settle(self, task: Record, outcome: Outcome) -> None:
@@ -310,12 +318,15 @@ class WorkerPool:
                     retried=outcome.retries,
                     upstream_ids=outcome.upstream_ids,
                     upstream_instance=outcome.upstream_instance,
+                    upstream_attempts=outcome.upstream_attempts,
                     error_code=outcome.error_code,
                     error_message=outcome.error_message,
                 )
                 kind = self.kinds.get(task.mode)
                 if settled is not None and kind is not None:
                     await kind.settle(tx, task, outcome)
+                if settled is not None:
+                    await announce(self.db, tx, [task.id])
         except Exception:
             log.exception("task %s: committing its outcome failed", task.id)
             await self._after_failed_commit(task, outcome)
@@ -386,13 +397,21 @@ class WorkerPool:
         """The upstream call of this run of `task`: each attempt routed by the registry, retried under the task's
         deadline; a job an instance accepted (in this run or an earlier one) stays with that instance, and so does a
         task run with the tenant's own key for its instance (`byok_instance`): that key is for that instance alone."""
-        route = Route(pinned=task.byok_instance or (task.upstream_instance if task.upstream_accepted else None))
+        route = Route(
+            pinned=task.byok_instance or (task.upstream_instance if task.upstream_accepted else None),
+            attempts=list(task.upstream_attempts),
+        )
         self._routes[task.id] = route
         upstreams = self.upstreams
 
         async def accepted(instance: str) -> None:
             async with self.db.statement() as tx:
-                await repository.mark_accepted(tx, task.id, owner=self.owner, instance=instance)
+                # Should this worker be lost now, the attempt under way ended with it; when the run goes on, its
+                # settle writes how it really ended.
+                lost = {"instance": instance, "error": "worker_lost"}
+                await repository.mark_accepted(
+                    tx, task.id, owner=self.owner, instance=instance, attempts=[*route.attempts, lost]
+                )
 
         async def generate(request: GenerationRequest) -> GenerationResult:
             return await self._with_retries(task, lambda: upstreams.generate(request, route, accepted))

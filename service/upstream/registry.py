@@ -26,6 +26,7 @@ import time
 from collections import deque
 from collections.abc import AsyncIterator, Awaitable, Callable, Collection
 from dataclasses import dataclass, field
+from typing import Any
 
 from prometheus_client import Counter, Histogram
 
@@ -69,13 +70,15 @@ class Instance:
 @dataclass(slots=True)
 class Route:
     """One task's way through the instances across its attempts: the instance holding its job (`pinned`), those
-    that failed it before accepting it (`tried`), the one its latest attempt went to (`last`) and the latest error an
-    instance gave it (`error`)."""
+    that failed it before accepting it (`tried`), the one its latest attempt went to (`last`), the latest error an
+    instance gave it (`error`), and every ended attempt, oldest first, earlier runs' included (`attempts`: the
+    instance and the error code it ended with, None for the one that produced the result)."""
 
     pinned: str | None = None
     tried: set[str] = field(default_factory=set)
     last: str | None = None
     error: UpstreamError | None = None
+    attempts: list[dict[str, Any]] = field(default_factory=list)
 
 
 Accepted = Callable[[str], Awaitable[None]]
@@ -169,6 +172,7 @@ class Upstreams:
             result = await instance.adapter.generate(dataclasses.replace(request, on_accepted=on_accepted))
         except UpstreamError as exc:
             route.error = exc
+            route.attempts.append({"instance": instance.name, "error": exc.code})
             if counted:
                 health.record(exc)
             INSTANCE_ATTEMPTS.labels(instance.name, exc.code).inc()
@@ -182,6 +186,7 @@ class Upstreams:
             instance.in_flight -= 1
             self._room.set()
         elapsed = time.perf_counter() - started
+        route.attempts.append({"instance": instance.name, "error": None})
         if counted:
             health.succeeded()
         instance.latencies.append(elapsed)

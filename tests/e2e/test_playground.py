@@ -62,9 +62,14 @@ def test_the_playground_runs_the_whole_flow(
 
     page.select_option("#size", "16:9")
     page.set_input_files("#reference", str(reference))
+    requested: list[str] = []
+    page.on("request", lambda request: requested.append(request.url))
     page.click("#generate")
     expect(page.locator("#status")).to_have_text("running")
     expect(page.locator("#status")).to_have_text("completed", timeout=20_000)
+    # The status came from the task's event stream, opened once, not from polling the task.
+    followed = [url for url in requested if "/api/images/tasks/" in url and "/image?" not in url]
+    assert len(followed) == 1 and followed[0].endswith("/events"), followed
     expect(page.locator("#image")).to_be_visible()
     size = page.locator("#image").evaluate("image => [image.naturalWidth, image.naturalHeight]")
     assert abs(size[0] / size[1] - 16 / 9) < 0.05

@@ -128,6 +128,10 @@ def test_the_best_priority_serves_and_a_failure_before_acceptance_moves_the_task
     task = tenant.wait(tenant.submit(f"{moved} a harbour", model="prio-model")["id"])
     assert task["status"] == "completed", task["error"]
     assert task["upstream"] == "b2" and task["refunded"] == 0
+    assert task["upstream_attempts"] == [
+        {"instance": "a", "error": "upstream_unavailable"},
+        {"instance": "b2", "error": None},
+    ]
     assert {item["client_task_id"] for item in received(a, moved)} == {task["id"]}
     assert [item["client_task_id"] for item in received(b, moved)] == [task["id"]]
     assert tenant.balance() == 8
@@ -145,6 +149,8 @@ def test_a_job_an_instance_accepted_stays_with_it_through_failures(
     task = tenant.wait(tenant.submit(f"{kept} a windmill", model="prio-model")["id"])
     assert task["status"] == "completed", task["error"]
     assert task["upstream"] == "a"
+    assert [attempt["instance"] for attempt in task["upstream_attempts"]] == ["a", "a"]
+    assert task["upstream_attempts"][0]["error"] is not None and task["upstream_attempts"][1]["error"] is None
     assert a.injected()["poll_500"] == 1
     # The retry resumed the same job on the same upstream; the other never saw it.
     assert [item["client_task_id"] for item in received(a, kept)] == [task["id"], task["id"]]
@@ -181,6 +187,10 @@ def test_a_job_accepted_before_a_worker_crash_goes_back_to_its_instance_after_it
         task = tenant.wait(task_id, timeout=40)
         assert task["status"] == "completed", task["error"]
         assert task["upstream"] == "a" and task["refunded"] == 0
+        assert task["upstream_attempts"] == [
+            {"instance": "a", "error": "worker_lost"},
+            {"instance": "a", "error": None},
+        ]
         assert [item["client_task_id"] for item in received(a, crash)] == [task_id, task_id]
         assert received(b, crash) == []
         fresh = tenant.wait(tenant.submit("after the restart", model="prio-model")["id"])
