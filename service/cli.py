@@ -203,6 +203,7 @@ def gc(args: argparse.Namespace) -> None:
                 now=utcnow(),
                 retention=timedelta(hours=settings.reference_retention_hours),
                 grace=timedelta(seconds=grace),
+                result_retention_days=settings.result_retention_days,
                 dry_run=args.dry_run,
             )
         finally:
@@ -359,7 +360,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--expect-finished", action="store_true", help="also fail while any task is queued or running")
     p.set_defaults(func=audit)
 
-    p = commands.add_parser("gc", help="delete stored images no task needs: orphans, and references past retention")
+    p = commands.add_parser(
+        "gc", help="delete stored images no task needs: orphans, and results and references past retention"
+    )
     p.add_argument("--dry-run", action="store_true", help="only report what would be deleted")
     p.add_argument(
         "--grace-seconds",

@@ -41,6 +41,9 @@ class Problem(msgspec.Struct, omit_defaults=True):
     cap: int | None = None
     spent: int | None = None
     resets_at: datetime | None = None
+    # On 410 `image_expired`: when the image expired. On 409 `tenant_busy`: the tenant's tasks still queued or running.
+    expired_at: datetime | None = None
+    unfinished_tasks: int | None = None
     # On 409 `step_running`: the canvas step that runs now, and its task.
     running_step: int | None = None
     running_task: str | None = None
@@ -83,6 +86,10 @@ class NotFound(ServiceError):
 
 class Conflict(ServiceError):
     status, code = 409, "conflict"
+
+
+class Gone(ServiceError):
+    status, code = 410, "gone"
 
 
 class PayloadTooLarge(ServiceError):
@@ -260,6 +267,7 @@ _DESCRIPTIONS = {
     403: "The tenant is suspended",
     404: "No such object for this caller",
     409: "The object is not in a state for this action, or the idempotency key was used with another body",
+    410: "The image is past its retention and deleted; the task's record stays",
     413: "Request body or an uploaded file is too large",
     415: "Unsupported content type or image type",
     422: "A field is invalid (`field` names it)",
@@ -290,6 +298,7 @@ __all__ = [
     "ConfirmRequired",
     "Conflict",
     "Forbidden",
+    "Gone",
     "InsufficientCredits",
     "InvalidInput",
     "NotFound",

@@ -96,6 +96,8 @@ def request_observer(app: ASGIApp) -> ASGIApp:
             return
         given = dict(scope["headers"]).get(b"x-request-id", b"").decode("latin-1")
         request_id = given if REQUEST_ID.match(given) else made_request_id()
+        # Handlers that record who asked for a change (an erasure) name the request too.
+        scope.setdefault("state", {})["request_id"] = request_id
         started = time.perf_counter()
         status = 500
 

@@ -20,6 +20,8 @@ from service.upstream_config import ConfigError, InstanceConfig, check_protocols
 T = TypeVar("T")
 
 QUALITIES = ("auto", "low", "medium", "high")
+# The longest retention of result images a deployment or a tenant may set: a century, in days.
+MAX_RETENTION_DAYS = 36_500.0
 
 
 class SettingsError(ValueError):
@@ -106,6 +108,9 @@ class Settings:
 
     gc_interval_seconds: float = 3600.0
     reference_retention_hours: float = 168.0
+    # How long a task's result images (and its references) are kept after it finished; 0 keeps them forever. A tenant
+    # may have its own (`tenants.result_retention_days`).
+    result_retention_days: float = 30.0
 
     max_canvas_pixels: int = 16_000_000
     max_canvas_steps: int = 200
@@ -238,6 +243,7 @@ class Settings:
             model_protocols=check_protocols(list(instances)),
             gc_interval_seconds=read.number("GC_INTERVAL_SECONDS", 3600.0, minimum=0.0),
             reference_retention_hours=read.number("REFERENCE_RETENTION_HOURS", 168.0, minimum=0.0),
+            result_retention_days=read.number("RESULT_RETENTION_DAYS", 30.0, minimum=0.0, maximum=MAX_RETENTION_DAYS),
             max_canvas_pixels=read.integer("MAX_CANVAS_PIXELS", 16_000_000, minimum=4096),
             max_canvas_steps=read.integer("MAX_CANVAS_STEPS", 200, minimum=1),
             encryption_keys=read.encryption_keys("ENCRYPTION_KEYS"),
@@ -329,10 +335,11 @@ class _Reader:
             raise SettingsError(f"{name}: expected an integer {bound}, got {value}")
         return value
 
-    def number(self, name: str, default: float, *, minimum: float) -> float:
+    def number(self, name: str, default: float, *, minimum: float, maximum: float | None = None) -> float:
         value = self._parse(name, default, float, "a number")
-        if not value >= minimum:
-            raise SettingsError(f"{name}: expected a number of at least {minimum}, got {value}")
+        if not value >= minimum or (maximum is not None and not value <= maximum):
+            bound = f"between {minimum:g} and {maximum:g}" if maximum is not None else f"of at least {minimum}"
+            raise SettingsError(f"{name}: expected a number {bound}, got {value}")
         return value
 
     def encryption_keys(self, name: str) -> tuple[bytes, ...]:

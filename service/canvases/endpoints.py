@@ -8,7 +8,7 @@ from typing import Annotated, Any
 
 from litestar import Request, Response, Router, get, post
 from litestar.datastructures import ResponseHeader
-from litestar.openapi.spec import OpenAPIMediaType, OpenAPIResponse, OpenAPIType, Operation, Schema
+from litestar.openapi.spec import OpenAPIMediaType, OpenAPIResponse, OpenAPIType, Schema
 from litestar.params import Parameter
 from litestar.response import Stream
 
@@ -27,7 +27,7 @@ from service.canvases.service import CanvasService
 from service.canvases.views import canvas_url, canvas_view, step_view
 from service.errors import Conflict, problem_responses
 from service.idempotency import IdempotencyKey
-from service.images.download import BINARY, ImageOperation, StoredImage, etag_matches
+from service.images.download import BINARY, ImageOperation, StoredImage, ZipOperation, etag_matches
 from service.pagination import Cursor, Limit, next_cursor
 from service.tenants.auth import END_USER_TOO, Caller, authenticate_then_read_body
 
@@ -57,19 +57,6 @@ class ArtifactOperation(ImageOperation):
         ok.content["application/json"] = OpenAPIMediaType(schema=Schema(type=OpenAPIType.OBJECT))
         ok.content["text/plain"] = OpenAPIMediaType(schema=Schema(type=OpenAPIType.STRING))
         ok.content["application/octet-stream"] = OpenAPIMediaType(schema=BINARY)
-
-
-@dataclass
-class ExportOperation(Operation):
-    """The export is a zip streamed as it is written; declared as binary so that generated clients read it as a file
-    rather than dropping the response for want of a schema."""
-
-    def __post_init__(self) -> None:
-        assert self.responses is not None
-        ok = self.responses["200"]
-        assert isinstance(ok, OpenAPIResponse)
-        ok.description = "The canvas as a zip archive"
-        ok.content = {"application/zip": OpenAPIMediaType(schema=BINARY)}
 
 
 @post(
@@ -251,7 +238,7 @@ async def revert_canvas(canvas_id: CanvasId, data: RevertRequest, caller: Caller
     summary="The canvas whole, as a zip",
     description="`canvas.json`, then per step `steps/<n>/`: `step.json`, `record.json`, `validation.json`, "
     "`failure.txt` for a failed step, and its stored images. Written as it is sent.",
-    operation_class=ExportOperation,
+    operation_class=ZipOperation,
     responses=problem_responses(401, 403, 429, 404),
     media_type="application/zip",
 )

@@ -7,7 +7,7 @@ from __future__ import annotations
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import ColumnElement, and_, insert, or_, select, update
+from sqlalchemy import ColumnElement, and_, delete, insert, or_, select, update
 
 from service.db.engine import Record, Transaction
 from service.db.models import CANVAS_STEPS, CANVASES, TASKS
@@ -205,3 +205,30 @@ async def stored_by(tx: Transaction, canvas_ids: list[str]) -> tuple[dict[str, R
         .where(_s.canvas_id.in_(canvas_ids))
     )
     return {row.id: row for row in canvases}, {row.task_id: row for row in steps}
+
+
+async def tenant_canvases(tx: Transaction, tenant_id: str, *, after: str, limit: int) -> list[Record]:
+    """A page of the tenant's canvases, oldest ids first, for its export and its erasure."""
+    return await tx.rows(
+        select(CANVASES).where(owned_canvases(tenant_id, None), _c.id > after).order_by(_c.id).limit(limit)
+    )
+
+
+async def tenant_steps(tx: Transaction, tenant_id: str, *, after: str, limit: int) -> list[Record]:
+    """A page of the steps of the tenant's canvases, by their task's id, for its export."""
+    return await tx.rows(
+        select(CANVAS_STEPS)
+        .join(CANVASES, _c.id == _s.canvas_id)
+        .where(owned_canvases(tenant_id, None), _s.task_id > after)
+        .order_by(_s.task_id)
+        .limit(limit)
+    )
+
+
+async def delete_tenant_canvases(tx: Transaction, tenant_id: str) -> tuple[int, int]:
+    """Delete the tenant's canvases and their steps (before their tasks); how many of each."""
+    steps = await tx.execute(
+        delete(CANVAS_STEPS).where(_s.canvas_id.in_(select(_c.id).where(owned_canvases(tenant_id, None))))
+    )
+    canvases = await tx.execute(delete(CANVASES).where(owned_canvases(tenant_id, None)))
+    return steps, canvases

@@ -4,9 +4,7 @@ is debited when submitted and refunded exactly once if it fails, like any task (
 
 from __future__ import annotations
 
-import io
 import json
-import zipfile
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from datetime import timedelta
@@ -36,6 +34,7 @@ from service.settings import Settings
 from service.tasks import repository as tasks
 from service.tasks.worker import WorkerPool
 from service.tenants.auth import Caller
+from service.zipstream import ZipStream
 
 GENERATED_ARTIFACTS = ("record.json", "validation.json", "failure.txt")
 
@@ -439,8 +438,7 @@ class CanvasService:
         return canvas, self._zip(canvas, every, line)
 
     async def _zip(self, canvas: Record, every: list[Record], line: set[int]) -> AsyncIterator[bytes]:
-        sink = _Sink()
-        archive = zipfile.ZipFile(sink, "w", compression=zipfile.ZIP_STORED)
+        archive = ZipStream()
         meta = {
             "id": canvas.id,
             "origin": canvas.origin,
@@ -451,51 +449,35 @@ class CanvasService:
             "image": public_image(canvas.image),
             "steps": [{"n": step.n, "status": step_status(step), "on_canvas": step.n in line} for step in every],
         }
-        archive.writestr("canvas.json", json.dumps(meta, indent=2, default=str))
-        yield sink.take()
+        yield archive.add("canvas.json", json.dumps(meta, indent=2, default=str).encode())
         if canvas.origin == "upload" and canvas.first_image is not None:
-            archive.writestr("steps/0/canvas.png", await self.store.get(canvas.first_image["key"]))
-            yield sink.take()
+            async for data in self._stored("steps/0/canvas.png", archive, canvas.first_image):
+                yield data
         for step in every:
             folder = f"steps/{step.n}"
-            archive.writestr(f"{folder}/step.json", json.dumps(step_metadata(step, line), indent=2, default=str))
+            yield archive.add(
+                f"{folder}/step.json", json.dumps(step_metadata(step, line), indent=2, default=str).encode()
+            )
             for name in reports_of(step):
                 report = _report(step, name)
                 assert report is not None
-                archive.writestr(f"{folder}/{name}", report[1])
-            yield sink.take()
+                yield archive.add(f"{folder}/{name}", report[1])
             for name, artifact in step.artifacts.items():
                 if name == "input.png":
                     continue
-                archive.writestr(f"{folder}/{name}", await self.store.get(artifact["key"]))
-                yield sink.take()
-        archive.close()
-        yield sink.take()
+                async for data in self._stored(f"{folder}/{name}", archive, artifact):
+                    yield data
+        yield archive.close()
+
+    def _stored(self, name: str, archive: ZipStream, record: dict[str, Any]) -> AsyncIterator[bytes]:
+        """A stored object copied into the archive a chunk at a time."""
+        return archive.add_stream(name, self.store.stream(record["key"]), size=record.get("bytes"))
 
 
 @dataclass(frozen=True, slots=True)
 class _Target:
     n: int
     image: dict[str, Any]
-
-
-class _Sink(io.RawIOBase):
-    """Where the zip is written: kept only until the next `take`, so the archive is never whole in memory."""
-
-    def __init__(self) -> None:
-        self._chunks: list[bytes] = []
-
-    def writable(self) -> bool:
-        return True
-
-    def write(self, data: Any) -> int:
-        self._chunks.append(bytes(data))
-        return len(data)
-
-    def take(self) -> bytes:
-        taken = b"".join(self._chunks)
-        self._chunks.clear()
-        return taken
 
 
 def _checked_geometry(canvas: Record, body: StepRequest, overlap: int, max_pixels: int) -> tuple[int, int]:

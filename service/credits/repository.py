@@ -16,6 +16,7 @@ from sqlalchemy import (
     and_,
     bindparam,
     case,
+    delete,
     func,
     insert,
     literal,
@@ -513,3 +514,18 @@ async def allowances_and_sums(tx: Transaction) -> list[Record]:
         )
         .group_by(EndUser.tenant_id, EndUser.end_user, EndUser.balance)
     )
+
+
+async def tenant_entries(tx: Transaction, tenant_id: str, *, after: str, limit: int) -> list[Record]:
+    """A page of the tenant's ledger entries (both accounts), oldest first, for its export."""
+    return await tx.rows(
+        select(LEDGER)
+        .where(owned_ledger_entries(tenant_id, None), LEDGER.c.id > after)
+        .order_by(LEDGER.c.id)
+        .limit(limit)
+    )
+
+
+async def delete_tenant_entries(tx: Transaction, tenant_id: str) -> int:
+    """Delete every ledger entry of the tenant, which is being erased; how many. The only deletion the ledger has."""
+    return await tx.execute(delete(LEDGER).where(owned_ledger_entries(tenant_id, None)))

@@ -130,8 +130,35 @@ class Tenant(Base):
     spent_day_amount: Mapped[int] = mapped_column(BigInteger, default=0, server_default="0")
     spent_month: Mapped[str] = mapped_column(String(7), default="", server_default="")
     spent_month_amount: Mapped[int] = mapped_column(BigInteger, default=0, server_default="0")
+    # How many days the tenant's result images are kept after their task finished (0: forever); NULL means the
+    # service-wide RESULT_RETENTION_DAYS.
+    result_retention_days: Mapped[float | None] = mapped_column(Float, nullable=True)
     created_at: Mapped[datetime] = mapped_column(UTCDateTime())
     updated_at: Mapped[datetime] = mapped_column(UTCDateTime())
+
+
+class TenantErasure(Base):
+    """What is left of an erased tenant: who erased it, when, its balance then, and how much of it was removed. The
+    row exists from the moment the erasure starts (`erasing`) and is completed (`erased`) in the transaction that
+    removes the tenant's rows."""
+
+    __tablename__ = "tenant_erasures"
+    __table_args__ = (Index("ix_tenant_erasures_tenant_id", "tenant_id"),)
+
+    id: Mapped[str] = mapped_column(String(32), primary_key=True)
+    # No foreign key: the tenant's row is gone once the erasure has finished.
+    tenant_id: Mapped[str] = mapped_column(String(32))
+    tenant_name: Mapped[str] = mapped_column(String(200))
+    status: Mapped[str] = mapped_column(String(16))
+    requested_by: Mapped[str] = mapped_column(String(64))
+    request_id: Mapped[str | None] = mapped_column(String(64), nullable=True)
+    balance: Mapped[int] = mapped_column(BigInteger, default=0)
+    # Rows removed by table, and the stored objects (and their bytes) deleted, once finished.
+    removed_rows: Mapped[dict[str, Any]] = mapped_column(JSONType, default=dict)
+    removed_objects: Mapped[int] = mapped_column(BigInteger, default=0)
+    removed_bytes: Mapped[int] = mapped_column(BigInteger, default=0)
+    started_at: Mapped[datetime] = mapped_column(UTCDateTime())
+    finished_at: Mapped[datetime | None] = mapped_column(UTCDateTime(), nullable=True)
 
 
 class TenantOrigin(Base):
@@ -184,6 +211,7 @@ class ApiKey(Base):
 
 
 _REFERENCES_KEPT = text("mode = 'image' AND references_deleted_at IS NULL")
+_RESULTS_KEPT = text("mode <> 'canvas' AND images_deleted_at IS NULL")
 
 
 class Task(Base):
@@ -197,6 +225,9 @@ class Task(Base):
         Index(
             "ix_tasks_references_kept", "finished_at", sqlite_where=_REFERENCES_KEPT, postgresql_where=_REFERENCES_KEPT
         ),
+        # Finished tasks whose result images are still stored, for the result retention sweep (canvas steps' pictures
+        # belong to their canvas and are never expired).
+        Index("ix_tasks_results_kept", "finished_at", sqlite_where=_RESULTS_KEPT, postgresql_where=_RESULTS_KEPT),
         CheckConstraint("refunded >= 0 AND refunded <= cost", name="refund_within_cost"),
     )
 
@@ -256,6 +287,9 @@ class Task(Base):
     finished_at: Mapped[datetime | None] = mapped_column(UTCDateTime(), nullable=True)
     # When the storage sweep deleted the reference images (and mask) of this finished task; their records stay.
     references_deleted_at: Mapped[datetime | None] = mapped_column(UTCDateTime(), nullable=True)
+    # When the storage sweep deleted the result images of this finished task, past its tenant's retention; their
+    # records stay (the ledger audit counts them).
+    images_deleted_at: Mapped[datetime | None] = mapped_column(UTCDateTime(), nullable=True)
 
 
 class ProviderKey(Base):
@@ -276,7 +310,7 @@ class ProviderKey(Base):
 
 
 class LedgerEntry(Base):
-    """Append-only: rows are inserted, never updated or deleted."""
+    """Append-only: rows are inserted, never updated, and deleted only with their tenant when it is erased."""
 
     __tablename__ = "ledger_entries"
     __table_args__ = (
@@ -413,3 +447,4 @@ TENANT_ORIGINS = cast(Table, TenantOrigin.__table__)
 CANVASES = cast(Table, Canvas.__table__)
 CANVAS_STEPS = cast(Table, CanvasStep.__table__)
 PROVIDER_KEYS = cast(Table, ProviderKey.__table__)
+TENANT_ERASURES = cast(Table, TenantErasure.__table__)

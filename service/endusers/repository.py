@@ -8,9 +8,9 @@ from __future__ import annotations
 
 from datetime import datetime
 
-from sqlalchemy import ColumnElement, and_, or_, update
+from sqlalchemy import ColumnElement, and_, delete, or_, select, update
 
-from service.db.engine import Database, Transaction
+from service.db.engine import Database, Record, Transaction
 from service.db.models import END_USERS, EndUser
 from service.db.scoping import CallerValue
 
@@ -44,3 +44,18 @@ async def mark_checked_in(tx: Transaction, *, tenant_id: str, end_user: str, tod
         .returning(EndUser.balance)
     )
     return None if balance is None else int(balance)
+
+
+async def tenant_end_users(tx: Transaction, tenant_id: str, *, after: str, limit: int) -> list[Record]:
+    """A page of the tenant's end users, by identifier, for its export."""
+    return await tx.rows(
+        select(END_USERS)
+        .where(owned_end_users(tenant_id, None), END_USERS.c.end_user > after)
+        .order_by(END_USERS.c.end_user)
+        .limit(limit)
+    )
+
+
+async def delete_tenant_end_users(tx: Transaction, tenant_id: str) -> int:
+    """Delete every end user of the tenant; how many."""
+    return await tx.execute(delete(END_USERS).where(owned_end_users(tenant_id, None)))

@@ -46,3 +46,8 @@ async def replace_expired(tx: Transaction, record: dict[str, Any]) -> None:
 
 async def forget_expired(tx: Transaction, now: datetime) -> None:
     await tx.rows(_FORGET_EXPIRED, {"now": now})
+
+
+async def delete_tenant_records(tx: Transaction, tenant_id: str) -> int:
+    """Delete every idempotency record of the tenant, in every key space; how many."""
+    return await tx.execute(delete(IDEMPOTENCY_RECORDS).where(_RECORDS.tenant_id == tenant_id))

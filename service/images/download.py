@@ -83,3 +83,16 @@ def etag_matches(if_none_match: str | None, digest: str) -> bool:
         return False
     tags = {tag.strip().removeprefix("W/") for tag in if_none_match.split(",")}
     return "*" in tags or f'"{digest}"' in tags
+
+
+@dataclass
+class ZipOperation(Operation):
+    """An export: a zip streamed as it is written; declared as binary so that generated clients read it as a file
+    rather than dropping the response for want of a schema."""
+
+    def __post_init__(self) -> None:
+        assert self.responses is not None
+        ok = self.responses["200"]
+        assert isinstance(ok, OpenAPIResponse)
+        ok.description = "A zip archive, written as it is sent"
+        ok.content = {"application/zip": OpenAPIMediaType(schema=BINARY)}

@@ -135,7 +135,9 @@ class LocalBlobStore:
 
     def _scan(self, prefix: str) -> list[StoredObject]:
         found = []
-        for folder, _, files in os.walk(self.root):
+        # Only the folder the prefix names up to its last `/` is walked: one task's folder, not the whole store.
+        start = self._path(prefix.rsplit("/", 1)[0]) if "/" in prefix else self.root
+        for folder, _, files in os.walk(start):
             for name in files:
                 path = Path(folder, name)
                 key = path.relative_to(self.root).as_posix()

@@ -1,14 +1,16 @@
 """The storage sweep: deletes stored images that no task needs any more, so storage does not grow without bound.
 
-Two kinds go. The references (and mask) of tasks that finished more than `REFERENCE_RETENTION_HOURS` ago: the task
-records when they went, so nothing reads them afterwards. And orphans: objects under `results/` or `references/` that
-no task refers to — the images of runs that lost their task, the uploads of submissions that never committed, files a
-crash left half-written — and objects under `canvases/` that neither their canvas nor one of its steps refers to (the
-artifacts of a step's run that was not committed, the first picture of an upload whose canvas never committed). An
-orphan is deleted only once it is older than a grace period, because objects are stored before the row that refers to
-them commits: a submission stores its references before its task row exists, and a worker stores its results before
-its outcome commits. Nothing of a queued or running task is ever deleted, whatever its age: a run still holding the
-task may yet commit what it stored.
+Three kinds go. The result images of tasks past their tenant's retention (`RESULT_RETENTION_DAYS`, or the tenant's
+own; canvas steps' pictures never expire), with their references: the task records when they went
+(`images_deleted_at`) and stays. The references (and mask) of tasks that finished more than
+`REFERENCE_RETENTION_HOURS` ago: the task records when they went, so nothing reads them afterwards. And orphans:
+objects under `results/` or `references/` that no task refers to — the images of runs that lost their task, the
+uploads of submissions that never committed, files a crash left half-written — and objects under `canvases/` that
+neither their canvas nor one of its steps refers to (the artifacts of a step's run that was not committed, the first
+picture of an upload whose canvas never committed). An orphan is deleted only once it is older than a grace period,
+because objects are stored before the row that refers to them commits: a submission stores its references before its
+task row exists, and a worker stores its results before its outcome commits. Nothing of a queued or running task is
+ever deleted, whatever its age: a run still holding the task may yet commit what it stored.
 
 Workers run the sweep every `GC_INTERVAL_SECONDS`; `imagegen gc` runs it on demand. Two sweeps at once are harmless.
 """
@@ -23,9 +25,11 @@ from typing import Any
 
 from service.canvases import repository as canvases_repository
 from service.db.engine import Database
+from service.images.retention import retention
 from service.images.storage import BlobStore, StoredObject
 from service.settings import Settings
 from service.tasks import repository
+from service.tenants import repository as tenants_repository
 
 SWEPT_PREFIXES = ("results/", "references/", "canvases/")
 RETENTION_BATCH = 500
@@ -37,6 +41,9 @@ class SweepReport:
     """What a sweep deleted (or, in a dry run, would delete)."""
 
     dry_run: bool = False
+    expired_result_tasks: int = 0
+    expired_result_objects: int = 0
+    expired_result_bytes: int = 0
     expired_tasks: int = 0
     expired_objects: int = 0
     expired_bytes: int = 0
@@ -49,15 +56,29 @@ class SweepReport:
 
     @property
     def deleted(self) -> int:
-        return self.expired_objects + self.orphan_results + self.orphan_references + self.orphan_canvas_objects
+        return (
+            self.expired_result_objects
+            + self.expired_objects
+            + self.orphan_results
+            + self.orphan_references
+            + self.orphan_canvas_objects
+        )
 
     @property
     def deleted_bytes(self) -> int:
-        return self.expired_bytes + self.orphan_result_bytes + self.orphan_reference_bytes + self.orphan_canvas_bytes
+        return (
+            self.expired_result_bytes
+            + self.expired_bytes
+            + self.orphan_result_bytes
+            + self.orphan_reference_bytes
+            + self.orphan_canvas_bytes
+        )
 
     def lines(self) -> list[str]:
         verb = "would delete" if self.dry_run else "deleted"
         return [
+            f"results past retention: {verb} {self.expired_result_objects} objects ({self.expired_result_bytes} bytes)"
+            f" of {self.expired_result_tasks} finished tasks",
             f"references past retention: {verb} {self.expired_objects} objects ({self.expired_bytes} bytes)"
             f" of {self.expired_tasks} finished tasks",
             f"orphaned results: {verb} {self.orphan_results} objects ({self.orphan_result_bytes} bytes)",
@@ -81,9 +102,13 @@ async def sweep(
     now: datetime,
     retention: timedelta,
     grace: timedelta,
+    result_retention_days: float = 0.0,
     dry_run: bool = False,
 ) -> SweepReport:
+    """Delete what no task needs any more: results past retention (`result_retention_days`, the service's; 0 keeps
+    them forever; tenants may have their own), references past `retention`, orphans older than `grace`."""
     report = SweepReport(dry_run=dry_run)
+    await _expire_results(db, store, report, default_days=result_retention_days, now=now)
     await _expire_references(db, store, report, finished_before=now - retention, now=now)
     for prefix in SWEPT_PREFIXES:
         delete_orphans = _delete_canvas_orphans if prefix == "canvases/" else _delete_orphans
@@ -113,6 +138,56 @@ async def _expire_references(
         if not report.dry_run:
             async with db.transaction() as tx:
                 await repository.mark_references_deleted(tx, [row.id for row in expired], now=now)
+            await _delete(store, [str(record["key"]) for record in records])
+        if len(expired) < RETENTION_BATCH:
+            return
+
+
+async def _expire_results(
+    db: Database, store: BlobStore, report: SweepReport, *, default_days: float, now: datetime
+) -> None:
+    """Delete the result images (and the references still kept) of tasks past their tenant's retention: the tenants
+    on the service's retention, then those of each retention tenants have of their own."""
+    async with db.snapshot() as tx:
+        overrides = await tenants_repository.retention_overrides(tx)
+    for tenant_days in [None, *overrides]:
+        kept_for = retention(default_days, tenant_days)
+        if kept_for is not None:
+            await _expire_results_of(
+                db, store, report, tenant_days=tenant_days, finished_before=now - kept_for, now=now
+            )
+
+
+async def _expire_results_of(
+    db: Database,
+    store: BlobStore,
+    report: SweepReport,
+    *,
+    tenant_days: float | None,
+    finished_before: datetime,
+    now: datetime,
+) -> None:
+    """Recorded on each task first, as for references: a delete that then fails leaves an orphan for a later sweep."""
+    after = ""
+    while True:
+        async with db.snapshot() as tx:
+            expired = await repository.results_past_retention(
+                tx, tenant_days=tenant_days, finished_before=finished_before, after=after, limit=RETENTION_BATCH
+            )
+        if not expired:
+            return
+        after = expired[-1].id
+        records = [
+            *(image for row in expired for image in row.images),
+            *(record for row in expired if row.references_deleted_at is None for record in _reference_records(row)),
+        ]
+        records = [record for record in records if "key" in record]
+        report.expired_result_tasks += len(expired)
+        report.expired_result_objects += len(records)
+        report.expired_result_bytes += sum(int(record.get("bytes", 0)) for record in records)
+        if not report.dry_run:
+            async with db.transaction() as tx:
+                await repository.mark_results_deleted(tx, [row.id for row in expired], now=now)
             await _delete(store, [str(record["key"]) for record in records])
         if len(expired) < RETENTION_BATCH:
             return
@@ -169,7 +244,7 @@ def _needed(key: str, task: Any | None) -> bool:
         return False
     if task.status not in repository.TERMINAL:
         return True
-    if key in {image["key"] for image in task.images}:
+    if task.images_deleted_at is None and key in {image["key"] for image in task.images}:
         return True
     return task.references_deleted_at is None and key in {record.get("key") for record in _reference_records(task)}
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import ColumnElement, String, bindparam, insert, select, true, update
+from sqlalchemy import ColumnElement, String, bindparam, delete, insert, select, true, update
 
 from service.db.engine import Record, Transaction
 from service.db.models import PROVIDER_KEYS, TENANTS
@@ -95,3 +95,8 @@ async def reseal(
         .returning(_k.instance)
     )
     return row is not None
+
+
+async def delete_tenant_keys(tx: Transaction, tenant_id: str) -> int:
+    """Delete every provider key of the tenant, sealed or revoked; how many."""
+    return await tx.execute(delete(PROVIDER_KEYS).where(owned_provider_keys(tenant_id)))

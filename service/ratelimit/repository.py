@@ -3,7 +3,7 @@ statement built once: only its parameters change."""
 
 from __future__ import annotations
 
-from sqlalchemy import Float, String, bindparam, case, func, select
+from sqlalchemy import Float, String, bindparam, case, delete, func, or_, select
 from sqlalchemy.dialects.postgresql import insert as postgresql_insert
 
 from service.db.engine import Transaction
@@ -51,3 +51,15 @@ async def tokens_left(tx: Transaction, *, key: str, per_minute: int, now: float)
     if found is None:
         return float(per_minute)
     return min(float(per_minute), float(found.tokens) + (now - float(found.stamp)) * per_minute / 60.0)
+
+
+async def delete_tenant_buckets(tx: Transaction, tenant_id: str) -> int:
+    """Delete the tenant's rate buckets: its own, its enhancements', and each of its end users'; how many."""
+    return await tx.execute(
+        delete(RateBucket).where(
+            or_(
+                RateBucket.key.in_([tenant_id, f"enhance:{tenant_id}"]),
+                RateBucket.key.startswith(f"user:{tenant_id}:", autoescape=True),
+            )
+        )
+    )

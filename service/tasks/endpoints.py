@@ -7,6 +7,7 @@ import logging
 import re
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
+from datetime import timedelta
 from typing import Annotated, Any
 
 import msgspec
@@ -19,7 +20,8 @@ from litestar.response import Stream
 
 from service.bodies import TypeReference
 from service.catalog import ModelList, model_list
-from service.errors import Conflict, NotFound, problem_responses
+from service.clock import utcnow
+from service.errors import NotFound, problem_responses
 from service.idempotency import IdempotencyKey
 from service.images.download import ImageOperation, StoredImage, etag_matches
 from service.pagination import Cursor, Limit, next_cursor
@@ -32,8 +34,6 @@ from service.tasks.schemas import (
     TaskOut,
     TaskPage,
     TaskStatus,
-    candidate_image,
-    delivered_images,
     task_view,
 )
 from service.tasks.service import Submission, TaskService, ended_by
@@ -112,7 +112,7 @@ async def generate_image(
         finished = None
     if finished is None:
         return Response(submitted, status_code=202, headers=headers)
-    return Response(task_view(finished), status_code=200, headers=headers)
+    return Response(task_view(finished, kept_for=tasks.kept_for(caller)), status_code=200, headers=headers)
 
 
 @post(
@@ -169,7 +169,7 @@ async def get_task(task_id: TaskId, caller: Caller, tasks: TaskService) -> TaskO
     task = await tasks.find(caller, task_id)
     if task is None:
         raise NotFound("No such task", code="task_not_found")
-    return task_view(task)
+    return task_view(task, kept_for=tasks.kept_for(caller))
 
 
 @get(
@@ -179,8 +179,10 @@ async def list_tasks(
     caller: Caller, tasks: TaskService, limit: Limit = 20, cursor: Cursor = None, status: TaskStatus | None = None
 ) -> TaskPage:
     found = await tasks.list_tasks(caller, limit=limit + 1, before=cursor, status=status)
+    kept_for = tasks.kept_for(caller)
     return TaskPage(
-        items=[task_view(task) for task in found[:limit]], next_cursor=next_cursor([task.id for task in found], limit)
+        items=[task_view(task, kept_for=kept_for) for task in found[:limit]],
+        next_cursor=next_cursor([task.id for task in found], limit),
     )
 
 
@@ -199,8 +201,10 @@ async def cancel_task(task_id: TaskId, caller: Caller, tasks: TaskService) -> Ta
     "/images/tasks/{task_id:str}/image",
     operation_id="getTaskImage",
     summary="Download a finished image",
+    description="A completed task's images are kept for the tenant's retention after it finished "
+    "(`images_expire_at` on the task); past it, this answers 410 `image_expired` and the task itself stays.",
     operation_class=ImageOperation,
-    responses=problem_responses(401, 403, 429, 404, 409),
+    responses=problem_responses(401, 403, 429, 404, 409, 410),
 )
 async def get_task_image(
     request: Request[Any, Any, Any],
@@ -220,23 +224,7 @@ async def get_task_image(
         ),
     ] = None,
 ) -> Response[Any]:
-    task = await tasks.find(caller, task_id)
-    if task is None:
-        raise NotFound("No such task", code="task_not_found")
-    if task.status != "completed":
-        raise Conflict(f"The task is {task.status}; images exist only once it has completed", code="image_not_ready")
-    if candidate is not None:
-        found = candidate_image(task, candidate) if task.candidates > 1 else None
-        if found is None:
-            raise NotFound(
-                f"The task has no delivered candidate {candidate}", code="image_not_found", field="candidate"
-            )
-        image = found
-    else:
-        images = delivered_images(task)
-        if index >= len(images):
-            raise NotFound(f"The task has {len(images)} image(s)", code="image_not_found", field="index")
-        image = images[index]
+    image = await tasks.image(caller, task_id, index, candidate, now=utcnow())
     headers = {"ETag": f'"{image["sha256"]}"', "Cache-Control": "private, max-age=31536000, immutable"}
     if etag_matches(request.headers.get("if-none-match"), image["sha256"]):
         return Response(content=b"", status_code=304, headers=headers)
@@ -304,8 +292,8 @@ def _after(last_event_id: str | None) -> int:
     return -1 if last_event_id is None else int(last_event_id)
 
 
-def _frame(task: Any) -> bytes:
-    data = msgspec.json.encode(task_view(task))
+def _frame(task: Any, kept_for: timedelta | None) -> bytes:
+    data = msgspec.json.encode(task_view(task, kept_for=kept_for))
     return b"id: %d\nevent: %s\ndata: %s\n\n" % (task.revision, task.status.encode(), data)
 
 
@@ -327,10 +315,11 @@ async def follow_task(
     if ended_by(task, after):
         return Response(content=b"", status_code=204)
     changes = tasks.changes(caller, task_id, after=after, idle=KEEPALIVE_SECONDS)
+    kept_for = tasks.kept_for(caller)
 
     async def frames() -> AsyncIterator[bytes]:
         async for changed in changes:
-            yield b": keep-alive\n\n" if changed is None else _frame(changed)
+            yield b": keep-alive\n\n" if changed is None else _frame(changed, kept_for)
 
     return Stream(frames(), media_type=EVENT_STREAM, headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
 

@@ -1,6 +1,7 @@
 """Finished tasks this process has read, kept by id so that polling a finished task or downloading its image reads no
 row: once a task has completed, failed or been cancelled, nothing its view or its images show changes again (a later
-sweep only stamps when its reference images were deleted), in any process. Whether the caller may see a kept task is
+sweep only stamps when its reference or result images were deleted; whether its results have expired is computed from
+when it finished, not read from that stamp), in any process. Whether the caller may see a kept task is
 decided as the database read decides it, by `repository.is_owned`."""
 
 from __future__ import annotations

@@ -15,6 +15,7 @@ from sqlalchemy import (
     and_,
     bindparam,
     case,
+    delete,
     func,
     insert,
     literal,
@@ -485,7 +486,13 @@ async def fail_abandoned(tx: Transaction, *, now: datetime, max_attempts: int) -
 
 
 _STORAGE_VIEW = select(
-    TASKS.c.id, TASKS.c.status, TASKS.c.images, TASKS.c.references, TASKS.c.mask, TASKS.c.references_deleted_at
+    TASKS.c.id,
+    TASKS.c.status,
+    TASKS.c.images,
+    TASKS.c.references,
+    TASKS.c.mask,
+    TASKS.c.references_deleted_at,
+    TASKS.c.images_deleted_at,
 )
 
 
@@ -520,3 +527,51 @@ async def mark_references_deleted(tx: Transaction, task_ids: list[str], *, now: 
             .where(_t.id.in_(task_ids), _REFERENCES_KEPT, _t.finished_at.is_not(None))
             .values(references_deleted_at=now)
         )
+
+
+_RESULTS_KEPT = and_(_t.mode != "canvas", _t.images_deleted_at.is_(None))
+
+
+async def results_past_retention(
+    tx: Transaction, *, tenant_days: float | None, finished_before: datetime, after: str, limit: int
+) -> list[Record]:
+    """Finished tasks (not canvas steps; id above `after`, oldest ids first) of the tenants whose own retention is
+    `tenant_days` (None: the tenants on the service's), whose result images are still stored and which ended before
+    `finished_before`: (id, images, references, mask, references_deleted_at) rows."""
+    days = TENANTS.c.result_retention_days
+    tenants = select(TENANTS.c.id).where(days.is_(None) if tenant_days is None else days == tenant_days)
+    return await tx.rows(
+        select(_t.id, _t.images, _t.references, _t.mask, _t.references_deleted_at)
+        .where(_RESULTS_KEPT, _t.finished_at < finished_before, _t.id > after, _t.tenant_id.in_(tenants))
+        .order_by(_t.id)
+        .limit(limit)
+    )
+
+
+async def mark_results_deleted(tx: Transaction, task_ids: list[str], *, now: datetime) -> None:
+    """Record that these finished tasks' result images are gone, and their references with them."""
+    if task_ids:
+        await tx.execute(
+            update(TASKS)
+            .where(_t.id.in_(task_ids), _RESULTS_KEPT, _t.finished_at.is_not(None))
+            .values(images_deleted_at=now, references_deleted_at=func.coalesce(_t.references_deleted_at, now))
+        )
+
+
+async def tenant_tasks(tx: Transaction, tenant_id: str, *, after: str, limit: int) -> list[Record]:
+    """A page of the tenant's tasks (its end users' too), oldest ids first, for its export and its erasure."""
+    return await tx.rows(select(TASKS).where(owned_tasks(tenant_id, None), _t.id > after).order_by(_t.id).limit(limit))
+
+
+async def unfinished_of_tenant(tx: Transaction, tenant_id: str) -> int:
+    """How many of the tenant's tasks are queued or running."""
+    return int(
+        await tx.scalar(
+            select(func.count()).select_from(TASKS).where(owned_tasks(tenant_id, None), _t.status.not_in(TERMINAL))
+        )
+    )
+
+
+async def delete_tenant_tasks(tx: Transaction, tenant_id: str) -> int:
+    """Delete every task of the tenant (its ledger entries and canvas steps first); how many."""
+    return await tx.execute(delete(TASKS).where(owned_tasks(tenant_id, None)))

@@ -2,15 +2,17 @@
 
 from __future__ import annotations
 
-from datetime import datetime
+from datetime import datetime, timedelta
 from typing import Annotated, Any, Literal
 
 import msgspec
 
 from service.bodies import Upload, deployment, part_types
+from service.clock import utcnow
 from service.credits import limits
 from service.errors import ServiceError
 from service.images.processing import FORMATS
+from service.images.retention import images_expire_at
 from service.images.sizes import SIZE_PATTERN
 from service.prompts.instructions import Direction
 from service.prompts.styles import StyleName
@@ -208,7 +210,9 @@ class TaskOut(msgspec.Struct):
     an attempt whose worker was lost after the instance accepted the job ended with `worker_lost`; the attempts of a
     run lost before any instance accepted its job are not known. With `candidates` > 1, `images` holds the chosen
     candidate only, `candidate_images` every candidate that passed the quality gate; `rejected_images` lists the
-    images that failed it, with their scores."""
+    images that failed it, with their scores. `images_expire_at` says when the images of a completed task are
+    deleted (null: kept for as long as the task, or no images to keep); once `images_expired` is true, downloading
+    one answers 410 `image_expired`, and the task itself stays."""
 
     id: str
     status: TaskStatus
@@ -239,6 +243,8 @@ class TaskOut(msgspec.Struct):
     candidates: int = 1
     candidate_images: list[CandidateImage] = msgspec.field(default_factory=list)
     rejected_images: list[RejectedImage] = msgspec.field(default_factory=list)
+    images_expire_at: datetime | None = None
+    images_expired: bool = False
 
 
 class TaskPage(msgspec.Struct):
@@ -270,9 +276,11 @@ def _quality(record: dict[str, Any]) -> ImageQuality | None:
     return None if quality is None else msgspec.convert(quality, ImageQuality)
 
 
-def task_view(task: Any, remaining_credits: int | None = None) -> TaskOut:
-    """The API's view of a task: anything with the tasks table's columns as attributes (the mapped object, a row)."""
+def task_view(task: Any, remaining_credits: int | None = None, *, kept_for: timedelta | None = None) -> TaskOut:
+    """The API's view of a task: anything with the tasks table's columns as attributes (the mapped object, a row).
+    `kept_for` is how long its tenant's result images are kept (None: forever), from which their expiry is shown."""
     completed = task.status == "completed"
+    expires = images_expire_at(task, kept_for)
     images = (
         [
             TaskImage(
@@ -336,6 +344,8 @@ def task_view(task: Any, remaining_credits: int | None = None) -> TaskOut:
         candidates=task.candidates,
         candidate_images=candidates,
         rejected_images=msgspec.convert(task.rejected_images, list[RejectedImage]),
+        images_expire_at=expires,
+        images_expired=expires is not None and expires <= utcnow(),
     )
 
 

@@ -8,8 +8,8 @@ import contextlib
 import hashlib
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
-from datetime import timedelta
-from typing import NamedTuple
+from datetime import datetime, timedelta
+from typing import Any, NamedTuple
 
 import msgspec
 from sqlalchemy.exc import IntegrityError
@@ -23,6 +23,7 @@ from service.credits import repository as ledger
 from service.db.engine import Database, Record
 from service.errors import (
     Conflict,
+    Gone,
     InvalidInput,
     NotFound,
     OverMaxCost,
@@ -33,6 +34,7 @@ from service.errors import (
 from service.ids import new_id
 from service.images.decoder import ImageDecoder
 from service.images.processing import EXTENSIONS, PreparedImage, normalize_reference, read_header
+from service.images.retention import images_expire_at, retention
 from service.images.sizes import InvalidSize, normalize_size
 from service.images.storage import BlobStore
 from service.prompts.service import Enhancer, EnhanceRequest, checked_prompt
@@ -41,7 +43,15 @@ from service.ratelimit import RateLimiter
 from service.settings import Settings
 from service.tasks import repository
 from service.tasks.finished import FinishedTasks
-from service.tasks.schemas import GenerateRequest, QuoteOut, TaskOut, quote_view, task_view
+from service.tasks.schemas import (
+    GenerateRequest,
+    QuoteOut,
+    TaskOut,
+    candidate_image,
+    delivered_images,
+    quote_view,
+    task_view,
+)
 from service.tasks.watchers import TaskWatchers, announce
 from service.tasks.worker import WorkerPool
 from service.tenants.auth import Caller, end_user_bucket
@@ -419,6 +429,45 @@ class TaskService:
         if task is not None:
             self.finished.keep(task)
         return task
+
+    def kept_for(self, caller: Caller) -> timedelta | None:
+        """How long the caller's tenant keeps result images after their task finished; None is forever."""
+        return retention(self.settings.result_retention_days, caller.result_retention_days)
+
+    async def image(
+        self, caller: Caller, task_id: str, index: int, candidate: int | None = None, *, now: datetime
+    ) -> dict[str, Any]:
+        """The stored record of one image of the caller's task (by `index` among its delivered images, or by
+        `candidate` of a task with candidates): 404 for a task or an image it does not have, 409 before it has
+        completed, 410 once its images are past their retention (whether the sweep has deleted them yet or not)."""
+        task = await self.find(caller, task_id)
+        if task is None:
+            raise NotFound("No such task", code="task_not_found")
+        if task.status != "completed":
+            raise Conflict(
+                f"The task is {task.status}; images exist only once it has completed", code="image_not_ready"
+            )
+        if candidate is not None:
+            found = candidate_image(task, candidate) if task.candidates > 1 else None
+            if found is None:
+                raise NotFound(
+                    f"The task has no delivered candidate {candidate}", code="image_not_found", field="candidate"
+                )
+            image = found
+        else:
+            images = delivered_images(task)
+            if index >= len(images):
+                raise NotFound(f"The task has {len(images)} image(s)", code="image_not_found", field="index")
+            image = images[index]
+        expired = images_expire_at(task, self.kept_for(caller))
+        if expired is not None and expired <= now:
+            raise Gone(
+                f"The task's images expired at {expired.isoformat()}: they are kept for a while after the task "
+                "finished, then deleted; the task's record stays",
+                code="image_expired",
+                expired_at=expired,
+            )
+        return dict(image)
 
     async def list_tasks(self, caller: Caller, *, limit: int, before: str | None, status: str | None) -> list[Record]:
         """The caller's tasks, newest first."""

@@ -252,6 +252,7 @@ class WorkerPool:
                     now=utcnow(),
                     retention=timedelta(hours=self.settings.reference_retention_hours),
                     grace=timedelta(seconds=sweep.default_grace_seconds(self.settings)),
+                    result_retention_days=self.settings.result_retention_days,
                 )
             except Exception:
                 log.exception("the storage sweep failed")

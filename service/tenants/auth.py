@@ -52,6 +52,8 @@ class Caller:
     key_id: str
     key_prefix: str
     end_user: str | None = None
+    # The tenant's own retention of result images in days (None: the service's), read with its key.
+    result_retention_days: float | None = None
 
 
 def issue_key() -> IssuedKey:
@@ -112,7 +114,7 @@ async def provide_caller(  # noqa: PLR0917 - what authentication uses, each from
         row = await _checked_key(db, keys, prefix, secret)
         if row is None:
             raise Unauthorized("The API key is not valid", code="invalid_api_key")
-    key_id, _, _, tenant_id, status, per_minute, end_user_per_minute = row
+    key_id, _, _, tenant_id, status, per_minute, end_user_per_minute, retention_days = row
     scope_state(request)["tenant_id"] = tenant_id
     if status != "active":
         raise Forbidden("This tenant is suspended", code="tenant_suspended")
@@ -129,7 +131,13 @@ async def provide_caller(  # noqa: PLR0917 - what authentication uses, each from
     # The headers describe the tenant's limit when it refuses, else whichever is nearer: the end user's or the tenant's.
     nearer = decision is not None and shared.allowed and decision.remaining <= shared.remaining
     _admit(request, decision if nearer and decision is not None else shared, "requests a minute")
-    return Caller(tenant_id=tenant_id, key_id=key_id, key_prefix=prefix, end_user=end_user)
+    return Caller(
+        tenant_id=tenant_id,
+        key_id=key_id,
+        key_prefix=prefix,
+        end_user=end_user,
+        result_retention_days=retention_days,
+    )
 
 
 async def _checked_key(db: Database, keys: KeyCache, prefix: str, secret: str) -> Record | None:

@@ -2,30 +2,43 @@
 
 from __future__ import annotations
 
-from typing import Annotated
+from typing import Annotated, Any
 
-from litestar import Controller, delete, get, patch, post
+from litestar import Controller, Request, delete, get, patch, post
 from litestar.params import Parameter
+from litestar.response import Stream
 
 from service.credits.schemas import CreditGrant, LedgerEntryOut
 from service.db.engine import Database
 from service.errors import problem_responses
 from service.idempotency import IdempotencyKey
+from service.images.download import ZipOperation
+from service.images.storage import BlobStore
 from service.pagination import Cursor, Limit, next_cursor
 from service.settings import Settings
-from service.tenants import service
-from service.tenants.auth import admin_guard, authenticate_then_read_body
+from service.tenants import erasure, export, service
+from service.tenants.auth import admin_guard, authenticate_then_read_body, scope_state
 from service.tenants.keycache import KeyCache
 from service.tenants.schemas import (
     ApiKeyCreated,
+    ErasurePage,
     TenantCreate,
     TenantCreated,
+    TenantErasureOut,
     TenantOut,
     TenantPage,
     TenantUpdate,
 )
 
 TenantId = Annotated[str, Parameter(max_length=64, description="Tenant id")]
+Erase = Annotated[
+    str | None,
+    Parameter(
+        max_length=16,
+        description="Must be `true`: erasing cannot be undone (to stop a tenant without erasing it, PATCH its status "
+        "to `suspended`)",
+    ),
+]
 
 
 class AdminController(Controller):
@@ -67,6 +80,73 @@ class AdminController(Controller):
     )
     async def update_tenant(self, data: TenantUpdate, tenant_id: TenantId, db: Database, keys: KeyCache) -> TenantOut:
         return await service.update_tenant(db, keys, tenant_id, data)
+
+    @delete(
+        "/tenants/{tenant_id:str}",
+        operation_id="eraseTenant",
+        summary="Erase a tenant: its data and its files, leaving an audit record",
+        description="Needs `erase=true` (else 422 `erase_not_confirmed`, changing nothing). Suspends the tenant and "
+        "revokes its keys, deletes every file it stored, then every row of it (tasks, ledger, end users, keys, "
+        "provider keys, canvases and steps, idempotency records, rate buckets, cached enhancements), and answers "
+        "the erasure's record (also listed by GET /api/admin/erasures). Refused with 409 `tenant_busy`, changing "
+        "nothing, while any of its tasks is queued or running. An erasure that stopped half-way (503 "
+        "`storage_unavailable`, a crash) is finished by asking again; asking again once it is finished answers its "
+        "record.",
+        status_code=200,
+        responses=problem_responses(401, 404, 409, 422, 503),
+    )
+    async def erase_tenant(
+        self,
+        request: Request[Any, Any, Any],
+        *,
+        tenant_id: TenantId,
+        db: Database,
+        store: BlobStore,
+        keys: KeyCache,
+        erase: Erase = None,
+    ) -> TenantErasureOut:
+        return await erasure.erase_tenant(
+            db,
+            store,
+            keys,
+            tenant_id,
+            confirmation=erase,
+            requested_by="admin API",
+            request_id=scope_state(request).get("request_id"),
+        )
+
+    @get(
+        "/erasures",
+        operation_id="listErasures",
+        summary="Erased tenants' audit records, newest first",
+        responses=problem_responses(401),
+    )
+    async def list_erasures(self, db: Database, limit: Limit = 20, cursor: Cursor = None) -> ErasurePage:
+        found = await erasure.list_erasures(db, limit=limit + 1, before=cursor)
+        return ErasurePage(items=found[:limit], next_cursor=next_cursor([item.id for item in found], limit))
+
+    @post(
+        "/tenants/{tenant_id:str}/export",
+        operation_id="exportTenant",
+        summary="A tenant's data and retained files, as a zip",
+        description="`tenant.json`; `api_keys.jsonl`, `provider_keys.jsonl` (public parts only), `end_users.jsonl`, "
+        "`ledger.jsonl`, `tasks.jsonl`, `canvases.jsonl`, `canvas_steps.jsonl` (a row a line); `files/<key>` for "
+        "every stored file still retained (results not past retention, references not yet deleted, canvas "
+        "pictures and step artifacts); `manifest.json` last, with each file's size and SHA-256. Written as it is "
+        "sent: the answer is the archive itself, never held whole in memory. Rows are read a page at a time: "
+        "suspend the tenant first for a copy of one instant.",
+        status_code=200,
+        operation_class=ZipOperation,
+        responses=problem_responses(401, 404),
+        media_type="application/zip",
+    )
+    async def export_tenant(self, tenant_id: TenantId, db: Database, store: BlobStore, settings: Settings) -> Stream:
+        chunks = await export.export_tenant(db, store, settings, tenant_id)
+        return Stream(
+            chunks,
+            media_type="application/zip",
+            headers={"Content-Disposition": f'attachment; filename="tenant-{tenant_id}.zip"'},
+        )
 
     @post(
         "/tenants/{tenant_id:str}/api-keys",

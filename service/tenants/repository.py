@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 from datetime import datetime
+from typing import Any
 
 from sqlalchemy import ColumnElement, bindparam, delete, insert, select, update
 
 from service.db.engine import Database, Record, Transaction
-from service.db.models import TENANT_ORIGINS, TENANTS, ApiKey, ServiceSecret, Tenant, TenantOrigin
+from service.db.models import TENANT_ERASURES, TENANT_ORIGINS, TENANTS, ApiKey, ServiceSecret, Tenant, TenantOrigin
 from service.db.scoping import CallerValue
 from service.ids import new_id
 
@@ -47,6 +48,7 @@ _LIVE_KEY = (
         Tenant.status,
         Tenant.rate_limit_per_minute,
         Tenant.end_user_rate_limit_per_minute,
+        Tenant.result_retention_days,
     )
     .join(Tenant, Tenant.id == ApiKey.tenant_id)
     .where(ApiKey.prefix == bindparam("prefix"), ApiKey.revoked_at.is_(None))
@@ -56,7 +58,8 @@ _TENANTS_LIVE_KEY = _LIVE_KEY.where(owned_api_keys(bindparam("tenant_id")))
 
 async def live_key(tx: Transaction, prefix: str, *, of_tenant: str | None = None) -> Record | None:
     """The unrevoked key with this prefix and what authentication needs of its tenant: (key id, salt, digest, tenant
-    id, status, rate limit, end users' rate limit); with `of_tenant`, only a key that tenant owns."""
+    id, status, rate limit, end users' rate limit, retention of results); with `of_tenant`, only a key that tenant
+    owns."""
     if of_tenant is None:
         return await tx.first(_LIVE_KEY, {"prefix": prefix})
     return await tx.first(_TENANTS_LIVE_KEY, {"prefix": prefix, "tenant_id": of_tenant})
@@ -148,3 +151,72 @@ async def shared_secret(db: Database, tx: Transaction, name: str, candidate: str
     value = await tx.scalar(select(ServiceSecret.value).where(ServiceSecret.name == name))
     assert value is not None
     return str(value)
+
+
+async def retention_overrides(tx: Transaction) -> list[float]:
+    """The distinct retentions of results that tenants have of their own, in days."""
+    days = Tenant.result_retention_days
+    return [float(row[0]) for row in await tx.rows(select(days).where(days.is_not(None)).distinct())]
+
+
+async def tenant_api_keys(tx: Transaction, tenant_id: str) -> list[Record]:
+    """The tenant's API keys as its export shows them: id, public prefix, when made and revoked (never the digest)."""
+    return await tx.rows(
+        select(ApiKey.id, ApiKey.prefix, ApiKey.created_at, ApiKey.revoked_at)
+        .where(owned_api_keys(tenant_id))
+        .order_by(ApiKey.id)
+    )
+
+
+async def lock_out(tx: Transaction, tenant_id: str, now: datetime) -> Record | None:
+    """Suspend the tenant and revoke its live keys (and with them its end users' tokens), locking its row for the rest
+    of the transaction; the tenant as it is now, None when there is no such tenant."""
+    found = await tx.execute(update(Tenant).where(Tenant.id == tenant_id).values(status="suspended", updated_at=now))
+    if not found:
+        return None
+    await tx.execute(
+        update(ApiKey).where(owned_api_keys(tenant_id), ApiKey.revoked_at.is_(None)).values(revoked_at=now)
+    )
+    return await get_tenant(tx, tenant_id)
+
+
+async def delete_tenant(tx: Transaction, tenant_id: str) -> dict[str, int]:
+    """Delete the tenant's browser origins, its API keys and its row (every row that refers to it first); how many of
+    each."""
+    return {
+        "tenant_origins": await tx.execute(delete(TenantOrigin).where(owned_origins(tenant_id))),
+        "api_keys": await tx.execute(delete(ApiKey).where(owned_api_keys(tenant_id))),
+        "tenants": await tx.execute(delete(Tenant).where(Tenant.id == tenant_id)),
+    }
+
+
+_e = TENANT_ERASURES.c
+
+
+async def erasure_of(tx: Transaction, tenant_id: str) -> Record | None:
+    """The latest erasure of this tenant id, finished or not."""
+    return await tx.first(
+        select(TENANT_ERASURES).where(_e.tenant_id == tenant_id).order_by(_e.started_at.desc(), _e.id.desc()).limit(1)
+    )
+
+
+async def start_erasure(tx: Transaction, values: dict[str, Any]) -> Record:
+    """Record that the tenant's erasure has begun."""
+    [erasure] = await tx.rows(insert(TENANT_ERASURES).returning(*TENANT_ERASURES.c), values)
+    return erasure
+
+
+async def finish_erasure(tx: Transaction, erasure_id: str, values: dict[str, Any]) -> Record:
+    """Record what the erasure removed, as it commits with the removal."""
+    [erasure] = await tx.rows(
+        update(TENANT_ERASURES).where(_e.id == erasure_id).values(**values).returning(*TENANT_ERASURES.c)
+    )
+    return erasure
+
+
+async def list_erasures(tx: Transaction, *, limit: int, before: str | None) -> list[Record]:
+    """Erasures, newest first."""
+    statement = select(TENANT_ERASURES)
+    if before is not None:
+        statement = statement.where(_e.id < before)
+    return await tx.rows(statement.order_by(_e.id.desc()).limit(limit))

@@ -8,6 +8,7 @@ from typing import Annotated, Literal
 import msgspec
 
 from service.db.engine import Record
+from service.settings import MAX_RETENTION_DAYS
 
 TenantStatus = Literal["active", "suspended"]
 
@@ -33,6 +34,8 @@ class TenantOut(msgspec.Struct):
     end_user_daily_spend_cap: int | None
     confirm_above: int | None
     created_at: datetime
+    # Days the tenant's result images are kept after their task finished (0: forever); null: RESULT_RETENTION_DAYS.
+    result_retention_days: float | None = None
 
 
 class TenantCreate(msgspec.Struct, forbid_unknown_fields=True):
@@ -101,6 +104,15 @@ ConfirmAbove = Annotated[
         description='A submission costing more needs `"confirm_spend": true` (else 428 `confirm_required`); null: never'
     ),
 ]
+RetentionDays = Annotated[
+    float,
+    msgspec.Meta(
+        ge=0,
+        le=MAX_RETENTION_DAYS,
+        description="Days the tenant's result images (and their references) are kept after their task finished, "
+        "fractions allowed; 0 keeps them forever",
+    ),
+]
 Origin = Annotated[
     str,
     msgspec.Meta(
@@ -118,9 +130,9 @@ Origins = Annotated[
 
 
 class TenantUpdate(msgspec.Struct, forbid_unknown_fields=True):
-    """The fields to change; those left out stay as they are. The end users' limits also take null, which returns
-    them to the service-wide defaults (`END_USER_RATE_LIMIT_PER_MINUTE`, `END_USER_MAX_RUNNING_TASKS`); the spending
-    caps and `confirm_above` take null for none."""
+    """The fields to change; those left out stay as they are. The end users' limits and the retention of results also
+    take null, which returns them to the service-wide defaults (`END_USER_RATE_LIMIT_PER_MINUTE`,
+    `END_USER_MAX_RUNNING_TASKS`, `RESULT_RETENTION_DAYS`); the spending caps and `confirm_above` take null for none."""
 
     status: TenantStatus | None = None
     rate_limit_per_minute: PerMinute | None = None
@@ -137,6 +149,7 @@ class TenantUpdate(msgspec.Struct, forbid_unknown_fields=True):
     monthly_spend_cap: MonthlySpendCap | msgspec.UnsetType | None = msgspec.UNSET
     end_user_daily_spend_cap: EndUserDailySpendCap | msgspec.UnsetType | None = msgspec.UNSET
     confirm_above: ConfirmAbove | msgspec.UnsetType | None = msgspec.UNSET
+    result_retention_days: RetentionDays | msgspec.UnsetType | None = msgspec.UNSET
 
 
 # The fields of a PATCH for which null is a value (back to the default, or no cap), not "unchanged".
@@ -148,6 +161,7 @@ NULLABLE_SETTINGS = frozenset(
         "monthly_spend_cap",
         "end_user_daily_spend_cap",
         "confirm_above",
+        "result_retention_days",
     }
 )
 
@@ -183,4 +197,46 @@ def tenant_view(tenant: Record, cors_origins: list[str]) -> TenantOut:
         end_user_daily_spend_cap=tenant.end_user_daily_spend_cap,
         confirm_above=tenant.confirm_above,
         created_at=tenant.created_at,
+        result_retention_days=tenant.result_retention_days,
+    )
+
+
+class TenantErasureOut(msgspec.Struct):
+    """What is left of an erased tenant. `erasing` while it runs (or when it stopped half-way: erase again to finish),
+    `erased` once the tenant's rows went, in the same commit as `removed_rows` (rows removed by table) and the stored
+    objects and bytes deleted. `balance` is the tenant's balance when it was erased."""
+
+    id: str
+    tenant_id: str
+    tenant_name: str
+    status: Literal["erasing", "erased"]
+    requested_by: str
+    request_id: str | None
+    balance: int
+    removed_rows: dict[str, int]
+    removed_objects: int
+    removed_bytes: int
+    started_at: datetime
+    finished_at: datetime | None
+
+
+class ErasurePage(msgspec.Struct):
+    items: list[TenantErasureOut]
+    next_cursor: str | None
+
+
+def erasure_view(erasure: Record) -> TenantErasureOut:
+    return TenantErasureOut(
+        id=erasure.id,
+        tenant_id=erasure.tenant_id,
+        tenant_name=erasure.tenant_name,
+        status=erasure.status,
+        requested_by=erasure.requested_by,
+        request_id=erasure.request_id,
+        balance=erasure.balance,
+        removed_rows=dict(erasure.removed_rows or {}),
+        removed_objects=erasure.removed_objects,
+        removed_bytes=erasure.removed_bytes,
+        started_at=erasure.started_at,
+        finished_at=erasure.finished_at,
     )

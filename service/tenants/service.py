@@ -17,6 +17,7 @@ from service.tenants.keycache import KeyCache
 from service.tenants.schemas import NULLABLE_SETTINGS, TenantOut, TenantUpdate, tenant_view
 
 
+# The fields a PATCH may set to null, returning them to the service-wide default.
 async def create_tenant(db: Database, name: str, credits: int) -> tuple[TenantOut, str]:
     """The new tenant, with `credits` granted, and its first API key in plain text."""
     key = issue_key()
@@ -46,8 +47,9 @@ async def get_tenant(db: Database, tenant_id: str) -> TenantOut:
 
 
 async def update_tenant(db: Database, keys: KeyCache, tenant_id: str, update: TenantUpdate) -> TenantOut:
-    """Apply the fields a PATCH names, where null returns an end-user limit to its default and removes a spending cap.
-    A suspension or new limits hold from the very next request, in every process; a new cap from the next debit."""
+    """Apply the fields a PATCH names, where null returns an end-user limit or the retention to its default and removes
+    a spending cap. A suspension or new limits hold from the very next request, in every process; a new cap from the
+    next debit."""
     changes = {
         name: value
         for name, value in msgspec.structs.asdict(update).items()

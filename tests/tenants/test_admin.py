@@ -31,12 +31,14 @@ def test_tenant_lifecycle(service: Service) -> None:
             "end_user_daily_spend_cap",
             "confirm_above",
             "created_at",
+            "result_retention_days",
         }
         assert (tenant["name"], tenant["status"], tenant["balance"]) == ("Globex", "active", 25)
         assert (tenant["daily_grant"], tenant["balance_cap"], tenant["cors_origins"]) == (10, 100, [])
         assert tenant["byok_price_per_image"] == 0
         guards = ("daily_spend_cap", "monthly_spend_cap", "end_user_daily_spend_cap", "confirm_above")
         assert [tenant[name] for name in guards] == [None] * 4
+        assert tenant["result_retention_days"] is None
         assert body["api_key"].startswith("igk_")
 
         assert admin.get(f"/api/admin/tenants/{tenant['id']}").json() == tenant
