@@ -9,19 +9,20 @@ from typing import Annotated, Any
 
 from litestar import Request, Response, Router, get, post
 from litestar.datastructures import ResponseHeader
+from litestar.di import Provide
 from litestar.openapi.spec import OpenAPIHeader, OpenAPIMediaType, OpenAPIResponse, Operation, Schema
 from litestar.params import HeaderParameter, Parameter
 
 from service.bodies import TypeReference
 from service.catalog import ModelList, model_list
-from service.errors import Conflict, NotFound, problem_responses
+from service.errors import Conflict, Forbidden, NotFound, problem_responses
 from service.idempotency import IdempotencyKey
 from service.images.download import ImageOperation, StoredImage, etag_matches
 from service.pagination import Cursor, Limit, next_cursor
 from service.settings import Settings
 from service.tasks.schemas import GenerateRequest, GenerateUpload, TaskOut, TaskPage, TaskStatus, task_view
 from service.tasks.service import Submission, TaskService
-from service.tenants.auth import END_USER_TOO, Caller, authenticate_then_read_body
+from service.tenants.auth import END_USER_TOO, Caller, authenticate, authenticate_then_read_body
 
 log = logging.getLogger("service.tasks")
 
@@ -155,19 +156,54 @@ async def cancel_task(task_id: TaskId, caller: Caller, tasks: TaskService) -> Ta
     return task_view(await tasks.cancel(caller, task_id))
 
 
+LinkTenant = Annotated[
+    str | None,
+    Parameter(
+        query="tenant", max_length=64, description="A signed link's tenant (with `expires` and `sig`, no key needed)"
+    ),
+]
+LinkExpires = Annotated[int | None, Parameter(ge=0, le=2**40, description="A signed link's expiry, in Unix seconds")]
+LinkSignature = Annotated[str | None, Parameter(max_length=64, description="A signed link's signature")]
+
+
+async def caller_or_signed_link(request: Request[Any, Any, Any]) -> Caller:
+    """The caller of the image route: the bearer's, or, for a signed link (`sig`, as the OpenAI-compatible routes hand
+    out), the task's tenant once the signature and expiry check out. A link names its task and image, so it opens that
+    image only, and is refused with 403 when forged, altered or expired."""
+    query = request.query_params
+    signature = query.get("sig")
+    if signature is None:
+        return await authenticate(request)
+    tenant_id, expires = query.get("tenant", ""), query.get("expires", "")
+    index = query.get("index", "0")
+    if not all(value.isascii() and value.isdigit() and len(value) <= 13 for value in (expires, index)):
+        raise Forbidden("The image link is not valid", code="invalid_signature")
+    request.app.state.runtime.tokens.check_image(
+        tenant_id, request.path_params["task_id"], int(index), int(expires), signature
+    )
+    return Caller(tenant_id=tenant_id, key_id="", key_prefix="signed-link")
+
+
 @get(
     "/images/tasks/{task_id:str}/image",
     operation_id="getTaskImage",
     summary="Download a finished image",
+    description="With the tenant's key or an end user's token; or with no key at all through a signed link "
+    "(`tenant`, `expires` and `sig`, as `url` answers of `/v1/images/...` give), which opens this one image until "
+    "it expires.",
     operation_class=ImageOperation,
     responses=problem_responses(401, 403, 429, 404, 409),
+    dependencies={"caller": Provide(caller_or_signed_link)},
 )
-async def get_task_image(
+async def get_task_image(  # noqa: PLR0917 - the route's path, query and dependencies
     request: Request[Any, Any, Any],
     task_id: TaskId,
     caller: Caller,
     tasks: TaskService,
     index: Annotated[int, Parameter(ge=0, le=99, description="Which image of the task (0-based)")] = 0,
+    tenant: LinkTenant = None,
+    expires: LinkExpires = None,
+    sig: LinkSignature = None,
 ) -> Response[Any]:
     task = await tasks.find(caller, task_id)
     if task is None:
