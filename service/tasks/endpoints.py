@@ -158,9 +158,7 @@ async def cancel_task(task_id: TaskId, caller: Caller, tasks: TaskService) -> Ta
 
 LinkTenant = Annotated[
     str | None,
-    Parameter(
-        query="tenant", max_length=64, description="A signed link's tenant (with `expires` and `sig`, no key needed)"
-    ),
+    Parameter(max_length=64, description="A signed link's tenant (with `expires` and `sig`, no key needed)"),
 ]
 LinkExpires = Annotated[int | None, Parameter(ge=0, le=2**40, description="A signed link's expiry, in Unix seconds")]
 LinkSignature = Annotated[str | None, Parameter(max_length=64, description="A signed link's signature")]
