@@ -47,7 +47,7 @@ Quality = Annotated[
     msgspec.Meta(description="`standard` runs as `medium` and `hd` as `high`; priced by GET /api/models"),
 ]
 Compression = Annotated[
-    int, msgspec.Meta(ge=0, le=100, description="JPEG or WebP quality (0-100) when the image is converted")
+    int, msgspec.Meta(ge=0, le=100, description="JPEG or WebP quality (0-100, default 100) when the image is converted")
 ]
 User = Annotated[str, msgspec.Meta(max_length=256, description="Accepted and ignored")]
 Moderation = Annotated[Literal["auto", "low"], msgspec.Meta(description="Accepted; the upstream's moderation applies")]
@@ -65,20 +65,21 @@ ResponseFormatField = Annotated[
 
 
 class ImageOptions(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
-    """What a generation and an edit share. Unset fields (or null) take OpenAI's defaults."""
+    """What a generation and an edit share; unset fields take OpenAI's defaults. (No field takes null: a form field
+    is present or absent, and the JSON body reads the same.)"""
 
     prompt: Prompt
     model: Model | None = None
-    n: N | None = None
-    size: Size | None = None
-    quality: Quality | None = None
-    response_format: ResponseFormatField | None = None
-    output_format: OutputFormatField | None = None
-    output_compression: Compression | None = None
-    background: BackgroundField | None = None
-    moderation: Moderation | None = None
+    n: N = 1
+    size: Size = "auto"
+    quality: Quality = "auto"
+    response_format: ResponseFormatField = "b64_json"
+    output_format: OutputFormatField = "png"
+    output_compression: Compression = 100
+    background: BackgroundField = "auto"
+    moderation: Moderation = "auto"
     user: User | None = None
-    stream: Annotated[bool, msgspec.Meta(description="Streaming is not offered: only false")] | None = None
+    stream: Annotated[bool, msgspec.Meta(description="Streaming is not offered: only false")] = False
 
 
 class ImageGenerationRequest(ImageOptions, kw_only=True):
@@ -110,7 +111,7 @@ class ImageEditUpload(ImageOptions, kw_only=True):
         ]
         | None
     ) = None
-    input_fidelity: Annotated[Literal["low", "high"], msgspec.Meta(description="Accepted and ignored")] | None = None
+    input_fidelity: Annotated[Literal["low", "high"], msgspec.Meta(description="Accepted and ignored")] = "low"
 
 
 class ImageData(msgspec.Struct, omit_defaults=True):

@@ -66,7 +66,7 @@ class Ask:
     submission: Submission
     response_format: str
     output_format: str
-    compression: int | None
+    compression: int
 
 
 def ask_for(body: ImageGenerationRequest | ImageEditUpload) -> Ask:
@@ -79,8 +79,7 @@ def ask_for(body: ImageGenerationRequest | ImageEditUpload) -> Ask:
             code="unsupported_background",
             field="background",
         )
-    response_format = body.response_format or "b64_json"
-    output_format = body.output_format or "png"
+    response_format, output_format = body.response_format, body.output_format
     if response_format == "url" and output_format != "png":
         raise InvalidInput(
             f"output_format {output_format} comes with response_format=b64_json; links serve the stored PNG",
@@ -89,10 +88,10 @@ def ask_for(body: ImageGenerationRequest | ImageEditUpload) -> Ask:
         )
     request = GenerateRequest(
         prompt=body.prompt,
-        size=body.size or "auto",
+        size=body.size,
         model=body.model,
-        quality=QUALITIES[body.quality or "auto"],  # type: ignore[arg-type]
-        n=body.n or 1,
+        quality=QUALITIES[body.quality],  # type: ignore[arg-type]
+        n=body.n,
     )
     if isinstance(body, ImageEditUpload):
         submission = Submission(request=request, references=body.image, mask=body.mask)
@@ -216,7 +215,7 @@ async def _encoded(tasks: TaskService, image: dict[str, Any], ask: Ask) -> str:
     return base64.b64encode(data).decode()
 
 
-def convert(data: bytes, output_format: str, compression: int | None) -> bytes:
+def convert(data: bytes, output_format: str, compression: int) -> bytes:
     """The image re-encoded as PNG, JPEG or WebP (JPEG drops transparency); `compression` is the JPEG/WebP quality."""
     with Image.open(io.BytesIO(data)) as picture:
         picture.load()
@@ -225,8 +224,7 @@ def convert(data: bytes, output_format: str, compression: int | None) -> bytes:
             picture.save(out, format="PNG")
         else:
             converted = picture.convert("RGB") if output_format == "jpeg" else picture
-            quality = 90 if compression is None else compression
-            converted.save(out, format=output_format.upper(), quality=quality)
+            converted.save(out, format=output_format.upper(), quality=compression)
         return out.getvalue()
 
 

@@ -305,6 +305,7 @@ def test_an_end_users_token_works_as_the_api_key(tenant: Tenant) -> None:
         ({"prompt": "x", "n": 11}, "n", "invalid_field"),
         ({"prompt": "x", "n": -1}, "n", "invalid_field"),
         ({"prompt": "x", "n": "2"}, "n", "invalid_field"),
+        ({"prompt": "x", "n": None}, "n", "invalid_field"),
         ({"prompt": "x", "model": "dall-e-3"}, "model", "unknown_model"),
         ({"prompt": "x", "background": "transparent"}, "background", "unsupported_background"),
         (
@@ -348,6 +349,15 @@ def test_malformed_and_unauthenticated_requests_are_in_openais_shape(service: Se
         (tenant.client.post("/v1/images/generations", content=b"\xff\xfe"), 400, "malformed_json"),
         (tenant.client.post("/v1/images/edits", json={"prompt": "x"}), 400, "unsupported_content_type"),
         (tenant.client.post("/v1/images/edits", data={"prompt": "x"}, files={"other": ("a", b"1")}), 400, None),
+        (
+            tenant.client.post(
+                "/v1/images/edits",
+                data={"prompt": "x", "stream": "null"},
+                files={"image": ("a.png", png(), "image/png")},
+            ),
+            400,
+            "invalid_field",
+        ),
         (
             tenant.client.post(
                 "/v1/images/edits", data={"prompt": "x"}, files={"image": ("a.png", b"no", "image/png")}
