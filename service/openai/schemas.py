@@ -79,11 +79,12 @@ class ImageOptions(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     background: BackgroundField = "auto"
     moderation: Moderation = "auto"
     user: User | None = None
-    stream: Annotated[bool, msgspec.Meta(description="Streaming is not offered: only false")] = False
 
 
 class ImageGenerationRequest(ImageOptions, kw_only=True):
     """`POST /v1/images/generations`: a text-to-image task."""
+
+    stream: Annotated[bool, msgspec.Meta(description="Streaming is not offered: only false")] = False
 
 
 class ImageEditUpload(ImageOptions, kw_only=True):

@@ -71,7 +71,7 @@ class Ask:
 
 def ask_for(body: ImageGenerationRequest | ImageEditUpload) -> Ask:
     """The submission an OpenAI request stands for; 400 (as a 422 of this service) for what cannot be honoured."""
-    if body.stream:
+    if isinstance(body, ImageGenerationRequest) and body.stream:
         raise InvalidInput("streaming is not offered; send stream=false", code="streaming_unsupported", field="stream")
     if body.background == "transparent":
         raise InvalidInput(

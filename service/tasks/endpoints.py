@@ -160,7 +160,7 @@ LinkTenant = Annotated[
     str | None,
     Parameter(max_length=64, description="A signed link's tenant (with `expires` and `sig`, no key needed)"),
 ]
-LinkExpires = Annotated[int | None, Parameter(ge=0, le=2**40, description="A signed link's expiry, in Unix seconds")]
+LinkExpires = Annotated[int | None, Parameter(ge=1, le=2**40, description="A signed link's expiry, in Unix seconds")]
 LinkSignature = Annotated[str | None, Parameter(max_length=64, description="A signed link's signature")]
 
 

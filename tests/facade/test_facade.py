@@ -352,11 +352,11 @@ def test_malformed_and_unauthenticated_requests_are_in_openais_shape(service: Se
         (
             tenant.client.post(
                 "/v1/images/edits",
-                data={"prompt": "x", "stream": "null"},
+                data={"prompt": "x", "stream": "true"},
                 files={"image": ("a.png", png(), "image/png")},
             ),
             400,
-            "invalid_field",
+            "unknown_field",
         ),
         (
             tenant.client.post(
