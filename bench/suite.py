@@ -428,6 +428,33 @@ class Suite:
             )
         )
 
+    def facade(self, service: ServiceProcess, key: str) -> None:
+        """The OpenAI-compatible route against the native one on the same work: a task submitted, waited for and
+        answered; with signed links (`url`) and with the image inline (`b64_json`, OpenAI's default)."""
+        auth = {"Authorization": f"Bearer {key}", "Content-Type": "application/json"}
+        native = self.load(
+            service.base_url + "/api/images/generate",
+            headers={**auth, "Prefer": "wait=60"},
+            body='{"prompt": "native synchronous"}',
+        )
+        facade = service.base_url + "/v1/images/generations"
+        links = self.load(facade, headers=auth, body='{"prompt": "facade links", "response_format": "url"}')
+        inline = self.load(facade, headers=auth, body='{"prompt": "facade inline"}')
+        for label, load in (("native Prefer: wait", native), ("facade url", links), ("facade b64_json", inline)):
+            if load.errors:
+                self.notes.append(f"{label}: {load.errors} answers were not 200")
+        for label, load in (("url", links), ("b64_json", inline)):
+            self.rows.append(
+                ratio_row(
+                    f"OpenAI facade POST /v1/images/generations ({label})",
+                    load.rps,
+                    "req/s",
+                    "native Prefer: wait",
+                    native.rps,
+                    at_least=0.90,
+                )
+            )
+
     def relay(self) -> None:
         relay = uvicorn_server(
             "bench.relay:relay", {"BENCH_UPSTREAM_URL": self.upstream_url}, self.workdir / "relay.log", factory=True
@@ -1073,6 +1100,7 @@ ROWS = (
     "image",
     "sync",
     "streams",
+    "facade",
     "submit",
     "postgres",
     "relay",
@@ -1083,8 +1111,9 @@ ROWS = (
     "events",
 )
 """The rows `--only` selects from; `image` carries its RSS row, `sync` the end-to-end latency, `streams` the
-first-byte latency, `postgres` the submissions on PostgreSQL (skipped in a smoke run), `upstreams` the routing overhead
-and the failover time, `events` the memory of many task event streams."""
+first-byte latency, `facade` the OpenAI-compatible route against the native one (links and inline images),
+`postgres` the submissions on PostgreSQL (skipped in a smoke run), `upstreams` the routing overhead and the failover
+time, `events` the memory of many task event streams."""
 
 
 def _rows(text: str) -> tuple[str, ...]:
@@ -1103,6 +1132,7 @@ def run_all(suite: Suite, only: tuple[str, ...] = ROWS) -> None:
         "image": suite.image,
         "sync": suite.sync_and_end_to_end,
         "streams": suite.streams,
+        "facade": suite.facade,
     }
     chosen = [step for name, step in serving_steps.items() if name in only]
     if chosen:

@@ -23,6 +23,7 @@ from service.cors import cors
 from service.credits import endpoints as credits
 from service.endusers import endpoints as end_users
 from service.errors import EXCEPTION_HANDLERS
+from service.openai import endpoints as openai_facade
 from service.playground import playground
 from service.process import running
 from service.prompts import endpoints as prompts
@@ -122,6 +123,7 @@ def create_app(settings: Settings | None = None) -> Litestar:
                     credits.end_user_router,
                     end_users.router,
                     provider_keys.router,
+                    openai_facade.router,
                 ],
                 dependencies=parts_of(started, after_caller=True),
             ),

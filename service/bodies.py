@@ -77,6 +77,12 @@ def part_types(*media_types: str) -> dict[str, Any]:
     return {"part_types": ", ".join(media_types)}
 
 
+def part_aliases(*names: str) -> dict[str, Any]:
+    """`msgspec.Meta(extra=...)` for a file field: other part names whose parts it takes too (`image[]` for `image`,
+    as some clients name the parts of a list). Only the field's own name is documented."""
+    return {"part_aliases": names}
+
+
 # Body decoding
 
 
@@ -116,6 +122,8 @@ class FileField:
     many: bool
     required: bool
     part_types: str | None
+    # The struct field the parts go to: the part name itself, or the field it is an alias of.
+    target: str
 
 
 def _unwrapped(kind: msgspec.inspect.Type) -> tuple[msgspec.inspect.Type, dict[str, Any]]:
@@ -137,13 +145,16 @@ def _is_upload(kind: msgspec.inspect.Type) -> bool:
 
 @cache
 def file_fields(type_: type[msgspec.Struct]) -> dict[str, FileField]:
-    """The fields of a struct that take file parts, by name."""
+    """The part names a struct takes files under (its file fields' names and their aliases), by name."""
     found = {}
     for field in msgspec.inspect.type_info(type_).fields:  # type: ignore[attr-defined]
         kind, extra = _unwrapped(field.type)
         many = isinstance(kind, msgspec.inspect.ListType) and _is_upload(_unwrapped(kind.item_type)[0])
         if many or _is_upload(kind):
-            found[field.encode_name] = FileField(many, field.required, extra.get("part_types"))
+            name = field.encode_name
+            found[name] = FileField(many, field.required, extra.get("part_types"), name)
+            for alias in extra.get("part_aliases", ()):
+                found[alias] = FileField(many, False, extra.get("part_types"), name)
     return found
 
 
@@ -224,13 +235,13 @@ async def _read_form(request: Request[Any, Any, Any], type_: type[T]) -> T:
                 file = files.get(name)
                 if file is None:
                     raise InvalidInput(f"unexpected file part {name!r}", code="unknown_field", field=name)
-                if not file.many and name in values:
+                if not file.many and file.target in values:
                     raise InvalidInput(f"only one {name} is accepted", code="duplicate_field", field=name)
-                upload = Upload(name, value.filename or name, value.content_type or "", await value.read())
+                upload = Upload(file.target, value.filename or name, value.content_type or "", await value.read())
                 if file.many:
-                    values.setdefault(name, []).append(upload)
+                    values.setdefault(file.target, []).append(upload)
                 else:
-                    values[name] = upload
+                    values[file.target] = upload
             elif name not in names or name in files:
                 code = "file_expected" if name in files else "unknown_field"
                 raise InvalidInput(f"unexpected form field {name!r}", code=code, field=name)
@@ -361,7 +372,7 @@ def _request_body(body: Body) -> RequestBody:
         encoding = {
             name: Encoding(content_type=file.part_types)
             for name, file in file_fields(body.form).items()
-            if file.part_types is not None
+            if file.part_types is not None and name == file.target
         }
         content[FORM] = OpenAPIMediaType(schema=TypeReference(body.form), encoding=encoding or None)
     return RequestBody(required=True, content=content)

@@ -118,6 +118,12 @@ class Settings:
     # The keys that encrypt tenants' provider keys at rest, newest first (see service/providerkeys/keyring.py).
     encryption_keys: tuple[bytes, ...] = field(default=(), repr=False)
 
+    # The OpenAI-compatible routes (/v1): how long a request waits for its task, how long a `url` answer's signed link
+    # lasts, and the address those links start with (else the one the request came to).
+    openai_wait_seconds: float = 120.0
+    openai_url_ttl_seconds: float = 900.0
+    public_base_url: str | None = None
+
     @property
     def is_offline(self) -> bool:
         """Every image instance is the built-in offline upstream (the case with no upstream configured at all)."""
@@ -247,6 +253,9 @@ class Settings:
             max_canvas_pixels=read.integer("MAX_CANVAS_PIXELS", 16_000_000, minimum=4096),
             max_canvas_steps=read.integer("MAX_CANVAS_STEPS", 200, minimum=1),
             encryption_keys=read.encryption_keys("ENCRYPTION_KEYS"),
+            openai_wait_seconds=read.number("OPENAI_WAIT_SECONDS", 120.0, minimum=1.0),
+            openai_url_ttl_seconds=read.number("OPENAI_URL_TTL_SECONDS", 900.0, minimum=1.0),
+            public_base_url=read.optional_url("PUBLIC_BASE_URL"),
         )
         _check_urls(settings)
         if settings.end_user_token_secret is not None and len(settings.end_user_token_secret) < 32:

@@ -13,6 +13,7 @@ from typing import Annotated, Any
 import msgspec
 from litestar import Request, Response, Router, get, post
 from litestar.datastructures import ResponseHeader
+from litestar.di import Provide
 from litestar.openapi.spec import OpenAPIHeader, OpenAPIMediaType, OpenAPIResponse, OpenAPIType, Operation, Schema
 from litestar.openapi.spec import Parameter as OpenAPIParameter
 from litestar.params import HeaderParameter, Parameter
@@ -21,7 +22,7 @@ from litestar.response import Stream
 from service.bodies import TypeReference
 from service.catalog import ModelList, model_list
 from service.clock import utcnow
-from service.errors import NotFound, problem_responses
+from service.errors import Forbidden, NotFound, problem_responses
 from service.idempotency import IdempotencyKey
 from service.images.download import ImageOperation, StoredImage, etag_matches
 from service.pagination import Cursor, Limit, next_cursor
@@ -37,7 +38,7 @@ from service.tasks.schemas import (
     task_view,
 )
 from service.tasks.service import Submission, TaskService, ended_by
-from service.tenants.auth import END_USER_TOO, Caller, authenticate_then_read_body
+from service.tenants.auth import END_USER_TOO, Caller, authenticate, authenticate_then_read_body
 
 log = logging.getLogger("service.tasks")
 
@@ -197,14 +198,46 @@ async def cancel_task(task_id: TaskId, caller: Caller, tasks: TaskService) -> Ta
     return task_view(await tasks.cancel(caller, task_id))
 
 
+LinkTenant = Annotated[
+    str | None,
+    Parameter(max_length=64, description="A signed link's tenant (with `expires` and `sig`, no key needed)"),
+]
+LinkExpires = Annotated[int | None, Parameter(ge=1, le=2**40, description="A signed link's expiry, in Unix seconds")]
+LinkSignature = Annotated[str | None, Parameter(max_length=64, description="A signed link's signature")]
+
+
+async def caller_or_signed_link(request: Request[Any, Any, Any]) -> Caller:
+    """The caller of the image route: the bearer's, or, for a signed link (`sig`, as the OpenAI-compatible routes hand
+    out), the task's tenant once the signature and expiry check out. A link names its task and image, so it opens that
+    image only, and is refused with 403 when forged, altered or expired."""
+    query = request.query_params
+    signature = query.get("sig")
+    if signature is None:
+        return await authenticate(request)
+    tenant_id, expires = query.get("tenant", ""), query.get("expires", "")
+    index = query.get("index", "0")
+    # The link signs one image by its index: a link asking for a candidate instead is not one the service gave.
+    if "candidate" in query or not all(
+        value.isascii() and value.isdigit() and len(value) <= 13 for value in (expires, index)
+    ):
+        raise Forbidden("The image link is not valid", code="invalid_signature")
+    request.app.state.runtime.tokens.check_image(
+        tenant_id, request.path_params["task_id"], int(index), int(expires), signature
+    )
+    return Caller(tenant_id=tenant_id, key_id="", key_prefix="signed-link")
+
+
 @get(
     "/images/tasks/{task_id:str}/image",
     operation_id="getTaskImage",
     summary="Download a finished image",
     description="A completed task's images are kept for the tenant's retention after it finished "
-    "(`images_expire_at` on the task); past it, this answers 410 `image_expired` and the task itself stays.",
+    "(`images_expire_at` on the task); past it, this answers 410 `image_expired` and the task itself stays. With the "
+    "tenant's key or an end user's token; or with no key at all through a signed link (`tenant`, `expires` and `sig`, "
+    "as `url` answers of `/v1/images/...` give), which opens this one image until it expires.",
     operation_class=ImageOperation,
     responses=problem_responses(401, 403, 429, 404, 409, 410),
+    dependencies={"caller": Provide(caller_or_signed_link)},
 )
 async def get_task_image(
     request: Request[Any, Any, Any],
@@ -223,6 +256,9 @@ async def get_task_image(
             "`index`",
         ),
     ] = None,
+    tenant: LinkTenant = None,
+    expires: LinkExpires = None,
+    sig: LinkSignature = None,
 ) -> Response[Any]:
     image = await tasks.image(caller, task_id, index, candidate, now=utcnow())
     headers = {"ETag": f'"{image["sha256"]}"', "Cache-Control": "private, max-age=31536000, immutable"}

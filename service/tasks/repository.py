@@ -169,6 +169,22 @@ async def list_owned(
     return await tx.rows(statement.order_by(_t.id.desc()).limit(limit))
 
 
+async def latest_alike(
+    tx: Transaction, tenant_id: str, end_user: str | None, *, fields: dict[str, Any], since: datetime
+) -> Record | None:
+    """The caller's own newest task created since `since` whose columns hold `fields` (a tenant's key matches only
+    the tenant's own tasks, not its end users')."""
+    mine = (
+        owned_tasks(tenant_id, end_user)
+        if end_user is not None
+        else and_(owned_tasks(tenant_id, None), _t.end_user.is_(None))
+    )
+    statement = select(TASKS).where(
+        mine, _t.created_at >= since, *(_t[name] == value for name, value in fields.items())
+    )
+    return await tx.first(statement.order_by(_t.id.desc()).limit(1))
+
+
 async def all_tasks(tx: Transaction) -> list[Record]:
     """Every task of every tenant, for the ledger audit."""
     return await tx.rows(select(TASKS))

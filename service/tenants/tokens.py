@@ -4,6 +4,9 @@ A token reads `iget_<payload>.<signature>`: the payload (base64url JSON) names t
 minted it, the end user and the expiry; the signature is HMAC-SHA256 over `iget_<payload>` with the deployment's
 signing secret (`END_USER_TOKEN_SECRET`, or one made once and kept in the database so every process shares it).
 A token is good until it expires, while its tenant is active and the key that minted it is not revoked.
+
+The same secret signs image URLs (`sign_image` / `check_image`): HMAC-SHA256 over a label, the task's tenant, the
+task, the image's index and the expiry, so a link opens one image of one task until it expires, with no key.
 """
 
 from __future__ import annotations
@@ -20,7 +23,7 @@ from dataclasses import dataclass
 import msgspec
 
 from service.db.engine import Database
-from service.errors import Unauthorized
+from service.errors import Forbidden, Unauthorized
 from service.tenants import repository
 
 TOKEN_PREFIX = "iget_"  # noqa: S105 (a prefix, not a secret)
@@ -69,8 +72,25 @@ class TokenSigner:
         if claims.expires_at <= time.time():
             raise Unauthorized("The end-user token has expired", code="token_expired")
 
+    def sign_image(self, tenant_id: str, task_id: str, index: int, expires: int) -> str:
+        """The signature of a link to one image of a task, good until `expires` (Unix seconds)."""
+        return _b64(self._sign(_image_link(tenant_id, task_id, index, expires)))
+
+    def check_image(self, tenant_id: str, task_id: str, index: int, expires: int, signature: str) -> None:
+        """403 unless `signature` was made by `sign_image` for exactly these values and `expires` has not passed."""
+        expected = self.sign_image(tenant_id, task_id, index, expires)
+        if not hmac.compare_digest(expected.encode(), signature.encode()):
+            raise Forbidden("The image link's signature is not valid", code="invalid_signature")
+        if expires <= time.time():
+            raise Forbidden("The image link has expired", code="link_expired")
+
     def _sign(self, body: str) -> bytes:
         return hmac.new(self._secret, body.encode(), hashlib.sha256).digest()
+
+
+def _image_link(tenant_id: str, task_id: str, index: int, expires: int) -> str:
+    # A label no end-user token body can start with, and fields that cannot contain the separator.
+    return f"image-link\n{tenant_id}\n{task_id}\n{index}\n{expires}"
 
 
 def valid_user(user: str) -> bool:

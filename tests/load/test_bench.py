@@ -20,6 +20,8 @@ ROWS = [
     "enhance stream: first byte after upstream's first token, p50",
     "50 concurrent enhance streams: peak RSS",
     "50 concurrent task event streams: peak RSS",
+    "OpenAI facade POST /v1/images/generations (url)",
+    "OpenAI facade POST /v1/images/generations (b64_json)",
     "submit POST /api/images/generate (SQLite)",
     "upstream relay, service client",
     "reference normalization, 12 MP JPEG",

@@ -36,9 +36,14 @@ def test_every_operation_has_an_id_and_declares_its_errors_as_problem_json() -> 
     for path, method, operation in operations:
         assert operation.get("operationId"), (path, method)
         for status, response in operation["responses"].items():
-            if int(status) >= 400:
+            if int(status) >= 400 and path.startswith("/v1/"):
+                # The OpenAI-compatible routes answer errors in OpenAI's shape.
+                [(media_type, media)] = response["content"].items()
+                assert media_type == "application/json", (path, method, status)
+                assert media["schema"] == {"$ref": "#/components/schemas/OpenAIError"}, (path, method, status)
+            elif int(status) >= 400:
                 assert list(response["content"]) == ["application/problem+json"], (path, method, status)
-        if path.startswith("/api/"):
+        if path.startswith(("/api/", "/v1/")):
             assert "401" in operation["responses"], (path, method)
             assert operation["security"], (path, method)
     generate = SPEC["paths"]["/api/images/generate"]["post"]
