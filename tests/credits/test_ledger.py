@@ -3,28 +3,12 @@ file."""
 
 from __future__ import annotations
 
-import asyncio
-
-import httpx
-
-from tests.conftest import Service, Tenant, Upstream
-
-
-async def _submit_many(tenant: Tenant, count: int) -> list[httpx.Response]:
-    async with httpx.AsyncClient(
-        base_url=tenant.base_url,
-        timeout=60,
-        headers={"Authorization": f"Bearer {tenant.api_key}"},
-        limits=httpx.Limits(max_connections=count),
-    ) as client:
-        return await asyncio.gather(
-            *(client.post("/api/images/generate", json={"prompt": f"concurrent {i}"}) for i in range(count))
-        )
+from tests.conftest import Service, Upstream
 
 
 def test_concurrent_submissions_never_overdraw(service: Service) -> None:
     tenant = service.new_tenant(credits=30)
-    responses = asyncio.run(_submit_many(tenant, 100))
+    responses = tenant.submit_at_once([{"prompt": f"concurrent {i}"} for i in range(100)])
     accepted = [r for r in responses if r.status_code == 202]
     refused = [r for r in responses if r.status_code == 402]
     assert len(accepted) == 30 and len(refused) == 70, sorted(r.status_code for r in responses)

@@ -4,7 +4,6 @@ the debit itself (also under 100 concurrent submissions), a request's `max_cost`
 
 from __future__ import annotations
 
-import asyncio
 import io
 import secrets
 from collections.abc import Iterator
@@ -381,23 +380,11 @@ def test_the_admin_sets_and_clears_the_guards(service: Service) -> None:
     assert tenant.client.patch(f"/api/admin/tenants/{tenant.id}", json={"daily_spend_cap": None}).status_code == 401
 
 
-async def _submit_many(tenant: Tenant, count: int) -> list[httpx.Response]:
-    async with httpx.AsyncClient(
-        base_url=tenant.base_url,
-        timeout=60,
-        headers={"Authorization": f"Bearer {tenant.api_key}"},
-        limits=httpx.Limits(max_connections=count),
-    ) as client:
-        return await asyncio.gather(
-            *(client.post("/api/images/generate", json={"prompt": f"capped {i}"}) for i in range(count))
-        )
-
-
 @pytest.mark.parametrize("cap", ["daily_spend_cap", "monthly_spend_cap"])
 def test_concurrent_submissions_never_pass_a_cap(service: Service, cap: str) -> None:
     tenant = service.new_tenant(credits=1000)
     configure(service, tenant, **{cap: 30})
-    responses = asyncio.run(_submit_many(tenant, 100))
+    responses = tenant.submit_at_once([{"prompt": f"capped {i}"} for i in range(100)])
     statuses = sorted(response.status_code for response in responses)
     assert statuses.count(202) == 30 and statuses.count(402) == 70, statuses
     code = "over_daily_cap" if cap == "daily_spend_cap" else "over_monthly_cap"

@@ -4,14 +4,12 @@ what the upstream was asked for."""
 
 from __future__ import annotations
 
-import asyncio
 import hashlib
 import io
 import secrets
 from collections.abc import Iterator
 from typing import Any
 
-import httpx
 import pytest
 from PIL import Image, ImageDraw
 
@@ -278,21 +276,9 @@ def _png() -> bytes:
     return out.getvalue()
 
 
-async def _submit_candidates(tenant: Tenant, count: int) -> list[httpx.Response]:
-    async with httpx.AsyncClient(
-        base_url=tenant.base_url,
-        timeout=60,
-        headers={"Authorization": f"Bearer {tenant.api_key}"},
-        limits=httpx.Limits(max_connections=count),
-    ) as client:
-        return await asyncio.gather(
-            *(client.post("/api/images/generate", json={"prompt": f"many {i}", "candidates": 3}) for i in range(count))
-        )
-
-
 def test_concurrent_candidate_submissions_never_overdraw(service: Service) -> None:
     tenant = service.new_tenant(credits=10)
-    responses = asyncio.run(_submit_candidates(tenant, 12))
+    responses = tenant.submit_at_once([{"prompt": f"many {i}", "candidates": 3} for i in range(12)])
     accepted = [r for r in responses if r.status_code == 202]
     refused = [r for r in responses if r.status_code == 402]
     assert (len(accepted), len(refused)) == (3, 9), sorted(r.status_code for r in responses)
