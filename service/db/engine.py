@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import Any, Protocol, cast
 
 import asyncpg
+import msgspec
 from sqlalchemy import ClauseElement, Executable, Insert, String, bindparam, event, func, select
 from sqlalchemy.dialects.postgresql import insert as postgresql_insert
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
@@ -49,6 +50,12 @@ log = logging.getLogger("service.db")
 _ON_COMMIT: ContextVar[list[Callable[[], None]] | None] = ContextVar("on_commit", default=None)
 
 Params = Mapping[str, Any] | None
+
+
+def json_text(value: Any) -> str:
+    """The text of a JSON column's value, written by msgspec (several times faster than the standard library's
+    encoder, which SQLAlchemy uses by default); read back with `msgspec.json.decode`."""
+    return msgspec.json.encode(value).decode()
 
 
 class Record(Protocol):
@@ -326,7 +333,9 @@ class _SQLite:
 
     def __init__(self, path: str) -> None:
         self._path = path
-        self._dialect = SQLiteDialect_pysqlite(paramstyle="named")
+        self._dialect = SQLiteDialect_pysqlite(
+            paramstyle="named", json_serializer=json_text, json_deserializer=msgspec.json.decode
+        )
         self._write_lock = asyncio.Lock()
         self._writer: sqlite3.Connection | None = None
         self._readers: list[sqlite3.Connection] = []
@@ -412,7 +421,9 @@ class Database:
             prepare_sqlite_directory(url)
             self._sqlite = _SQLite(make_url(url).database or ":memory:")
         else:
-            self._engine = create_async_engine(url, pool_size=10, max_overflow=10)
+            self._engine = create_async_engine(
+                url, pool_size=10, max_overflow=10, json_serializer=json_text, json_deserializer=msgspec.json.decode
+            )
             _check_connections_on_checkout(self._engine)
 
     def transaction(self) -> contextlib.AbstractAsyncContextManager[Transaction]:
