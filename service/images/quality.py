@@ -22,12 +22,14 @@ from __future__ import annotations
 
 import hashlib
 import io
+import math
+import operator
 import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from PIL import Image, ImageFilter, ImageStat
+from PIL import Image, ImageFilter
 
 from service.images.processing import FORMATS, MAX_DECODE_PIXELS, PreparedImage, sniff_format
 
@@ -41,6 +43,8 @@ DEFAULT_ASPECT_TOLERANCE = 0.05
 _LAPLACIAN = ImageFilter.Kernel((3, 3), (0, 1, 0, 1, -4, 1, 0, 1, 0), scale=1, offset=128)
 _SIXTEEN_BIT = ("I;16", "I;16L", "I;16B", "I;16N", "I")
 _PNG_END = b"IEND\xaeB`\x82"
+_LEVELS = range(256)
+_SQUARES = [level * level for level in _LEVELS]
 
 
 @dataclass(frozen=True, slots=True)
@@ -108,12 +112,20 @@ class Checked:
 def measure(image: Image.Image) -> Measures:
     """The score's measures of a decoded image of any mode and size (1x1 included)."""
     grey = grey_thumbnail(image)
-    stats = ImageStat.Stat(grey)
     histogram = grey.histogram()
-    clipped = (sum(histogram[: CLIP_LOW + 1]) + sum(histogram[CLIP_HIGH:])) / (grey.width * grey.height)
-    return Measures(
-        sharpness=_laplacian_stddev(grey), contrast=stats.stddev[0], brightness=stats.mean[0], clipped=clipped
-    )
+    pixels = grey.width * grey.height
+    brightness, contrast = _mean_and_stddev(histogram, pixels)
+    clipped = (sum(histogram[: CLIP_LOW + 1]) + sum(histogram[CLIP_HIGH:])) / pixels
+    return Measures(sharpness=_laplacian_stddev(grey), contrast=contrast, brightness=brightness, clipped=clipped)
+
+
+def _mean_and_stddev(histogram: list[int], count: int) -> tuple[float, float]:
+    """The mean and the (population) standard deviation of 8-bit levels, from their histogram: two sums over 256
+    bins, done in C by `map`."""
+    total = sum(map(operator.mul, histogram, _LEVELS))
+    squares = sum(map(operator.mul, histogram, _SQUARES))
+    mean = total / count
+    return mean, math.sqrt(max(0.0, squares / count - mean * mean))
 
 
 def grey_thumbnail(image: Image.Image) -> Image.Image:
@@ -140,7 +152,7 @@ def _laplacian_stddev(grey: Image.Image) -> float:
     if grey.width < 3 or grey.height < 3:
         return 0.0
     edges = grey.filter(_LAPLACIAN).crop((1, 1, grey.width - 1, grey.height - 1))
-    return float(ImageStat.Stat(edges).stddev[0])
+    return _mean_and_stddev(edges.histogram(), edges.width * edges.height)[1]
 
 
 def assess(image: Image.Image, expected_aspect: float | None, gate: QualityGate) -> Quality:
