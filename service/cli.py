@@ -33,6 +33,7 @@ from service.process import running
 from service.providerkeys.keyring import Keyring, generate_key
 from service.providerkeys.service import ProviderKeys, RotationReport
 from service.settings import Settings, SettingsError
+from service.tenants.keycache import KeyCache
 from service.tenants.service import create_tenant as create
 from service.tenants.service import grant_credits as grant
 from service.upstream.offline import run_offline_upstream
@@ -222,7 +223,8 @@ def rotate_keys(_: argparse.Namespace) -> None:
     async def run() -> RotationReport:
         db = Database(settings.database_url)
         try:
-            return await ProviderKeys(settings=settings, db=db, keyring=Keyring(settings.encryption_keys)).rotate()
+            keyring = Keyring(settings.encryption_keys)
+            return await ProviderKeys(settings=settings, db=db, keyring=keyring, keys=KeyCache(db)).rotate()
         finally:
             await db.dispose()
 

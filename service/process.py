@@ -41,7 +41,7 @@ async def running(settings: Settings, *, workers: bool) -> AsyncIterator[Runtime
         upstreams = await stack.enter_async_context(open_upstreams(settings))
         tokens = TokenSigner(await shared_secret(db, settings.end_user_token_secret))
         keys = KeyCache(db)
-        provider_keys = ProviderKeys(settings=settings, db=db, keyring=Keyring(settings.encryption_keys))
+        provider_keys = ProviderKeys(settings=settings, db=db, keyring=Keyring(settings.encryption_keys), keys=keys)
         await stack.enter_async_context(keys.following())
         base_url, api_key = settings.upstream_base_url, settings.upstream_api_key
         if base_url is None or api_key is None:

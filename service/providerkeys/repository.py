@@ -68,12 +68,11 @@ _TERMS = (
 )
 
 
-async def byok_terms(tx: Transaction, tenant_id: str, instances: list[str]) -> tuple[list[str], int]:
-    """Which of `instances` the tenant holds a live key for, and its BYOK price per image, in one read."""
+async def byok_terms(tx: Transaction, tenant_id: str) -> tuple[frozenset[str], int]:
+    """The instances the tenant holds a live key for, and its BYOK price per image, in one read."""
     rows = await tx.rows(_TERMS, {"tenant_id": tenant_id})
-    held = {row.instance for row in rows if row.instance is not None}
-    price = int(rows[0].byok_price_per_image) if rows else 0
-    return [instance for instance in instances if instance in held], price
+    held = frozenset(row.instance for row in rows if row.instance is not None)
+    return held, int(rows[0].byok_price_per_image) if rows else 0
 
 
 async def sealed_keys(tx: Transaction) -> list[Record]:

@@ -23,9 +23,11 @@ from service.providerkeys.keyring import Keyring, KeyringError, Sealed
 from service.providerkeys.schemas import ProviderKeyList, ProviderKeyOut, provider_key_view
 from service.settings import Settings
 from service.tenants import repository as tenants
+from service.tenants.keycache import KeyCache
 from service.upstream.instances import instance_names, instances_serving
 
 FINGERPRINT_HEX = 12
+MAX_KEPT_TENANTS = 10_000
 HINT_TAIL = 4
 HINT_HEAD_MAX = 8
 
@@ -76,12 +78,19 @@ class ProviderKeyUnavailable(Exception):
 
 
 class ProviderKeys:
-    """Tenants' provider keys, with the keyring that seals them: built once by the composition root."""
+    """Tenants' provider keys, with the keyring that seals them: built once by the composition root.
 
-    def __init__(self, *, settings: Settings, db: Database, keyring: Keyring) -> None:
+    What a submission needs of them (which instances the tenant holds a key for, and its BYOK price) is kept in this
+    process between changes, under the key cache's rule (`service/tenants/keycache.py`): storing or revoking a key,
+    like any change to a tenant, goes through `KeyCache.changing`, which moves the cache's generation on in every
+    process before the change is answered, and a kept entry counts only for the generation it was read in."""
+
+    def __init__(self, *, settings: Settings, db: Database, keyring: Keyring, keys: KeyCache) -> None:
         self.settings = settings
         self.db = db
         self.keyring = keyring
+        self.keys = keys
+        self._held: dict[str, tuple[int, frozenset[str], int]] = {}
 
     def _checked_instance(self, instance: str) -> str:
         known = instance_names(self.settings)
@@ -138,9 +147,10 @@ class ProviderKeys:
         }
         for attempt in (1, 2):
             try:
-                async with self.db.transaction() as tx:
+                async with self.keys.changing() as announce, self.db.transaction() as tx:
                     await self._check_tenant(tx, tenant_id)
                     row = await repository.store_key(tx, values)
+                    await announce(tx)
                 break
             except IntegrityError:
                 # A concurrent first store for the same instance inserted the row: replace it.
@@ -151,17 +161,33 @@ class ProviderKeys:
     async def revoke_key(self, tenant_id: str, instance: str) -> None:
         """Revoke the tenant's key for the instance and wipe its ciphertext; 404 when it holds no live key there."""
         self._checked_instance(instance)
-        async with self.db.transaction() as tx:
+        async with self.keys.changing() as announce, self.db.transaction() as tx:
             await self._check_tenant(tx, tenant_id)
             revoked = await repository.revoke_key(tx, tenant_id, instance, utcnow())
+            await announce(tx)
         if revoked is None:
             raise NotFound(f"No provider key for instance {instance!r}", code="provider_key_not_found")
 
     async def terms(self, tx: Transaction, tenant_id: str, model: str) -> ByokTerms | None:
         """How the tenant's task for `model` runs with its own key, or None when it holds none for an instance
-        serving the model; inside the submission's unit of work."""
-        held, price = await repository.byok_terms(tx, tenant_id, instances_serving(self.settings, model))
-        return ByokTerms(instance=held[0], price_per_image=price) if held else None
+        serving the model; inside the submission's unit of work, which reads nothing when this process kept the
+        tenant's keys since the last change."""
+        held, price = await self._held_keys(tx, tenant_id)
+        instance = next((name for name in instances_serving(self.settings, model) if name in held), None)
+        return ByokTerms(instance=instance, price_per_image=price) if instance is not None else None
+
+    async def _held_keys(self, tx: Transaction, tenant_id: str) -> tuple[frozenset[str], int]:
+        keys = self.keys
+        generation = keys.generation
+        kept = self._held.get(tenant_id)
+        if kept is not None and kept[0] == generation and keys.trusted:
+            return kept[1], kept[2]
+        held, price = await repository.byok_terms(tx, tenant_id)
+        if keys.trusted and generation == keys.generation:
+            if len(self._held) >= MAX_KEPT_TENANTS:
+                self._held.clear()
+            self._held[tenant_id] = (generation, held, price)
+        return held, price
 
     async def key_for(self, tx: Transaction, tenant_id: str, instance: str) -> Sealed:
         """The tenant's live key for the instance, still sealed; inside the worker's read."""

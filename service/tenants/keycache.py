@@ -38,8 +38,15 @@ class KeyCache:
 
     @property
     def generation(self) -> int:
-        """Read before a row is fetched and handed back to `keep`: a change in between discards that row."""
+        """Read before a row is fetched and handed back to `keep`: a change in between discards that row. Other
+        per-process memos of what a change goes through `changing` for (a tenant's provider keys) key off it too."""
         return self._generation
+
+    @property
+    def trusted(self) -> bool:
+        """Whether this process hears every change (always on SQLite; on PostgreSQL while its listener is up), so
+        that what it kept may be used."""
+        return self._listening
 
     def row(self, prefix: str, secret: str | None) -> Record | None:
         """The kept row of the key, when `secret` is the one checked against it (None: an end-user token's key,

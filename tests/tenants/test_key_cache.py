@@ -1,5 +1,6 @@
-"""Each API process keeps what authentication read of the keys it has seen; a revocation or a change to a tenant holds
-from the very next request all the same, on the process that made it and on every other one sharing the database."""
+"""Each API process keeps what authentication read of the keys it has seen, and what submissions read of a tenant's
+provider keys; a revocation, a change to a tenant or a provider key stored or revoked holds from the very next request
+all the same, on the process that made it and on every other one sharing the database."""
 
 from __future__ import annotations
 
@@ -8,7 +9,10 @@ from collections.abc import Iterator
 import httpx
 import pytest
 
+from service.providerkeys.keyring import generate_key
 from tests.conftest import TEST_DATABASE, Service, Tenant, Upstream, service_env
+
+ENCRYPTION_KEY = generate_key()
 
 
 def _get(service: Service, credential: str) -> httpx.Response:
@@ -96,11 +100,9 @@ def two_processes(upstream: Upstream, tmp_path_factory: pytest.TempPathFactory) 
     """Two API processes on one PostgreSQL database."""
     if TEST_DATABASE != "postgresql":
         pytest.skip("several API processes share a database on PostgreSQL only")
-    first = Service(tmp_path_factory.mktemp("keys-a"), service_env(upstream, RUN_WORKERS="false"))
-    second = Service(
-        tmp_path_factory.mktemp("keys-b"),
-        service_env(upstream, RUN_WORKERS="false", DATABASE_URL=first.database_url),
-    )
+    env = service_env(upstream, RUN_WORKERS="false", ENCRYPTION_KEYS=ENCRYPTION_KEY)
+    first = Service(tmp_path_factory.mktemp("keys-a"), env)
+    second = Service(tmp_path_factory.mktemp("keys-b"), {**env, "DATABASE_URL": first.database_url})
     yield first, second
     second.stop()
     first.stop()
@@ -139,3 +141,24 @@ def test_suspension_on_one_process_holds_at_once_on_another(two_processes: tuple
     answer = _get(second, tenant.api_key)
     assert answer.status_code == 200
     assert answer.headers["RateLimit-Limit"] == "9"
+
+
+def test_a_provider_key_stored_or_revoked_on_one_process_prices_the_next_submission_on_another(
+    two_processes: tuple[Service, Service],
+) -> None:
+    first, second = two_processes
+    tenant = first.new_tenant(credits=20)
+    _patch(first, tenant, byok_price_per_image=3)
+    with httpx.Client(base_url=second.base_url, headers={"Authorization": f"Bearer {tenant.api_key}"}) as on_second:
+        # The second process reads (and keeps) that the tenant holds no key: the operator's key at the normal price.
+        plain = on_second.post("/api/images/generate", json={"prompt": "before the key"}).json()
+        assert (plain["byok_instance"], plain["cost"]) == (None, 1)
+
+        stored = tenant.client.put("/api/provider-keys/default", json={"api_key": "sk-own-" + "k" * 24})
+        assert stored.status_code == 200, stored.text
+        own = on_second.post("/api/images/generate", json={"prompt": "with the key"}).json()
+        assert (own["byok_instance"], own["cost"]) == ("default", 3)
+
+        assert tenant.client.delete("/api/provider-keys/default").status_code == 204
+        again = on_second.post("/api/images/generate", json={"prompt": "after the key"}).json()
+        assert (again["byok_instance"], again["cost"]) == (None, 1)

@@ -225,6 +225,24 @@ def test_a_byok_task_runs_with_the_tenants_key_at_its_byok_price(
     exposure.assert_hidden(byok_service, key)
 
 
+def test_a_key_stored_or_revoked_prices_the_very_next_submission(byok_service: Service, exposure: Exposure) -> None:
+    tenant = watched_tenant(byok_service, exposure)
+    with admin(byok_service, exposure) as client:
+        client.patch(f"/api/admin/tenants/{tenant.id}", json={"byok_price_per_image": 3}).raise_for_status()
+    # Each submission's terms as the 202 states them: the process keeps what it read between changes.
+    terms = [
+        (task["byok_instance"], task["cost"]) for task in (tenant.submit("no key yet"), tenant.submit("still none"))
+    ]
+    assert terms == [(None, 1), (None, 1)]
+    key = provider_key()
+    store_own_key(tenant, key)
+    assert (tenant.submit("with the key")["byok_instance"], tenant.submit("and again")["cost"]) == ("default", 3)
+    assert tenant.client.delete("/api/provider-keys/default").status_code == 204
+    after = tenant.submit("key revoked")
+    assert (after["byok_instance"], after["cost"]) == (None, 1)
+    exposure.assert_hidden(byok_service, key)
+
+
 def test_an_end_users_task_of_a_byok_tenant_runs_with_the_tenants_key_at_its_byok_price(
     byok_service: Service, own_upstream: Upstream, exposure: Exposure
 ) -> None:
