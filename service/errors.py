@@ -204,15 +204,17 @@ _HTTP_CODES = {
 }
 
 
-def http_error_handler(_: Request[Any, Any, Any], exc: HTTPException) -> Response[Problem]:
+def http_error_handler(request: Request[Any, Any, Any], exc: HTTPException) -> Response[Problem]:
     """Errors raised by the framework itself (routing, parameter parsing, body limits) in the same shape."""
     status = exc.status_code
     if status >= 500:
-        return internal_error_handler(_, exc)
+        return internal_error_handler(request, exc)
     if isinstance(exc, ValidationException):
+        field = _validation_field(request, exc)
+        detail = _validation_detail(exc, field)
         if _from_body(exc):
-            return problem(422, "invalid_field", _validation_detail(exc), field=_validation_field(exc))
-        return problem(400, "invalid_parameter", _validation_detail(exc), field=_validation_field(exc))
+            return problem(422, "invalid_field", detail, field=field)
+        return problem(400, "invalid_parameter", detail, field=field)
     detail = exc.detail if isinstance(exc.detail, str) and exc.detail else HTTPStatus(status).phrase
     response = problem(status, _HTTP_CODES.get(status, "bad_request"), detail)
     if exc.headers:
@@ -236,18 +238,31 @@ def _from_body(exc: ValidationException) -> bool:
     )
 
 
-def _validation_field(exc: ValidationException) -> str | None:
-    if isinstance(exc.extra, list) and exc.extra and isinstance(exc.extra[0], dict):
-        key = exc.extra[0].get("key")
-        return str(key) if key else None
-    return None
+def _validation_field(request: Request[Any, Any, Any], exc: ValidationException) -> str | None:
+    """The parameter or field the first error is about, by the name the client sent: a header or a query parameter
+    declared under another name than the handler's argument (`Last-Event-ID`) is named as declared."""
+    if not (isinstance(exc.extra, list) and exc.extra and isinstance(exc.extra[0], dict)):
+        return None
+    key, source = exc.extra[0].get("key"), exc.extra[0].get("source")
+    source = getattr(source, "value", source)
+    if not key:
+        return None
+    if source in ("header", "query", "cookie"):
+        try:
+            declared = request.route_handler.parsed_fn_signature.parameters[str(key)].kwarg_definition
+        except (KeyError, AttributeError):
+            declared = None
+        # `Parameter(header=...)` names it by its source; `HeaderParameter(name=...)` and its kin by `name`.
+        for alias in (getattr(declared, str(source), None), getattr(declared, "name", None)):
+            if isinstance(alias, str) and alias:
+                return alias
+    return str(key)
 
 
-def _validation_detail(exc: ValidationException) -> str:
+def _validation_detail(exc: ValidationException, field: str | None) -> str:
     if isinstance(exc.extra, list) and exc.extra and isinstance(exc.extra[0], dict):
-        first = exc.extra[0]
-        message = str(first.get("message") or "invalid value")
-        return f"{first.get('key')}: {message}" if first.get("key") else message
+        message = str(exc.extra[0].get("message") or "invalid value")
+        return f"{field}: {message}" if field else message
     return exc.detail if isinstance(exc.detail, str) else "Invalid request"
 
 

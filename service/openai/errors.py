@@ -97,8 +97,9 @@ def http_error_handler(request: Request[Any, Any, Any], exc: HTTPException) -> R
     if exc.status_code >= 500:
         return internal_error_handler(request, exc)
     if isinstance(exc, ValidationException):
+        field = _validation_field(request, exc)
         failure = OpenAIFailure(
-            400, _validation_detail(exc), "invalid_request_error", "invalid_parameter", _validation_field(exc)
+            400, _validation_detail(exc, field), "invalid_request_error", "invalid_parameter", field
         )
     else:
         status = _STATUSES.get(exc.status_code, exc.status_code)

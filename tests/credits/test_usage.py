@@ -91,18 +91,23 @@ def test_spending_by_day_model_and_end_user_adds_up_to_the_ledger(service: Servi
 
 
 @pytest.mark.parametrize(
-    ("params", "status", "code"),
+    ("params", "status", "code", "field"),
     [
-        ({"from": "2026-03-02", "to": "2026-03-01"}, 422, "invalid_range"),
-        ({"from": "2024-01-01", "to": "2026-01-01"}, 422, "invalid_range"),
-        ({"from": "2026-13-01"}, 400, None),
-        ({"to": "yesterday"}, 400, None),
-        ({"group_by": "hour"}, 400, None),
+        ({"from": "2026-03-02", "to": "2026-03-01"}, 422, "invalid_range", None),
+        ({"from": "2024-01-01", "to": "2026-01-01"}, 422, "invalid_range", None),
+        # A malformed parameter is named as the client sent it (`from`, `to`), not by the handler's argument.
+        ({"from": "2026-13-01"}, 400, "invalid_parameter", "from"),
+        ({"to": "yesterday"}, 400, "invalid_parameter", "to"),
+        ({"group_by": "hour"}, 400, "invalid_parameter", "group_by"),
     ],
 )
-def test_bad_reports_are_refused(tenant: Tenant, params: dict[str, str], status: int, code: str | None) -> None:
+def test_bad_reports_are_refused(
+    tenant: Tenant, params: dict[str, str], status: int, code: str, field: str | None
+) -> None:
     response = tenant.client.get("/api/quota/usage", params=params)
     assert response.status_code == status, response.text
     assert response.headers["content-type"] == "application/problem+json"
-    if code is not None:
-        assert response.json()["code"] == code
+    assert response.json()["code"] == code
+    if field is not None:
+        assert response.json()["field"] == field
+        assert response.json()["detail"].startswith(f"{field}: "), response.text

@@ -122,7 +122,7 @@ def test_streams_are_scoped_and_refuse_a_bad_last_event_id(service: Service, ten
         response = tenant.client.get(f"/api/images/tasks/{task['id']}/events", headers={"Last-Event-ID": bad})
         assert response.status_code == 400, (bad, response.text)
         assert response.json()["code"] == "invalid_parameter", response.text
-        assert response.json()["field"] == "last_event_id", response.text
+        assert response.json()["field"] == "Last-Event-ID", response.text
     anonymous = httpx.get(f"{service.base_url}/api/images/tasks/{task['id']}/events")
     assert anonymous.status_code == 401
 
