@@ -360,13 +360,22 @@ def immutable_digest(image: Image.Image, boxes: Iterable[Box]) -> str:
     """The sha256 (hex) of the band's pixels, with the image's mode and each box's size: two images have the same
     digest over their bands exactly when the bands are pixel-identical, wherever the bands sit in each image."""
     image = _image(image, "image")
-    digest = hashlib.sha256(f"mode={image.mode}".encode())
     width, height = image.size
+    pieces = []
     for value in boxes:
         box = _box(value)
         left, upper, right, lower = box
         if not (0 <= left <= right <= width and 0 <= upper <= lower <= height):
             raise GeometryError(f"box {box} lies outside the {width}x{height} image", field="boxes")
-        digest.update(f";{right - left}x{lower - upper}:".encode())
-        digest.update(image.crop(box).tobytes())
+        pieces.append(image.crop(box))
+    return pieces_digest(image.mode, pieces)
+
+
+def pieces_digest(mode: str, pieces: Iterable[Image.Image]) -> str:
+    """The digest `immutable_digest` gives for a band whose boxes' pixels are `pieces` (in `mode`), in order: for a
+    picture that is not held decoded whole, whose band's boxes are decoded one by one."""
+    digest = hashlib.sha256(f"mode={mode}".encode())
+    for piece in pieces:
+        digest.update(f";{piece.width}x{piece.height}:".encode())
+        digest.update(piece.tobytes())
     return digest.hexdigest()

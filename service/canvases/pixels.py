@@ -5,6 +5,7 @@ docs/architecture.md §6). Everything here is a function of bytes and numbers; n
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import io
 import math
@@ -15,8 +16,9 @@ from typing import Any
 
 from PIL import Image, ImageChops, ImageStat, UnidentifiedImageError
 
-from service.canvases import geometry
+from service.canvases import geometry, scanlines
 from service.canvases.geometry import Direction, ImmutablePolicy
+from service.canvases.scanlines import Scanlines
 from service.images.png import encode_png
 from service.images.processing import MAX_DECODE_PIXELS, sniff_format
 
@@ -75,8 +77,8 @@ class NewCanvas:
     output_sha256: str
     checks: dict[str, Any] = field(default_factory=dict)
     seconds: float = 0.0
-    # The picture itself, decoded: the next step's base.
-    image: Image.Image | None = None
+    # The picture's PNG rows before deflate: the next step's base.
+    rows: Scanlines | None = None
 
 
 def sha256(data: bytes) -> str:
@@ -117,7 +119,8 @@ def first_picture(data: bytes, *, max_pixels: int, fit: bool = False) -> NewCanv
         scale = math.sqrt(max_pixels / (canvas.width * canvas.height))
         fitted = (max(1, math.floor(canvas.width * scale)), max(1, math.floor(canvas.height * scale)))
         canvas = canvas.resize(fitted, Image.Resampling.LANCZOS)
-    encoded = encode_png(canvas)
+    rows = scanlines.from_image(canvas)
+    encoded = scanlines.to_png(rows)
     return NewCanvas(
         encoded,
         canvas.width,
@@ -126,57 +129,71 @@ def first_picture(data: bytes, *, max_pixels: int, fit: bool = False) -> NewCanv
         sha256(data),
         {"decodes": True, "mode": canvas.mode, "size": [canvas.width, canvas.height]},
         time.process_time() - started,
-        canvas,
+        rows,
     )
 
 
-def decode_base(data: bytes, digest: str) -> Image.Image:
-    """A step's base picture as read from storage, which must be the one the step recorded (`digest`)."""
+def decode_base(data: bytes, digest: str) -> Scanlines:
+    """A step's base picture as read from storage, which must be the one the step recorded (`digest`), as rows: a
+    PNG the service wrote is only inflated; any other is decoded and filtered again."""
     if sha256(data) != digest:
         raise StepFailure("internal_error", "The canvas picture in storage is not the one the step extends")
-    return open_canvas(data, max_pixels=MAX_DECODE_PIXELS)
+    rows = scanlines.from_png(data, max_pixels=MAX_DECODE_PIXELS)
+    return rows if rows is not None else scanlines.from_image(open_canvas(data, max_pixels=MAX_DECODE_PIXELS))
 
 
-def model_input(canvas: Image.Image, step: StepParameters, sent_size: tuple[int, int]) -> ModelInput:
+def model_input(canvas: Scanlines, step: StepParameters, sent_size: tuple[int, int]) -> ModelInput:
     """The context strip of the canvas and blank new pixels, with the mask that marks the new ones, at `sent_size`
     (a size the upstream accepts, nearest in aspect): the context is stretched there straight from the canvas, and
-    the answer's new pixels are stretched back the same way (`validate`)."""
+    the answer's new pixels are stretched back the same way (`validate`). Only the context's part of the canvas is
+    decoded."""
     input_size = geometry.step_input_size(canvas.width, canvas.height, step.direction, step.extension, step.overlap)
     if input_size == sent_size:
-        image, mask = geometry.step_input(canvas, step.direction, step.extension, step.overlap)
+        context = scanlines.region(
+            canvas, geometry.context_box(canvas.width, canvas.height, step.direction, step.overlap)
+        )
+        image, mask = geometry.step_input(context, step.direction, step.extension, step.overlap)
+        image_png, mask_png = encode_png(image), encode_png(mask)
+        mask_sha256 = sha256(mask_png)
     else:
-        image, mask = _stretched_input(canvas, step, input_size, sent_size)
-    image_png, mask_png = encode_png(image), encode_png(mask)
-    return ModelInput(image_png, mask_png, sent_size, input_size, sha256(image_png), sha256(mask_png))
+        image, keep = _stretched_input(canvas, step, input_size, sent_size)
+        image_png = encode_png(image)
+        mask_png, mask_sha256 = _mask(sent_size, keep)
+    return ModelInput(image_png, mask_png, sent_size, input_size, sha256(image_png), mask_sha256)
+
+
+@functools.lru_cache(maxsize=64)
+def _mask(size: tuple[int, int], keep: geometry.Box) -> tuple[bytes, str]:
+    """The mask at `size` that keeps the `keep` box (opaque) and marks the rest for the model to paint, as PNG with
+    its sha256. The same few sizes and boxes come back step after step: encoded once per process."""
+    mask = Image.new("RGBA", size, geometry.BLANK)
+    mask.paste(geometry.KEEP, keep)
+    data = encode_png(mask)
+    return data, sha256(data)
 
 
 def _stretched_input(
-    canvas: Image.Image, step: StepParameters, input_size: tuple[int, int], sent_size: tuple[int, int]
-) -> tuple[Image.Image, Image.Image]:
-    """The model's input and mask at `sent_size`. The context's place there is its place in the input scaled and
-    rounded to whole pixels; it is filled from exactly the part of the canvas that maps onto it, so only the context
-    is resampled, never the blank pixels beside it."""
+    canvas: Scanlines, step: StepParameters, input_size: tuple[int, int], sent_size: tuple[int, int]
+) -> tuple[Image.Image, geometry.Box]:
+    """The model's input at `sent_size` and the box of it the mask keeps. The context's place there is its place in
+    the input scaled and rounded to whole pixels; it is filled from exactly the part of the context that maps onto
+    it, so only the context is resampled, never the blank pixels beside it. Only the context is decoded, and the
+    resampling filter reads nothing beyond it: the model sees the context and nothing else of the canvas."""
     scale_x, scale_y = sent_size[0] / input_size[0], sent_size[1] / input_size[1]
     offset_x, offset_y = geometry.old_offset(step.direction, step.extension)
     context = geometry.context_box(canvas.width, canvas.height, step.direction, step.overlap)
     inside = (offset_x, offset_y, offset_x + context[2] - context[0], offset_y + context[3] - context[1])
     left, right = _rounded_span(inside[0] * scale_x, inside[2] * scale_x, sent_size[0])
     upper, lower = _rounded_span(inside[1] * scale_y, inside[3] * scale_y, sent_size[1])
+    decoded = scanlines.region(canvas, context)
     source = _within(
-        (
-            context[0] + left / scale_x - offset_x,
-            context[1] + upper / scale_y - offset_y,
-            context[0] + right / scale_x - offset_x,
-            context[1] + lower / scale_y - offset_y,
-        ),
-        canvas.size,
+        (left / scale_x - offset_x, upper / scale_y - offset_y, right / scale_x - offset_x, lower / scale_y - offset_y),
+        decoded.size,
     )
-    stretched = canvas.resize((right - left, lower - upper), RESAMPLING, box=source).convert("RGBA")
+    stretched = decoded.resize((right - left, lower - upper), RESAMPLING, box=source).convert("RGBA")
     image = Image.new("RGBA", sent_size, geometry.BLANK)
     image.paste(stretched, (left, upper))
-    mask = Image.new("RGBA", sent_size, geometry.BLANK)
-    mask.paste(geometry.KEEP, (left, upper, right, lower))
-    return image, mask
+    return image, (left, upper, right, lower)
 
 
 def _rounded_span(start: float, end: float, limit: int) -> tuple[int, int]:
@@ -187,11 +204,15 @@ def _rounded_span(start: float, end: float, limit: int) -> tuple[int, int]:
     return first, last
 
 
-def validate(old: Image.Image, answer: bytes, step: StepParameters, sent_size: tuple[int, int]) -> NewCanvas:
+def validate(old: Scanlines, answer: bytes, step: StepParameters, sent_size: tuple[int, int]) -> NewCanvas:
     """The gate before a step commits (I4): the answer decodes, has the aspect of what was sent, kept the pixels it
-    was told to keep (within `KEPT_TOLERANCE`); the composite has exactly the expected size and mode; and after the
-    immutable band is restored from the old canvas, the band's digest equals the old canvas's (I2). Any failure is a
-    `StepFailure` naming the check. `old` is the step's base picture, decoded; it is only read."""
+    was told to keep (within `KEPT_TOLERANCE`); the new canvas has exactly the expected size and mode; and the
+    immutable band, decoded from the new canvas's rows, has the digest of the old canvas's (I2). Any failure is a
+    `StepFailure` naming the check. `old` is the step's base picture as rows; it is only read.
+
+    Only the answer's new pixels go into the canvas, stretched back to the input's scale; the old canvas's rows are
+    copied into the new one unchanged (`scanlines.extend`), which is the restoring of the immutable band: the band's
+    digest after the step is computed from the new rows, not assumed."""
     started = time.process_time()
     width, height = old.size
     checks: dict[str, Any] = {"decodes": False}
@@ -219,48 +240,40 @@ def validate(old: Image.Image, answer: bytes, step: StepParameters, sent_size: t
             f"at most {KEPT_TOLERANCE:g} allowed)",
             checks,
         )
-    # Only the answer's new pixels go into the canvas: they alone are stretched back to the input's scale.
-    fresh = geometry.step_new_box(width, height, step.direction, step.extension, step.overlap)
-    new_pixels = answered.resize(
-        (fresh[2] - fresh[0], fresh[3] - fresh[1]), RESAMPLING, box=_scaled(fresh, scale, answered.size)
-    )
-    generated = Image.new(old.mode, input_size)
-    generated.paste(new_pixels.convert(old.mode), fresh[:2])
     try:
-        composite = geometry.composite(
-            old, generated, step.direction, step.extension, step.overlap, max_pixels=step.max_pixels
-        )
+        expected = geometry.output_size(width, height, step.direction, step.extension, max_pixels=step.max_pixels)
     except geometry.GeometryError as exc:
         raise StepFailure("dimension_mismatch", exc.detail, checks) from None
-    restored = geometry.restore_immutable(
-        composite, old, step.direction, step.extension, immutable=step.immutable, policy=step.policy
+    fresh = geometry.step_new_box(width, height, step.direction, step.extension, step.overlap)
+    band = answered.resize(
+        (fresh[2] - fresh[0], fresh[3] - fresh[1]), RESAMPLING, box=_scaled(fresh, scale, answered.size)
     )
-    expected = geometry.output_size(width, height, step.direction, step.extension)
-    checks["size"] = list(restored.size)
+    new = scanlines.extend(old, band if band.mode == old.mode else band.convert(old.mode), step.direction)
+    checks["size"] = list(new.size)
     checks["expected_size"] = list(expected)
-    checks["mode"] = restored.mode
-    if restored.size != expected or restored.mode != old.mode:
-        raise StepFailure("dimension_mismatch", f"The new canvas is {restored.size}, expected {expected}", checks)
-    band = geometry.immutable_band(width, height, step.direction, immutable=step.immutable, policy=step.policy)
+    checks["mode"] = new.mode
+    if new.size != expected or new.mode != old.mode:
+        raise StepFailure("dimension_mismatch", f"The new canvas is {new.size}, expected {expected}", checks)
+    immutable = geometry.immutable_band(width, height, step.direction, immutable=step.immutable, policy=step.policy)
     moved = geometry.immutable_boxes(
         width, height, step.direction, step.extension, immutable=step.immutable, policy=step.policy
     )
-    before = geometry.immutable_digest(old, band)
-    after = geometry.immutable_digest(restored, moved)
+    before = geometry.pieces_digest(old.mode, [scanlines.region(old, box) for box in immutable])
+    after = geometry.pieces_digest(new.mode, [scanlines.region(new, box) for box in moved])
     checks["immutable_sha256_before"] = before
     checks["immutable_sha256_after"] = after
     if before != after:
         raise StepFailure("immutable_violation", "The immutable band differs after the step", checks)
-    encoded = encode_png(restored)
+    encoded = scanlines.to_png(new)
     return NewCanvas(
         encoded,
-        restored.width,
-        restored.height,
+        new.width,
+        new.height,
         sha256(encoded),
         sha256(answer),
         checks,
         time.process_time() - started,
-        restored,
+        new,
     )
 
 
@@ -276,7 +289,7 @@ def _within(box: FloatBox, size: tuple[int, int]) -> FloatBox:
 
 
 def _kept_difference(
-    old: Image.Image, answered: Image.Image, scale: tuple[float, float], step: StepParameters
+    old: Scanlines, answered: Image.Image, scale: tuple[float, float], step: StepParameters
 ) -> float | None:
     """How far the model strayed, inside the context it saw, from the immutable band: the mean absolute difference
     per channel of the two, both reduced to at most COMPARE_SIDE pixels a side (the answer straight from its own
@@ -293,7 +306,7 @@ def _kept_difference(
         right, lower = min(box[2], context[2]), min(box[3], context[3])
         if right <= left or lower <= upper:
             continue
-        kept = old.crop((left, upper, right, lower))
+        kept = scanlines.region(old, (left, upper, right, lower))
         shift_x, shift_y = left - context[0] + cx, upper - context[1] + cy
         seen_box = (shift_x, shift_y, shift_x + right - left, shift_y + lower - upper)
         reduction = min(1.0, COMPARE_SIDE / max(kept.size))

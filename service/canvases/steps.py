@@ -10,8 +10,6 @@ import time
 from collections import OrderedDict
 from typing import Any, cast
 
-from PIL import Image
-
 from service.canvases import repository
 from service.canvases.geometry import Direction, ImmutablePolicy
 from service.canvases.pixels import (
@@ -24,6 +22,7 @@ from service.canvases.pixels import (
     sha256,
     validate,
 )
+from service.canvases.scanlines import Scanlines
 from service.canvases.schemas import FailureCode
 from service.clock import utcnow
 from service.db.engine import Database, Record, Transaction
@@ -72,34 +71,35 @@ DECODED_CANVAS_SECONDS = 600.0
 
 
 class DecodedCanvases:
-    """Decoded canvas pictures by the sha256 of their PNG, so that a step decodes its base once (not again for the
-    gate) and not at all when it extends the picture the previous step of this process made, the usual way of growing
-    a canvas. At most `limit` bytes, the least recently used going first; a picture unused for `idle_seconds` is
-    dropped, so an idle process gives the memory back. Used on the event loop only; the pictures are never changed."""
+    """Canvas pictures as their PNG's rows (`Scanlines`) by the sha256 of their PNG, so that a step inflates its base
+    once (not again for the gate) and not at all when it extends the picture the previous step of this process made,
+    the usual way of growing a canvas. At most `limit` bytes, the least recently used going first; a picture unused
+    for `idle_seconds` is dropped, so an idle process gives the memory back. Used on the event loop only; the pictures
+    are never changed."""
 
     def __init__(self, limit: int, idle_seconds: float) -> None:
         self.limit = limit
         self.idle_seconds = idle_seconds
         self.held = 0
-        self._pictures: OrderedDict[str, tuple[Image.Image, float]] = OrderedDict()
+        self._pictures: OrderedDict[str, tuple[Scanlines, float]] = OrderedDict()
         self._timer: asyncio.TimerHandle | None = None
 
-    def get(self, digest: str) -> Image.Image | None:
+    def get(self, digest: str) -> Scanlines | None:
         found = self._pictures.pop(digest, None)
         if found is None:
             return None
         self._pictures[digest] = (found[0], time.monotonic())
         return found[0]
 
-    def put(self, digest: str, picture: Image.Image) -> None:
-        size = _decoded_bytes(picture)
+    def put(self, digest: str, picture: Scanlines) -> None:
+        size = len(picture.rows)
         if size > self.limit or self.get(digest) is not None:
             return
         self._pictures[digest] = (picture, time.monotonic())
         self.held += size
         while self.held > self.limit:
             _, (dropped, _) = self._pictures.popitem(last=False)
-            self.held -= _decoded_bytes(dropped)
+            self.held -= len(dropped.rows)
         if self._timer is None:
             self._timer = asyncio.get_running_loop().call_later(self.idle_seconds, self._drop_idle)
 
@@ -109,14 +109,9 @@ class DecodedCanvases:
         for digest, (picture, used) in list(self._pictures.items()):
             if used <= cutoff:
                 del self._pictures[digest]
-                self.held -= _decoded_bytes(picture)
+                self.held -= len(picture.rows)
         if self._pictures:
             self._timer = asyncio.get_running_loop().call_later(self.idle_seconds, self._drop_idle)
-
-
-def _decoded_bytes(picture: Image.Image) -> int:
-    """Pillow keeps a pixel of three or four channels in four bytes."""
-    return picture.width * picture.height * (1 if len(picture.getbands()) == 1 else 4)
 
 
 def failure_code(code: str | None) -> FailureCode | None:
@@ -307,9 +302,9 @@ class _Run:
             raise
         return await self._committed(canvas, answer, final)
 
-    async def _base(self) -> Image.Image:
-        """The step's base picture, decoded: from this process's decoded canvases, else read and decoded (and kept,
-        for the gate and the next step). Not held across the upstream call: the gate asks again."""
+    async def _base(self) -> Scanlines:
+        """The step's base picture as rows: from this process's canvases, else read and inflated (and kept, for the
+        gate and the next step). Not held across the upstream call: the gate asks again."""
         steps, base = self.steps, self.step.base_image
         picture = steps.decoded.get(base["sha256"])
         if picture is None:
@@ -331,10 +326,10 @@ class _Run:
         return answer
 
     async def _committed(self, canvas: NewCanvas, answer: bytes, prompt: str) -> Outcome:
-        if canvas.image is not None:
+        if canvas.rows is not None:
             # Kept whether or not the step then commits: a picture is named by its digest, so one that never became
             # a canvas's is simply never asked for.
-            self.steps.decoded.put(canvas.sha256, canvas.image)
+            self.steps.decoded.put(canvas.sha256, canvas.rows)
         self.checks = canvas.checks
         self.record["sha256"].setdefault("model_output", canvas.output_sha256)
         self.record["timings"]["gate_cpu_seconds"] = round(canvas.seconds, 4)

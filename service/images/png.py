@@ -17,33 +17,43 @@ from isal import isal_zlib
 from PIL import Image, ImageChops
 
 # PNG colour types by Pillow mode, all at 8 bits per channel.
-_COLOUR_TYPES = {"L": 0, "RGB": 2, "LA": 4, "RGBA": 6}
-_SIGNATURE = b"\x89PNG\r\n\x1a\n"
-_UP = b"\x02"
+COLOUR_TYPES = {"L": 0, "RGB": 2, "LA": 4, "RGBA": 6}
+SIGNATURE = b"\x89PNG\r\n\x1a\n"
+UP = b"\x02"
 # IDAT data is split into chunks of this size, as most encoders do; one chunk would be valid too.
 _IDAT_CHUNK = 1 << 20
 
 
 def encode_png(image: Image.Image) -> bytes:
     """`image` as a PNG: the fast path for L, LA, RGB and RGBA; Pillow's own encoder (level 1) for anything else."""
-    colour_type = _COLOUR_TYPES.get(image.mode)
-    if colour_type is None or image.width == 0 or image.height == 0:
+    if image.mode not in COLOUR_TYPES or image.width == 0 or image.height == 0:
         out = io.BytesIO()
         image.save(out, format="PNG", compress_level=1)
         return out.getvalue()
-    width, height = image.size
+    return png_from_rows(image.width, image.height, image.mode, up_filtered_rows(image))
+
+
+def up_filtered_rows(image: Image.Image) -> bytes:
+    """The rows of a PNG of `image` (L, LA, RGB or RGBA, not empty) before compression: each row the filter byte of
+    "Up" and the row's bytes minus the bytes of the row above (the first row as it is)."""
+    width = image.width
     # Each row minus the row above it; `offset` wraps the last row round to the top, so the first row, which has
     # nothing above it (zeros), is put back as it is.
     difference = ImageChops.subtract_modulo(image, ImageChops.offset(image, 0, 1))
     difference.paste(image.crop((0, 0, width, 1)), (0, 0))
     filtered = memoryview(difference.tobytes())
     stride = width * len(image.getbands())
-    rows = b"".join(
-        [piece for start in range(0, len(filtered), stride) for piece in (_UP, filtered[start : start + stride])]
+    return b"".join(
+        [piece for start in range(0, len(filtered), stride) for piece in (UP, filtered[start : start + stride])]
     )
+
+
+def png_from_rows(width: int, height: int, mode: str, rows: bytes) -> bytes:
+    """A PNG of `width` x `height` pixels in `mode` (L, LA, RGB or RGBA) from its filtered rows, compressed with
+    ISA-L's deflate at level 1."""
     data = isal_zlib.compress(rows, 1)
-    header = struct.pack(">IIBBBBB", width, height, 8, colour_type, 0, 0, 0)
-    parts = [_SIGNATURE, _chunk(b"IHDR", header)]
+    header = struct.pack(">IIBBBBB", width, height, 8, COLOUR_TYPES[mode], 0, 0, 0)
+    parts = [SIGNATURE, _chunk(b"IHDR", header)]
     parts.extend(_chunk(b"IDAT", data[start : start + _IDAT_CHUNK]) for start in range(0, len(data), _IDAT_CHUNK))
     parts.append(_chunk(b"IEND", b""))
     return b"".join(parts)

@@ -1,4 +1,4 @@
-"""The decoded canvases a worker process keeps: bounded in bytes (least recently used out first), and given back
+"""The canvases a worker process keeps as rows: bounded in bytes (least recently used out first), and given back
 when unused."""
 
 from __future__ import annotations
@@ -7,14 +7,17 @@ import asyncio
 
 from PIL import Image
 
+from service.canvases import scanlines
+from service.canvases.scanlines import Scanlines
 from service.canvases.steps import DecodedCanvases
 
 SIDE = 100
-PICTURE_BYTES = SIDE * SIDE * 4
+# A row of RGB pixels and its filter byte, SIDE times.
+PICTURE_BYTES = SIDE * (1 + SIDE * 3)
 
 
-def picture(shade: int) -> Image.Image:
-    return Image.new("RGB", (SIDE, SIDE), (shade, shade, shade))
+def picture(shade: int, width: int = SIDE) -> Scanlines:
+    return scanlines.from_image(Image.new("RGB", (width, SIDE), (shade, shade, shade)))
 
 
 def test_the_least_recently_used_picture_goes_first_and_none_past_the_limit_is_kept() -> None:
@@ -28,7 +31,7 @@ def test_the_least_recently_used_picture_goes_first_and_none_past_the_limit_is_k
         assert kept.get("b") is None
         assert kept.get("a") is first and kept.get("c") is third
         assert kept.held == 2 * PICTURE_BYTES
-        kept.put("huge", Image.new("RGB", (SIDE * 3, SIDE)))
+        kept.put("huge", picture(4, width=SIDE * 3))
         assert kept.get("huge") is None and kept.held == 2 * PICTURE_BYTES
 
     asyncio.run(scenario())

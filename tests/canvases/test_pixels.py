@@ -11,7 +11,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from PIL import Image
 
-from service.canvases import geometry, pixels
+from service.canvases import geometry, pixels, scanlines
 from service.canvases.geometry import Direction, ImmutablePolicy
 
 SENT_SIZES = [(1024, 1024), (1536, 1024), (1024, 1536), (1536, 864), (864, 1536), (64, 4096), (300, 200)]
@@ -50,7 +50,8 @@ def test_any_step_goes_from_model_input_through_the_gate(
     overlap = max(1, round(axis * overlap_share))
     step = pixels.StepParameters(direction, extension, overlap, 0, ImmutablePolicy.SEAM, 10**8)
     canvas = smooth(width, height)
-    made = pixels.model_input(canvas, step, sent_size)
+    rows = scanlines.from_image(canvas)
+    made = pixels.model_input(rows, step, sent_size)
     image, mask = Image.open(io.BytesIO(made.image)), Image.open(io.BytesIO(made.mask))
     assert image.size == mask.size == sent_size
 
@@ -74,7 +75,7 @@ def test_any_step_goes_from_model_input_through_the_gate(
     answer = image.convert("RGBA")
     painted = Image.new("RGBA", sent_size, (200, 30, 90, 255))
     painted.paste(answer, (0, 0), answer)
-    new = pixels.validate(canvas, png(painted.convert("RGB")), step, sent_size)
+    new = pixels.validate(rows, png(painted.convert("RGB")), step, sent_size)
     assert (new.width, new.height) == geometry.output_size(width, height, direction, extension)
     result = Image.open(io.BytesIO(new.png)).convert("RGB")
     old_at = geometry.old_offset(direction, extension)
