@@ -35,6 +35,7 @@ from service.tenants import endpoints as admin
 from service.tenants.auth import Caller, authenticate, authenticate_then_read_body, scope_state
 from service.upstream.endpoints import list_upstreams
 from service.upstream.instances import instance_names
+from service.webhooks import endpoints as webhooks
 
 API_VERSION = "1.0.0"
 
@@ -124,6 +125,7 @@ def create_app(settings: Settings | None = None) -> Litestar:
                     end_users.router,
                     provider_keys.router,
                     openai_facade.router,
+                    webhooks.router,
                 ],
                 dependencies=parts_of(started, after_caller=True),
             ),
