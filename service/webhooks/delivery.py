@@ -239,3 +239,7 @@ class Dispatcher:
             )
         if not recorded:
             log.info("webhook delivery %s changed during its attempt; this attempt is not recorded", delivery.id)
+        elif retry_at is not None:
+            # Wake for the retry when it is due rather than at the next poll, which may come later.
+            delay = (retry_at - utcnow()).total_seconds()
+            asyncio.get_running_loop().call_later(max(delay, 0.0), self.outbox.doorbell.set)
