@@ -36,6 +36,7 @@ from service.tenants.auth import Caller, authenticate, authenticate_then_read_bo
 from service.upstream.endpoints import list_upstreams
 from service.upstream.instances import instance_names
 from service.webhooks import endpoints as webhooks
+from service.webhooks.schemas import event_schema as webhook_event_schema
 
 API_VERSION = "1.0.0"
 
@@ -158,6 +159,7 @@ def create_app(settings: Settings | None = None) -> Litestar:
     document_bodies(app, settings)
     _document_responses(app)
     _document_instances(app, settings)
+    _document_webhook_event(app)
     return app
 
 
@@ -238,6 +240,12 @@ def _document_instances(app: Litestar, settings: Settings) -> None:
                     and isinstance(parameter.schema, Schema)
                 ):
                     parameter.schema.enum = list(instance_names(settings))
+
+
+def _document_webhook_event(app: Litestar) -> None:
+    """The body of every webhook delivery, which no route answers, as the component `WebhookEvent`."""
+    components = app.openapi_schema.components
+    components.schemas = {**(components.schemas or {}), "WebhookEvent": webhook_event_schema()}
 
 
 def _document_responses(app: Litestar) -> None:

@@ -30,6 +30,16 @@ DeliveryId = Annotated[str, Parameter(max_length=64, description="Delivery id (i
     "/",
     operation_id="createWebhook",
     summary="Register a webhook endpoint; its signing secret is in this answer only",
+    description='Each event is POSTed to `url` as JSON `{"type", "timestamp", "data"}` (the `WebhookEvent` '
+    "schema): `task.completed`, `task.failed`, `task.cancelled` carry `data.task`, the task as `getTask` shows it; "
+    "`canvas.step.completed` and `canvas.step.failed` (a canvas step's task, instead of a `task.*` event) add "
+    "`data.canvas_id` and `data.step`; `credits.low` carries `data.balance`, `data.threshold` and `data.task_id`. "
+    "Headers (Standard Webhooks): `webhook-id` (the delivery's id, the same on every attempt), `webhook-timestamp` "
+    "(Unix seconds of the attempt), `webhook-signature` (`v1,` and the base64 of HMAC-SHA256 over "
+    "`{webhook-id}.{webhook-timestamp}.{body}` keyed with the secret's bytes; two, space-separated, for 24 hours after "
+    "a rotation). A 2xx answer delivers; anything else is retried on WEBHOOKS_RETRY_SCHEDULE (5 s, 30 s, 2 min, "
+    "10 min, 1 h, 6 h, 24 h by default), then the delivery is `failed`. Deliveries go only to public addresses unless "
+    "WEBHOOKS_ALLOW_PRIVATE is true.",
     responses=problem_responses(401, 403, 409, 422, 429, 503),
     before_request=authenticate_then_read_body,
     status_code=201,

@@ -7,6 +7,7 @@ from datetime import datetime
 from typing import Annotated, Any, Literal
 
 import msgspec
+from litestar.openapi.spec import OpenAPIFormat, OpenAPIType, Reference, Schema
 
 from service.db.engine import Record
 
@@ -111,6 +112,31 @@ class DeliveryOut(msgspec.Struct):
 class DeliveryPage(msgspec.Struct):
     items: list[DeliveryOut]
     next_cursor: str | None
+
+
+def event_schema() -> Schema:
+    """The body of every delivery, for the OpenAPI document's components (`WebhookEvent`)."""
+    return Schema(
+        type=OpenAPIType.OBJECT,
+        title="WebhookEvent",
+        description=(Event.__doc__ or "").replace("\n    ", " ").strip(),
+        required=["type", "timestamp", "data"],
+        properties={
+            "type": Schema(type=OpenAPIType.STRING, enum=list(EVENT_TYPES)),
+            "timestamp": Schema(type=OpenAPIType.STRING, format=OpenAPIFormat.DATE_TIME),
+            "data": Schema(
+                type=OpenAPIType.OBJECT,
+                properties={
+                    "task": Reference(ref="#/components/schemas/TaskOut"),
+                    "canvas_id": Schema(type=OpenAPIType.STRING),
+                    "step": Schema(type=OpenAPIType.INTEGER),
+                    "balance": Schema(type=OpenAPIType.INTEGER),
+                    "threshold": Schema(type=OpenAPIType.INTEGER),
+                    "task_id": Schema(type=OpenAPIType.STRING),
+                },
+            ),
+        },
+    )
 
 
 class Event(msgspec.Struct):
