@@ -220,6 +220,13 @@ LINKS: dict[tuple[str, str, str], dict[str, tuple[str, dict[str, str]]]] = {
         "CreateApiKey": ("createApiKey", {"tenant_id": "$response.body#/tenant/id"}),
         "GrantCredits": ("grantCredits", {"tenant_id": "$response.body#/tenant/id"}),
     },
+    ("/api/webhooks", "post", "201"): {
+        "GetWebhook": ("getWebhook", {"endpoint_id": "$response.body#/endpoint/id"}),
+        "UpdateWebhook": ("updateWebhook", {"endpoint_id": "$response.body#/endpoint/id"}),
+        "RotateWebhookSecret": ("rotateWebhookSecret", {"endpoint_id": "$response.body#/endpoint/id"}),
+        "ListWebhookDeliveries": ("listWebhookDeliveries", {"endpoint_id": "$response.body#/endpoint/id"}),
+        "DeleteWebhook": ("deleteWebhook", {"endpoint_id": "$response.body#/endpoint/id"}),
+    },
     ("/api/admin/tenants/{tenant_id}/api-keys", "post", "201"): {
         "RevokeApiKey": ("revokeApiKey", {"key_id": "$response.body#/id"}),
     },

@@ -29,8 +29,9 @@ Url = Annotated[
     msgspec.Meta(
         min_length=1,
         max_length=MAX_URL_CHARS,
-        pattern=r"^[!-~]+$",
-        description="Where events are POSTed: an http or https URL with a host and no user or password",
+        pattern=r"^https?://[A-Za-z0-9._~%!$&'()*+,;=:\[\]-]+([/?#][!-~]*)?$",
+        description="Where events are POSTed: an http or https URL with a host and no user or password (printable "
+        "ASCII: a host with other letters goes in its punycode form)",
     ),
 ]
 Events = Annotated[
