@@ -25,7 +25,7 @@ from standardwebhooks import Webhook, WebhookVerificationError
 from service.providerkeys.keyring import generate_key
 from testing.receiver import Received, Receiver
 from tests.canvases.test_canvases import create, extend
-from tests.conftest import Service, Tenant, Upstream, service_env, wait_until
+from tests.conftest import TEST_DATABASE, Service, Tenant, Upstream, service_env, wait_until
 
 SCHEDULE = "0.3,0.3,0.3,0.5,0.5,1"
 KEY = generate_key()
@@ -416,6 +416,34 @@ def test_an_event_survives_a_crash_and_is_delivered_once_after_the_restart(upstr
     finally:
         process.stop()
         quiet.stop()
+
+
+@pytest.mark.skipif(TEST_DATABASE != "postgresql", reason="processes hear each other's outbox through PostgreSQL")
+def test_an_event_written_by_an_api_process_wakes_the_worker_process_at_once(
+    upstream: Upstream, receiver: Receiver, tmp_path: Path
+) -> None:
+    # With a 30 s poll, only the NOTIFY sent with the cancellation's commit can wake the worker's dispatcher quickly.
+    env = webhook_env(upstream, RUN_WORKERS="false", WORKER_POLL_SECONDS="30")
+    api = Service(tmp_path, env, name="api")
+    worker = Service(tmp_path, {**env, "RUN_WORKERS": "true"}, command="worker", name="worker")
+    try:
+        tenant = api.new_tenant()
+        where = path()
+        hook = register(tenant, receiver.url(where), ["task.completed", "task.cancelled"])
+        done = tenant.wait(tenant.submit()["id"])
+        [request] = delivered(receiver, where, timeout=5)
+        assert verified(hook["secret"], request)["data"]["task"]["id"] == done["id"]
+        upstream.settings(latency=5)
+        slow = tenant.submit("cancelled through the API process")
+        tenant.wait(slow["id"], statuses={"running"})
+        cancelled_at = time.time()
+        assert tenant.client.post(f"/api/images/tasks/{slow['id']}/cancel").status_code == 200
+        request = delivered(receiver, where, count=2, timeout=5)[1]
+        assert verified(hook["secret"], request)["type"] == "task.cancelled"
+        assert request.at - cancelled_at < 3
+    finally:
+        worker.stop()
+        api.stop()
 
 
 def test_export_lists_endpoints_without_secrets_and_erasure_removes_them(service: Service, receiver: Receiver) -> None:
