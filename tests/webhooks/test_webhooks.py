@@ -258,6 +258,9 @@ def test_credits_low_is_sent_once_per_crossing_even_under_concurrent_debits(
     where = path()
     hook = register(tenant, receiver.url(where), ["credits.low"])
     with service.admin() as admin:
+        for hostile in (-1, 10**13, "15", 1.5, True):
+            refused = admin.patch(f"/api/admin/tenants/{tenant.id}", json={"low_balance_threshold": hostile})
+            assert refused.status_code == 422, (hostile, refused.text)
         changed = admin.patch(f"/api/admin/tenants/{tenant.id}", json={"low_balance_threshold": 15})
         assert changed.status_code == 200 and changed.json()["low_balance_threshold"] == 15
     answers = tenant.submit_at_once([{"prompt": f"at once {i}"} for i in range(8)])
