@@ -93,9 +93,16 @@ def test_a_completed_task_is_delivered_signed_and_only_where_subscribed(
     assert hook["secret"].startswith("whsec_") and len(base64.b64decode(hook["secret"][6:])) == 24
     other = register(tenant, receiver.url(failed_only), ["task.failed"])
     off = register(tenant, receiver.url(disabled), ["task.completed"], enabled=False)
+    also, strangers = path(), path()
+    second = register(tenant, receiver.url(also), ["task.completed"])
+    stranger = service.new_tenant()
+    theirs = register(stranger, receiver.url(strangers), ["task.completed", "task.failed", "task.cancelled"])
 
     task = tenant.submit()
     [request] = delivered(receiver, completed)
+    [copy] = delivered(receiver, also)
+    assert verified(second["secret"], copy)["data"] == verified(hook["secret"], request)["data"]
+    assert copy.headers["webhook-id"] != request.headers["webhook-id"]
     event = verified(hook["secret"], request)
     assert event["type"] == "task.completed"
     assert event["data"]["task"]["id"] == task["id"] and event["data"]["task"]["status"] == "completed"
@@ -115,6 +122,8 @@ def test_a_completed_task_is_delivered_signed_and_only_where_subscribed(
     assert deliveries(tenant, other["endpoint"]["id"]) == []
     assert deliveries(tenant, off["endpoint"]["id"]) == []
     assert receiver.received(failed_only) == [] and receiver.received(disabled) == []
+    # Another tenant's endpoint hears nothing of this tenant's tasks.
+    assert deliveries(stranger, theirs["endpoint"]["id"]) == [] and receiver.received(strangers) == []
 
 
 def test_the_secret_is_shown_once_and_endpoints_change(service: Service, receiver: Receiver, tenant: Tenant) -> None:
