@@ -244,6 +244,29 @@ def test_cancelled_and_failed_tasks_are_reported_with_their_reason(
     assert event["data"]["task"]["id"] == slow["id"]
 
 
+def test_a_cancel_racing_the_completion_sends_exactly_the_event_of_the_winner(
+    service: Service, receiver: Receiver, upstream: Upstream, tenant: Tenant
+) -> None:
+    where = path()
+    hook = register(tenant, receiver.url(where), ["task.completed", "task.cancelled", "task.failed"])
+    upstream.settings(latency=0.3)
+    finals = []
+    for round_ in range(6):
+        task = tenant.submit(f"race {round_}")
+        tenant.wait(task["id"], statuses={"running"})
+        time.sleep(0.25 + 0.02 * round_)
+        tenant.client.post(f"/api/images/tasks/{task['id']}/cancel")
+        finals.append((task["id"], tenant.wait(task["id"])["status"]))
+    requests = delivered(receiver, where, count=len(finals))
+    time.sleep(0.5)
+    events = [verified(hook["secret"], request) for request in receiver.received(where)]
+    # One event per task, of the status the task kept: the loser's transaction wrote nothing.
+    assert sorted((e["data"]["task"]["id"], e["type"]) for e in events) == sorted(
+        (task_id, f"task.{status}") for task_id, status in finals
+    )
+    assert len(requests) == len(finals)
+
+
 def test_canvas_steps_report_canvas_step_events(service: Service, receiver: Receiver, tenant: Tenant) -> None:
     where = path()
     hook = register(tenant, receiver.url(where), ["canvas.step.completed", "canvas.step.failed", "task.completed"])
