@@ -14,6 +14,7 @@ import asyncio
 import contextlib
 import functools
 import io
+import json
 import os
 import platform
 import re
@@ -39,7 +40,9 @@ from PIL import Image, ImageDraw, ImageFilter
 
 from bench.upstreams import failover_seconds, routing_overhead_us
 from service.images.processing import normalize_reference
+from service.providerkeys.keyring import generate_key
 from testing.harness import FakeUpstreamProcess, PostgresCluster, ServiceProcess, free_port, wait_until
+from testing.receiver import Receiver
 
 SERVER_CPU = "0"
 LOAD_CPU = "1"
@@ -572,6 +575,24 @@ class Suite:
             Row(f"{many} concurrent task event streams: peak RSS", peak, "MB", "idle RSS", idle, "< 300 MB", peak < 300)
         )
 
+    def webhooks(self) -> None:
+        """Webhook delivery latency: tasks submitted one at a time, each delivered to a receiver on loopback (in this
+        runner); the latency of each is from its task's `finished_at` (stamped by the settle just before its commit)
+        to the moment the receiver got the request, both on this machine's clock."""
+        count = 20 if self.smoke else 200
+        receiver = Receiver()
+        service = self.service("webhooks", ENCRYPTION_KEYS=generate_key(), WEBHOOKS_ALLOW_PRIVATE="true")
+        try:
+            _, key = service.create_tenant(10**9)
+            latencies = _webhook_latencies(service.base_url, key, receiver, count)
+        finally:
+            service.stop()
+            receiver.stop()
+        p50, p95 = statistics.median(latencies), statistics.quantiles(latencies, n=20)[18]
+        self.rows.append(
+            Row("webhook delivery after a task finishes: p50", p50, "ms", "p95", p95, "p50 < 50 ms", p50 < 50)
+        )
+
     def normalization(self) -> None:
         photo = synthetic_photo(4000, 3000)
         rounds = 1 if self.smoke else 3
@@ -891,6 +912,26 @@ async def _upload_storm(url: str, key: str, image: bytes, pid: int, *, expect: i
     return peak.mb, list(times)
 
 
+def _webhook_latencies(base_url: str, key: str, receiver: Receiver, count: int) -> list[float]:
+    """Milliseconds from each task's `finished_at` to its webhook's arrival, for `count` tasks one after another."""
+    with httpx.Client(base_url=base_url, headers={"Authorization": f"Bearer {key}"}, timeout=30) as client:
+        registered = client.post("/api/webhooks", json={"url": receiver.url("/bench"), "events": ["task.completed"]})
+        assert registered.status_code == 201, registered.text
+        for index in range(count):
+            accepted = client.post("/api/images/generate", json={"prompt": f"a webhook bench {index}"})
+            assert accepted.status_code == 202, accepted.text
+            wait_until(functools.partial(_received_more, receiver, index), 30, "the webhook never came")
+    latencies = []
+    for request in receiver.received("/bench"):
+        finished = datetime.fromisoformat(json.loads(request.body)["data"]["task"]["finished_at"])
+        latencies.append((request.at - finished.timestamp()) * 1000)
+    return latencies
+
+
+def _received_more(receiver: Receiver, than: int) -> bool:
+    return len(receiver.received("/bench")) > than
+
+
 def _timed(work: Callable[[], object]) -> float:
     started = time.perf_counter()
     work()
@@ -1147,11 +1188,12 @@ ROWS = (
     "canvas",
     "upstreams",
     "events",
+    "webhooks",
 )
 """The rows `--only` selects from; `image` carries its RSS row, `sync` the end-to-end latency, `streams` the
 first-byte latency, `facade` the OpenAI-compatible route against the native one (links and inline images),
 `postgres` the submissions on PostgreSQL (skipped in a smoke run), `upstreams` the routing overhead and the failover
-time, `events` the memory of many task event streams."""
+time, `events` the memory of many task event streams, `webhooks` the delivery latency after a task finishes."""
 
 
 def _rows(text: str) -> tuple[str, ...]:
@@ -1202,3 +1244,5 @@ def run_all(suite: Suite, only: tuple[str, ...] = ROWS) -> None:
         upstream_rows(suite)
     if "events" in only:
         suite.events()
+    if "webhooks" in only:
+        suite.webhooks()

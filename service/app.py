@@ -35,6 +35,8 @@ from service.tenants import endpoints as admin
 from service.tenants.auth import Caller, authenticate, authenticate_then_read_body, scope_state
 from service.upstream.endpoints import list_upstreams
 from service.upstream.instances import instance_names
+from service.webhooks import endpoints as webhooks
+from service.webhooks.schemas import event_schema as webhook_event_schema
 
 API_VERSION = "1.0.0"
 
@@ -124,6 +126,7 @@ def create_app(settings: Settings | None = None) -> Litestar:
                     end_users.router,
                     provider_keys.router,
                     openai_facade.router,
+                    webhooks.router,
                 ],
                 dependencies=parts_of(started, after_caller=True),
             ),
@@ -156,6 +159,7 @@ def create_app(settings: Settings | None = None) -> Litestar:
     document_bodies(app, settings)
     _document_responses(app)
     _document_instances(app, settings)
+    _document_webhook_event(app)
     return app
 
 
@@ -216,6 +220,13 @@ LINKS: dict[tuple[str, str, str], dict[str, tuple[str, dict[str, str]]]] = {
         "CreateApiKey": ("createApiKey", {"tenant_id": "$response.body#/tenant/id"}),
         "GrantCredits": ("grantCredits", {"tenant_id": "$response.body#/tenant/id"}),
     },
+    ("/api/webhooks", "post", "201"): {
+        "GetWebhook": ("getWebhook", {"endpoint_id": "$response.body#/endpoint/id"}),
+        "UpdateWebhook": ("updateWebhook", {"endpoint_id": "$response.body#/endpoint/id"}),
+        "RotateWebhookSecret": ("rotateWebhookSecret", {"endpoint_id": "$response.body#/endpoint/id"}),
+        "ListWebhookDeliveries": ("listWebhookDeliveries", {"endpoint_id": "$response.body#/endpoint/id"}),
+        "DeleteWebhook": ("deleteWebhook", {"endpoint_id": "$response.body#/endpoint/id"}),
+    },
     ("/api/admin/tenants/{tenant_id}/api-keys", "post", "201"): {
         "RevokeApiKey": ("revokeApiKey", {"key_id": "$response.body#/id"}),
     },
@@ -236,6 +247,12 @@ def _document_instances(app: Litestar, settings: Settings) -> None:
                     and isinstance(parameter.schema, Schema)
                 ):
                     parameter.schema.enum = list(instance_names(settings))
+
+
+def _document_webhook_event(app: Litestar) -> None:
+    """The body of every webhook delivery, which no route answers, as the component `WebhookEvent`."""
+    components = app.openapi_schema.components
+    components.schemas = {**(components.schemas or {}), "WebhookEvent": webhook_event_schema()}
 
 
 def _document_responses(app: Litestar) -> None:

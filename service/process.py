@@ -1,6 +1,6 @@
 """The composition root: assembles what one process runs, each part given what it uses — database, storage, the
-upstream instances (the built-in offline one when none is configured), the prompt enhancer, the task service and,
-when asked, the worker pool — into a `Runtime`."""
+upstream instances (the built-in offline one when none is configured), the prompt enhancer, the task service, the
+webhooks' outbox and, when asked, the worker pool and the webhook dispatcher — into a `Runtime`."""
 
 from __future__ import annotations
 
@@ -28,6 +28,9 @@ from service.tenants.keycache import KeyCache
 from service.tenants.tokens import TokenSigner, shared_secret
 from service.upstream.offline import OfflineUpstream
 from service.upstream.registry import open_upstreams
+from service.webhooks.delivery import Dispatcher
+from service.webhooks.outbox import Outbox
+from service.webhooks.service import Webhooks
 
 
 @contextlib.asynccontextmanager
@@ -41,7 +44,9 @@ async def running(settings: Settings, *, workers: bool) -> AsyncIterator[Runtime
         upstreams = await stack.enter_async_context(open_upstreams(settings))
         tokens = TokenSigner(await shared_secret(db, settings.end_user_token_secret))
         keys = KeyCache(db)
-        provider_keys = ProviderKeys(settings=settings, db=db, keyring=Keyring(settings.encryption_keys), keys=keys)
+        keyring = Keyring(settings.encryption_keys)
+        provider_keys = ProviderKeys(settings=settings, db=db, keyring=keyring, keys=keys)
+        outbox = Outbox(settings=settings, db=db)
         await stack.enter_async_context(keys.following())
         base_url, api_key = settings.upstream_base_url, settings.upstream_api_key
         if base_url is None or api_key is None:
@@ -67,10 +72,14 @@ async def running(settings: Settings, *, workers: bool) -> AsyncIterator[Runtime
                 enhancer=enhancer,
                 watchers=watchers,
                 provider_keys=provider_keys,
+                outbox=outbox,
                 kinds={CANVAS_STEP: canvas_steps},
             )
             await pool.start()
             stack.push_async_callback(pool.stop)
+            dispatcher = Dispatcher(settings=settings, db=db, keyring=keyring, outbox=outbox)
+            await dispatcher.start()
+            stack.push_async_callback(dispatcher.stop)
         tasks = TaskService(
             settings=settings,
             db=db,
@@ -80,6 +89,7 @@ async def running(settings: Settings, *, workers: bool) -> AsyncIterator[Runtime
             watchers=watchers,
             workers=pool,
             provider_keys=provider_keys,
+            outbox=outbox,
         )
         canvases = CanvasService(
             settings=settings,
@@ -101,4 +111,5 @@ async def running(settings: Settings, *, workers: bool) -> AsyncIterator[Runtime
             tasks=tasks,
             canvases=canvases,
             provider_keys=provider_keys,
+            webhooks=Webhooks(settings=settings, db=db, keyring=keyring, outbox=outbox),
         )

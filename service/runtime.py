@@ -16,6 +16,7 @@ from service.tasks.service import TaskService
 from service.tenants.keycache import KeyCache
 from service.tenants.tokens import TokenSigner
 from service.upstream.registry import Upstreams
+from service.webhooks.service import Webhooks
 
 
 @dataclass(frozen=True, slots=True)
@@ -31,3 +32,4 @@ class Runtime:
     tasks: TaskService
     canvases: CanvasService
     provider_keys: ProviderKeys
+    webhooks: Webhooks

@@ -124,6 +124,13 @@ class Settings:
     openai_url_ttl_seconds: float = 900.0
     public_base_url: str | None = None
 
+    # Webhooks (service/webhooks/): whether deliveries may go to loopback, private, link-local or otherwise
+    # non-public addresses; how long one attempt may take; the delays between attempts, in seconds, after which a
+    # delivery that never succeeded is `failed`.
+    webhooks_allow_private: bool = False
+    webhooks_timeout_seconds: float = 10.0
+    webhooks_retry_schedule: tuple[float, ...] = (5.0, 30.0, 120.0, 600.0, 3600.0, 21600.0, 86400.0)
+
     @property
     def is_offline(self) -> bool:
         """Every image instance is the built-in offline upstream (the case with no upstream configured at all)."""
@@ -256,6 +263,9 @@ class Settings:
             openai_wait_seconds=read.number("OPENAI_WAIT_SECONDS", 120.0, minimum=1.0),
             openai_url_ttl_seconds=read.number("OPENAI_URL_TTL_SECONDS", 900.0, minimum=1.0),
             public_base_url=read.optional_url("PUBLIC_BASE_URL"),
+            webhooks_allow_private=read.boolean("WEBHOOKS_ALLOW_PRIVATE", False),
+            webhooks_timeout_seconds=read.number("WEBHOOKS_TIMEOUT_SECONDS", 10.0, minimum=0.1, maximum=60.0),
+            webhooks_retry_schedule=read.delays("WEBHOOKS_RETRY_SCHEDULE", "5,30,120,600,3600,21600,86400"),
         )
         _check_urls(settings)
         if settings.end_user_token_secret is not None and len(settings.end_user_token_secret) < 32:
@@ -350,6 +360,17 @@ class _Reader:
             bound = f"between {minimum:g} and {maximum:g}" if maximum is not None else f"of at least {minimum}"
             raise SettingsError(f"{name}: expected a number {bound}, got {value}")
         return value
+
+    def delays(self, name: str, default: str) -> tuple[float, ...]:
+        """A comma-separated list of 1 to 20 delays in seconds, each between 0 and 7 days."""
+        raw = self._raw(name) or default
+        try:
+            delays = tuple(float(item) for item in raw.split(","))
+        except ValueError:
+            raise SettingsError(f"{name}: expected seconds separated by commas, such as {default!r}") from None
+        if not 1 <= len(delays) <= 20 or not all(0 <= delay <= 7 * 86400 for delay in delays):
+            raise SettingsError(f"{name}: expected 1 to 20 delays of 0 to 604800 seconds, got {raw!r}")
+        return delays
 
     def encryption_keys(self, name: str) -> tuple[bytes, ...]:
         keys = tuple(_encryption_key(name, i, item) for i, item in enumerate(self.csv(name), start=1))

@@ -133,6 +133,8 @@ class Tenant(Base):
     # How many days the tenant's result images are kept after their task finished (0: forever); NULL means the
     # service-wide RESULT_RETENTION_DAYS.
     result_retention_days: Mapped[float | None] = mapped_column(Float, nullable=True)
+    # The balance under which a debit emits the `credits.low` webhook event, once per crossing; NULL: never.
+    low_balance_threshold: Mapped[int | None] = mapped_column(BigInteger, nullable=True)
     created_at: Mapped[datetime] = mapped_column(UTCDateTime())
     updated_at: Mapped[datetime] = mapped_column(UTCDateTime())
 
@@ -309,6 +311,58 @@ class ProviderKey(Base):
     revoked_at: Mapped[datetime | None] = mapped_column(UTCDateTime(), nullable=True)
 
 
+class WebhookEndpoint(Base):
+    """Where a tenant wants its events POSTed, and the signing secret, sealed by the keyring under the label of the
+    endpoint (service/webhooks/). After a rotation the previous secret stays valid, sealed too, until
+    `previous_expires_at`."""
+
+    __tablename__ = "webhook_endpoints"
+    __table_args__ = (Index("ix_webhook_endpoints_tenant_id", "tenant_id"),)
+
+    id: Mapped[str] = mapped_column(String(32), primary_key=True)
+    tenant_id: Mapped[str] = mapped_column(ForeignKey("tenants.id"))
+    url: Mapped[str] = mapped_column(Text)
+    description: Mapped[str | None] = mapped_column(String(500), nullable=True)
+    events: Mapped[list[str]] = mapped_column(JSONType)
+    enabled: Mapped[bool] = mapped_column(Boolean)
+    ciphertext: Mapped[str] = mapped_column(Text)
+    key_id: Mapped[str] = mapped_column(String(16))
+    previous_ciphertext: Mapped[str | None] = mapped_column(Text, nullable=True)
+    previous_key_id: Mapped[str | None] = mapped_column(String(16), nullable=True)
+    previous_expires_at: Mapped[datetime | None] = mapped_column(UTCDateTime(), nullable=True)
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime())
+    updated_at: Mapped[datetime] = mapped_column(UTCDateTime())
+
+
+_PENDING = text("status = 'pending'")
+
+
+class WebhookDelivery(Base):
+    """The outbox: one event for one endpoint, written in the transaction of the change it reports, with its body as
+    it is sent on every attempt and the record of each attempt. A pending delivery is due at `next_attempt_at`; a
+    dispatcher that claims it moves that time past the attempt's timeout (its lease) and names itself the owner."""
+
+    __tablename__ = "webhook_deliveries"
+    __table_args__ = (
+        Index("ix_webhook_deliveries_endpoint_id_id", "endpoint_id", "id"),
+        Index("ix_webhook_deliveries_tenant_id", "tenant_id"),
+        Index("ix_webhook_deliveries_due", "next_attempt_at", sqlite_where=_PENDING, postgresql_where=_PENDING),
+    )
+
+    id: Mapped[str] = mapped_column(String(32), primary_key=True)
+    endpoint_id: Mapped[str] = mapped_column(ForeignKey("webhook_endpoints.id"))
+    tenant_id: Mapped[str] = mapped_column(String(32))
+    event_type: Mapped[str] = mapped_column(String(32))
+    body: Mapped[str] = mapped_column(Text)
+    status: Mapped[str] = mapped_column(String(16))
+    attempts: Mapped[list[dict[str, Any]]] = mapped_column(JSONType, default=list)
+    attempt_count: Mapped[int] = mapped_column(Integer, default=0)
+    next_attempt_at: Mapped[datetime | None] = mapped_column(UTCDateTime(), nullable=True)
+    lease_owner: Mapped[str | None] = mapped_column(String(64), nullable=True)
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime())
+    delivered_at: Mapped[datetime | None] = mapped_column(UTCDateTime(), nullable=True)
+
+
 class LedgerEntry(Base):
     """Append-only: rows are inserted, never updated, and deleted only with their tenant when it is erased."""
 
@@ -447,4 +501,6 @@ TENANT_ORIGINS = cast(Table, TenantOrigin.__table__)
 CANVASES = cast(Table, Canvas.__table__)
 CANVAS_STEPS = cast(Table, CanvasStep.__table__)
 PROVIDER_KEYS = cast(Table, ProviderKey.__table__)
+WEBHOOK_ENDPOINTS = cast(Table, WebhookEndpoint.__table__)
+WEBHOOK_DELIVERIES = cast(Table, WebhookDelivery.__table__)
 TENANT_ERASURES = cast(Table, TenantErasure.__table__)

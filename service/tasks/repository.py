@@ -501,6 +501,13 @@ async def fail_abandoned(tx: Transaction, *, now: datetime, max_attempts: int) -
     return [row[0] for row in failed]
 
 
+async def ended_tasks(tx: Transaction, task_ids: list[str]) -> list[Record]:
+    """These tasks as they now stand, for the events of their end."""
+    if not task_ids:
+        return []
+    return await tx.rows(select(TASKS).where(_t.id.in_(task_ids)).order_by(_t.id))
+
+
 _STORAGE_VIEW = select(
     TASKS.c.id,
     TASKS.c.status,

@@ -55,6 +55,7 @@ from service.tasks.schemas import (
 from service.tasks.watchers import TaskWatchers, announce
 from service.tasks.worker import WorkerPool
 from service.tenants.auth import Caller, end_user_bucket
+from service.webhooks.outbox import Outbox
 
 IDEMPOTENCY_SCOPE = "generate"
 WAIT_RECHECK_SECONDS = 0.5
@@ -147,9 +148,11 @@ class TaskService:
         watchers: TaskWatchers,
         workers: WorkerPool | None,
         provider_keys: ProviderKeys,
+        outbox: Outbox,
     ) -> None:
         self.settings = settings
         self.provider_keys = provider_keys
+        self.outbox = outbox
         self.db = db
         self.store = store
         self.decoder = decoder
@@ -339,7 +342,8 @@ class TaskService:
         }
         # A tenant's own task without an idempotency key is one statement where the database allows it (see
         # `repository.insert_paid`), which needs no transaction around it; anything more does.
-        alone = caller.end_user is None and idempotency_key is None
+        # A tenant with a low-balance threshold needs the transaction too: `credits.low` is written with the debit.
+        alone = caller.end_user is None and idempotency_key is None and caller.low_balance_threshold is None
         try:
             async with self.db.statement() if alone else self.db.transaction() as tx:
                 if not submission.references:
@@ -351,6 +355,8 @@ class TaskService:
                     tx, values, reason=f"task {task_id}", confirmed=request.confirm_spend
                 )
                 submitted = task_view(task, balance_after)
+                if caller.low_balance_threshold is not None:
+                    await self.outbox.debited(tx, caller.tenant_id, task.cost, task_id)
                 if idempotency_key is not None:
                     await idempotency.remember(
                         tx,
@@ -414,6 +420,7 @@ class TaskService:
             if cancelled is None:
                 raise Conflict(f"The task is already {task.status}", code="task_not_cancellable")
             await announce(self.db, tx, [task_id])
+            await self.outbox.task_ended(tx, cancelled)
         if self.workers is not None:
             self.workers.abandon(task_id)
         self.watchers.changed(task_id, cancelled)

@@ -47,6 +47,7 @@ from service.upstream.base import (
     under_tenant_key,
 )
 from service.upstream.registry import Route, Upstreams
+from service.webhooks.outbox import Outbox
 
 log = logging.getLogger("service.worker")
 T = TypeVar("T")
@@ -110,9 +111,11 @@ class WorkerPool:
         enhancer: Enhancer,
         watchers: TaskWatchers,
         provider_keys: ProviderKeys,
+        outbox: Outbox,
         kinds: dict[str, TaskKind] | None = None,
     ) -> None:
         self.settings = settings
+        self.outbox = outbox
         self.provider_keys = provider_keys
         self.kinds = kinds or {}
         self.db = db
@@ -232,6 +235,7 @@ class WorkerPool:
         async with self.db.transaction() as tx:
             failed = await repository.fail_abandoned(tx, now=now, max_attempts=self.settings.max_attempts)
             await announce(self.db, tx, failed)
+            await self.outbox.tasks_ended(tx, failed)
             if now >= self._next_purge:
                 self._next_purge = now + timedelta(seconds=PURGE_INTERVAL_SECONDS)
                 await idempotency.forget_expired(tx, now)
@@ -332,6 +336,7 @@ class WorkerPool:
                     await kind.settle(tx, task, outcome)
                 if settled is not None:
                     await announce(self.db, tx, [task.id])
+                    await self.outbox.task_ended(tx, settled)
         except Exception:
             log.exception("task %s: committing its outcome failed", task.id)
             await self._after_failed_commit(task, outcome)

@@ -54,6 +54,8 @@ class Caller:
     end_user: str | None = None
     # The tenant's own retention of result images in days (None: the service's), read with its key.
     result_retention_days: float | None = None
+    # The tenant's `credits.low` threshold (None: none), read with its key: a debit checks the crossing only with one.
+    low_balance_threshold: int | None = None
 
 
 def issue_key() -> IssuedKey:
@@ -114,7 +116,7 @@ async def provide_caller(  # noqa: PLR0917 - what authentication uses, each from
         row = await _checked_key(db, keys, prefix, secret)
         if row is None:
             raise Unauthorized("The API key is not valid", code="invalid_api_key")
-    key_id, _, _, tenant_id, status, per_minute, end_user_per_minute, retention_days = row
+    key_id, _, _, tenant_id, status, per_minute, end_user_per_minute, retention_days, low_balance = row
     scope_state(request)["tenant_id"] = tenant_id
     if status != "active":
         raise Forbidden("This tenant is suspended", code="tenant_suspended")
@@ -137,6 +139,7 @@ async def provide_caller(  # noqa: PLR0917 - what authentication uses, each from
         key_prefix=prefix,
         end_user=end_user,
         result_retention_days=retention_days,
+        low_balance_threshold=low_balance,
     )
 
 

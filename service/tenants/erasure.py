@@ -42,6 +42,7 @@ from service.tasks import repository as tasks
 from service.tenants import repository
 from service.tenants.keycache import KeyCache
 from service.tenants.schemas import TenantErasureOut, erasure_view
+from service.webhooks import repository as webhooks
 
 log = logging.getLogger("service.tenants")
 PAGE = 500
@@ -193,7 +194,10 @@ async def _delete_rows(db: Database, erasure: Record, deleted: _Deleted) -> Reco
         # A submission authenticated just before the lock-out may have queued a task since: it must end first.
         await _refuse_while_busy(tx, tenant_id)
         steps, canvas_count = await canvases.delete_tenant_canvases(tx, tenant_id)
+        deliveries, endpoints = await webhooks.delete_tenant_webhooks(tx, tenant_id)
         removed = {
+            "webhook_deliveries": deliveries,
+            "webhook_endpoints": endpoints,
             "canvas_steps": steps,
             "canvases": canvas_count,
             "ledger_entries": await ledger.delete_tenant_entries(tx, tenant_id),

@@ -10,6 +10,7 @@ The archive holds, in this order:
 - `api_keys.jsonl`, `provider_keys.jsonl`: the keys' public parts (prefix, hint, fingerprint, dates), never a secret;
 - `end_users.jsonl`, `ledger.jsonl`, `tasks.jsonl`, `canvases.jsonl`, `canvas_steps.jsonl`: one JSON object a line,
   each row as stored (a task's images, references and a canvas's pictures name their storage `key`);
+- `webhooks.jsonl`: the webhook endpoints (URL, events, description, whether enabled, dates), never a secret;
 - `files/<key>`: every stored file still retained — the results of tasks not past their retention, the references not
   yet deleted, and the canvases' pictures and steps' artifacts;
 - `manifest.json`, last: every file's path, size and SHA-256 as written, the counts of rows, and the keys a row named
@@ -40,6 +41,7 @@ from service.settings import Settings
 from service.tasks import repository as tasks
 from service.tenants import repository
 from service.tenants.schemas import tenant_view
+from service.webhooks import repository as webhooks
 from service.zipstream import Member, ZipStream
 
 PAGE = 500
@@ -98,6 +100,7 @@ async def _archive(
         ("tasks", lambda tx, after: tasks.tenant_tasks(tx, tenant_id, after=after, limit=PAGE), "id"),
         ("canvases", lambda tx, after: canvases.tenant_canvases(tx, tenant_id, after=after, limit=PAGE), "id"),
         ("canvas_steps", lambda tx, after: canvases.tenant_steps(tx, tenant_id, after=after, limit=PAGE), "task_id"),
+        ("webhooks", lambda tx, after: webhooks.tenant_endpoints(tx, tenant_id, after=after, limit=PAGE), "id"),
     ]
     for name, page_of, key in tables:
         async for data in _jsonl(archive, progress, db, name=name, page_of=page_of, key=key):

@@ -49,6 +49,7 @@ _LIVE_KEY = (
         Tenant.rate_limit_per_minute,
         Tenant.end_user_rate_limit_per_minute,
         Tenant.result_retention_days,
+        Tenant.low_balance_threshold,
     )
     .join(Tenant, Tenant.id == ApiKey.tenant_id)
     .where(ApiKey.prefix == bindparam("prefix"), ApiKey.revoked_at.is_(None))
@@ -58,8 +59,8 @@ _TENANTS_LIVE_KEY = _LIVE_KEY.where(owned_api_keys(bindparam("tenant_id")))
 
 async def live_key(tx: Transaction, prefix: str, *, of_tenant: str | None = None) -> Record | None:
     """The unrevoked key with this prefix and what authentication needs of its tenant: (key id, salt, digest, tenant
-    id, status, rate limit, end users' rate limit, retention of results); with `of_tenant`, only a key that tenant
-    owns."""
+    id, status, rate limit, end users' rate limit, retention of results, low-balance threshold); with `of_tenant`,
+    only a key that tenant owns."""
     if of_tenant is None:
         return await tx.first(_LIVE_KEY, {"prefix": prefix})
     return await tx.first(_TENANTS_LIVE_KEY, {"prefix": prefix, "tenant_id": of_tenant})

@@ -36,6 +36,8 @@ class TenantOut(msgspec.Struct):
     created_at: datetime
     # Days the tenant's result images are kept after their task finished (0: forever); null: RESULT_RETENTION_DAYS.
     result_retention_days: float | None = None
+    # Under this balance a debit emits the `credits.low` webhook event (once per crossing); null: never.
+    low_balance_threshold: int | None = None
 
 
 class TenantCreate(msgspec.Struct, forbid_unknown_fields=True):
@@ -104,6 +106,13 @@ ConfirmAbove = Annotated[
         description='A submission costing more needs `"confirm_spend": true` (else 428 `confirm_required`); null: never'
     ),
 ]
+LowBalanceThreshold = Annotated[
+    SpendCap,
+    msgspec.Meta(
+        description="A debit that takes the balance from at least this many credits to below it emits the "
+        "`credits.low` webhook event; null: never"
+    ),
+]
 RetentionDays = Annotated[
     float,
     msgspec.Meta(
@@ -150,6 +159,7 @@ class TenantUpdate(msgspec.Struct, forbid_unknown_fields=True):
     end_user_daily_spend_cap: EndUserDailySpendCap | msgspec.UnsetType | None = msgspec.UNSET
     confirm_above: ConfirmAbove | msgspec.UnsetType | None = msgspec.UNSET
     result_retention_days: RetentionDays | msgspec.UnsetType | None = msgspec.UNSET
+    low_balance_threshold: LowBalanceThreshold | msgspec.UnsetType | None = msgspec.UNSET
 
 
 # The fields of a PATCH for which null is a value (back to the default, or no cap), not "unchanged".
@@ -162,6 +172,7 @@ NULLABLE_SETTINGS = frozenset(
         "end_user_daily_spend_cap",
         "confirm_above",
         "result_retention_days",
+        "low_balance_threshold",
     }
 )
 
@@ -198,6 +209,7 @@ def tenant_view(tenant: Record, cors_origins: list[str]) -> TenantOut:
         confirm_above=tenant.confirm_above,
         created_at=tenant.created_at,
         result_retention_days=tenant.result_retention_days,
+        low_balance_threshold=tenant.low_balance_threshold,
     )
 
 

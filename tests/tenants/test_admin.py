@@ -32,6 +32,7 @@ def test_tenant_lifecycle(service: Service) -> None:
             "confirm_above",
             "created_at",
             "result_retention_days",
+            "low_balance_threshold",
         }
         assert (tenant["name"], tenant["status"], tenant["balance"]) == ("Globex", "active", 25)
         assert (tenant["daily_grant"], tenant["balance_cap"], tenant["cors_origins"]) == (10, 100, [])
