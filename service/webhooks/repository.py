@@ -6,7 +6,7 @@ from __future__ import annotations
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import ColumnElement, String, bindparam, delete, func, insert, select, update
+from sqlalchemy import ColumnElement, Integer, String, bindparam, delete, func, insert, select, update
 
 from service.db.engine import Record, Transaction
 from service.db.models import TENANTS, WEBHOOK_DELIVERIES, WEBHOOK_ENDPOINTS
@@ -81,47 +81,77 @@ async def enabled_endpoints(tx: Transaction, tenant_id: str) -> list[Record]:
     return await tx.rows(_SUBSCRIBED, {"tenant_id": tenant_id})
 
 
+_INSERT_DELIVERY = insert(WEBHOOK_DELIVERIES)
+
+
 async def insert_deliveries(tx: Transaction, rows: list[dict[str, Any]]) -> None:
-    await tx.execute(insert(WEBHOOK_DELIVERIES).values(rows))
+    for row in rows:
+        await tx.execute(_INSERT_DELIVERY, row)
 
 
 _DUE = _d.status == "pending"
+# The dispatcher's statements are built once: it runs them on every poll and every attempt, and a statement built per
+# call would be compiled again each time.
+_DUE_IDS = (
+    select(_d.id)
+    .join(WEBHOOK_ENDPOINTS, _e.id == _d.endpoint_id)
+    .where(_DUE, _d.next_attempt_at <= bindparam("now", type_=_d.next_attempt_at.type), _e.enabled.is_(True))
+    .order_by(_d.next_attempt_at)
+    .limit(bindparam("most", type_=Integer()))
+    .with_for_update(of=WEBHOOK_DELIVERIES, skip_locked=True)
+)
+_CLAIM = (
+    update(WEBHOOK_DELIVERIES)
+    .where(_d.id.in_(_DUE_IDS.scalar_subquery()))
+    .values(next_attempt_at=bindparam("lease_until"), lease_owner=bindparam("owner"))
+    .returning(*WEBHOOK_DELIVERIES.c)
+)
 
 
 async def claim_due(tx: Transaction, *, owner: str, now: datetime, lease_until: datetime, most: int) -> list[Record]:
     """Up to `most` pending deliveries due by `now` to enabled endpoints, oldest first, claimed by `owner` until
     `lease_until` (their next attempt time moves there, so a dispatcher that dies leaves them due again then). Rows
     another transaction holds are skipped (PostgreSQL)."""
-    due = (
-        select(_d.id)
-        .join(WEBHOOK_ENDPOINTS, _e.id == _d.endpoint_id)
-        .where(_DUE, _d.next_attempt_at <= now, _e.enabled.is_(True))
-        .order_by(_d.next_attempt_at)
-        .limit(most)
-        .with_for_update(of=WEBHOOK_DELIVERIES, skip_locked=True)
-    )
-    return await tx.rows(
-        update(WEBHOOK_DELIVERIES)
-        .where(_d.id.in_(due.scalar_subquery()))
-        .values(next_attempt_at=lease_until, lease_owner=owner)
-        .returning(*WEBHOOK_DELIVERIES.c)
-    )
+    return await tx.rows(_CLAIM, {"now": now, "most": most, "lease_until": lease_until, "owner": owner})
+
+
+_SIGNING = select(
+    _e.id,
+    _e.tenant_id,
+    _e.url,
+    _e.ciphertext,
+    _e.key_id,
+    _e.previous_ciphertext,
+    _e.previous_key_id,
+    _e.previous_expires_at,
+).where(_e.id.in_(bindparam("endpoint_ids", expanding=True)))
 
 
 async def signing_of(tx: Transaction, endpoint_ids: list[str]) -> list[Record]:
     """What a dispatcher needs of these endpoints: url, tenant, sealed secrets."""
-    return await tx.rows(
-        select(
-            _e.id,
-            _e.tenant_id,
-            _e.url,
-            _e.ciphertext,
-            _e.key_id,
-            _e.previous_ciphertext,
-            _e.previous_key_id,
-            _e.previous_expires_at,
-        ).where(_e.id.in_(endpoint_ids))
+    if not endpoint_ids:
+        return []
+    return await tx.rows(_SIGNING, {"endpoint_ids": sorted(set(endpoint_ids))})
+
+
+_ATTEMPT_COUNT = bindparam("attempt_count", type_=Integer())
+_RECORD_ATTEMPT = (
+    update(WEBHOOK_DELIVERIES)
+    .where(
+        _d.id == bindparam("delivery_id"),
+        _d.lease_owner == bindparam("owner"),
+        _d.attempt_count == _ATTEMPT_COUNT,
+        _DUE,
     )
+    .values(
+        attempts=bindparam("attempts"),
+        attempt_count=_ATTEMPT_COUNT + 1,
+        status=bindparam("status"),
+        next_attempt_at=bindparam("next_attempt_at"),
+        delivered_at=bindparam("delivered_at"),
+        lease_owner=None,
+    )
+)
 
 
 async def record_attempt(
@@ -137,21 +167,16 @@ async def record_attempt(
 ) -> bool:
     """Record an attempt, only while this dispatcher still holds the delivery as it claimed it (a redelivery or
     another dispatcher after a lapsed lease wins); whether it was recorded."""
-    return (
-        await tx.execute(
-            update(WEBHOOK_DELIVERIES)
-            .where(_d.id == delivery_id, _d.lease_owner == owner, _d.attempt_count == attempt_count, _DUE)
-            .values(
-                attempts=attempts,
-                attempt_count=attempt_count + 1,
-                status=status,
-                next_attempt_at=next_attempt_at,
-                delivered_at=delivered_at,
-                lease_owner=None,
-            )
-        )
-        > 0
-    )
+    params = {
+        "delivery_id": delivery_id,
+        "owner": owner,
+        "attempt_count": attempt_count,
+        "attempts": attempts,
+        "status": status,
+        "next_attempt_at": next_attempt_at,
+        "delivered_at": delivered_at,
+    }
+    return await tx.execute(_RECORD_ATTEMPT, params) > 0
 
 
 async def list_deliveries(
