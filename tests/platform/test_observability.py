@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import io
 import json
+import logging
 import re
 import secrets
 from collections.abc import Iterator
@@ -10,6 +12,7 @@ from collections.abc import Iterator
 import httpx
 import pytest
 
+from service.observability import JsonFormatter, access_line_writer, configure_logging
 from tests.conftest import Service, Tenant, Upstream, service_env, wait_until
 
 METRICS_TOKEN = "metrics-" + secrets.token_hex(16)
@@ -36,6 +39,34 @@ def test_every_log_line_is_json_and_requests_name_their_tenant(service: Service,
     assert access["logger"] == "service.access" and access["tenant_id"] == tenant.id
     assert (access["method"], access["route"], access["status"]) == ("GET", "/api/quota", 200)
     assert access["duration_ms"] >= 0
+
+
+@pytest.fixture
+def logging_restored() -> Iterator[None]:
+    root = logging.getLogger()
+    handlers, level = list(root.handlers), root.level
+    yield
+    root.handlers[:] = handlers
+    root.setLevel(level)
+
+
+def test_an_access_line_written_directly_is_the_line_the_formatter_makes(logging_restored: None) -> None:
+    configure_logging("INFO")
+    [handler] = logging.getLogger().handlers
+    assert isinstance(handler, logging.StreamHandler)
+    handler.setStream(io.StringIO())
+    fields = {"request_id": "r" * 32, "tenant_id": None, "method": "GET", "route": "/x/{y}", "status": 200}
+    fields |= {"duration_ms": 1.25}
+    write = access_line_writer()
+    assert write is not None
+    write(dict(fields))
+    record = logging.makeLogRecord({"name": "service.access", "levelname": "INFO", "msg": "request", **fields})
+    written, formatted = json.loads(handler.stream.getvalue()), json.loads(JsonFormatter().format(record))
+    assert written.pop("time")[:4] == formatted.pop("time")[:4]
+    assert list(written.items()) == list(formatted.items())
+    # Where another handler or a filter would see the records, lines go through the logger instead.
+    logging.getLogger().addHandler(logging.NullHandler())
+    assert access_line_writer() is None
 
 
 def test_metrics_count_requests_tasks_upstream_calls_and_credits(service: Service, tenant: Tenant) -> None:
