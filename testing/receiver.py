@@ -1,6 +1,8 @@
 """A webhook receiver for tests and benchmarks: an aiohttp server on loopback, in a thread of its own, that records
 every request it gets (path, headers, body, the moment it arrived) and answers each path with the statuses it was told
-to, then 200. `down()` closes its port (connections are refused) and `up()` opens the same port again.
+to, then 200. An answer can also be what real receivers do: wait before answering, redirect, or stream a huge body in
+pieces with pauses (`Answer`). `down()` closes its port (connections are refused) and `up()` opens the same port
+again.
 
 It verifies nothing itself: the tests verify the recorded requests with the `standardwebhooks` package, a verifier
 independent of the service's own code."""
@@ -20,6 +22,21 @@ from testing.harness import free_port
 
 
 @dataclass(frozen=True)
+class Answer:
+    """One answer: its status after `delay` seconds, with a `location` header when given, and a body of `body_bytes`
+    (streamed in 64 KiB pieces `pause` seconds apart) instead of the short default."""
+
+    status: int = 200
+    delay: float = 0.0
+    location: str | None = None
+    body_bytes: int = 0
+    pause: float = 0.0
+
+
+PIECE = b"x" * 65536
+
+
+@dataclass(frozen=True)
 class Received:
     path: str
     headers: dict[str, str]
@@ -32,7 +49,7 @@ class Receiver:
         self.host = host
         self.port = free_port()
         self._received: list[Received] = []
-        self._answers: dict[str, deque[int]] = defaultdict(deque)
+        self._answers: dict[str, deque[Answer]] = defaultdict(deque)
         self._lock = threading.Lock()
         self._loop = asyncio.new_event_loop()
         self._thread = threading.Thread(target=self._loop.run_forever, name="webhook-receiver", daemon=True)
@@ -61,22 +78,41 @@ class Receiver:
             await self._site.stop()
             self._site = None
 
-    async def _handle(self, request: web.Request) -> web.Response:
+    async def _handle(self, request: web.Request) -> web.StreamResponse:
         body = await request.read()
         path = request.path
         with self._lock:
             self._received.append(Received(path, {k.lower(): v for k, v in request.headers.items()}, body, time.time()))
             answers = self._answers[path]
-            status = answers.popleft() if answers else 200
-        return web.Response(status=status, text="ok" if status < 300 else "not now " + "x" * 4000)
+            answer = answers.popleft() if answers else Answer()
+        if answer.delay:
+            await asyncio.sleep(answer.delay)
+        headers = {"Location": answer.location} if answer.location else {}
+        if not answer.body_bytes:
+            text = "ok" if answer.status < 300 else "not now " + "x" * 4000
+            return web.Response(status=answer.status, text=text, headers=headers)
+        streamed = web.StreamResponse(status=answer.status, headers=headers)
+        streamed.content_length = answer.body_bytes
+        await streamed.prepare(request)
+        sent = 0
+        try:
+            while sent < answer.body_bytes:
+                piece = PIECE[: answer.body_bytes - sent]
+                await streamed.write(piece)
+                sent += len(piece)
+                await asyncio.sleep(answer.pause)
+        except (ConnectionError, RuntimeError):
+            # The client hung up once it had read what it wanted.
+            pass
+        return streamed
 
     def url(self, path: str) -> str:
         return f"http://{self.host}:{self.port}{path}"
 
-    def answer(self, path: str, *statuses: int) -> None:
-        """Answer the next requests to `path` with `statuses`, in order, then 200 again."""
+    def answer(self, path: str, *answers: int | Answer) -> None:
+        """Answer the next requests to `path` with `answers` (a status alone, or an `Answer`), in order, then 200."""
         with self._lock:
-            self._answers[path].extend(statuses)
+            self._answers[path].extend(Answer(item) if isinstance(item, int) else item for item in answers)
 
     def received(self, path: str | None = None) -> list[Received]:
         with self._lock:

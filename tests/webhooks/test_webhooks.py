@@ -23,7 +23,7 @@ import pytest
 from standardwebhooks import Webhook, WebhookVerificationError
 
 from service.providerkeys.keyring import generate_key
-from testing.receiver import Received, Receiver
+from testing.receiver import Answer, Received, Receiver
 from tests.canvases.test_canvases import create, extend
 from tests.conftest import TEST_DATABASE, Service, Tenant, Upstream, service_env, wait_until
 
@@ -181,6 +181,39 @@ def test_failed_deliveries_are_retried_with_the_same_id_and_recorded(
     assert first["response_body"].startswith("not now") and len(first["response_body"].encode()) <= 1024
     time.sleep(0.5)
     assert len(receiver.received(where)) == 3
+
+
+def test_a_slow_a_redirecting_and_a_huge_answer_are_bounded(
+    service: Service, receiver: Receiver, tenant: Tenant
+) -> None:
+    where, elsewhere = path(), path()
+    hook = register(tenant, receiver.url(where), ["task.completed"])
+    receiver.answer(
+        where,
+        # No answer within WEBHOOKS_TIMEOUT_SECONDS (2): a timeout, tried again.
+        Answer(delay=3),
+        # A redirect is not followed: a failed attempt with its status, tried again at the same URL.
+        Answer(status=307, location=receiver.url(elsewhere)),
+        # 64 MB trickled in 64 KiB pieces: delivered on its status, and only the first KiB of it is read.
+        Answer(body_bytes=64 * 1024 * 1024, pause=0.01),
+    )
+    tenant.submit()
+    endpoint_id = hook["endpoint"]["id"]
+    record = wait_until(
+        lambda: (d := deliveries(tenant, endpoint_id)) and d[0]["status"] == "delivered" and d[0], 20, "never delivered"
+    )
+    attempts = record["attempts"]
+    assert [(attempt["status_code"], attempt["error"]) for attempt in attempts] == [
+        (None, "timeout"),
+        (307, None),
+        (200, None),
+    ]
+    assert 1900 <= attempts[0]["duration_ms"] < 2900
+    # Reading the whole body would take over ten seconds at this pace.
+    assert attempts[2]["duration_ms"] < 1500 and len(attempts[2]["response_body"]) <= 1024
+    requests = receiver.received(where)
+    assert len(requests) == 3 and {request.headers["webhook-id"] for request in requests} == {record["id"]}
+    assert receiver.received(elsewhere) == []
 
 
 def test_a_receiver_down_for_a_while_gets_the_event_once_it_is_up(
