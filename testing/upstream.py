@@ -4,8 +4,8 @@ what only they need, through its hooks.
 - Fault switches: rules under `PUT /_offline/faults` make image submissions, polls, task results, image files and chat
   completions fail the way real upstreams do (5xx, 429, hangs, errors, refusals, broken or wrong images, and an edit
   with a mask whose kept pixels come back changed, `repaint_kept`). The image faults (`IMAGE_FAULTS`: not an image,
-  the wrong size, blank, a PNG cut short, blurred) are decided per image, and a rule's `index` limits one to the
-  image at that position of an answer.
+  the wrong size, blank, a PNG cut short, blurred, inline bytes that are not base64) are decided per image, and a
+  rule's `index` limits one to the image at that position of an answer.
 - Knobs under `PUT /_offline/settings`: latency, token delay, files served in pieces with pauses, big noise images, the
   shape of finished answers.
 - Recorders: requests by route (`/_offline/stats`), the image requests received (`/_offline/received`, with the
@@ -85,6 +85,7 @@ FAULT_NAMES = frozenset(
         "blank_image",
         "truncated_image",
         "blurred_image",
+        "broken_base64",
         "chat_500",
         "chat_midstream_error",
         "quota_429",
@@ -96,7 +97,9 @@ FAULT_NAMES = frozenset(
     }
 )
 # Faults decided for each image of an answer, which a rule's `index` may limit to one position.
-IMAGE_FAULTS = frozenset({"bad_image", "wrong_size", "blank_image", "truncated_image", "blurred_image"})
+IMAGE_FAULTS = frozenset(
+    {"bad_image", "wrong_size", "blank_image", "truncated_image", "blurred_image", "broken_base64"}
+)
 # Faults that answer any image submission and any chat completion, as an upstream that cannot serve anyone would.
 REFUSAL_FAULTS = ("quota_429", "quota_429_detail", "quota_403_detail", "auth_401", "auth_403", "leaky_error")
 # The refusals after which a service holds all work back from the upstream for a cool-down.
@@ -246,8 +249,8 @@ def _refusal_response(fault: str, *, task_api: bool) -> web.Response:
 @dataclass(frozen=True, slots=True)
 class FakeImage(StoredImage):
     """A stored image that may be broken (`bad_image`), big seeded noise (the `noise` knob), an edit whose kept
-    pixels come back inverted (`repaint_kept`), one flat colour (`blank_image`), blurred (`blurred_image`), or a PNG
-    cut short (`truncated_image`)."""
+    pixels come back inverted (`repaint_kept`), one flat colour (`blank_image`), blurred (`blurred_image`), a PNG
+    cut short (`truncated_image`), or given inline as text that is not base64 (`broken_base64`)."""
 
     corrupt: bool = False
     noise: bool = False
@@ -255,6 +258,7 @@ class FakeImage(StoredImage):
     blank: bool = False
     blurred: bool = False
     truncated: bool = False
+    broken_base64: bool = False
 
     def render(self) -> bytes:
         return _rendered(self)
@@ -509,7 +513,15 @@ class FakeUpstream(OfflineUpstream):
             blank=fires("blank_image"),
             blurred=fires("blurred_image"),
             truncated=fires("truncated_image"),
+            broken_base64=fires("broken_base64"),
         )
+
+    async def _encoded(self, image: StoredImage) -> str:
+        encoded = await super()._encoded(image)
+        if isinstance(image, FakeImage) and image.broken_base64:
+            middle = len(encoded) // 2
+            return f"{encoded[:middle]}*{encoded[middle:]}"
+        return encoded
 
     def _before_poll(self, tasks: Sequence[Task]) -> web.StreamResponse | None:
         return _server_error() if self.faults.fires("poll_500", [task.prompt for task in tasks]) else None

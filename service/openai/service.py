@@ -10,7 +10,6 @@ second one; a first attempt always makes a new task. Every answer given after a 
 
 from __future__ import annotations
 
-import base64
 import io
 import logging
 import time
@@ -19,6 +18,7 @@ from datetime import timedelta
 from typing import Any, NoReturn
 from urllib.parse import urlencode
 
+import pybase64
 from PIL import Image
 
 from service.catalog import checked_model
@@ -212,7 +212,7 @@ async def _encoded(tasks: TaskService, image: dict[str, Any], ask: Ask) -> str:
     data = await tasks.store.get(image["key"])
     if MEDIA_TYPES[ask.output_format] != image["content_type"]:
         data = await tasks.decoder.run(convert, data, ask.output_format, ask.compression)
-    return base64.b64encode(data).decode()
+    return pybase64.b64encode(data).decode()
 
 
 def convert(data: bytes, output_format: str, compression: int) -> bytes:

@@ -7,7 +7,6 @@ aiohttp is used because this client sits on every task's path and measured sever
 from __future__ import annotations
 
 import asyncio
-import base64
 import binascii
 import contextlib
 import json
@@ -19,6 +18,7 @@ from urllib.parse import urljoin, urlsplit
 
 import aiohttp
 import msgspec
+import pybase64
 
 from service.metrics import upstream_call
 from service.upstream.base import GenerationResult, UpstreamError, error_for_status, under_tenant_key
@@ -247,7 +247,7 @@ class UpstreamHTTP:
         """The bytes of one result image, given inline (`b64_json`) or by URL."""
         if isinstance(item.get("b64_json"), str):
             try:
-                return base64.b64decode(item["b64_json"], validate=True)
+                return pybase64.b64decode(item["b64_json"], validate=True)
             except (binascii.Error, ValueError):
                 raise UpstreamError(
                     "upstream_bad_image", "The upstream image is not valid base64", transient=False

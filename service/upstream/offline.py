@@ -13,7 +13,6 @@ where a subclass may change an answer or note what it saw (the tests' fake upstr
 from __future__ import annotations
 
 import asyncio
-import base64
 import contextlib
 import functools
 import hashlib
@@ -30,6 +29,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any, Literal
 
+import pybase64
 from aiohttp import BodyPartReader, web
 from aiohttp.typedefs import Handler, Middleware
 from PIL import Image, ImageChops, ImageDraw, ImageFilter, ImageFont
@@ -767,7 +767,7 @@ class OfflineUpstream:
     async def _encoded(self, image: StoredImage) -> str:
         data = await asyncio.to_thread(image.render)
         self._note_served(image, data, "b64_json")
-        return base64.b64encode(data).decode()
+        return pybase64.b64encode(data).decode()
 
     async def _chat_completion(self, request: web.Request) -> web.StreamResponse:
         body = await json_object(request)

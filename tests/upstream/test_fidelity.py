@@ -105,6 +105,24 @@ def test_a_3mb_image_arrives_whole_in_every_answer_shape(
     assert fetched == (1 if shape == "url" else 0)
 
 
+@BOTH
+def test_inline_bytes_that_are_not_base64_fail_the_task_at_once_and_refund_it(
+    protocol_service: Service, upstream: Upstream
+) -> None:
+    tenant = protocol_service.new_tenant(credits=5)
+    upstream.settings(tasks_answer="b64_json", images_answer="b64_json")
+    marker = _marker()
+    upstream.faults({"fault": "broken_base64", "match": marker})
+    submitted = upstream.stats()
+    task = tenant.wait(tenant.submit(f"{marker} a kite")["id"], timeout=30)
+    assert task["status"] == "failed", task
+    assert task["error"]["code"] == "upstream_bad_image", task["error"]
+    assert (task["refunded"], tenant.balance()) == (task["cost"], 5)
+    # Not retried: the upstream was asked once.
+    asked = {route: count - submitted.get(route, 0) for route, count in upstream.stats().items()}
+    assert sum(count for route, count in asked.items() if route.startswith("POST")) == 1, asked
+
+
 # 3: the image model gets the prompt the task says it got.
 
 
