@@ -380,7 +380,7 @@ class CanvasService:
         async with self.db.snapshot() as tx:
             canvas = await self._owned(tx, caller, canvas_id)
             page = await repository.steps(tx, canvas.id, limit=limit, after=after)
-            line = _line(canvas, await repository.all_committed(tx, canvas.id))
+            line = _line(canvas, await repository.committed_bases(tx, canvas.id))
         return canvas, page, line
 
     async def step(self, caller: Caller, canvas_id: str, n: int) -> tuple[Record, Record, set[int]]:
@@ -389,7 +389,7 @@ class CanvasService:
             step = await repository.step(tx, canvas.id, n)
             if step is None:
                 raise NotFound(f"The canvas has no step {n}", code="step_not_found")
-            line = _line(canvas, await repository.all_committed(tx, canvas.id))
+            line = _line(canvas, await repository.committed_bases(tx, canvas.id))
         return canvas, step, line
 
     async def artifact(self, caller: Caller, canvas_id: str, n: int, name: str) -> tuple[dict[str, Any], bytes | None]:
@@ -434,7 +434,7 @@ class CanvasService:
         async with self.db.snapshot() as tx:
             canvas = await self._owned(tx, caller, canvas_id)
             every = await repository.steps(tx, canvas.id, limit=self.settings.max_canvas_steps + 1, after=None)
-            line = _line(canvas, await repository.all_committed(tx, canvas.id))
+            line = _line(canvas, await repository.committed_bases(tx, canvas.id))
         return canvas, self._zip(canvas, every, line)
 
     async def _zip(self, canvas: Record, every: list[Record], line: set[int]) -> AsyncIterator[bytes]:
@@ -496,9 +496,9 @@ def _checked_geometry(canvas: Record, body: StepRequest, overlap: int, max_pixel
         raise InvalidInput(exc.detail, code=code, field=field) from None
 
 
-def _line(canvas: Record, committed: list[Record]) -> set[int]:
-    """The committed steps the canvas's picture is made of: from its head back through each step's base."""
-    base_of = {step.n: step.base_step for step in committed}
+def _line(canvas: Record, base_of: dict[int, int | None]) -> set[int]:
+    """The committed steps the canvas's picture is made of (`base_of`: each committed step's base): from its head back
+    through each step's base."""
     line: set[int] = set()
     n: int | None = canvas.head
     while n is not None and n in base_of and n not in line:

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import sqlite3
 import time
@@ -190,9 +191,7 @@ class _Compiled:
             for index, column in enumerate(columns)
             if (convert := _processor(column.type, dialect, "result")) is not None
         ]
-        self.row: Callable[..., Any] | None = (
-            namedtuple("Row", [column.key for column in columns], rename=True) if columns else None
-        )
+        self.row = _row_type(tuple(column.key for column in columns)) if columns else None
 
     def values(self, params: Params) -> dict[str, Any]:
         given = {**self.fixed, **params} if params else dict(self.fixed)
@@ -223,6 +222,13 @@ class _Compiled:
                 columns[index] = each(columns[index])
             found.append(row(*columns))
         return found, cursor.rowcount
+
+
+@functools.lru_cache(maxsize=256)
+def _row_type(keys: tuple[str, ...]) -> Callable[..., Any]:
+    """The row class of a statement's columns: made once per list of column names (making one costs about a
+    millisecond), shared by the statements that return the same columns."""
+    return namedtuple("Row", keys, rename=True)
 
 
 def _processor(kind: Any, dialect: SQLiteDialect_pysqlite, which: str) -> Callable[[Any], Any] | None:
