@@ -25,6 +25,9 @@ ROWS = [
     "submit POST /api/images/generate (SQLite)",
     "upstream relay, service client",
     "reference normalization, 12 MP JPEG",
+    "canvas step 2048x2048 (+256 px): service CPU",
+    "canvas step, base not yet decoded: service CPU",
+    "canvas step, the process's first: service CPU",
 ]
 
 
