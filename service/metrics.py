@@ -26,6 +26,11 @@ UPSTREAM_SECONDS = Histogram(
 TASKS = Gauge(
     "imagegen_tasks", "Tasks of the whole deployment by status, read at most every 15 s", ["status"], registry=REGISTRY
 )
+SQL_COMPILED = Gauge(
+    "imagegen_sql_statements_compiled",
+    "Statements this process compiled for SQLite; under steady traffic it stops rising (statements are built once)",
+    registry=REGISTRY,
+)
 QUEUE_DEPTH = Gauge("imagegen_queue_depth", "Tasks of the whole deployment waiting for a worker", registry=REGISTRY)
 CREDITS = Counter(
     "imagegen_credits",

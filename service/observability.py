@@ -31,7 +31,7 @@ from prometheus_client import generate_latest
 
 from service.db.engine import Database
 from service.errors import Unauthorized, problem_responses
-from service.metrics import QUEUE_DEPTH, REGISTRY, REQUEST_SECONDS, REQUESTS, TASKS
+from service.metrics import QUEUE_DEPTH, REGISTRY, REQUEST_SECONDS, REQUESTS, SQL_COMPILED, TASKS
 from service.ratelimit import Decision
 from service.settings import Settings
 from service.tasks import repository as tasks
@@ -257,4 +257,6 @@ async def metrics(request: Request[Any, Any, Any], settings: Settings, db: Datab
     if not isinstance(figures, TaskFigures):
         figures = state["task_figures"] = TaskFigures(db)
     await figures.refresh()
+    if db.statements_compiled is not None:
+        SQL_COMPILED.set(db.statements_compiled)
     return Response(generate_latest(REGISTRY), media_type="text/plain; version=0.0.4; charset=utf-8")

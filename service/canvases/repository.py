@@ -5,6 +5,7 @@ are built once, with bound parameters; the pages, the export and the erasure bui
 
 from __future__ import annotations
 
+import functools
 from datetime import datetime
 from typing import Any
 
@@ -66,13 +67,24 @@ async def find_owned(tx: Transaction, tenant_id: str, end_user: str | None, canv
     return await tx.first(_OWNED_BY_END_USER, {"tenant_id": tenant_id, "end_user": end_user, "canvas": canvas_id})
 
 
+@functools.cache
+def _page(*, end_user: bool, before: bool) -> Any:
+    """The statement of a page of a caller's canvases, newest first, built once for each combination of the filters
+    (an end user's own, before a cursor)."""
+    statement = select(CANVASES).where(
+        owned_canvases(bindparam("tenant_id"), bindparam("end_user") if end_user else None)
+    )
+    if before:
+        statement = statement.where(_c.id < bindparam("before", type_=String()))
+    return statement.order_by(_c.id.desc()).limit(bindparam("limit", type_=Integer()))
+
+
 async def list_owned(
     tx: Transaction, tenant_id: str, end_user: str | None, *, limit: int, before: str | None
 ) -> list[Record]:
-    statement = select(CANVASES).where(owned_canvases(tenant_id, end_user))
-    if before is not None:
-        statement = statement.where(_c.id < before)
-    return await tx.rows(statement.order_by(_c.id.desc()).limit(limit))
+    values = {"tenant_id": tenant_id, "end_user": end_user, "before": before, "limit": limit}
+    statement = _page(end_user=end_user is not None, before=before is not None)
+    return await tx.rows(statement, {name: value for name, value in values.items() if value is not None})
 
 
 def _idle() -> ColumnElement[bool]:
@@ -94,9 +106,7 @@ async def start_step(tx: Transaction, canvas_id: str, *, task_id: str, now: date
     """Mark the canvas busy with the step run by `task_id` and number that step, when no step of it runs; None when
     one does. The canvas row is the lock: of two concurrent starts one waits for the other's commit, then sees the
     canvas busy."""
-    n: int | None = await tx.scalar(
-        _START_STEP, {"canvas": canvas_id, "new_busy_task": task_id, "new_updated_at": now}
-    )
+    n: int | None = await tx.scalar(_START_STEP, {"canvas": canvas_id, "new_busy_task": task_id, "new_updated_at": now})
     return n
 
 
@@ -125,6 +135,12 @@ _STEP_COLUMNS = [
 
 _STEPS_OF = select(*_STEP_COLUMNS).join(TASKS, _t.id == _s.task_id).where(_s.canvas_id == _CANVAS_ID)
 _STEP = _STEPS_OF.where(_s.n == _N)
+_STEPS_PAGE = _STEPS_OF.order_by(_s.n).limit(bindparam("limit", type_=Integer()))
+_STEPS_PAGE_AFTER = (
+    _STEPS_OF.where(_s.n > bindparam("after", type_=Integer()))
+    .order_by(_s.n)
+    .limit(bindparam("limit", type_=Integer()))
+)
 _RUNNING_STEP = select(_s.n).join(TASKS, _t.id == _s.task_id).where(_s.task_id == _TASK_ID, _t.status.not_in(TERMINAL))
 _STEP_OF_TASK = select(CANVAS_STEPS).where(_s.task_id == _TASK_ID)
 _COMMITTED_BASES = (
@@ -136,10 +152,9 @@ _COMMITTED_BASES = (
 
 async def steps(tx: Transaction, canvas_id: str, *, limit: int, after: int | None) -> list[Record]:
     """The canvas's steps with their tasks, oldest first (steps are numbered from 0 in the order they were made)."""
-    statement = _STEPS_OF
-    if after is not None:
-        statement = statement.where(_s.n > after)
-    return await tx.rows(statement.order_by(_s.n).limit(limit), {"canvas": canvas_id})
+    if after is None:
+        return await tx.rows(_STEPS_PAGE, {"canvas": canvas_id, "limit": limit})
+    return await tx.rows(_STEPS_PAGE_AFTER, {"canvas": canvas_id, "limit": limit, "after": after})
 
 
 async def step(tx: Transaction, canvas_id: str, n: int) -> Record | None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 from datetime import datetime
 from typing import Any, NamedTuple
 
@@ -12,6 +13,7 @@ from sqlalchemy import (
     Boolean,
     ColumnElement,
     Insert,
+    Integer,
     String,
     and_,
     bindparam,
@@ -410,27 +412,46 @@ async def ensure_affordable(
         raise found[0]
 
 
+@functools.cache
+def _entries_page(*, end_user: bool, before: bool) -> Any:
+    """The statement of a page of a caller's entries, newest first, built once for each combination of the filters
+    (an end user's, before a cursor)."""
+    statement = select(LEDGER).where(
+        owned_ledger_entries(bindparam("tenant_id"), bindparam("end_user") if end_user else None)
+    )
+    if before:
+        statement = statement.where(LEDGER.c.id < bindparam("before", type_=String()))
+    return statement.order_by(LEDGER.c.id.desc()).limit(bindparam("limit", type_=Integer()))
+
+
 async def list_entries(
     tx: Transaction, tenant_id: str, *, limit: int, before: str | None, end_user: str | None = None
 ) -> list[Record]:
     """The tenant's entries, newest first; only those for `end_user` (on both accounts) when given."""
-    statement = select(LEDGER).where(owned_ledger_entries(tenant_id, end_user))
-    if before is not None:
-        statement = statement.where(LEDGER.c.id < before)
-    return await tx.rows(statement.order_by(LEDGER.c.id.desc()).limit(limit))
+    values = {"tenant_id": tenant_id, "end_user": end_user, "before": before, "limit": limit}
+    statement = _entries_page(end_user=end_user is not None, before=before is not None)
+    return await tx.rows(statement, {name: value for name, value in values.items() if value is not None})
+
+
+def _totals_of(account: str, end_user: BindParameter[str] | None) -> Any:
+    return select(
+        func.coalesce(func.sum(case((LedgerEntry.kind == "grant", LedgerEntry.amount), else_=0)), 0),
+        func.coalesce(func.sum(case((LedgerEntry.kind == "adjust", LedgerEntry.amount), else_=0)), 0),
+        func.coalesce(func.sum(case((LedgerEntry.kind == "debit", -LedgerEntry.amount), else_=0)), 0),
+        func.coalesce(func.sum(case((LedgerEntry.kind == "refund", LedgerEntry.amount), else_=0)), 0),
+    ).where(owned_ledger_entries(bindparam("tenant_id"), end_user), LedgerEntry.account == account)
+
+
+_TENANT_TOTALS = _totals_of(TENANT, None)
+_END_USER_TOTALS = _totals_of(USER, bindparam("end_user"))
 
 
 async def totals(tx: Transaction, tenant_id: str, end_user: str | None = None) -> dict[str, int]:
     """Sums by kind (debits as positive amounts spent) of the tenant's account, or of `end_user`'s allowance."""
-    account = LedgerEntry.account == (TENANT if end_user is None else USER)
-    row = await tx.first(
-        select(
-            func.coalesce(func.sum(case((LedgerEntry.kind == "grant", LedgerEntry.amount), else_=0)), 0),
-            func.coalesce(func.sum(case((LedgerEntry.kind == "adjust", LedgerEntry.amount), else_=0)), 0),
-            func.coalesce(func.sum(case((LedgerEntry.kind == "debit", -LedgerEntry.amount), else_=0)), 0),
-            func.coalesce(func.sum(case((LedgerEntry.kind == "refund", LedgerEntry.amount), else_=0)), 0),
-        ).where(owned_ledger_entries(tenant_id, end_user), account)
-    )
+    if end_user is None:
+        row = await tx.first(_TENANT_TOTALS, {"tenant_id": tenant_id})
+    else:
+        row = await tx.first(_END_USER_TOTALS, {"tenant_id": tenant_id, "end_user": end_user})
     assert row is not None
     return {"granted": int(row[0]), "adjusted": int(row[1]), "spent": int(row[2]), "refunded": int(row[3])}
 

@@ -346,6 +346,7 @@ class _SQLite:
         self._writer: sqlite3.Connection | None = None
         self._readers: list[sqlite3.Connection] = []
         self._compiled: OrderedDict[tuple[Executable, frozenset[str]], _Compiled] = OrderedDict()
+        self.compiles = 0
 
     def _connect(self) -> sqlite3.Connection:
         # Autocommit at the driver level: the transactions below issue BEGIN and COMMIT themselves.
@@ -363,6 +364,7 @@ class _SQLite:
         compiled = self._compiled.get(key)
         if compiled is None:
             compiled = self._compiled[key] = _Compiled(cast(ClauseElement, statement), self._dialect, given)
+            self.compiles += 1
             if len(self._compiled) > COMPILED_CACHE_SIZE:
                 self._compiled.popitem(last=False)
         else:
@@ -431,6 +433,13 @@ class Database:
                 url, pool_size=10, max_overflow=10, json_serializer=json_text, json_deserializer=msgspec.json.decode
             )
             _check_connections_on_checkout(self._engine)
+
+    @property
+    def statements_compiled(self) -> int | None:
+        """How many statements this process has compiled for SQLite (None on PostgreSQL, where SQLAlchemy keeps its
+        own cache): each statement built once is compiled once, so under steady traffic the figure stops rising; one
+        that keeps rising means a statement built per call, compiled again on every call."""
+        return self._sqlite.compiles if self._sqlite is not None else None
 
     def transaction(self) -> contextlib.AbstractAsyncContextManager[Transaction]:
         """A read-write transaction, committed when the block ends without an error, rolled back otherwise."""

@@ -158,15 +158,24 @@ def _paid_insert(columns: tuple[str, ...], *, end_user: bool) -> Select[Any]:
     return statement.add_cte(*(entry.cte(f"entry_{i}") for i, entry in enumerate(entries)))
 
 
+@functools.cache
+def _page(*, end_user: bool, before: bool, status: bool) -> Any:
+    """The statement of a page of a caller's tasks, newest first, built once for each combination of the filters
+    (an end user's own, before a cursor, of one status)."""
+    statement = select(TASKS).where(owned_tasks(bindparam("tenant_id"), bindparam("end_user") if end_user else None))
+    if before:
+        statement = statement.where(_t.id < bindparam("before", type_=String()))
+    if status:
+        statement = statement.where(_t.status == bindparam("status", type_=String()))
+    return statement.order_by(_t.id.desc()).limit(bindparam("limit", type_=Integer()))
+
+
 async def list_owned(
     tx: Transaction, tenant_id: str, end_user: str | None, *, limit: int, before: str | None, status: str | None
 ) -> list[Record]:
-    statement = select(TASKS).where(owned_tasks(tenant_id, end_user))
-    if before is not None:
-        statement = statement.where(_t.id < before)
-    if status is not None:
-        statement = statement.where(_t.status == status)
-    return await tx.rows(statement.order_by(_t.id.desc()).limit(limit))
+    statement = _page(end_user=end_user is not None, before=before is not None, status=status is not None)
+    values = {"tenant_id": tenant_id, "end_user": end_user, "before": before, "status": status, "limit": limit}
+    return await tx.rows(statement, {name: value for name, value in values.items() if value is not None})
 
 
 async def latest_alike(

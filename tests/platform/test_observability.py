@@ -11,9 +11,10 @@ from collections.abc import Iterator
 
 import httpx
 import pytest
+from PIL import Image
 
 from service.observability import JsonFormatter, access_line_writer, configure_logging
-from tests.conftest import Service, Tenant, Upstream, service_env, wait_until
+from tests.conftest import TEST_DATABASE, Service, Tenant, Upstream, service_env, wait_until
 
 METRICS_TOKEN = "metrics-" + secrets.token_hex(16)
 
@@ -176,3 +177,65 @@ def test_credits_are_counted_once_for_tenants_and_their_end_users(guarded: Servi
 
     expected = {debited: 4, refunded: 2, completed: 2, failed: 2, submitted: 4}
     wait_until(lambda: moved() == expected, 5, f"the counters moved by {moved()}, not {expected}")
+
+
+def _png(width: int, height: int) -> bytes:
+    out = io.BytesIO()
+    Image.new("RGB", (width, height), (30, 110, 190)).save(out, format="PNG")
+    return out.getvalue()
+
+
+def _user_round(service: Service, tenant: Tenant, canvas: str) -> None:
+    """One of each thing a user does: a task waited for, polled, downloaded, listed and cancelled; credits; a canvas
+    step, polled, paged and reverted; the OpenAI-compatible route; an end user's token and reads."""
+    client = tenant.client
+    task = client.post("/api/images/generate", json={"prompt": "compiled once"}, headers={"Prefer": "wait=30"}).json()
+    assert task["status"] == "completed", task
+    client.get(f"/api/images/tasks/{task['id']}").raise_for_status()
+    client.get(f"/api/images/tasks/{task['id']}/image").raise_for_status()
+    page = client.get("/api/images/tasks", params={"limit": 1}).json()
+    client.get("/api/images/tasks", params={"limit": 1, "status": "completed", "cursor": page["next_cursor"]})
+    queued = tenant.submit("cancelled at once")
+    client.post(f"/api/images/tasks/{queued['id']}/cancel")
+    client.get("/api/quota").raise_for_status()
+    client.get("/api/quota/ledger", params={"limit": 5}).raise_for_status()
+    step = client.post(f"{canvas}/steps", json={"direction": "left", "prompt": "more", "extension_px": 16}).json()
+    ended = wait_until(
+        lambda: (s := client.get(f"{canvas}/steps/{step['n']}").json())["status"] in ("committed", "failed") and s,
+        30,
+        "the step never ended",
+        interval=0.1,
+    )
+    assert ended["status"] == "committed", ended
+    client.get(f"{canvas}/steps", params={"limit": 1}).raise_for_status()
+    client.get(f"{canvas}/image").raise_for_status()
+    client.post(f"{canvas}/revert", json={"to_step": 0}).raise_for_status()
+    client.get("/api/canvases", params={"limit": 1}).raise_for_status()
+    client.post("/v1/images/generations", json={"prompt": "facade", "response_format": "b64_json"}).raise_for_status()
+    token = client.post("/api/end-user-tokens", json={"user": "compiled-once"}).json()["token"]
+    end_user = {"Authorization": f"Bearer {token}"}
+    for path in ("/api/images/tasks", "/api/canvases", "/api/quota"):
+        httpx.get(f"{service.base_url}{path}", headers=end_user).raise_for_status()
+
+
+@pytest.mark.skipif(TEST_DATABASE != "sqlite", reason="the figure counts the SQLite engine's own compiled statements")
+def test_what_users_do_compiles_no_statement_again(service: Service) -> None:
+    """Statements are built once and compiled once: what users do again compiles nothing new. A statement built per
+    call shows in every round; one that the background work compiles on its first run shows in one round only."""
+    tenant = service.new_tenant(credits=1000)
+    canvas = tenant.client.post("/api/canvases", files={"image": ("first.png", _png(96, 64), "image/png")}).json()
+    url = f"/api/canvases/{canvas['id']}"
+
+    def compiled() -> float:
+        text = httpx.get(f"{service.base_url}/metrics").text
+        match = re.search(r"^imagegen_sql_statements_compiled (\S+)$", text, re.MULTILINE)
+        assert match, "the figure is missing"
+        return float(match.group(1))
+
+    _user_round(service, tenant, url)
+    rounds = []
+    for _ in range(4):
+        before = compiled()
+        _user_round(service, tenant, url)
+        rounds.append(compiled() - before)
+    assert min(rounds) == 0, f"statements compiled per round: {rounds}"
