@@ -770,10 +770,10 @@ def canvas_step_cpu(workdir: Path, steps: int, env: dict[str, str], *, smoke: bo
         service.stop()
         upstream.stop()
     return CanvasSteps(
-        spent[0] * 1000,
-        statistics.median(spent[1:]) * 1000,
-        statistics.median(cold) * 1000,
-        statistics.median(on_loop[1:]) * 1000,
+        spent[0],
+        statistics.median(spent[1:]),
+        statistics.median(cold),
+        statistics.median(on_loop[1:]),
         stored,
     )
 
@@ -784,18 +784,20 @@ def _new_canvas(client: httpx.Client, picture: bytes) -> str:
 
 
 def _step_cpu(client: httpx.Client, pid: int, url: str) -> tuple[float, float]:
-    """One step (+256 px to the right) run to its commit, then reverted: the service's CPU seconds for it, all
-    threads and the event loop's."""
-    before, loop_before = _cpu_seconds(pid)
+    """One step (+256 px to the right) run to its commit, then reverted: the service's CPU milliseconds for it, all
+    threads and the event loop's, in whole clock ticks (10 ms), so that a figure on a target is not on either side of
+    it by a rounding error."""
+    before, loop_before = _cpu_ticks(pid)
     made = client.post(f"{url}/steps", json={"direction": "right", "prompt": "bench", "extension_px": 256})
     step_url = f"{url}/steps/{made.json()['n']}"
     done = wait_until(functools.partial(_ended, client, step_url), 60, "a bench step never ended", interval=0.25)
     assert done is not None
-    after, loop_after = _cpu_seconds(pid)
+    after, loop_after = _cpu_ticks(pid)
     if done["status"] != "committed":
         raise RuntimeError(f"the bench step failed: {done['error']}")
     client.post(f"{url}/revert", json={"to_step": 0})
-    return after - before, loop_after - loop_before
+    tick = os.sysconf("SC_CLK_TCK")
+    return (after - before) * 1000 / tick, (loop_after - loop_before) * 1000 / tick
 
 
 def _ended(client: httpx.Client, url: str) -> dict[str, Any] | None:
@@ -814,16 +816,15 @@ def _png(picture: Image.Image) -> bytes:
     return out.getvalue()
 
 
-def _cpu_seconds(pid: int) -> tuple[float, float]:
-    """CPU time of every thread of the process, and of its main thread (the event loop's)."""
-    tick = os.sysconf("SC_CLK_TCK")
-    total = main = 0.0
+def _cpu_ticks(pid: int) -> tuple[int, int]:
+    """CPU time in clock ticks of every thread of the process, and of its main thread (the event loop's)."""
+    total = main = 0
     for thread in os.listdir(f"/proc/{pid}/task"):
         fields = Path(f"/proc/{pid}/task/{thread}/stat").read_text().rsplit(")", 1)[1].split()
-        seconds = (int(fields[11]) + int(fields[12])) / tick
-        total += seconds
+        ticks = int(fields[11]) + int(fields[12])
+        total += ticks
         if int(thread) == pid:
-            main = seconds
+            main = ticks
     return total, main
 
 
