@@ -1,7 +1,8 @@
 """Canvas and step queries. Every read of a caller's canvases goes through `owned_canvases`, and a step is read only
 through the canvas it belongs to; the canvas's one-step-at-a-time rule and the commit of a step are compare-and-sets on
 the canvas row. The statements a step's life runs (its submission, its run, its commit and the polls of its status)
-are built once, with bound parameters; the pages, the export and the erasure build theirs per call."""
+are built once, with bound parameters, and the pages once per combination of their filters; the export, the storage
+sweep and the erasure build theirs per call."""
 
 from __future__ import annotations
 
