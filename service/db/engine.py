@@ -226,7 +226,7 @@ class _Compiled:
 
 @functools.lru_cache(maxsize=256)
 def _row_type(keys: tuple[str, ...]) -> Callable[..., Any]:
-    """The row class of a statement's columns: made once per list of column names (making one costs about a
+    """The row class of a statement's columns: made once per list of column names (making one costs a tenth of a
     millisecond), shared by the statements that return the same columns."""
     return namedtuple("Row", keys, rename=True)
 
