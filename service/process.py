@@ -98,6 +98,7 @@ async def running(settings: Settings, *, workers: bool) -> AsyncIterator[Runtime
             decoder=decoder,
             enhancer=enhancer,
             workers=pool,
+            outbox=outbox,
         )
         yield Runtime(
             settings=settings,

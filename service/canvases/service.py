@@ -34,6 +34,7 @@ from service.settings import Settings
 from service.tasks import repository as tasks
 from service.tasks.worker import WorkerPool
 from service.tenants.auth import Caller
+from service.webhooks.outbox import Outbox
 from service.zipstream import ZipStream
 
 GENERATED_ARTIFACTS = ("record.json", "validation.json", "failure.txt")
@@ -62,6 +63,7 @@ class CanvasService:
         decoder: ImageDecoder,
         enhancer: Enhancer,
         workers: WorkerPool | None,
+        outbox: Outbox,
     ) -> None:
         self.settings = settings
         self.db = db
@@ -69,6 +71,7 @@ class CanvasService:
         self.decoder = decoder
         self.enhancer = enhancer
         self.workers = workers
+        self.outbox = outbox
 
     # Creating
 
@@ -334,6 +337,8 @@ class CanvasService:
         }
         # A step's request has no confirmation: the spending caps bind it, `confirm_above` does not.
         _, balance = await tasks.insert_paid(tx, values, reason=f"canvas {canvas_id} step {n}", confirmed=True)
+        if caller.low_balance_threshold is not None:
+            await self.outbox.debited(tx, caller.tenant_id, cost, task_id)
         await repository.insert_step(
             tx, {"task_id": task_id, "canvas_id": canvas_id, "n": n, "artifacts": {}, **geometry_values}
         )

@@ -347,6 +347,26 @@ def test_credits_low_is_sent_once_per_crossing_even_under_concurrent_debits(
     assert second[0].headers["webhook-id"] != second[1].headers["webhook-id"]
 
 
+def test_a_canvas_step_whose_debit_crosses_the_threshold_sends_credits_low(
+    service: Service, receiver: Receiver
+) -> None:
+    tenant = service.new_tenant(credits=20)
+    where = path()
+    hook = register(tenant, receiver.url(where), ["credits.low"])
+    canvas = create(tenant)
+    before = tenant.balance()
+    with service.admin() as admin:
+        changed = admin.patch(f"/api/admin/tenants/{tenant.id}", json={"low_balance_threshold": before})
+        assert changed.status_code == 200, changed.text
+    accepted = extend(tenant, canvas["id"], direction="up", extension_px=24)
+    assert accepted.status_code == 202, accepted.text
+    step = accepted.json()
+    [request] = delivered(receiver, where)
+    event = verified(hook["secret"], request)
+    assert event["type"] == "credits.low"
+    assert event["data"] == {"balance": before - step["cost"], "threshold": before, "task_id": step["task_id"]}
+
+
 def test_isolation_and_hostile_input(service: Service, receiver: Receiver, tenant: Tenant) -> None:
     hook = register(tenant, receiver.url(path()), ["task.completed"])
     endpoint_id = hook["endpoint"]["id"]
