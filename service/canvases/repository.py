@@ -27,7 +27,7 @@ from sqlalchemy import (
 
 from service.db.engine import Record, Transaction
 from service.db.models import CANVAS_STEPS, CANVASES, TASKS
-from service.db.scoping import CallerValue
+from service.db.scoping import CallerValue, newest_first, page_values
 from service.tasks.repository import TERMINAL
 
 _c = CANVASES.c
@@ -70,22 +70,14 @@ async def find_owned(tx: Transaction, tenant_id: str, end_user: str | None, canv
 
 @functools.cache
 def _page(*, end_user: bool, before: bool) -> Any:
-    """The statement of a page of a caller's canvases, newest first, built once for each combination of the filters
-    (an end user's own, before a cursor)."""
-    statement = select(CANVASES).where(
-        owned_canvases(bindparam("tenant_id"), bindparam("end_user") if end_user else None)
-    )
-    if before:
-        statement = statement.where(_c.id < bindparam("before", type_=String()))
-    return statement.order_by(_c.id.desc()).limit(bindparam("limit", type_=Integer()))
+    return newest_first(CANVASES, owned_canvases, end_user=end_user, before=before)
 
 
 async def list_owned(
     tx: Transaction, tenant_id: str, end_user: str | None, *, limit: int, before: str | None
 ) -> list[Record]:
-    values = {"tenant_id": tenant_id, "end_user": end_user, "before": before, "limit": limit}
     statement = _page(end_user=end_user is not None, before=before is not None)
-    return await tx.rows(statement, {name: value for name, value in values.items() if value is not None})
+    return await tx.rows(statement, page_values(tenant_id=tenant_id, end_user=end_user, before=before, limit=limit))
 
 
 def _idle() -> ColumnElement[bool]:

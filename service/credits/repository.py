@@ -13,7 +13,6 @@ from sqlalchemy import (
     Boolean,
     ColumnElement,
     Insert,
-    Integer,
     String,
     and_,
     bindparam,
@@ -31,7 +30,7 @@ from service.credits import limits
 from service.credits.limits import day_of, month_of
 from service.db.engine import Record, Transaction
 from service.db.models import END_USERS, LEDGER, TASKS, TENANTS, EndUser, LedgerEntry, Tenant, UTCDateTime, utc_day
-from service.db.scoping import CallerValue
+from service.db.scoping import CallerValue, newest_first, page_values
 from service.endusers.repository import owned_end_users
 from service.errors import InsufficientCredits, ServiceError
 from service.ids import new_id
@@ -414,23 +413,15 @@ async def ensure_affordable(
 
 @functools.cache
 def _entries_page(*, end_user: bool, before: bool) -> Any:
-    """The statement of a page of a caller's entries, newest first, built once for each combination of the filters
-    (an end user's, before a cursor)."""
-    statement = select(LEDGER).where(
-        owned_ledger_entries(bindparam("tenant_id"), bindparam("end_user") if end_user else None)
-    )
-    if before:
-        statement = statement.where(LEDGER.c.id < bindparam("before", type_=String()))
-    return statement.order_by(LEDGER.c.id.desc()).limit(bindparam("limit", type_=Integer()))
+    return newest_first(LEDGER, owned_ledger_entries, end_user=end_user, before=before)
 
 
 async def list_entries(
     tx: Transaction, tenant_id: str, *, limit: int, before: str | None, end_user: str | None = None
 ) -> list[Record]:
     """The tenant's entries, newest first; only those for `end_user` (on both accounts) when given."""
-    values = {"tenant_id": tenant_id, "end_user": end_user, "before": before, "limit": limit}
     statement = _entries_page(end_user=end_user is not None, before=before is not None)
-    return await tx.rows(statement, {name: value for name, value in values.items() if value is not None})
+    return await tx.rows(statement, page_values(tenant_id=tenant_id, end_user=end_user, before=before, limit=limit))
 
 
 def _totals_of(account: str, end_user: BindParameter[str] | None) -> Any:

@@ -28,7 +28,7 @@ from sqlalchemy import (
 from service.credits import repository as ledger
 from service.db.engine import WORK_CHANNEL, Record, Transaction
 from service.db.models import TASKS, TENANTS, UTCDateTime
-from service.db.scoping import CallerValue
+from service.db.scoping import CallerValue, newest_first, page_values
 from service.ids import new_id
 from service.metrics import count_finished, count_submitted
 
@@ -160,22 +160,17 @@ def _paid_insert(columns: tuple[str, ...], *, end_user: bool) -> Select[Any]:
 
 @functools.cache
 def _page(*, end_user: bool, before: bool, status: bool) -> Any:
-    """The statement of a page of a caller's tasks, newest first, built once for each combination of the filters
-    (an end user's own, before a cursor, of one status)."""
-    statement = select(TASKS).where(owned_tasks(bindparam("tenant_id"), bindparam("end_user") if end_user else None))
-    if before:
-        statement = statement.where(_t.id < bindparam("before", type_=String()))
-    if status:
-        statement = statement.where(_t.status == bindparam("status", type_=String()))
-    return statement.order_by(_t.id.desc()).limit(bindparam("limit", type_=Integer()))
+    """A page of a caller's tasks (`newest_first`), optionally of one status."""
+    filters = [_t.status == bindparam("status", type_=String())] if status else []
+    return newest_first(TASKS, owned_tasks, end_user=end_user, before=before, filters=filters)
 
 
 async def list_owned(
     tx: Transaction, tenant_id: str, end_user: str | None, *, limit: int, before: str | None, status: str | None
 ) -> list[Record]:
     statement = _page(end_user=end_user is not None, before=before is not None, status=status is not None)
-    values = {"tenant_id": tenant_id, "end_user": end_user, "before": before, "status": status, "limit": limit}
-    return await tx.rows(statement, {name: value for name, value in values.items() if value is not None})
+    values = page_values(tenant_id=tenant_id, end_user=end_user, before=before, status=status, limit=limit)
+    return await tx.rows(statement, values)
 
 
 async def latest_alike(

@@ -85,6 +85,13 @@ def delivered(receiver: Receiver, where: str, count: int = 1, timeout: float = 1
     )
 
 
+def with_threshold(service: Service, tenant: Tenant, threshold: int) -> None:
+    """The admin sets the tenant's `low_balance_threshold`."""
+    with service.admin() as admin:
+        changed = admin.patch(f"/api/admin/tenants/{tenant.id}", json={"low_balance_threshold": threshold})
+        assert changed.status_code == 200 and changed.json()["low_balance_threshold"] == threshold, changed.text
+
+
 def test_a_completed_task_is_delivered_signed_and_only_where_subscribed(
     service: Service, receiver: Receiver, tenant: Tenant
 ) -> None:
@@ -326,8 +333,7 @@ def test_credits_low_is_sent_once_per_crossing_even_under_concurrent_debits(
         for hostile in (-1, 10**13, "15", 1.5, True):
             refused = admin.patch(f"/api/admin/tenants/{tenant.id}", json={"low_balance_threshold": hostile})
             assert refused.status_code == 422, (hostile, refused.text)
-        changed = admin.patch(f"/api/admin/tenants/{tenant.id}", json={"low_balance_threshold": 15})
-        assert changed.status_code == 200 and changed.json()["low_balance_threshold"] == 15
+    with_threshold(service, tenant, 15)
     answers = tenant.submit_at_once([{"prompt": f"at once {i}"} for i in range(8)])
     assert all(answer.status_code == 202 for answer in answers), [a.text for a in answers]
     cost = answers[0].json()["cost"]
@@ -355,9 +361,7 @@ def test_a_canvas_step_whose_debit_crosses_the_threshold_sends_credits_low(
     hook = register(tenant, receiver.url(where), ["credits.low"])
     canvas = create(tenant)
     before = tenant.balance()
-    with service.admin() as admin:
-        changed = admin.patch(f"/api/admin/tenants/{tenant.id}", json={"low_balance_threshold": before})
-        assert changed.status_code == 200, changed.text
+    with_threshold(service, tenant, before)
     accepted = extend(tenant, canvas["id"], direction="up", extension_px=24)
     assert accepted.status_code == 202, accepted.text
     step = accepted.json()
