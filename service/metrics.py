@@ -31,6 +31,12 @@ SQL_COMPILED = Gauge(
     "Statements this process compiled for SQLite; under steady traffic it stops rising (statements are built once)",
     registry=REGISTRY,
 )
+CANVAS_BASES_READ = Counter(
+    "imagegen_canvas_bases_read",
+    "Canvas steps of this process that read their base picture from storage and inflated it, not holding it already "
+    "(from the canvas's creation or the step before)",
+    registry=REGISTRY,
+)
 QUEUE_DEPTH = Gauge("imagegen_queue_depth", "Tasks of the whole deployment waiting for a worker", registry=REGISTRY)
 CREDITS = Counter(
     "imagegen_credits",

@@ -9,8 +9,8 @@ import secrets
 from collections.abc import AsyncIterator
 
 from service.canvases.service import CanvasService
+from service.canvases.steps import DECODED_CANVAS_BYTES, DECODED_CANVAS_SECONDS, CanvasSteps, DecodedCanvases
 from service.canvases.steps import MODE as CANVAS_STEP
-from service.canvases.steps import CanvasSteps
 from service.db.engine import Database
 from service.images.decoder import ImageDecoder
 from service.images.storage import open_store
@@ -60,9 +60,11 @@ async def running(settings: Settings, *, workers: bool) -> AsyncIterator[Runtime
         stack.push_async_callback(enhancer.close)
         watchers = TaskWatchers()
         await stack.enter_async_context(watchers.following(db))
-        pool = None
+        pool = decoded = None
         if workers:
-            canvas_steps = CanvasSteps(settings=settings, db=db, store=store, decoder=decoder)
+            # Canvas pictures held as rows for this process's steps: those its steps made, and those it was given.
+            decoded = DecodedCanvases(DECODED_CANVAS_BYTES, DECODED_CANVAS_SECONDS)
+            canvas_steps = CanvasSteps(settings=settings, db=db, store=store, decoder=decoder, decoded=decoded)
             pool = WorkerPool(
                 settings=settings,
                 db=db,
@@ -99,6 +101,7 @@ async def running(settings: Settings, *, workers: bool) -> AsyncIterator[Runtime
             enhancer=enhancer,
             workers=pool,
             outbox=outbox,
+            decoded=decoded,
         )
         yield Runtime(
             settings=settings,

@@ -18,7 +18,7 @@ from service.bodies import Upload
 from service.canvases import geometry, repository
 from service.canvases.pixels import NewCanvas, StepFailure, first_picture
 from service.canvases.schemas import DEFAULT_OVERLAP_PX, CanvasFromImage, CanvasFromPrompt, StepOut, StepRequest
-from service.canvases.steps import MODE, failure_code
+from service.canvases.steps import MODE, DecodedCanvases, failure_code
 from service.canvases.views import public_image, reports_of, step_metadata, step_status, step_view
 from service.catalog import checked_model, task_cost
 from service.clock import utcnow
@@ -64,6 +64,7 @@ class CanvasService:
         enhancer: Enhancer,
         workers: WorkerPool | None,
         outbox: Outbox,
+        decoded: DecodedCanvases | None,
     ) -> None:
         self.settings = settings
         self.db = db
@@ -72,6 +73,7 @@ class CanvasService:
         self.enhancer = enhancer
         self.workers = workers
         self.outbox = outbox
+        self.decoded = decoded
 
     # Creating
 
@@ -128,6 +130,10 @@ class CanvasService:
         except BaseException:
             await self.store.delete(key)
             raise
+        if self.decoded is not None and picture.rows is not None:
+            # This process's workers will likely run the canvas's first step: it starts from these rows instead of
+            # reading the picture back and inflating it.
+            self.decoded.put(picture.sha256, picture.rows)
         return Submitted(canvas, None, None)
 
     async def _from_prompt(self, caller: Caller, body: CanvasFromPrompt) -> Submitted:

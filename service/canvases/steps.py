@@ -30,6 +30,7 @@ from service.images.decoder import ImageDecoder
 from service.images.processing import FORMATS, sniff_format
 from service.images.sizes import size_pixels
 from service.images.storage import BlobStore
+from service.metrics import CANVAS_BASES_READ
 from service.settings import Settings
 from service.tasks.worker import Generate, Outcome
 from service.upstream.base import GenerationRequest, ImageInput, UpstreamError, caller_text
@@ -146,12 +147,13 @@ class CanvasSteps:
         db: Database,
         store: BlobStore,
         decoder: ImageDecoder,
+        decoded: DecodedCanvases,
     ) -> None:
         self.settings = settings
         self.db = db
         self.store = store
         self.decoder = decoder
-        self.decoded = DecodedCanvases(DECODED_CANVAS_BYTES, DECODED_CANVAS_SECONDS)
+        self.decoded = decoded
 
     async def produce(self, task: Record, prompt: str, generate: Generate) -> Outcome:
         async with self.db.snapshot() as tx:
@@ -308,6 +310,7 @@ class _Run:
         steps, base = self.steps, self.step.base_image
         picture = steps.decoded.get(base["sha256"])
         if picture is None:
+            CANVAS_BASES_READ.inc()
             data = await steps.store.get(base["key"])
             picture = await steps.decoder.run(decode_base, data, base["sha256"])
             steps.decoded.put(base["sha256"], picture)

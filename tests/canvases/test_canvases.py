@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import io
+import re
 import struct
 import zipfile
 import zlib
@@ -295,18 +296,26 @@ def test_an_end_user_sees_only_their_own_canvases(service: Service) -> None:
             client.close()
 
 
+def bases_read(service: Service) -> float:
+    """How many steps of the service's process read their base picture back from storage (`/metrics`)."""
+    text = httpx.get(f"{service.base_url}/metrics").text
+    match = re.search(r"^imagegen_canvas_bases_read_total (\S+)$", text, re.MULTILINE)
+    assert match, "the figure is missing"
+    return float(match.group(1))
+
+
 def test_a_step_survives_its_worker_being_killed(upstream: Upstream, tmp_path_factory: pytest.TempPathFactory) -> None:
+    """Also: the process that took the upload starts the first step from the picture it made, and a process that
+    never saw a canvas reads its picture back once, then holds the pictures its steps make."""
     process = Service(tmp_path_factory.mktemp("canvas-crash"), service_env(upstream, WORKER_LEASE_SECONDS="1"))
     try:
         tenant = process.new_tenant(credits=5)
         canvas = create(tenant)
         upstream.settings(latency=3)
+        asked = len(upstream.received())
         assert extend(tenant, canvas["id"], direction="right", extension_px=16).status_code == 202
-        wait_until(
-            lambda: tenant.client.get(f"/api/canvases/{canvas['id']}/steps/1").json()["status"] == "running",
-            10,
-            "the step never started",
-        )
+        wait_until(lambda: len(upstream.received()) > asked, 10, "the step never reached the upstream")
+        assert bases_read(process) == 0
         process.kill()
         upstream.reset_settings()
         process.start()
@@ -317,6 +326,10 @@ def test_a_step_survives_its_worker_being_killed(upstream: Upstream, tmp_path_fa
         else:
             assert grown["width"] == 160 and tenant.balance() == 5
         assert process.audit()[0] == 0
+        following = extend(tenant, canvas["id"], direction="down", extension_px=8)
+        assert following.status_code == 202
+        assert finished_step(tenant, canvas["id"], following.json()["n"])["status"] == "committed"
+        assert bases_read(process) == 1
     finally:
         process.stop()
 

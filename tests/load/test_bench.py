@@ -26,7 +26,8 @@ ROWS = [
     "upstream relay, service client",
     "reference normalization, 12 MP JPEG",
     "canvas step 2048x2048 (+256 px): service CPU",
-    "canvas step, base not yet decoded: service CPU",
+    "canvas step, first after its upload: service CPU",
+    "canvas step, base read from storage: service CPU",
     "canvas step, the process's first: service CPU",
 ]
 
