@@ -11,7 +11,6 @@ from datetime import timedelta
 from typing import Any
 
 import msgspec
-from sqlalchemy.exc import IntegrityError
 
 from service import idempotency
 from service.bodies import Upload
@@ -22,7 +21,7 @@ from service.canvases.steps import MODE, DecodedCanvases, failure_code
 from service.canvases.views import public_image, reports_of, step_metadata, step_status, step_view
 from service.catalog import checked_model, task_cost
 from service.clock import utcnow
-from service.db.engine import Database, Record, Transaction
+from service.db.engine import Database, IntegrityViolation, Record, Transaction
 from service.errors import Conflict, InvalidInput, NotFound, PayloadTooLarge
 from service.ids import new_id
 from service.images.decoder import ImageDecoder
@@ -201,7 +200,7 @@ class CanvasService:
             return await self._submit_step(
                 caller, canvas_id, body, prompt=prompt, model=model, key=idempotency_key, fingerprint=fingerprint
             )
-        except (IntegrityError, Conflict) as exc:
+        except (IntegrityViolation, Conflict) as exc:
             if idempotency_key is None or (isinstance(exc, Conflict) and exc.code != "step_running"):
                 raise
             # Another request with this key committed between our check and our transaction: the step it started

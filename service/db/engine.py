@@ -53,6 +53,12 @@ _ON_COMMIT: ContextVar[list[Callable[[], None]] | None] = ContextVar("on_commit"
 Params = Mapping[str, Any] | None
 
 
+class IntegrityViolation(Exception):
+    """A statement broke a constraint of the schema; raised by both backends' transactions in place of their drivers'
+    errors. Services catch it where two requests may race for one unique key (an idempotency key, a name): the one that
+    loses sees it, and its transaction rolls back."""
+
+
 def json_text(value: Any) -> str:
     """The text of a JSON column's value, written by msgspec (several times faster than the standard library's
     encoder, which SQLAlchemy uses by default); read back with `msgspec.json.decode`."""
@@ -93,6 +99,8 @@ class Transaction(Protocol):
     async def execute(self, statement: Executable, params: Params = None) -> int:
         """Run an INSERT, UPDATE or DELETE; how many rows it matched."""
         ...
+
+    # Every statement raises `IntegrityViolation` when it breaks a constraint.
 
 
 def after_commit(callback: Callable[[], None]) -> None:
@@ -148,11 +156,17 @@ class _AlchemyTransaction(_Base):
         self._connection = connection
 
     async def rows(self, statement: Executable, params: Params = None) -> list[Record]:
-        result = await self._connection.execute(statement, params)
+        try:
+            result = await self._connection.execute(statement, params)
+        except IntegrityError as exc:
+            raise IntegrityViolation(str(exc.orig)) from exc
         return cast(list[Record], result.all()) if result.returns_rows else []
 
     async def execute(self, statement: Executable, params: Params = None) -> int:
-        result = cast(CursorResult[Any], await self._connection.execute(statement, params))
+        try:
+            result = cast(CursorResult[Any], await self._connection.execute(statement, params))
+        except IntegrityError as exc:
+            raise IntegrityViolation(str(exc.orig)) from exc
         return result.rowcount
 
 
@@ -249,7 +263,7 @@ class _SQLiteTransaction(_Base):
         try:
             return self._compile(statement, params).run(self._connection, params)
         except sqlite3.IntegrityError as exc:
-            raise IntegrityError(str(statement), dict(params or {}), exc) from None
+            raise IntegrityViolation(str(exc)) from exc
 
     async def rows(self, statement: Executable, params: Params = None) -> list[Record]:
         return self._run(statement, params)[0]

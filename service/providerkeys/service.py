@@ -13,10 +13,8 @@ from __future__ import annotations
 import hashlib
 from dataclasses import dataclass
 
-from sqlalchemy.exc import IntegrityError
-
 from service.clock import utcnow
-from service.db.engine import Database, Transaction
+from service.db.engine import Database, IntegrityViolation, Transaction
 from service.errors import InvalidInput, NotFound, ServiceUnavailable
 from service.providerkeys import repository
 from service.providerkeys.keyring import Keyring, KeyringError, Sealed
@@ -152,7 +150,7 @@ class ProviderKeys:
                     row = await repository.store_key(tx, values)
                     await announce(tx)
                 break
-            except IntegrityError:
+            except IntegrityViolation:
                 # A concurrent first store for the same instance inserted the row: replace it.
                 if attempt == 2:
                     raise

@@ -12,7 +12,6 @@ from datetime import datetime, timedelta
 from typing import Any, NamedTuple
 
 import msgspec
-from sqlalchemy.exc import IntegrityError
 
 from service import idempotency
 from service.bodies import Upload
@@ -20,7 +19,7 @@ from service.catalog import checked_model, task_cost
 from service.clock import utcnow
 from service.credits import limits
 from service.credits import repository as ledger
-from service.db.engine import Database, Record
+from service.db.engine import Database, IntegrityViolation, Record
 from service.errors import (
     Conflict,
     Gone,
@@ -368,9 +367,9 @@ class TaskService:
                         now=now,
                         ttl_seconds=settings.idempotency_ttl,
                     )
-        except (ServiceError, IntegrityError) as exc:
+        except (ServiceError, IntegrityViolation) as exc:
             await self._discard(stored)
-            if isinstance(exc, IntegrityError) and idempotency_key is not None:
+            if isinstance(exc, IntegrityViolation) and idempotency_key is not None:
                 # Another request with this key committed between our check and our insert.
                 replay = await self._replay(caller, idempotency_key, fingerprint)
                 if replay is not None:

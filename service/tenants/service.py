@@ -3,13 +3,12 @@
 from __future__ import annotations
 
 import msgspec
-from sqlalchemy.exc import IntegrityError
 
 from service import idempotency
 from service.clock import utcnow
 from service.credits import repository as ledger
 from service.credits.schemas import LedgerEntryOut, entry_view
-from service.db.engine import Database, Record, Transaction
+from service.db.engine import Database, IntegrityViolation, Record, Transaction
 from service.errors import Conflict, InvalidInput, NotFound
 from service.tenants import repository
 from service.tenants.auth import issue_key
@@ -144,7 +143,7 @@ async def grant_credits(
                     ttl_seconds=idempotency_ttl,
                 )
             return view
-    except IntegrityError:
+    except IntegrityViolation:
         if idempotency_key is None:
             raise
         # A concurrent request with the same key committed first: answer as it did.

@@ -14,9 +14,8 @@ from typing import TypeVar
 
 import pytest
 from sqlalchemy import bindparam, func, insert, select, update
-from sqlalchemy.exc import IntegrityError
 
-from service.db.engine import Database, after_commit
+from service.db.engine import Database, IntegrityViolation, after_commit
 from service.db.migrations import upgrade
 from service.db.models import TASKS, TENANTS
 from tests.conftest import database_env
@@ -186,7 +185,7 @@ def test_a_constraint_violation_is_sqlalchemys_integrity_error_and_changes_nothi
                     insert(TENANTS), {"id": "unique", "name": "again", "created_at": NOW, "updated_at": NOW}
                 )
 
-        with pytest.raises(IntegrityError):
+        with pytest.raises(IntegrityViolation):
             await violates()
         async with db.snapshot() as tx:
             return await tx.scalar(select(TENANTS.c.balance).where(TENANTS.c.id == "unique"))

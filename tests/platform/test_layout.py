@@ -2,7 +2,7 @@
 `service/db/` query it, and neither an endpoint nor a repository opens a transaction.
 
 Every module under `service/` is parsed (not imported) and checked. Outside the SQL homes a module may
-- import from SQLAlchemy only its exceptions (`sqlalchemy.exc`);
+- import nothing from SQLAlchemy (a broken constraint is `IntegrityViolation` of `service/db/engine.py`);
 - import mapped classes from `service.db.models` only to name them in type annotations (never the tables, the column
   types or `Base`, and never the module itself);
 - never call a statement runner: `.execute()`, `.scalar()`, `.scalars()`, `.rows()`, `.fetch_one()`, … .
@@ -16,8 +16,6 @@ from pathlib import Path
 from service.db import models
 
 SERVICE = Path(__file__).resolve().parents[2] / "service"
-SQLALCHEMY_ALLOWED: dict[str, set[str] | None] = {"sqlalchemy.exc": None}
-"""What a module outside the SQL homes may import from SQLAlchemy: all of a module (None), or these names."""
 # `.stream()` is left out: storage and the enhancer stream too, and a session's stream needs a statement built with
 # SQLAlchemy, which the import rule already refuses.
 STATEMENT_RUNNERS = {
@@ -66,19 +64,13 @@ def sql_outside_repositories(source: str, name: str) -> list[str]:
         if isinstance(node, ast.Import):
             for alias in node.names:
                 if alias.name == "sqlalchemy" or alias.name.startswith("sqlalchemy."):
-                    if alias.name not in SQLALCHEMY_ALLOWED or SQLALCHEMY_ALLOWED[alias.name] is not None:
-                        found.append((node.lineno, f"imports {alias.name}"))
+                    found.append((node.lineno, f"imports {alias.name}"))
                 elif alias.name == MODELS_MODULE:
                     found.append((node.lineno, f"imports {MODELS_MODULE}"))
         elif isinstance(node, ast.ImportFrom) and node.module is not None:
             module = node.module
             if module == "sqlalchemy" or module.startswith("sqlalchemy."):
-                allowed = SQLALCHEMY_ALLOWED.get(module, set())
-                found += [
-                    (node.lineno, f"imports `{alias.name}` from {module}")
-                    for alias in node.names
-                    if allowed is not None and alias.name not in allowed
-                ]
+                found += [(node.lineno, f"imports `{alias.name}` from {module}") for alias in node.names]
             elif module == "service.db" and any(alias.name == "models" for alias in node.names):
                 found.append((node.lineno, f"imports {MODELS_MODULE}"))
             elif module == MODELS_MODULE:
@@ -136,6 +128,7 @@ def test_the_check_names_each_way_of_reaching_the_database() -> None:
     assert sql_outside_repositories(source, "service/x.py") == [
         "service/x.py:1: imports `select` from sqlalchemy",
         "service/x.py:1: imports `text` from sqlalchemy",
+        "service/x.py:2: imports `IntegrityError` from sqlalchemy.exc",
         "service/x.py:3: imports `AsyncSession` from sqlalchemy.ext.asyncio",
         "service/x.py:4: imports `TASKS` from service.db.models",
         "service/x.py:5: imports sqlalchemy.orm",
