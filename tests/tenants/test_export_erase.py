@@ -16,6 +16,7 @@ from urllib.parse import urlsplit
 
 import boto3
 import httpx
+import pytest
 from PIL import Image
 
 from testing.harness import ServiceProcess
@@ -345,16 +346,41 @@ def test_an_erasure_waits_for_running_tasks_and_is_finished_by_asking_again(upst
         service.stop()
 
 
-def test_an_erasure_racing_submissions_leaves_a_clean_ledger(service: Service) -> None:
+@pytest.mark.parametrize("by", ["tenant key", "end users"])
+def test_an_erasure_racing_submissions_leaves_a_clean_ledger(service: Service, by: str) -> None:
+    """Submissions with the tenant's key, or with four end users' tokens (each submission then also debits the end
+    user's allowance, a second row the erasure's lock-out and deletions meet), racing the erasure."""
     tenant = service.new_tenant(credits=100)
     statuses: list[int] = []
+    bearers = [tenant.api_key] * 8
+    if by == "end users":
+        tokens = []
+        for n in range(4):
+            minted = tenant.client.post("/api/end-user-tokens", json={"user": f"racer-number-{n}"})
+            assert minted.status_code == 201, minted.text
+            token = minted.json()["token"]
+            checked_in = httpx.post(
+                f"{service.base_url}/api/quota/check-in", headers={"Authorization": f"Bearer {token}"}
+            )
+            assert checked_in.status_code == 200, checked_in.text
+            tokens.append(token)
+        bearers = tokens * 2
 
-    def submit() -> None:
-        with httpx.Client(base_url=service.base_url, headers={"Authorization": f"Bearer {tenant.api_key}"}) as client:
-            for _ in range(5):
-                statuses.append(client.post("/api/images/generate", json={"prompt": "racing the erasure"}).status_code)
+    stop_at = time.monotonic() + 40
 
-    submitters = [threading.Thread(target=submit) for _ in range(8)]
+    def submit(bearer: str) -> None:
+        """Submit until the lock-out refuses the caller: accepted while the balance (or the allowance) lasts, 402
+        after it, while the erasure waits for the accepted tasks to finish and then locks the tenant out."""
+        with httpx.Client(base_url=service.base_url, headers={"Authorization": f"Bearer {bearer}"}) as client:
+            while time.monotonic() < stop_at:
+                status = client.post("/api/images/generate", json={"prompt": "racing the erasure"}).status_code
+                statuses.append(status)
+                if status in (401, 403):
+                    return
+                if status == 429:
+                    time.sleep(0.05)
+
+    submitters = [threading.Thread(target=submit, args=(bearer,)) for bearer in bearers]
     for thread in submitters:
         thread.start()
     time.sleep(0.1)
@@ -367,12 +393,14 @@ def test_an_erasure_racing_submissions_leaves_a_clean_ledger(service: Service) -
             if answer.status_code == 200:
                 break
             assert answer.status_code == 409 and answer.json()["code"] == "tenant_busy", answer.text
-            time.sleep(0.2)
+            time.sleep(0.05)
     for thread in submitters:
         thread.join()
     assert answers[-1] == 200, answers
-    # Each submission was accepted before the lock-out (then ran, and was erased with the rest) or refused after it.
-    assert set(statuses) <= {202, 401, 402, 403}, statuses
+    # Each submission was accepted before the lock-out (then ran, and was erased with the rest), refused for want of
+    # credits or by the rate limit, or refused after the lock-out, which every submitter met while still submitting.
+    assert set(statuses) <= {202, 401, 402, 403, 429}, statuses
+    assert statuses.count(401) + statuses.count(403) == len(submitters), statuses
     assert all(count == 0 for count in _count_rows(service, tenant.id).values())
     code, audit = service.audit(expect_finished=False)
     assert code == 0, audit
