@@ -56,7 +56,7 @@ async def running(settings: Settings, *, workers: bool) -> AsyncIterator[Runtime
             )
             base_url = await offline.start()
             stack.push_async_callback(offline.stop)
-        enhancer = Enhancer(settings, db, open_prompt_model(settings, base_url, api_key))
+        enhancer = Enhancer(settings, db, open_prompt_model(settings, base_url, api_key), outbox)
         stack.push_async_callback(enhancer.close)
         watchers = TaskWatchers()
         await stack.enter_async_context(watchers.following(db))

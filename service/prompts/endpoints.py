@@ -83,7 +83,7 @@ def _wants_json(request: Request[Any, Any, Any]) -> bool:
 async def enhance_prompt(
     request: Request[Any, Any, Any], data: EnhanceRequest, caller: Caller, enhancer: Enhancer
 ) -> Response[Any]:
-    plan = enhancer.plan(caller.tenant_id, data, caller.end_user)
+    plan = enhancer.plan(caller.tenant_id, data, caller.end_user, low_balance_threshold=caller.low_balance_threshold)
     await enhancer.admit(caller.tenant_id)
     cached = await enhancer.cache.get(plan.cache_key)
     style = plan.style.name if plan.style else None

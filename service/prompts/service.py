@@ -33,6 +33,7 @@ from service.prompts.styles import STYLES, Style, StyleName
 from service.ratelimit import rate_limiter
 from service.settings import Settings
 from service.upstream.base import UpstreamError, caller_text
+from service.webhooks.outbox import Outbox
 
 
 def prompt_models(settings: Settings) -> tuple[str, ...]:
@@ -133,6 +134,8 @@ class Plan:
     model: str
     style: Style | None
     end_user: str | None = None
+    # The tenant's `credits.low` threshold (None: none): the enhancement's debit checks the crossing only with one.
+    low_balance_threshold: int | None = None
 
     @property
     def cache_key(self) -> CacheKey:
@@ -193,9 +196,10 @@ def checked_prompt(prompt: str, max_chars: int) -> str:
 
 
 class Enhancer:
-    def __init__(self, settings: Settings, db: Database, model: PromptModel | None) -> None:
+    def __init__(self, settings: Settings, db: Database, model: PromptModel | None, outbox: Outbox) -> None:
         self.settings = settings
         self.db = db
+        self.outbox = outbox
         self._model = model
         self.cache = enhancement_cache(db, settings.prompt_cache_entries, settings.prompt_cache_ttl)
         self.limiter = rate_limiter(db)
@@ -208,7 +212,14 @@ class Enhancer:
     def models(self) -> tuple[str, ...]:
         return prompt_models(self.settings)
 
-    def plan(self, tenant_id: str, request: EnhanceRequest, end_user: str | None = None) -> Plan:
+    def plan(
+        self,
+        tenant_id: str,
+        request: EnhanceRequest,
+        end_user: str | None = None,
+        *,
+        low_balance_threshold: int | None = None,
+    ) -> Plan:
         prompt = checked_prompt(request.prompt, self.settings.max_prompt_chars)
         style = find_style(request.style)
         if self._model is None or not (request.model or self._model.model):
@@ -222,7 +233,7 @@ class Enhancer:
                 code="unknown_prompt_model",
                 field="model",
             )
-        return Plan(tenant_id, prompt, request.direction, model, style, end_user)
+        return Plan(tenant_id, prompt, request.direction, model, style, end_user, low_balance_threshold)
 
     async def admit(self, tenant_id: str) -> None:
         decision = await self.limiter.take(f"enhance:{tenant_id}", self.settings.enhance_rate_per_minute)
@@ -262,6 +273,8 @@ class Enhancer:
                 # The enhancement's request has no confirmation: the spending caps bind it, `confirm_above` does not.
                 confirmed=True,
             )
+            if plan.low_balance_threshold is not None:
+                await self.outbox.debited(tx, plan.tenant_id, cost, None)
         return Charge(key, debited_at=now)
 
     async def settle(self, plan: Plan, charge: Charge, *, finished: bool) -> None:

@@ -83,9 +83,9 @@ class Outbox:
         for task in await tasks.ended_tasks(tx, list(task_ids)):
             await self.task_ended(tx, task)
 
-    async def debited(self, tx: Transaction, tenant_id: str, amount: int, task_id: str) -> None:
-        """The tenant's balance was just debited `amount` in `tx`: when that took it from at least its threshold to
-        below it, write `credits.low`."""
+    async def debited(self, tx: Transaction, tenant_id: str, amount: int, task_id: str | None) -> None:
+        """The tenant's balance was just debited `amount` in `tx` (for the task `task_id`; None for a prompt
+        enhancement): when that took it from at least its threshold to below it, write `credits.low`."""
         tenant = await tenants.get_tenant(tx, tenant_id)
         if tenant is None or tenant.low_balance_threshold is None:
             return

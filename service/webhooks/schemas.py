@@ -133,7 +133,11 @@ def event_schema() -> Schema:
                     "step": Schema(type=OpenAPIType.INTEGER),
                     "balance": Schema(type=OpenAPIType.INTEGER),
                     "threshold": Schema(type=OpenAPIType.INTEGER),
-                    "task_id": Schema(type=OpenAPIType.STRING),
+                    "task_id": Schema(
+                        one_of=[Schema(type=OpenAPIType.STRING), Schema(type=OpenAPIType.NULL)],
+                        description="credits.low: the task whose debit crossed the threshold; null for a prompt "
+                        "enhancement's debit",
+                    ),
                 },
             ),
         },

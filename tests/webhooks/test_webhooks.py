@@ -38,6 +38,7 @@ def webhook_env(upstream: Upstream, **overrides: str) -> dict[str, str]:
         "WEBHOOKS_RETRY_SCHEDULE": SCHEDULE,
         "WEBHOOKS_TIMEOUT_SECONDS": "2",
         "LOG_LEVEL": "DEBUG",
+        "PROMPT_ENHANCE_COST": "2",
     }
     return service_env(upstream, **{**env, **overrides})
 
@@ -369,6 +370,31 @@ def test_a_canvas_step_whose_debit_crosses_the_threshold_sends_credits_low(
     event = verified(hook["secret"], request)
     assert event["type"] == "credits.low"
     assert event["data"] == {"balance": before - step["cost"], "threshold": before, "task_id": step["task_id"]}
+
+
+def test_a_prompt_enhancement_whose_debit_crosses_the_threshold_sends_credits_low(
+    service: Service, receiver: Receiver
+) -> None:
+    tenant = service.new_tenant(credits=20)
+    where = path()
+    hook = register(tenant, receiver.url(where), ["credits.low"])
+    with_threshold(service, tenant, 19)
+    enhanced = tenant.client.post(
+        "/api/prompts/enhance", json={"prompt": "a lighthouse at dusk"}, headers={"Accept": "application/json"}
+    )
+    assert enhanced.status_code == 200, enhanced.text
+    assert tenant.balance() == 18
+    [request] = delivered(receiver, where)
+    event = verified(hook["secret"], request)
+    assert event["type"] == "credits.low"
+    assert event["data"] == {"balance": 18, "threshold": 19, "task_id": None}
+    # The same prompt again comes from the cache, free: no debit, no second event.
+    again = tenant.client.post(
+        "/api/prompts/enhance", json={"prompt": "a lighthouse at dusk"}, headers={"Accept": "application/json"}
+    )
+    assert again.status_code == 200 and again.headers["X-Cache"] == "hit"
+    time.sleep(0.5)
+    assert tenant.balance() == 18 and len(receiver.received(where)) == 1
 
 
 def test_isolation_and_hostile_input(service: Service, receiver: Receiver, tenant: Tenant) -> None:
