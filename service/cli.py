@@ -295,6 +295,8 @@ def upstream_lines(listing: UpstreamList) -> list[str]:
         breaker: str = item.breaker.state
         if item.breaker.state != "closed":
             breaker += f" ({item.breaker.consecutive_failures} failures, {item.breaker.retry_in_seconds:.0f}s)"
+        if item.breaker.held_tenants:
+            breaker += f" ({item.breaker.held_tenants} tenants held)"
         rows.append(
             [
                 item.name,

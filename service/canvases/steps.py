@@ -263,7 +263,13 @@ class _Run:
         task, steps = self.task, self.steps
         self.record["final_prompt"] = prompt
         request = GenerationRequest(
-            task_id=task.id, prompt=prompt, model=task.model, size=task.size, quality=task.quality, n=1
+            task_id=task.id,
+            prompt=prompt,
+            model=task.model,
+            size=task.size,
+            quality=task.quality,
+            n=1,
+            tenant_id=task.tenant_id,
         )
         answer = await self._call(request, generate)
         canvas: NewCanvas = await steps.decoder.run(
@@ -291,6 +297,7 @@ class _Run:
             n=1,
             references=[ImageInput(made.image, "image/png", "canvas.png")],
             mask=ImageInput(made.mask, "image/png", "mask.png"),
+            tenant_id=task.tenant_id,
         )
         answer = await self._call(request, generate)
         answer_type = FORMATS.get(sniff_format(answer) or "", "application/octet-stream")

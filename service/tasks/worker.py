@@ -495,6 +495,7 @@ class WorkerPool:
             n=task.n * task.candidates,
             references=references,
             mask=mask,
+            tenant_id=task.tenant_id,
         )
 
     async def _keep_images(self, task: Record, result: GenerationResult) -> Outcome:

@@ -50,6 +50,8 @@ class GenerationRequest:
     mask: ImageInput | None = None
     # A tenant's own provider key, sent as the bearer instead of the instance's key; never shown or logged.
     api_key: str | None = field(default=None, repr=False)
+    # Whose work it is: an instance's breaker holds back one tenant whose calls alone fail.
+    tenant_id: str | None = None
 
 
 @dataclass(frozen=True, slots=True)

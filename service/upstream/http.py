@@ -26,6 +26,8 @@ from service.upstream.base import GenerationResult, UpstreamError, error_for_sta
 log = logging.getLogger("service.upstream")
 
 MAX_ERROR_BODY = 64 * 1024
+# How recent another tenant's success must be for one tenant's failures to be held against that tenant alone.
+OTHERS_SUCCESS_WINDOW = 60.0
 MAX_JSON_BODY = 256 * 1024 * 1024
 DOWNLOAD_PIECE = 256 * 1024
 
@@ -45,6 +47,13 @@ class UpstreamHealth:
     A call made with a tenant's own key says nothing of ours: it is not counted at all (`own_key=False`, and the
     registry leaves a tenant key's attempts out of the instance's breaker), so a tenant's refused key never opens the
     breaker and its success never closes one.
+
+    A breaker cannot tell a sick upstream from prompts that make it fail, so it looks at whose calls failed. When every
+    failure of the run that reaches `failures_to_open` was one tenant's (the `tenant` given to `failed`) while another
+    tenant's call succeeded within `OTHERS_SUCCESS_WINDOW` seconds, the instance works and the trouble is that tenant's:
+    only its work is held back, for `cooldown_seconds` (`available(tenant)`). Its further failures hold it again, its
+    success frees it, and the instance stays open to everyone else. Otherwise (the calls of two tenants or more failed,
+    or nobody else's succeeded lately, as with a single tenant) the breaker opens for all, as on a blocking error.
     """
 
     def __init__(
@@ -66,6 +75,11 @@ class UpstreamHealth:
         self._open_until = 0.0
         self._probe_until = 0.0
         self.last_error: str | None = None
+        # The tenants whose calls failed since the last success, and the tenants held back until a time.
+        self._run_tenants: set[str | None] = set()
+        self._held: dict[str, float] = {}
+        # The latest successes of the last two tenants that had one (tenant, when), newest first.
+        self._successes: list[tuple[str | None, float]] = []
 
     @property
     def state(self) -> str:
@@ -78,8 +92,17 @@ class UpstreamHealth:
     def consecutive_failures(self) -> int:
         return self._consecutive_failures
 
-    def available(self) -> bool:
-        """Whether new work may go to the upstream now: closed, or half-open with no probe under way."""
+    @property
+    def held_tenants(self) -> int:
+        """How many tenants' work is held back now."""
+        now = self._clock()
+        return sum(until > now for until in self._held.values())
+
+    def available(self, tenant: str | None = None) -> bool:
+        """Whether new work (of `tenant`, when given) may go to the upstream now: closed, or half-open with no probe
+        under way; and the tenant not held back."""
+        if tenant is not None and self._held and self._clock() < self._held.get(tenant, 0.0):
+            return False
         if not self._open:
             return True
         now = self._clock()
@@ -94,38 +117,72 @@ class UpstreamHealth:
             if self._name is not None:
                 log.info("upstream instance %s: breaker half-open, probing", self._name)
 
-    def open_for(self) -> float:
-        """Seconds until the breaker lets a probe through; 0 when it lets work through now."""
-        return 0.0 if self.available() else max(self._open_until, self._probe_until) - self._clock()
+    def open_for(self, tenant: str | None = None) -> float:
+        """Seconds until the breaker lets a probe (of `tenant`'s work, when given) through; 0 when it lets it through
+        now."""
+        if self.available(tenant):
+            return 0.0
+        held = self._held.get(tenant, 0.0) if tenant is not None else 0.0
+        until = max(held, max(self._open_until, self._probe_until) if self._open else 0.0)
+        return max(0.0, until - self._clock())
 
     def block(self, code: str) -> None:
         """The upstream says it cannot serve anyone: open at once, for the longer cool-down."""
         self.last_error = code
         self._trip(self._block_seconds)
 
-    def succeeded(self) -> None:
+    def succeeded(self, tenant: str | None = None) -> None:
+        """A call (of `tenant`'s work, when given) succeeded: the breaker closes, and that tenant is no longer held."""
         if self._open and self._name is not None:
             log.info("upstream instance %s: breaker closed", self._name)
         self._consecutive_failures = 0
         self._open = False
         self._probe_until = 0.0
         self.last_error = None
+        self._run_tenants.clear()
+        if tenant is not None:
+            self._held.pop(tenant, None)
+        others = [success for success in self._successes if success[0] != tenant]
+        self._successes = [(tenant, self._clock()), *others[:1]]
 
-    def failed(self, code: str) -> None:
-        """A transient failure."""
+    def failed(self, code: str, tenant: str | None = None) -> None:
+        """A transient failure of a call (of `tenant`'s work, when given)."""
         self._consecutive_failures += 1
         self.last_error = code
-        if self._open or self._consecutive_failures >= self._failures_to_open:
+        self._run_tenants.add(tenant)
+        if not self._open and self._consecutive_failures < self._failures_to_open:
+            return
+        if not self._open and tenant is not None and self._run_tenants == {tenant} and self._others_succeed(tenant):
+            self._hold(tenant)
+        else:
             self._trip(self._cooldown_seconds)
 
-    def record(self, error: UpstreamError | None) -> None:
-        """The end of one call: its error, or None when it succeeded."""
+    def _others_succeed(self, tenant: str) -> bool:
+        """Whether another tenant's call succeeded lately."""
+        since = self._clock() - OTHERS_SUCCESS_WINDOW
+        return any(other != tenant and when >= since for other, when in self._successes)
+
+    def record(self, error: UpstreamError | None, tenant: str | None = None) -> None:
+        """The end of one call (of `tenant`'s work, when given): its error, or None when it succeeded."""
         if error is None or not (error.blocking or error.transient):
-            self.succeeded()
+            self.succeeded(tenant)
         elif error.blocking:
             self.block(error.code)
         else:
-            self.failed(error.code)
+            self.failed(error.code, tenant)
+
+    def _hold(self, tenant: str) -> None:
+        now = self._clock()
+        self._held = {other: until for other, until in self._held.items() if until > now}
+        self._held[tenant] = now + self._cooldown_seconds
+        if self._name is not None:
+            log.warning(
+                "upstream instance %s: tenant %s held back for %gs, its calls alone failing (%s); others' go through",
+                self._name,
+                tenant,
+                self._cooldown_seconds,
+                self.last_error,
+            )
 
     def _trip(self, seconds: float) -> None:
         self._open = True

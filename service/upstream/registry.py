@@ -117,9 +117,10 @@ class Upstreams:
         """Whether some instance serving `model` takes work now (its breaker is closed or lets a probe through)."""
         return any(instance.health.available() for group in self._groups.get(model, ()) for instance in group)
 
-    def retry_in(self, model: str) -> float:
-        """Seconds until some instance serving `model` takes work again; 0 when one does now."""
-        waits = [instance.health.open_for() for group in self._groups.get(model, ()) for instance in group]
+    def retry_in(self, model: str, tenant: str | None = None) -> float:
+        """Seconds until some instance serving `model` takes work (of `tenant`, when given) again; 0 when one does
+        now."""
+        waits = [instance.health.open_for(tenant) for group in self._groups.get(model, ()) for instance in group]
         return min(waits, default=0.0)
 
     def unavailable_models(self) -> frozenset[str]:
@@ -132,14 +133,15 @@ class Upstreams:
             return 0.0
         return min((instance.health.open_for() for instance in self._instances.values()), default=0.0)
 
-    def choose(self, model: str, avoid: Collection[str] = ()) -> Instance | None:
-        """The instance for a new attempt at `model`, not one in `avoid` while another is available; None when no
-        instance serving it is available, and the model's first available instance when all are busy."""
+    def choose(self, model: str, avoid: Collection[str] = (), tenant: str | None = None) -> Instance | None:
+        """The instance for a new attempt at `model` (for `tenant`'s work, when given), not one in `avoid` while
+        another is available; None when no instance serving it is available, and the model's first available
+        instance when all are busy."""
         groups = self._groups.get(model, ())
         for skipped in (avoid, ()) if avoid else ((),):
             waiting: Instance | None = None
             for group in groups:
-                ready = [i for i in group if i.name not in skipped and i.health.available()]
+                ready = [i for i in group if i.name not in skipped and i.health.available(tenant)]
                 free = [i for i in ready if i.has_room()]
                 if free:
                     if len(free) == 1:
@@ -153,7 +155,7 @@ class Upstreams:
     async def generate(self, request: GenerationRequest, route: Route, accepted: Accepted) -> GenerationResult:
         """One attempt of a task: on the instance holding its job, else on the one routing chooses (waiting for room
         under the concurrency caps). `accepted(name)` runs when an instance accepts the job."""
-        instance = await self._instance_for(request.model, route)
+        instance = await self._instance_for(request.model, route, request.tenant_id)
         route.last = instance.name
 
         async def on_accepted() -> None:
@@ -174,11 +176,11 @@ class Upstreams:
             route.error = exc
             route.attempts.append({"instance": instance.name, "error": exc.code})
             if counted:
-                health.record(exc)
+                health.record(exc, request.tenant_id)
             INSTANCE_ATTEMPTS.labels(instance.name, exc.code).inc()
             if route.pinned is None:
                 route.tried.add(instance.name)
-                if exc.blocking and self.choose(request.model, route.tried) not in (None, instance):
+                if exc.blocking and self.choose(request.model, route.tried, request.tenant_id) not in (None, instance):
                     # This instance cannot serve anyone; another may.
                     raise UpstreamError(exc.code, exc.message, transient=True) from None
             raise
@@ -188,13 +190,13 @@ class Upstreams:
         elapsed = time.perf_counter() - started
         route.attempts.append({"instance": instance.name, "error": None})
         if counted:
-            health.succeeded()
+            health.succeeded(request.tenant_id)
         instance.latencies.append(elapsed)
         instance.succeeded.inc()
         instance.seconds.observe(elapsed)
         return result
 
-    async def _instance_for(self, model: str, route: Route) -> Instance:
+    async def _instance_for(self, model: str, route: Route, tenant: str | None) -> Instance:
         if route.pinned is not None:
             pinned = self._instances.get(route.pinned)
             if pinned is None:
@@ -209,7 +211,7 @@ class Upstreams:
                 "upstream_model_unserved", "No upstream instance serves this model any more", transient=False
             )
         while True:
-            instance = self.choose(model, route.tried)
+            instance = self.choose(model, route.tried, tenant)
             if instance is None:
                 # The task's own latest failure says best why it could not run, when it met one.
                 code, message = (
@@ -217,7 +219,7 @@ class Upstreams:
                     if route.error is not None
                     else ("no_upstream_available", "No upstream instance serving this model is available")
                 )
-                raise UpstreamError(code, message, transient=True, retry_after=self.retry_in(model))
+                raise UpstreamError(code, message, transient=True, retry_after=self.retry_in(model, tenant))
             if instance.has_room():
                 return instance
             self._room.clear()

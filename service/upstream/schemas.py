@@ -12,11 +12,13 @@ from service.upstream.registry import Instance, Upstreams
 
 class BreakerOut(msgspec.Struct):
     """`closed`: work goes to the instance; `open`: none until `retry_in_seconds` have passed; `half_open`: the next
-    task probes it, and its success closes the breaker."""
+    task probes it, and its success closes the breaker. `held_tenants`: how many tenants' work is held back from the
+    instance now, their calls alone having failed (the others' work goes through)."""
 
     state: Literal["closed", "open", "half_open"]
     consecutive_failures: int
     retry_in_seconds: float
+    held_tenants: int
 
 
 class UpstreamInstanceOut(msgspec.Struct):
@@ -74,6 +76,7 @@ def instance_out(instance: Instance) -> UpstreamInstanceOut:
             state=health.state,  # type: ignore[arg-type]
             consecutive_failures=health.consecutive_failures,
             retry_in_seconds=round(health.open_for(), 3),
+            held_tenants=health.held_tenants,
         ),
         in_flight=instance.in_flight,
         recent_error=health.last_error,

@@ -289,7 +289,43 @@ def test_the_breaker_opens_then_a_probe_closes_it(
         probing = log.index("upstream instance a: breaker half-open", opened)
         assert log.index("upstream instance a: breaker closed", probing) > probing
         breaker = admin_upstreams(service)["a"]["breaker"]
-        assert breaker == {"state": "closed", "consecutive_failures": 0, "retry_in_seconds": 0.0}
+        assert breaker == {"state": "closed", "consecutive_failures": 0, "retry_in_seconds": 0.0, "held_tenants": 0}
+    finally:
+        service.stop()
+
+
+def test_one_tenants_failing_prompts_hold_back_only_its_own_work_from_the_instance(
+    fakes: tuple[FakeUpstreamProcess, FakeUpstreamProcess], tmp_path: Path
+) -> None:
+    """`prio-model` runs on `a` first and on `b2` second. One tenant's prompts fail on `a` while another tenant's work
+    succeeds there; its tasks move to `b2` and, after two in a row, its work is held back from `a`. The other tenant's
+    tasks still run on `a`, as before."""
+    a, b = fakes
+    file = two_instances(a, b, {"failures_to_open": 2, "cooldown_seconds": 60})
+    service = start_service(tmp_path, file, a, b)
+    try:
+        poisoner, bystander = service.new_tenant(credits=10, name="poisoner"), service.new_tenant(credits=10)
+        clean = marker()
+        task = bystander.wait(bystander.submit(f"{clean} a pond", model="prio-model")["id"])
+        assert task["status"] == "completed" and task["upstream"] == "a", task
+        poison = marker()
+        a.faults({"fault": "submit_500", "match": poison})
+        for n in range(2):
+            task = poisoner.wait(poisoner.submit(f"{poison} a harbour {n}", model="prio-model")["id"])
+            assert task["status"] == "completed" and task["upstream"] == "b2", task
+        assert admin_upstreams(service)["a"]["breaker"]["held_tenants"] == 1
+        task = bystander.wait(bystander.submit(f"{clean} a meadow", model="prio-model")["id"])
+        assert task["status"] == "completed" and task["upstream"] == "a", task
+        assert task["upstream_attempts"] == [{"instance": "a", "error": None}]
+        # The held tenant's next task does not even try `a`.
+        task = poisoner.wait(poisoner.submit(f"{clean} a field", model="prio-model")["id"])
+        assert task["status"] == "completed" and task["upstream_attempts"] == [{"instance": "b2", "error": None}]
+        assert task["id"] not in {item["client_task_id"] for item in received(a, clean)}
+        breaker = admin_upstreams(service)["a"]["breaker"]
+        assert breaker["state"] == "closed" and breaker["held_tenants"] == 1
+        assert "upstream instance a: tenant" in service.log_text()
+        code, report = service.audit()
+        assert code == 0, report
     finally:
         service.stop()
 

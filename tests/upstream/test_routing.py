@@ -132,6 +132,62 @@ def test_the_breaker_opens_after_its_failures_then_one_probe_closes_it() -> None
     assert health.consecutive_failures == 0
 
 
+def test_failures_of_one_tenant_alone_hold_back_only_that_tenant() -> None:
+    clock = Clock()
+    health = UpstreamHealth(failures_to_open=2, cooldown_seconds=5, clock=clock)
+    health.succeeded("bystander")
+    clock.now += 30
+    health.failed("upstream_unavailable", "poisoner")
+    health.failed("upstream_unavailable", "poisoner")
+    assert health.state == "closed" and health.available() and health.available("bystander")
+    assert not health.available("poisoner") and health.open_for("poisoner") == 5 and health.held_tenants == 1
+    clock.now += 5
+    assert health.available("poisoner") and health.held_tenants == 0
+    # Its next failure holds it again at once; a success of someone else does not free it; its own success does.
+    health.failed("upstream_unavailable", "poisoner")
+    assert not health.available("poisoner")
+    health.succeeded("bystander")
+    assert not health.available("poisoner") and health.consecutive_failures == 0
+    health.succeeded("poisoner")
+    assert health.available("poisoner") and health.held_tenants == 0
+
+
+def test_failures_of_the_only_tenant_working_lately_open_the_breaker_for_everyone() -> None:
+    """Nobody else's call succeeded in the last minute (a single tenant, say): the instance may be what fails."""
+    clock = Clock()
+    health = UpstreamHealth(failures_to_open=2, cooldown_seconds=5, clock=clock)
+    health.succeeded("alone")
+    health.succeeded("someone")
+    clock.now += 61
+    health.failed("upstream_unavailable", "alone")
+    health.failed("upstream_unavailable", "alone")
+    assert health.state == "open" and not health.available("someone") and health.held_tenants == 0
+
+
+def test_failures_of_two_tenants_or_of_no_tenant_open_the_breaker_for_everyone() -> None:
+    clock = Clock()
+    health = UpstreamHealth(failures_to_open=2, cooldown_seconds=5, clock=clock)
+    health.failed("upstream_timeout", "first")
+    health.failed("upstream_timeout", "second")
+    assert health.state == "open" and not health.available() and not health.available("third")
+    clock.now += 5
+    health.begin()
+    health.succeeded("third")
+    # One tenant's run is held back (the third one's call succeeded); then another tenant's failure joins the run:
+    # the instance itself is sick.
+    health.failed("upstream_timeout", "first")
+    health.failed("upstream_timeout", "first")
+    assert health.state == "closed" and not health.available("first")
+    health.failed("upstream_timeout", "second")
+    assert health.state == "open" and not health.available("third")
+    clock.now += 5
+    health.begin()
+    health.succeeded()
+    health.failed("upstream_timeout")
+    health.failed("upstream_timeout")
+    assert health.state == "open"
+
+
 def test_a_blocking_error_opens_the_breaker_at_once_for_the_longer_cool_down() -> None:
     clock = Clock()
     health = UpstreamHealth(failures_to_open=3, cooldown_seconds=5, block_seconds=30, clock=clock)
