@@ -852,7 +852,7 @@ def _pixel_floor(stored: bytes) -> tuple[float, float]:
     answer.save(out, "PNG", compress_level=1)
     started = time.process_time()
     pixels.model_input(base, step, (1024, 1536))
-    pixels.validate(base, out.getvalue(), step, (1024, 1536))
+    pixels.validate(base, out.getvalue(), pixels.sha256(out.getvalue()), step, (1024, 1536))
     warm = time.process_time() - started
     started = time.process_time()
     pixels.decode_base(stored, digest)

@@ -204,11 +204,14 @@ def _rounded_span(start: float, end: float, limit: int) -> tuple[int, int]:
     return first, last
 
 
-def validate(old: Scanlines, answer: bytes, step: StepParameters, sent_size: tuple[int, int]) -> NewCanvas:
+def validate(
+    old: Scanlines, answer: bytes, answer_sha256: str, step: StepParameters, sent_size: tuple[int, int]
+) -> NewCanvas:
     """The gate before a step commits (I4): the answer decodes, has the aspect of what was sent, kept the pixels it
     was told to keep (within `KEPT_TOLERANCE`); the new canvas has exactly the expected size and mode; and the
     immutable band, decoded from the new canvas's rows, has the digest of the old canvas's (I2). Any failure is a
-    `StepFailure` naming the check. `old` is the step's base picture as rows; it is only read.
+    `StepFailure` naming the check. `old` is the step's base picture as rows; it is only read. `answer_sha256` is the
+    answer's digest, which the caller computed for the step's record already.
 
     Only the answer's new pixels go into the canvas, stretched back to the input's scale; the old canvas's rows are
     copied into the new one unchanged (`scanlines.extend`), which is the restoring of the immutable band: the band's
@@ -270,7 +273,7 @@ def validate(old: Scanlines, answer: bytes, step: StepParameters, sent_size: tup
         new.width,
         new.height,
         sha256(encoded),
-        sha256(answer),
+        answer_sha256,
         checks,
         time.process_time() - started,
         new,

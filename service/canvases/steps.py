@@ -305,7 +305,9 @@ class _Run:
         self.record["sha256"]["model_output"] = await self.steps.decoder.run(sha256, answer)
         await self._store(output_name, answer, answer_type, self.record["sha256"]["model_output"])
         try:
-            canvas: NewCanvas = await steps.decoder.run(validate, await self._base(), answer, params, size)
+            canvas: NewCanvas = await steps.decoder.run(
+                validate, await self._base(), answer, self.record["sha256"]["model_output"], params, size
+            )
         except StepFailure as failure:
             self.checks = failure.checks
             raise
