@@ -12,6 +12,7 @@ from service.db.engine import Database
 from service.errors import ServiceUnavailable, problem_responses
 from service.health import repository
 from service.images.storage import BlobStore
+from service.prompts.service import Enhancer
 from service.settings import Settings
 from service.upstream.registry import Upstreams
 
@@ -27,7 +28,10 @@ class Readiness(msgspec.Struct):
     open: a run of failed attempts, or an instance saying it cannot serve, `upstream_quota_exhausted` or
     `upstream_auth_failed`); `models_unavailable` names those models and `upstream_error` gives the latest error of
     one of their instances. Their tasks stay queued meanwhile; reads and cancellations keep working. One sick instance
-    among healthy ones leaves the service `ok`: see GET /api/admin/upstreams."""
+    among healthy ones leaves the service `ok`: see GET /api/admin/upstreams. `prompt_model` is `degraded` while the
+    latest call this process made to the prompt model's endpoint failed for a reason that is the endpoint's (a
+    timeout, a refused connection, 5xx, 429, our key refused; `prompt_model_error` has its code), until its next
+    answer; `not_configured` without a prompt model. Neither kind of degradation makes the service not ready."""
 
     status: Literal["ready"]
     database: Literal["ok"]
@@ -36,6 +40,8 @@ class Readiness(msgspec.Struct):
     upstream_api: Literal["offline", "tasks", "images"]
     upstream_error: str | None
     models_unavailable: list[str]
+    prompt_model: Literal["ok", "degraded", "not_configured"]
+    prompt_model_error: str | None
 
 
 @get("/healthz", operation_id="health", summary="Liveness", tags=["health"])
@@ -50,7 +56,9 @@ async def health() -> Health:
     tags=["health"],
     responses=problem_responses(503),
 )
-async def ready(settings: Settings, db: Database, store: BlobStore, upstreams: Upstreams) -> Readiness:
+async def ready(
+    settings: Settings, db: Database, store: BlobStore, upstreams: Upstreams, enhancer: Enhancer
+) -> Readiness:
     try:
         async with db.snapshot() as tx:
             await repository.ping(tx)
@@ -77,4 +85,6 @@ async def ready(settings: Settings, db: Database, store: BlobStore, upstreams: U
         upstream_api="offline" if settings.is_offline else protocol,  # type: ignore[arg-type]
         upstream_error=errors[0] if errors else None,
         models_unavailable=unavailable,
+        prompt_model=("not_configured" if not enhancer.configured else "degraded" if enhancer.recent_error else "ok"),
+        prompt_model_error=enhancer.recent_error,
     )

@@ -200,6 +200,9 @@ class Enhancer:
         self.settings = settings
         self.db = db
         self.outbox = outbox
+        # The code of the latest failure of the prompt model's endpoint that says it is unwell (transient or blocking),
+        # cleared by its next answer: `/readyz` shows it.
+        self.recent_error: str | None = None
         self._model = model
         self.cache = enhancement_cache(db, settings.prompt_cache_entries, settings.prompt_cache_ttl)
         self.limiter = rate_limiter(db)
@@ -207,6 +210,11 @@ class Enhancer:
     async def close(self) -> None:
         if self._model is not None:
             await self._model.close()
+
+    @property
+    def configured(self) -> bool:
+        """Whether a prompt model is there to call."""
+        return self._model is not None and bool(self.models)
 
     @property
     def models(self) -> tuple[str, ...]:
@@ -246,7 +254,15 @@ class Enhancer:
         try:
             return await self._upstream(plan)
         except UpstreamError as exc:
+            self._note(exc)
             raise UpstreamFailed(enhancement_error(plan, exc), code=exc.code) from None
+
+    def _note(self, error: UpstreamError | None) -> None:
+        """The end of a call to the prompt model: its error, or None when it answered."""
+        if error is None:
+            self.recent_error = None
+        elif error.transient or error.blocking:
+            self.recent_error = error.code
 
     async def _upstream(self, plan: Plan) -> ChatStream:
         assert self._model is not None
@@ -328,12 +344,14 @@ class Enhancer:
                     if budget.exceeded:
                         break
         except UpstreamError as exc:
+            self._note(exc)
             await self.settle(plan, charge, finished=False)
             yield ChunkWriter.error(exc.code, enhancement_error(plan, exc))
             yield DONE
             return
         finally:
             upstream.close()
+        self._note(None)
         text = "".join(parts).strip()
         if text and not budget.exceeded:
             await self.cache.put(plan.cache_key, text)
@@ -354,17 +372,22 @@ class Enhancer:
         cached = await self.cache.get(plan.cache_key)
         if cached is not None:
             return cached
-        upstream = await self._upstream(plan)
         budget = OutputBudget(self.settings.prompt_max_output_tokens)
         parts: list[str] = []
         try:
-            async with contextlib.aclosing(upstream.deltas()) as deltas:
-                async for delta in deltas:
-                    parts.append(budget.take(delta))
-                    if budget.exceeded:
-                        break
-        finally:
-            upstream.close()
+            upstream = await self._upstream(plan)
+            try:
+                async with contextlib.aclosing(upstream.deltas()) as deltas:
+                    async for delta in deltas:
+                        parts.append(budget.take(delta))
+                        if budget.exceeded:
+                            break
+            finally:
+                upstream.close()
+        except UpstreamError as exc:
+            self._note(exc)
+            raise
+        self._note(None)
         text = "".join(parts).strip()
         if not text:
             raise UpstreamError("upstream_empty_result", "The prompt model returned no text", transient=False)

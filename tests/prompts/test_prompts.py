@@ -125,13 +125,27 @@ def test_bad_requests_are_problems_before_any_stream(tenant: Tenant, body: dict[
     assert response.headers["content-type"] == "application/problem+json"
 
 
-def test_upstream_failure_before_the_stream_is_a_502_problem(tenant: Tenant, upstream: Upstream) -> None:
+def readiness(service: Service) -> dict[str, Any]:
+    return dict(httpx.get(f"{service.base_url}/readyz").json())
+
+
+def test_upstream_failure_before_the_stream_is_a_502_problem(
+    service: Service, tenant: Tenant, upstream: Upstream
+) -> None:
     upstream.faults({"fault": "chat_500", "match": "doomed"})
     response = tenant.client.post(ENHANCE, json={"prompt": "doomed lighthouse"})
     assert response.status_code == 502
     assert response.headers["content-type"] == "application/problem+json"
     assert response.json()["code"] == "upstream_unavailable"
     assert upstream.api_key not in response.text
+    # Readiness shows the prompt model's endpoint failing, the service still ready, until it answers again.
+    ready = readiness(service)
+    assert ready["status"] == "ready" and ready["upstream"] == "ok"
+    assert ready["prompt_model"] == "degraded" and ready["prompt_model_error"] == "upstream_unavailable"
+    upstream.faults()
+    assert tenant.client.post(ENHANCE, json={"prompt": "a calm lighthouse"}).status_code == 200
+    ready = readiness(service)
+    assert ready["prompt_model"] == "ok" and ready["prompt_model_error"] is None
 
 
 def test_upstream_failure_during_the_stream_is_an_error_frame_and_is_not_cached(
@@ -247,6 +261,7 @@ def test_a_separate_prompt_endpoint_and_a_missing_prompt_model(upstream: Upstrea
         assert response.status_code == 503
         assert response.json()["code"] == "prompt_model_not_configured"
         assert tenant.generate("a harbour", enhance="details").status_code == 503
+        assert readiness(unconfigured)["prompt_model"] == "not_configured"
     finally:
         unconfigured.stop()
 
