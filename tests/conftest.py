@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import io
 import os
 import secrets
 from collections.abc import Iterator
@@ -19,6 +20,7 @@ from typing import Any
 
 import httpx
 import pytest
+from PIL import Image
 
 from testing.harness import FakeUpstreamProcess, PostgresCluster, S3Server, ServiceProcess, wait_until
 
@@ -164,6 +166,14 @@ def service_env(upstream: Upstream, **overrides: str) -> dict[str, str]:
     }
     env.update(overrides)
     return env
+
+
+def picture(png: bytes) -> tuple[str, tuple[int, int], bytes]:
+    """A PNG's mode, size and pixels: what two encodings of one picture share. The service's encoder (ISA-L) may
+    compress the same pixels to different bytes from one call to the next, all of them decoding to the same picture."""
+    with Image.open(io.BytesIO(png)) as opened:
+        opened.load()
+        return opened.mode, opened.size, opened.tobytes()
 
 
 @pytest.fixture(scope="session")

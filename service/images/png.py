@@ -5,6 +5,10 @@ Pillow's encoder tries several row filters for every row and compresses with the
 the whole picture at once by Pillow's `subtract_modulo`, and compresses with ISA-L's deflate at level 1: about a fifth
 of the CPU, for a file of about the same size (photographs: a few percent smaller). The output is an ordinary PNG
 (8 bits per channel, no interlacing) that every decoder reads; modes other than L, LA, RGB and RGBA go to Pillow.
+
+The same pixels are not always compressed to the same bytes: ISA-L's output for one input has been seen to differ
+between two calls in one long-running process (a few bytes longer, decoding to the identical picture). Nothing in the
+service compares two encodings of a picture; what must match is compared as pixels or by the digest of stored bytes.
 """
 
 from __future__ import annotations

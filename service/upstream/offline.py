@@ -128,7 +128,8 @@ class Task:
 
 
 def draw_image(prompt: str, width: int, height: int, index: int = 0) -> bytes:
-    """A PNG derived only from the inputs: a gradient, a few shapes and the start of the prompt."""
+    """A PNG of a picture derived only from the inputs: a gradient, a few shapes and the start of the prompt (the
+    picture is always the same; its compressed bytes may differ, see `service.images.png`)."""
     digest = hashlib.sha256(f"{prompt}\x00{index}".encode()).digest()
     canvas = _gradient(digest, width, height)
     pen = ImageDraw.Draw(canvas)

@@ -27,6 +27,7 @@ from PIL import Image
 
 from service.upstream.offline import OfflineUpstream, draw_image
 from testing.upstream import AUTH_MESSAGE, LEAKY_MESSAGE, NO_ACCOUNTS_MESSAGE, QUOTA_MESSAGE, FakeUpstream
+from tests.conftest import picture
 
 API_KEY = "offline-test-key"
 REPO_ROOT = Path(__file__).resolve().parents[2]
@@ -147,12 +148,14 @@ def test_the_product_upstream_draws_task_and_images_api_answers(product: httpx.C
     assert task["status"] == "success"
     for index, item in enumerate(task["data"]):
         assert set(item) == {"url", "revised_prompt"}
-        assert product.get(item["url"]).content == draw_image("a lighthouse at dusk", 1536, 864, index)
+        assert picture(product.get(item["url"]).content) == picture(
+            draw_image("a lighthouse at dusk", 1536, 864, index)
+        )
     answer = product.post("/v1/images/generations", json={"prompt": "a teapot", "size": "640x320"}).json()
     (item,) = answer["data"]
-    assert base64.b64decode(item["b64_json"]) == draw_image("a teapot", 640, 320)
+    assert picture(base64.b64decode(item["b64_json"])) == picture(draw_image("a teapot", 640, 320))
     by_url = product.post("/v1/images/generations", json={"prompt": "a teapot", "response_format": "url"}).json()
-    assert product.get(by_url["data"][0]["url"]).content == draw_image("a teapot", 1024, 1024)
+    assert picture(product.get(by_url["data"][0]["url"]).content) == picture(draw_image("a teapot", 1024, 1024))
 
 
 def test_the_product_upstream_enhances_prompts_whole_and_streamed(product: httpx.Client) -> None:
@@ -225,7 +228,7 @@ def test_generation_task_runs_then_succeeds_with_downloadable_images(client: htt
         image = client.get(item["url"])
         assert image.headers["content-type"] == "image/png"
         assert png_size(image.content) == (1536, 864)
-        assert image.content == draw_image("a lighthouse at dusk", 1536, 864, index)
+        assert picture(image.content) == picture(draw_image("a lighthouse at dusk", 1536, 864, index))
 
 
 @pytest.mark.parametrize(
@@ -311,7 +314,7 @@ def test_images_api_returns_base64_images(client: httpx.Client) -> None:
     body = response.json()
     assert isinstance(body["created"], int)
     images = [base64.b64decode(item["b64_json"]) for item in body["data"]]
-    assert images == [draw_image("a teapot", 1024, 1536, index) for index in range(2)]
+    assert [picture(image) for image in images] == [picture(draw_image("a teapot", 1024, 1536, i)) for i in range(2)]
 
 
 def test_images_api_can_answer_with_urls(client: httpx.Client) -> None:
@@ -479,8 +482,8 @@ def test_image_faults_apply_to_the_image_at_their_index(client: httpx.Client) ->
     with pytest.raises(OSError, match="truncated"), Image.open(io.BytesIO(cut)) as image:
         image.load()
     assert png_size(skewed) == (768, 256) and png_size(plain) == png_size(blurred) == (1024, 1024)
-    assert plain == draw_image("four kinds", 1024, 1024, 4)
-    assert blurred != draw_image("four kinds", 1024, 1024, 2)
+    assert picture(plain) == picture(draw_image("four kinds", 1024, 1024, 4))
+    assert picture(blurred) != picture(draw_image("four kinds", 1024, 1024, 2))
     assert injected(client) == {"blank_image": 1, "truncated_image": 1, "blurred_image": 1, "wrong_size": 1}
 
 
@@ -564,14 +567,14 @@ def test_answer_shapes_per_protocol(client: httpx.Client, shape: str) -> None:
     submit(client, f"shaped-{shape}", "a shaped answer")
     (task_item,) = finished_task(client, f"shaped-{shape}")["data"]
     (images_item,) = client.post("/v1/images/generations", json={"prompt": "a shaped answer"}).json()["data"]
-    expected = draw_image("a shaped answer", 1024, 1024)
+    expected = picture(draw_image("a shaped answer", 1024, 1024))
     for item in (task_item, images_item):
         assert ("url" in item) == (shape != "b64_json")
         assert ("b64_json" in item) == (shape != "url")
         if "b64_json" in item:
-            assert base64.b64decode(item["b64_json"]) == expected
+            assert picture(base64.b64decode(item["b64_json"])) == expected
         if "url" in item:
-            assert client.get(item["url"]).content == expected
+            assert picture(client.get(item["url"]).content) == expected
 
 
 def test_received_lists_what_image_requests_asked_for(client: httpx.Client) -> None:
@@ -746,9 +749,9 @@ def test_chat_midstream_error_drops_the_connection_after_three_words(client: htt
 
 def test_draw_image_is_deterministic() -> None:
     first = draw_image("a cat in a hat", 320, 200, 1)
-    assert draw_image("a cat in a hat", 320, 200, 1) == first
-    assert draw_image("a cat in a hat", 320, 200, 2) != first
-    assert draw_image("a dog in a hat", 320, 200, 1) != first
+    assert picture(draw_image("a cat in a hat", 320, 200, 1)) == picture(first)
+    assert picture(draw_image("a cat in a hat", 320, 200, 2)) != picture(first)
+    assert picture(draw_image("a dog in a hat", 320, 200, 1)) != picture(first)
     assert png_size(first) == (320, 200)
 
 
