@@ -260,18 +260,9 @@ class _Run:
         return {"artifacts": self.artifacts, "validation": validation, "record": self.record}
 
     async def first_picture(self, prompt: str, generate: Generate) -> Outcome:
-        task, steps = self.task, self.steps
+        steps = self.steps
         self.record["final_prompt"] = prompt
-        request = GenerationRequest(
-            task_id=task.id,
-            prompt=prompt,
-            model=task.model,
-            size=task.size,
-            quality=task.quality,
-            n=1,
-            tenant_id=task.tenant_id,
-        )
-        answer = await self._call(request, generate)
+        answer = await self._call(self._request(prompt), generate)
         canvas: NewCanvas = await steps.decoder.run(
             first_picture, answer, max_pixels=steps.settings.max_canvas_pixels, fit=True
         )
@@ -288,16 +279,10 @@ class _Run:
         self.record["parameters"]["input_size"] = list(made.input_size)
         await self._store("context.png", made.image, "image/png", made.image_sha256)
         await self._store("mask.png", made.mask, "image/png", made.mask_sha256)
-        request = GenerationRequest(
-            task_id=task.id,
-            prompt=final,
-            model=task.model,
-            size=task.size,
-            quality=task.quality,
-            n=1,
+        request = self._request(
+            final,
             references=[ImageInput(made.image, "image/png", "canvas.png")],
             mask=ImageInput(made.mask, "image/png", "mask.png"),
-            tenant_id=task.tenant_id,
         )
         answer = await self._call(request, generate)
         answer_type = FORMATS.get(sniff_format(answer) or "", "application/octet-stream")
@@ -324,6 +309,20 @@ class _Run:
             picture = await steps.decoder.run(decode_base, data, base["sha256"])
             steps.decoded.put(base["sha256"], picture)
         return picture
+
+    def _request(self, prompt: str, **images: Any) -> GenerationRequest:
+        """The step's one image asked of the model, with `references` and `mask` when it extends a picture."""
+        task = self.task
+        return GenerationRequest(
+            task_id=task.id,
+            prompt=prompt,
+            model=task.model,
+            size=task.size,
+            quality=task.quality,
+            n=1,
+            tenant_id=task.tenant_id,
+            **images,
+        )
 
     async def _call(self, request: GenerationRequest, generate: Generate) -> bytes:
         started = time.perf_counter()

@@ -324,12 +324,17 @@ def test_canvas_steps_report_canvas_step_events(service: Service, receiver: Rece
     assert len(receiver.received(where)) == 1
 
 
+def credits_low_hook(service: Service, receiver: Receiver) -> tuple[Tenant, str, dict[str, Any]]:
+    """A new tenant with 20 credits and an endpoint for `credits.low`: the tenant, the endpoint's path and the hook."""
+    tenant = service.new_tenant(credits=20)
+    where = path()
+    return tenant, where, register(tenant, receiver.url(where), ["credits.low"])
+
+
 def test_credits_low_is_sent_once_per_crossing_even_under_concurrent_debits(
     service: Service, receiver: Receiver
 ) -> None:
-    tenant = service.new_tenant(credits=20)
-    where = path()
-    hook = register(tenant, receiver.url(where), ["credits.low"])
+    tenant, where, hook = credits_low_hook(service, receiver)
     with service.admin() as admin:
         for hostile in (-1, 10**13, "15", 1.5, True):
             refused = admin.patch(f"/api/admin/tenants/{tenant.id}", json={"low_balance_threshold": hostile})
@@ -357,9 +362,7 @@ def test_credits_low_is_sent_once_per_crossing_even_under_concurrent_debits(
 def test_a_canvas_step_whose_debit_crosses_the_threshold_sends_credits_low(
     service: Service, receiver: Receiver
 ) -> None:
-    tenant = service.new_tenant(credits=20)
-    where = path()
-    hook = register(tenant, receiver.url(where), ["credits.low"])
+    tenant, where, hook = credits_low_hook(service, receiver)
     canvas = create(tenant)
     before = tenant.balance()
     with_threshold(service, tenant, before)
@@ -375,9 +378,7 @@ def test_a_canvas_step_whose_debit_crosses_the_threshold_sends_credits_low(
 def test_a_prompt_enhancement_whose_debit_crosses_the_threshold_sends_credits_low(
     service: Service, receiver: Receiver
 ) -> None:
-    tenant = service.new_tenant(credits=20)
-    where = path()
-    hook = register(tenant, receiver.url(where), ["credits.low"])
+    tenant, where, hook = credits_low_hook(service, receiver)
     with_threshold(service, tenant, 19)
     enhanced = tenant.client.post(
         "/api/prompts/enhance", json={"prompt": "a lighthouse at dusk"}, headers={"Accept": "application/json"}
